@@ -1,0 +1,52 @@
+/* tcptrace wire contract: the one record every BPF program emits, and the runtime config.
+ *
+ * Python never keeps a copy of this layout: it asks BCC for the compiled struct and derives its
+ * decoder from that (tcptrace/kernel.py), so this file is the single source of truth.
+ * Fixed-width fields only, spelled with BCC's u8..u64 names (the ones its event decoder knows); one layout for IPv4 and IPv6 (16-byte addresses plus family).
+ */
+#ifndef TCPTRACE_H
+#define TCPTRACE_H
+
+/* What a record reports. Keep in sync with tcptrace/events.py:Kind (checked by a unit test that
+ * parses this header). */
+#define TT_STATE        1   /* sock:inet_sock_set_state: oldstate -> newstate */
+#define TT_RECV_RESET   2   /* tcp:tcp_receive_reset: the peer reset this socket */
+#define TT_SEND_RESET   3   /* tcp:tcp_send_reset (raw): we sent a reset on this socket */
+#define TT_SOCK_ERROR   4   /* sock:inet_sk_error_report: err = errno; no skaddr in the tracepoint */
+#define TT_RETRANS      5   /* tcp:tcp_retransmit_skb in SYN_SENT: a SYN retransmission */
+#define TT_CONNECT_RET  6   /* connect failed before any state change: err = -errno, aux = fd or 0 */
+#define TT_KIND_MAX     7
+
+/* flags */
+#define TT_F_KPROBE     0x01  /* TT_CONNECT_RET came from the tcp_v{4,6}_connect kretprobe */
+#define TT_F_SYSCALL    0x02  /* TT_CONNECT_RET came from syscalls:sys_exit_connect */
+
+struct tt_event {
+    u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u64 skaddr;       /* struct sock address: an opaque key, never dereferenced */
+    u32 pid;          /* tgid of the current task */
+    u32 tid;
+    s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
+    u32 aux;          /* fd (TT_CONNECT_RET) */
+    u16 sport;        /* host byte order */
+    u16 dport;
+    u8  kind;         /* TT_* */
+    u8  family;       /* AF_INET (2) or AF_INET6 (10) */
+    u8  oldstate;     /* TCP_* as in include/net/tcp_states.h */
+    u8  newstate;
+    u8  flags;        /* TT_F_* */
+    u8  _pad[7];
+    u8  saddr[16];    /* IPv4 in the first 4 bytes */
+    u8  daddr[16];
+    char  comm[16];
+};
+
+/* Runtime filters, written by user space into the one-entry `config` array after load, so one
+ * compiled program serves every option set. */
+struct tt_config {
+    u16 family;       /* 0: any, else AF_INET / AF_INET6 */
+    u8  port_filter;  /* 1: only sockets with sport or dport in the `ports` map */
+    u8  _pad[5];
+};
+
+#endif

@@ -1,0 +1,203 @@
+"""tcptrace command line. Options are declared once, as data, and shared by every command that
+takes them; docs/tcptrace.8.md is generated from these definitions (tcptrace/manpage.py)."""
+import json
+import sys
+import traceback
+
+import click
+
+from tcptrace import __version__, errors
+
+FILTER_OPTIONS = (
+    (("--pid",), dict(type=int, multiple=True, metavar="PID",
+                      help="Only connections owned by this process (repeatable).")),
+    (("--comm",), dict(multiple=True, metavar="NAME",
+                       help="Only connections owned by processes with this name (repeatable).")),
+    (("--port",), dict(type=click.IntRange(1, 65535), multiple=True, metavar="PORT",
+                       help="Only connections with this local or remote port (repeatable; "
+                            "applied in the kernel).")),
+    (("--laddr",), dict(multiple=True, metavar="ADDR[/LEN]",
+                        help="Only this local address or CIDR (repeatable).")),
+    (("--raddr",), dict(multiple=True, metavar="ADDR[/LEN]",
+                        help="Only this remote address or CIDR (repeatable).")),
+    (("-4", "--ipv4"), dict(is_flag=True, help="IPv4 only (applied in the kernel).")),
+    (("-6", "--ipv6"), dict(is_flag=True, help="IPv6 only (applied in the kernel).")),
+)
+
+ANALYSIS_OPTIONS = (
+    (("--stuck-after",), dict(type=click.FloatRange(min=0.001), default=30.0, show_default=True,
+                              metavar="SECONDS",
+                              help="Report a socket lingering this long in CLOSE_WAIT, FIN_WAIT1, "
+                                   "FIN_WAIT2, LAST_ACK or CLOSING.")),
+    (("--json",), dict(is_flag=True, help="JSON Lines on stdout (docs/tcptrace.schema.json).")),
+    (("--max-conns",), dict(type=click.IntRange(min=16), default=262_144, show_default=True,
+                            help="Connections tracked at once; the least recently active are "
+                                 "evicted beyond this, and counted.")),
+)
+
+LIVE_OPTIONS = (
+    (("--duration",), dict(type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                           help="Stop after this long (default: until Ctrl-C or SIGTERM).")),
+    (("--ready-file",), dict(type=click.Path(dir_okay=False), metavar="PATH",
+                             help="Write this file (JSON: pid, plan) once the probes are attached.")),
+    (("--record",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+                         help="Also write the raw event stream to FILE, for `tcptrace replay`.")),
+    (("--transport",), dict(type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
+                            show_default=True,
+                            help="How events reach user space: the BPF ring buffer where the "
+                                 "kernel has one, else per-CPU perf buffers.")),
+    (("--no-seed",), dict(is_flag=True, help="Do not load sockets that existed before start.")),
+)
+
+WATCH_OPTIONS = (
+    (("--transitions",), dict(is_flag=True, help="Also show every raw state transition.")),
+    (("--wide", "-w"), dict(is_flag=True, help="Do not fold lines to 80 columns.")),
+)
+
+REPORT_OPTIONS = (
+    (("--interval",), dict(type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                           help="Print the tables every SECONDS (and reset them).")),
+)
+
+
+def options(*groups):
+    def deco(f):
+        for group in reversed(groups):
+            for decls, kw in reversed(group):
+                f = click.option(*decls, **kw)(f)
+        return f
+    return deco
+
+
+def _diag(msg):
+    click.echo(f"tcptrace: {msg}", err=True)
+
+
+def _build_options(kw, report=False):
+    from tcptrace import filters
+    from tcptrace.session import Options
+    try:
+        laddr = [filters.parse_net(a) for a in kw.get("laddr", ())]
+        raddr = [filters.parse_net(a) for a in kw.get("raddr", ())]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--laddr/--raddr")
+    if kw.get("ipv4") and kw.get("ipv6"):
+        raise click.UsageError("-4 and -6 together mean both: give neither")
+    flt = filters.build(pid=kw.get("pid", ()), comm=kw.get("comm", ()), port=kw.get("port", ()),
+                        laddr=laddr, raddr=raddr, ipv4=kw.get("ipv4"), ipv6=kw.get("ipv6"))
+    return Options(transitions=kw.get("transitions", False), json=kw.get("json", False),
+                   report=report, interval=kw.get("interval"), duration=kw.get("duration"),
+                   stuck_after=kw.get("stuck_after", 30.0), ready_file=kw.get("ready_file"),
+                   record=kw.get("record"), transport=kw.get("transport", "auto"),
+                   wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
+                   seed=not kw.get("no_seed", False))
+
+
+def _live(opts):
+    from tcptrace import probes, session
+    cs = probes.checks()
+    probes.require(cs)
+    plan = probes.plan(opts.transport, cs)
+    if opts.transport == "ringbuf" and {c.name: c for c in cs}["ringbuf"].status == probes.UNSUPPORTED:
+        raise errors.Unavailable("--transport ringbuf: this kernel has no BPF ring buffer (5.8+)")
+    session.run_live(opts, cs, plan, _diag)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            ctx.exit(errors.EXIT_INTERRUPTED)
+        except Exception as e:     # a bug: say so in one line; --debug shows where
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            raise errors.TcptraceError(f"internal error: {type(e).__name__}: {e} "
+                                       "(rerun with --debug for the traceback)")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tcptrace")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Trace TCP connection lifecycles with eBPF: handshake latency, refused and failed
+    connects, resets, closes, and half-closed sockets stuck in CLOSE_WAIT or FIN_WAIT2.
+
+    \b
+    Exit codes:
+      0   success (also after Ctrl-C, SIGTERM or a closed output pipe)
+      2   bad option or argument
+      65  malformed or truncated recording
+      66  recording missing or unreadable
+      69  a required kernel or BCC feature is missing
+      70  internal error
+      77  not privileged
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto")
+def doctor(as_json, transport):
+    """Check this machine: privileges, BCC, headers, tracefs, each hook, and the attach plan.
+
+    Exits 0 when the tracer can run here, else with the code `watch` would exit with."""
+    from tcptrace import probes
+    cs = probes.checks()
+    plan = probes.plan(transport, cs)
+    failure = None
+    try:
+        probes.require(cs)
+    except errors.TcptraceError as e:
+        failure = e
+    if as_json:
+        d = probes.as_dict(cs, plan)
+        d["ready"] = failure is None
+        d["problem"] = failure.format_message() if failure else None
+        click.echo(json.dumps(d, indent=2))
+    else:
+        from tabulate import tabulate
+        rows = [(c.name, c.status + (" (required)" if c.required and c.status != "supported" else ""),
+                 c.min_kernel or "", c.detail) for c in cs]
+        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "MIN KERNEL", "DETAIL"]))
+        click.echo(f"\nplan: {plan.describe()}")
+        for n in plan.notes:
+            click.echo(f"note: {n}")
+        click.echo("ready: yes" if failure is None else f"ready: no: {failure.format_message()}")
+    if failure:
+        sys.exit(failure.exit_code)
+
+
+@main.command()
+@options(WATCH_OPTIONS, ANALYSIS_OPTIONS, LIVE_OPTIONS, FILTER_OPTIONS)
+def watch(**kw):
+    """One line per finding as it happens: connect, accept, refused, failed, reset, close,
+    stuck, unstuck, lost (and every transition with --transitions)."""
+    _live(_build_options(kw))
+
+
+@main.command()
+@options(REPORT_OPTIONS, ANALYSIS_OPTIONS, LIVE_OPTIONS, FILTER_OPTIONS)
+def report(**kw):
+    """Trace until Ctrl-C or --duration, then print tables: connects with handshake
+    percentiles, failed connects by cause, stuck half-closes, resets, transitions, histogram."""
+    _live(_build_options(kw, report=True))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--report", "as_report", is_flag=True, help="Print report tables instead of lines.")
+@options(WATCH_OPTIONS, ANALYSIS_OPTIONS, FILTER_OPTIONS)
+def replay(file, as_report, **kw):
+    """Re-run the analysis on a recording made with --record: no root, no BCC needed."""
+    from tcptrace import session
+    opts = _build_options(kw, report=as_report)
+    session.replay(file, opts, click.get_text_stream("stdout"), _diag)
+
+
+if __name__ == "__main__":
+    main()

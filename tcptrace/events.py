@@ -1,0 +1,118 @@
+"""Kernel facts as frozen records, and their recording format.
+
+`Event` names the members of `struct tt_event` (bpf/tcptrace.h) minus padding; a unit test parses
+the header to keep the two in step. The byte layout itself is never copied here: tcptrace/kernel.py
+asks BCC for the compiled struct and builds the decoder from it.
+"""
+import ipaddress
+import json
+from typing import NamedTuple
+
+from tcptrace import states
+
+
+class Kind:
+    STATE = 1
+    RECV_RESET = 2
+    SEND_RESET = 3
+    SOCK_ERROR = 4
+    RETRANS = 5
+    CONNECT_RET = 6
+
+    NAMES = {1: "state", 2: "recv_reset", 3: "send_reset", 4: "sock_error", 5: "retrans",
+             6: "connect_ret"}
+    BY_NAME = {v: k for k, v in NAMES.items()}
+
+
+# flags
+F_KPROBE = 0x01
+F_SYSCALL = 0x02
+
+
+class Event(NamedTuple):
+    ts_ns: int        # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+    skaddr: int       # opaque socket key; 0 when the hook has none (error reports)
+    pid: int          # tgid of the task current when the hook ran (may be a bystander in softirq)
+    tid: int
+    err: int
+    aux: int
+    sport: int
+    dport: int
+    kind: int
+    family: int
+    oldstate: int
+    newstate: int
+    flags: int
+    saddr: bytes      # 16 bytes; IPv4 uses the first 4
+    daddr: bytes
+    comm: bytes       # NUL-padded
+
+
+class Lost(NamedTuple):
+    """Events the kernel side could not deliver: `count` of them, noticed at `ts_ns`."""
+    ts_ns: int
+    count: int
+    where: str        # "ringbuf", "perf:cpuN", "bpf:<kind>" (output refused), "recursion:<prog>"
+
+
+def addr_str(family, raw):
+    if family == states.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == states.AF_INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return None
+
+
+def addr_bytes(text):
+    if text is None:
+        return bytes(16)
+    return ipaddress.ip_address(text).packed.ljust(16, b"\0")
+
+
+def comm_str(raw):
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# --- recording format -------------------------------------------------------------------------
+# JSON Lines. Line 1 is a header; then one object per event or loss, in delivery order (replay
+# re-orders exactly as the live path does). Human-readable on purpose: recordings get attached to
+# tickets and read with jq.
+
+RECORDING_MAGIC = "tcptrace-recording"
+RECORDING_VERSION = 1
+
+
+def recording_header(wall_offset_ns, **extra):
+    return {"format": RECORDING_MAGIC, "version": RECORDING_VERSION,
+            "wall_offset_ns": wall_offset_ns, **extra}
+
+
+def event_to_json(ev):
+    d = {"ts_ns": ev.ts_ns, "kind": Kind.NAMES.get(ev.kind, ev.kind), "skaddr": f"{ev.skaddr:x}",
+         "pid": ev.pid, "tid": ev.tid, "comm": comm_str(ev.comm),
+         "family": ev.family, "saddr": addr_str(ev.family, ev.saddr),
+         "daddr": addr_str(ev.family, ev.daddr), "sport": ev.sport, "dport": ev.dport,
+         "oldstate": ev.oldstate, "newstate": ev.newstate, "err": ev.err, "aux": ev.aux,
+         "flags": ev.flags}
+    return json.dumps(d, separators=(",", ":"))
+
+
+def lost_to_json(lost):
+    return json.dumps({"ts_ns": lost.ts_ns, "kind": "lost", "count": lost.count,
+                       "where": lost.where}, separators=(",", ":"))
+
+
+def from_json_obj(d):
+    """One recording line (already parsed) -> Event or Lost. Raises ValueError/KeyError/TypeError."""
+    kind = d["kind"]
+    if kind == "lost":
+        return Lost(int(d["ts_ns"]), int(d["count"]), str(d["where"]))
+    k = Kind.BY_NAME[kind] if isinstance(kind, str) else int(kind)
+    fam = int(d.get("family", 0))
+    return Event(
+        ts_ns=int(d["ts_ns"]), skaddr=int(str(d.get("skaddr", "0")), 16), pid=int(d.get("pid", 0)),
+        tid=int(d.get("tid", 0)), err=int(d.get("err", 0)), aux=int(d.get("aux", 0)),
+        sport=int(d.get("sport", 0)), dport=int(d.get("dport", 0)), kind=k, family=fam,
+        oldstate=int(d.get("oldstate", 0)), newstate=int(d.get("newstate", 0)),
+        flags=int(d.get("flags", 0)), saddr=addr_bytes(d.get("saddr")),
+        daddr=addr_bytes(d.get("daddr")), comm=str(d.get("comm", "")).encode()[:16])

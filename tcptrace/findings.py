@@ -1,0 +1,52 @@
+"""One schema for everything tcptrace concludes. Detectors build Findings; sinks only format them.
+
+`to_record()` is the JSON contract (docs/tcptrace.schema.json): every record carries `schema`,
+`type`, `time` (RFC 3339, UTC, microseconds), the owning process and both endpoints; durations are
+integer nanoseconds named *_ns.
+"""
+import datetime
+
+from tcptrace import SCHEMA_VERSION, states
+
+TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
+         "transition", "lost")
+
+
+def rfc3339(wall_ns):
+    dt = datetime.datetime.fromtimestamp(wall_ns // 1000 / 1e6, tz=datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Finding:
+    __slots__ = ("type", "ts_ns", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
+                 "extra")
+
+    def __init__(self, type, ts_ns, pid=None, comm=None, family=None, laddr=None, lport=None,
+                 raddr=None, rport=None, **extra):
+        self.type = type
+        self.ts_ns = ts_ns
+        self.pid = pid
+        self.comm = comm
+        self.family = family
+        self.laddr = laddr
+        self.lport = lport
+        self.raddr = raddr
+        self.rport = rport
+        self.extra = extra
+
+    def __getattr__(self, name):          # only called for names not in __slots__
+        try:
+            return self.extra[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_record(self, wall_offset_ns):
+        rec = {"schema": SCHEMA_VERSION, "type": self.type,
+               "time": rfc3339(self.ts_ns + wall_offset_ns), "pid": self.pid, "comm": self.comm,
+               "family": states.FAMILY_NAMES.get(self.family), "laddr": self.laddr,
+               "lport": self.lport, "raddr": self.raddr, "rport": self.rport}
+        rec.update(self.extra)
+        return rec
+
+    def __repr__(self):
+        return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"

@@ -1,0 +1,228 @@
+"""The kernel side from user space: compile, attach, drain, count what was lost.
+
+The only module that imports bcc. Everything it hands out is plain Python: `Event` records and
+`Lost` records (tcptrace/events.py).
+
+Delivery: the BPF side never wakes the reader (BPF_RB_NO_WAKEUP on the ring buffer, a high
+wakeup_events on perf buffers): waking per event costs 8-10 us of the traced workload's time on
+small machines. The session drains on a short timer instead.
+
+Loss accounting, all of it reported as `Lost` records:
+  - "bpf:<kind>": outputs the buffer refused, counted by the BPF program itself (exact);
+  - perf's own loss records are kept only as a cross-check (`perf_lost_total`): they count the
+    same drops as "bpf:" and arrive late (the kernel writes one only when a later record fits);
+  - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
+    running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports.
+"""
+import contextlib
+import ctypes
+import os
+import platform
+import struct
+import time
+
+from tcptrace import errors
+from tcptrace.events import Event, Lost, Kind
+
+try:
+    from importlib.resources import files as _res_files
+except ImportError:       # Python < 3.9
+    _res_files = None
+
+
+def bpf_dir():
+    """Where bpf/*.c lives: inside the installed package, or bpf/ of a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.join(os.path.dirname(here), "bpf")
+    if os.path.exists(os.path.join(checkout, "tcptrace.c")):
+        return checkout
+    if _res_files is not None:
+        p = str(_res_files("tcptrace.bpf"))
+        if os.path.exists(os.path.join(p, "tcptrace.c")):
+            return p
+    raise errors.Unavailable("BPF sources not found (a broken install: bpf/tcptrace.c missing)")
+
+
+_CT_CODES = {ctypes.c_ulonglong: "Q", ctypes.c_longlong: "q", ctypes.c_uint: "I",
+             ctypes.c_int: "i", ctypes.c_ushort: "H", ctypes.c_short: "h",
+             ctypes.c_ubyte: "B", ctypes.c_char: "c", ctypes.c_byte: "b"}
+
+
+def decoder_for(ctype):
+    """A struct.Struct plus field order for Event, derived from BCC's ctypes view of tt_event.
+
+    Decoding with struct.unpack_from is several times cheaper than building a ctypes object per
+    record, and the layout still comes from the compiled program, never from a copy."""
+    fields = dict(ctype._fields_)
+    spec = []
+    for name in Event._fields:
+        t = fields[name]
+        off = getattr(ctype, name).offset
+        if issubclass(t, ctypes.Array):
+            code = f"{ctypes.sizeof(t)}s"
+        else:
+            code = _CT_CODES[t]
+        spec.append((off, name, code))
+    spec.sort()
+    fmt, pos, order = "<", 0, []
+    for off, name, code in spec:
+        if off > pos:
+            fmt += f"{off - pos}x"
+        fmt += code
+        pos = off + struct.calcsize("<" + code)
+        order.append(name)
+    if ctypes.sizeof(ctype) > pos:
+        fmt += f"{ctypes.sizeof(ctype) - pos}x"
+    st = struct.Struct(fmt)
+    if order == list(Event._fields):
+        return st, None
+    perm = [order.index(n) for n in Event._fields]
+    return st, perm
+
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def prog_stats(fd):
+    """(run_cnt, run_time_ns, recursion_misses) of a loaded program, from BPF_OBJ_GET_INFO_BY_FD.
+    Offsets are those of the uapi struct bpf_prog_info (stable ABI; recursion_misses since 5.12)."""
+    if _NR_BPF is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    attr = _InfoAttr(fd, 256, ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_NR_BPF, 15, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        return None
+    run_time, run_cnt, misses = struct.unpack_from("<QQQ", buf, 192)
+    if attr.info_len < 216:
+        misses = None
+    return run_cnt, run_time, misses
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """BCC and clang may print to fd 1; the JSON stream must never see it."""
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class KernelSource:
+    """Compiled, attached programs and their transport. `poll()` returns what arrived."""
+
+    def __init__(self, plan, families=(), ports=(), ringbuf_pages=4096, perf_pages=1024,
+                 wakeup_events=256):
+        from tcptrace import probes
+        tdir, note = probes.ensure_tracefs()
+        self.notes = [note] if note else []
+        if tdir is None:
+            raise errors.Unavailable("tracefs is not mounted and could not be mounted")
+        try:
+            import bcc
+        except ImportError:
+            raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
+        self.plan = plan
+        src = os.path.join(bpf_dir(), "tcptrace.c")
+        cflags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
+                  "-Wno-macro-redefined", "-Wno-unused-function"] + plan.cflags()
+        t0 = time.monotonic()
+        try:
+            with _stdout_to_stderr():
+                self.b = bcc.BPF(src_file=src.encode(), cflags=cflags)
+        except Exception as e:   # BCC raises bare Exception for compile and attach failures
+            raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
+        self.compile_s = time.monotonic() - t0
+        self._batch = []
+        self.perf_lost_total = 0
+        self._seen_drops = {}
+        self._seen_misses = {}
+        table = self.b["events"]
+        ctype = type(table.event(ctypes.create_string_buffer(512)))
+        self.record_size = ctypes.sizeof(ctype)
+        self._st, perm = decoder_for(ctype)
+        unpack = self._st.unpack_from
+        size = self.record_size
+        string_at = ctypes.string_at
+        batch = self._batch
+        make = Event._make
+        if perm is None:
+            def on_record(_cpu_or_ctx, data, _size):
+                batch.append(make(unpack(string_at(data, size))))
+        else:
+            def on_record(_cpu_or_ctx, data, _size):
+                t = unpack(string_at(data, size))
+                batch.append(make([t[i] for i in perm]))
+        self._cb = on_record            # keep the ctypes callback alive
+        if plan.transport == "ringbuf":
+            table.open_ring_buffer(on_record)
+        else:
+            table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
+                                   wakeup_events=wakeup_events)
+        self._configure(families, ports)
+
+    def _configure(self, families, ports):
+        cfg = self.b["config"]
+        v = cfg[ctypes.c_int(0)]
+        v.family = families[0] if len(families) == 1 else 0
+        v.port_filter = 1 if ports else 0
+        cfg[ctypes.c_int(0)] = v
+        pm = self.b["ports"]
+        for p in ports:
+            pm[pm.Key(p)] = pm.Leaf(1)
+
+    def _on_lost(self, count):
+        self.perf_lost_total += count
+
+    def poll(self, timeout_ms):
+        """Wait up to timeout_ms, then drain everything buffered. Returns [Event]."""
+        if self.plan.transport == "ringbuf":
+            # Records are written without wake-ups, so epoll would sleep the whole timeout anyway.
+            time.sleep(timeout_ms / 1000)
+            self.b.ring_buffer_consume()
+        else:
+            self.b.perf_buffer_poll(timeout_ms)
+            self.b.perf_buffer_consume()
+        out = self._batch[:]
+        del self._batch[:]
+        return out
+
+    def losses(self, now_ns):
+        """Lost records for what was lost since the last call (deltas of monotonic counters)."""
+        out = []
+        drops = self.b["drops"]
+        for k, v in drops.items():
+            total = sum(v)
+            kind = Kind.NAMES.get(k.value, str(k.value))
+            prev = self._seen_drops.get(kind, 0)
+            if total > prev:
+                out.append(Lost(now_ns, total - prev, f"bpf:{kind}"))
+                self._seen_drops[kind] = total
+        for name, (_cnt, _t, misses) in self.prog_stats().items():
+            if misses is None:
+                continue
+            prev = self._seen_misses.get(name, 0)
+            if misses > prev:
+                out.append(Lost(now_ns, misses - prev, f"recursion:{name}"))
+                self._seen_misses[name] = misses
+        return out
+
+    def prog_stats(self):
+        out = {}
+        for name, fn in self.b.funcs.items():
+            st = prog_stats(fn.fd)
+            if st is not None:
+                out[name.decode() if isinstance(name, bytes) else name] = st
+        return out
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.b.cleanup()

@@ -1,0 +1,452 @@
+"""One state machine per connection, rebuilt from time-ordered kernel facts, producing findings.
+
+Pure Python: no BCC, no root. Fed by the live session and by replay alike.
+
+Identity: a socket address is reused as soon as a socket is freed, and the local port is still 0
+at CLOSE -> SYN_SENT, so a connection is the pair (skaddr, generation): a new generation starts at
+every CLOSE -> SYN_SENT, LISTEN -> SYN_RECV or CLOSE -> LISTEN, and ends at -> CLOSE.
+
+What the kernel tells us, and in which order (checked in tests/kernel):
+  refused:    tcp_receive_reset, SYN_SENT -> CLOSE, inet_sk_error_report(ECONNREFUSED)
+  timeout:    tcp_retransmit_skb(SYN_SENT) x N, SYN_SENT -> CLOSE, error_report(ETIMEDOUT)
+  unreachable: error_report(EHOSTUNREACH), SYN_SENT -> CLOSE          (tcp_v4_err, ICMP)
+  linger-0:   ESTABLISHED -> CLOSE, tcp_send_reset                      (tcp_disconnect)
+Facts can follow the CLOSE they explain, so a closed connection waits `grace_ns` before its
+finding is made. The error report carries no socket pointer: it is matched by 4-tuple.
+
+Honesty rules: a connection first seen mid-life is `partial` (its durations are unknown); one alive
+when events were lost is `incomplete` (it may have missed a transition). Neither yields a `stuck`
+unless the kernel's own socket table confirms it (the `confirm` hook), and their findings say so.
+"""
+import collections
+import errno
+
+from tcptrace import states as S
+from tcptrace.events import Kind, Event, Lost, F_KPROBE, addr_str, comm_str
+from tcptrace.findings import Finding
+
+ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
+
+UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+# Errors seen from connect() before the kernel sent a SYN, and what to call them.
+PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
+                   errno.EACCES: "denied", errno.EPERM: "denied",
+                   errno.EADDRNOTAVAIL: "no_local_address", errno.ECONNREFUSED: "refused"}
+
+
+class Conn:
+    __slots__ = ("id", "skaddr", "family", "laddr", "lport", "raddr", "rport", "role",
+                 "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
+                 "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
+                 "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
+                 "fd")
+
+    def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False):
+        self.id = cid
+        self.skaddr = skaddr
+        self.family = family
+        self.laddr = self.raddr = None
+        self.lport = self.rport = 0
+        self.role = role
+        self.opened_ns = None if partial else ts_ns
+        self.established_ns = None
+        self.state = state
+        self.since_ns = ts_ns
+        self.path = [state]
+        self.pid = None
+        self.comm = None
+        self.owner_sure = False
+        self.syn_retrans = 0
+        self.recv_reset_ns = None
+        self.send_reset_ns = None
+        self.error = 0
+        self.first_fin = None
+        self.partial = partial
+        self.incomplete = False
+        self.preexisting = False
+        self.stuck_state = None
+        self.closed_ns = None
+        self.fd = None
+
+    def tuple_key(self):
+        return (self.family, self.laddr, self.lport, self.raddr, self.rport)
+
+
+def _endpoints(ev):
+    return addr_str(ev.family, ev.saddr), ev.sport, addr_str(ev.family, ev.daddr), ev.dport
+
+
+class Stats:
+    def __init__(self):
+        self.events = 0
+        self.by_type = collections.Counter()
+        self.matrix = collections.Counter()        # (old, new) -> transitions
+        self.lost = collections.Counter()          # where -> events
+        self.lost_total = 0
+        self.evicted = 0
+        self.partial = 0
+        self.gaps = 0                               # transitions whose old state we did not expect
+        self.unmatched_errors = 0
+
+
+class Tracker:
+    """Feed `process(record)` with time-ordered Events/Losts and `tick(now_ns)` with the clock;
+    findings accumulate in `out` (the caller takes them)."""
+
+    def __init__(self, stuck_after_ns=30_000_000_000, grace_ns=10_000_000, max_conns=262_144,
+                 transitions=False, confirm=None, resolve_owner=None):
+        self.stuck_after_ns = stuck_after_ns
+        self.grace_ns = grace_ns
+        self.max_conns = max_conns
+        self.transitions = transitions
+        self.confirm = confirm                # conn -> bool|None: is it in conn.state in the kernel now?
+        self.resolve_owner = resolve_owner    # [conns] -> {conn.id: (pid, comm, fd)}
+        self.conns = collections.OrderedDict()   # skaddr -> Conn, least recently active first
+        self.by_tuple = {}                    # (family, laddr, lport, raddr, rport) -> Conn
+        self.seeded = {}                      # tuple -> Conn seeded from /proc, no skaddr yet
+        self.listeners = {}                   # (family, lport) -> (pid, comm)
+        self.halfclosed = {}                  # id -> Conn now in a HALF_CLOSED state
+        self.pending = collections.deque()    # closed Conns waiting out grace_ns
+        self.out = []
+        self.stats = Stats()
+        self._next_id = 1
+        self.now_ns = 0
+        self._next_stuck_ns = 0
+        self.stuck_check_ns = min(250_000_000, stuck_after_ns // 4 or 1)
+
+    # -- construction ------------------------------------------------------------------------
+    def _new(self, skaddr, family, role, state, ts_ns, partial=False):
+        old = self.conns.pop(skaddr, None)
+        if old is not None and old.closed_ns is None:
+            # A new generation began without the old one's CLOSE: we missed it.
+            self.stats.gaps += 1
+            self._forget(old)
+        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial)
+        self._next_id += 1
+        if partial:
+            self.stats.partial += 1
+        self.conns[skaddr] = c
+        if len(self.conns) > self.max_conns:
+            _, victim = self.conns.popitem(last=False)
+            self.stats.evicted += 1
+            self._forget(victim)
+        return c
+
+    def _forget(self, c):
+        self.halfclosed.pop(c.id, None)
+        if self.by_tuple.get(c.tuple_key()) is c:
+            del self.by_tuple[c.tuple_key()]
+        if self.conns.get(c.skaddr) is c:
+            del self.conns[c.skaddr]
+
+    def _set_tuple(self, c, laddr, lport, raddr, rport):
+        if lport and (c.lport != lport or c.laddr != laddr):
+            if self.by_tuple.get(c.tuple_key()) is c:
+                del self.by_tuple[c.tuple_key()]
+            c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+            self.by_tuple[c.tuple_key()] = c
+        elif not c.rport and rport:
+            c.raddr, c.rport = raddr, rport
+        if c.laddr is None:
+            c.laddr = laddr
+
+    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner=None):
+        """A socket that existed before tracing started (from /proc/net/tcp). Adopted by the first
+        event whose 4-tuple matches; its start is unknown."""
+        if state == S.LISTEN:
+            if owner:
+                self.listeners[(family, lport)] = owner[:2]
+            return None
+        c = Conn(self._next_id, 0, family, None, state, now_ns, partial=True)
+        self._next_id += 1
+        c.preexisting = True
+        c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+        if owner:
+            c.pid, c.comm, c.fd = owner
+            c.owner_sure = True
+        self.seeded[c.tuple_key()] = c
+        if state in S.HALF_CLOSED:
+            self.halfclosed[c.id] = c
+        return c
+
+    # -- input -------------------------------------------------------------------------------
+    def process(self, rec):
+        if self.pending and rec.ts_ns > self.pending[0].closed_ns + self.grace_ns:
+            self._finalize_due(rec.ts_ns)
+        if rec.ts_ns > self.now_ns:
+            self.now_ns = rec.ts_ns
+        if isinstance(rec, Lost):
+            self._lost(rec)
+            return
+        self.stats.events += 1
+        k = rec.kind
+        if k == Kind.STATE:
+            self._state(rec)
+        elif k == Kind.RETRANS:
+            c = self.conns.get(rec.skaddr)
+            if c is not None and c.closed_ns is None:
+                c.syn_retrans += 1
+                self._set_tuple(c, *_endpoints(rec))
+        elif k == Kind.RECV_RESET:
+            c = self.conns.get(rec.skaddr)
+            if c is not None and c.recv_reset_ns is None:
+                c.recv_reset_ns = rec.ts_ns
+        elif k == Kind.SEND_RESET:
+            c = self.conns.get(rec.skaddr)
+            if c is not None and c.send_reset_ns is None:
+                c.send_reset_ns = rec.ts_ns
+        elif k == Kind.SOCK_ERROR:
+            self._sock_error(rec)
+        elif k == Kind.CONNECT_RET:
+            self._connect_ret(rec)
+
+    def _lost(self, rec):
+        self.stats.lost[rec.where] += rec.count
+        self.stats.lost_total += rec.count
+        # Any live connection may have lost a transition: none of them may now yield a finding
+        # that rests on the absence of an event (stuck) without the kernel confirming it.
+        for c in self.conns.values():
+            c.incomplete = True
+        for c in self.seeded.values():
+            c.incomplete = True
+        self._emit(Finding("lost", rec.ts_ns, count=rec.count, where=rec.where,
+                           lost_total=self.stats.lost_total))
+
+    def _state(self, ev):
+        old, new = ev.oldstate, ev.newstate
+        self.stats.matrix[(old, new)] += 1
+        laddr, lport, raddr, rport = _endpoints(ev)
+        if self.transitions:
+            self._emit(Finding("transition", ev.ts_ns, ev.pid, comm_str(ev.comm), ev.family,
+                               laddr, lport, raddr, rport, oldstate=S.name(old),
+                               newstate=S.name(new), skaddr=f"{ev.skaddr:x}"))
+        c = self.conns.get(ev.skaddr)
+        if c is not None and c.closed_ns is not None and old == S.CLOSE:
+            c = None                                  # reuse of a closed socket's address
+        if old == S.CLOSE and new == S.SYN_SENT:
+            c = self._new(ev.skaddr, ev.family, ACTIVE, new, ev.ts_ns)
+            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True   # connect(): process context
+            c.raddr, c.rport, c.laddr = raddr, rport, laddr
+            return
+        if old == S.LISTEN and new == S.SYN_RECV:
+            c = self._new(ev.skaddr, ev.family, PASSIVE, new, ev.ts_ns)
+            self._set_tuple(c, laddr, lport, raddr, rport)
+            owner = self.listeners.get((ev.family, lport))
+            if owner:   # the listener's owner accepts it; the current task is a softirq bystander
+                c.pid, c.comm = owner
+            return
+        if old == S.CLOSE and new == S.LISTEN:
+            c = self._new(ev.skaddr, ev.family, LISTENER, new, ev.ts_ns)
+            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True   # listen(): process context
+            c.laddr, c.lport = laddr, lport
+            self.listeners[(ev.family, lport)] = (c.pid, c.comm)
+            return
+        if c is None:
+            c = self._adopt(ev, laddr, lport, raddr, rport)
+        elif c.state != old:
+            self.stats.gaps += 1
+            c.incomplete = True
+        self._set_tuple(c, laddr, lport, raddr, rport)
+        self._advance(c, ev, old, new)
+
+    def _adopt(self, ev, laddr, lport, raddr, rport):
+        """First event of a socket we have no generation for."""
+        key = (ev.family, laddr, lport, raddr, rport)
+        c = self.seeded.pop(key, None)
+        if c is not None:
+            c.skaddr = ev.skaddr
+            old = self.conns.pop(ev.skaddr, None)
+            if old is not None:
+                self._forget(old)
+            self.conns[ev.skaddr] = c
+            if c.state not in (ev.oldstate, ev.newstate):
+                c.incomplete = True
+            c.state = ev.oldstate     # seeded state may be before or after this transition
+            return c
+        role = PASSIVE if ev.oldstate == S.SYN_RECV else (ACTIVE if ev.oldstate == S.SYN_SENT else None)
+        return self._new(ev.skaddr, ev.family, role, ev.oldstate, ev.ts_ns, partial=True)
+
+    def _advance(self, c, ev, old, new):
+        ts = ev.ts_ns
+        if c.stuck_state is not None and c.stuck_state != new:
+            self._emit(self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
+                                     duration_ns=ts - c.since_ns, newstate=S.name(new)))
+            c.stuck_state = None
+        self.halfclosed.pop(c.id, None)
+        c.state = new
+        c.since_ns = ts
+        c.path.append(new)
+        self.conns.move_to_end(c.skaddr)
+        if new in S.HALF_CLOSED:
+            self.halfclosed[c.id] = c
+        # Transitions a process makes itself (close(), shutdown()) name the socket's owner; the
+        # ones the network causes run in softirq on whatever task was interrupted.
+        if (old, new) in ((S.ESTABLISHED, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)) \
+                and not c.owner_sure:
+            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True
+        if new == S.ESTABLISHED:
+            c.established_ns = ts
+            if c.opened_ns is None:
+                return
+            if old == S.SYN_SENT:
+                self._emit(self._finding(c, "connect", ts, handshake_ns=ts - c.opened_ns,
+                                         syn_retransmits=c.syn_retrans))
+            elif old == S.SYN_RECV:
+                # No handshake time: the kernel creates the child socket (LISTEN -> SYN_RECV) only
+                # when the final ACK arrives, microseconds before ESTABLISHED; the SYN itself
+                # lives in a request sock that no tracepoint reports.
+                self._emit(self._finding(c, "accept", ts))
+        elif old == S.ESTABLISHED and c.first_fin is None:
+            if new == S.FIN_WAIT1:
+                c.first_fin = "local"
+            elif new == S.CLOSE_WAIT:
+                c.first_fin = "remote"
+        if new == S.CLOSE:
+            c.closed_ns = ts
+            if old == S.SYN_SENT and c.pid is None:
+                c.pid, c.comm = ev.pid, comm_str(ev.comm)
+            self.pending.append(c)
+
+    def _sock_error(self, ev):
+        if ev.err == 0:
+            return          # the kernel also reports "no error" when a dead socket is torn down
+        laddr, lport, raddr, rport = _endpoints(ev)
+        c = self.by_tuple.get((ev.family, laddr, lport, raddr, rport))
+        if c is None:
+            # ICMP errors can arrive before we learnt the local port: match the one connect to
+            # that destination still waiting in SYN_SENT with the port unknown.
+            for cand in reversed(self.conns.values()):
+                if cand.state == S.SYN_SENT and cand.lport == 0 and cand.rport == rport \
+                        and cand.raddr == raddr and cand.family == ev.family:
+                    c = cand
+                    self._set_tuple(c, laddr, lport, raddr, rport)
+                    break
+        if c is None:
+            self.stats.unmatched_errors += 1
+            return
+        if not c.error:
+            c.error = ev.err
+
+    def _connect_ret(self, ev):
+        err = -ev.err if ev.err < 0 else ev.err
+        reason = PRE_SYN_REASONS.get(err, "error")
+        daddr = addr_str(ev.family, ev.daddr)
+        kind = "refused" if reason == "refused" else "failed"
+        self._emit(Finding(kind, ev.ts_ns, ev.pid, comm_str(ev.comm), ev.family, None, None,
+                           daddr, ev.dport, reason=reason, errno=S.errno_name(err),
+                           syn_retransmits=0, before_syn=True,
+                           source="kprobe" if ev.flags & F_KPROBE else "syscall"))
+
+    # -- time-driven work --------------------------------------------------------------------
+    def tick(self, now_ns):
+        """Called from the poll loop with the time up to which all events have been processed."""
+        if now_ns > self.now_ns:
+            self.now_ns = now_ns
+        self._finalize_due(now_ns)
+        if now_ns >= self._next_stuck_ns:
+            self._next_stuck_ns = now_ns + self.stuck_check_ns
+            self._check_stuck(now_ns)
+
+    def finish(self, now_ns=None):
+        """End of input: make every pending finding (stuck sockets are left as they are)."""
+        now = max(now_ns or 0, self.now_ns)
+        self._finalize_due(now + self.grace_ns + 1)
+
+    def _finalize_due(self, now_ns):
+        p = self.pending
+        while p and p[0].closed_ns + self.grace_ns < now_ns:
+            self._finalize(p.popleft())
+
+    def _check_stuck(self, now_ns):
+        due = [c for c in self.halfclosed.values()
+               if c.stuck_state is None and now_ns - c.since_ns >= self.stuck_after_ns]
+        if not due:
+            return
+        confirmed = []
+        for c in due:
+            ok = self.confirm(c) if self.confirm else None
+            if ok is False or (ok is None and (c.incomplete or (c.partial and not c.preexisting))):
+                # The kernel says it is gone (we missed its transitions), or nobody can confirm a
+                # connection we know to have gaps: no report rather than a false one.
+                if ok is False and (c.incomplete or c.partial):
+                    self.halfclosed.pop(c.id, None)
+                continue
+            confirmed.append(c)
+        owners = self.resolve_owner(confirmed) if (self.resolve_owner and confirmed) else {}
+        for c in confirmed:
+            c.stuck_state = c.state
+            o = owners.get(c.id)
+            if o:
+                c.pid, c.comm, c.fd = o
+                c.owner_sure = True
+            self._emit(self._finding(c, "stuck", now_ns, state=S.name(c.state),
+                                     age_ns=now_ns - c.since_ns, fd=c.fd,
+                                     age_is_lower_bound=c.preexisting and c.path == [c.state],
+                                     blame=S.HALF_CLOSED[c.state]))
+
+    def stuck_now(self):
+        """Connections currently reported stuck, oldest first."""
+        return sorted((c for c in self.halfclosed.values() if c.stuck_state is not None),
+                      key=lambda c: c.since_ns)
+
+    # -- conclusions -------------------------------------------------------------------------
+    def _finalize(self, c):
+        self._forget(c)
+        ts = c.closed_ns
+        if c.role == LISTENER:
+            if self.listeners.get((c.family, c.lport)) == (c.pid, c.comm):
+                del self.listeners[(c.family, c.lport)]
+            return
+        if c.established_ns is None and c.role == ACTIVE and not c.partial:
+            err = c.error
+            if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
+                self._emit(self._finding(c, "refused", ts, reason="refused",
+                                         errno="ECONNREFUSED", syn_retransmits=c.syn_retrans,
+                                         duration_ns=ts - c.opened_ns))
+                return
+            if err == errno.ETIMEDOUT:
+                reason = "timeout"
+            elif err in UNREACHABLE:
+                reason = "unreachable"
+            elif err:
+                reason = "error"
+            else:
+                reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
+            self._emit(self._finding(c, "failed", ts, reason=reason,
+                                     errno=S.errno_name(err) if err else None,
+                                     syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns))
+            return
+        if c.established_ns is None and not c.partial:
+            return      # a passive open that never completed: the listener's business
+        start = c.established_ns if c.established_ns is not None else c.opened_ns
+        duration = ts - start if start is not None else None
+        path = [S.name(s) for s in c.path]
+        if c.recv_reset_ns is not None or c.send_reset_ns is not None:
+            if c.recv_reset_ns is not None and (c.send_reset_ns is None
+                                                or c.recv_reset_ns <= c.send_reset_ns):
+                by = "remote"
+            else:
+                by = "local"
+            self._emit(self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
+                                     state=S.name(c.path[-2]) if len(c.path) > 1 else None,
+                                     path=path))
+            return
+        self._emit(self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin,
+                                 path=path))
+
+    def _finding(self, c, type_, ts, **extra):
+        if c.partial:
+            extra["partial"] = True
+        if c.incomplete:
+            extra["incomplete"] = True
+        extra["role"] = c.role
+        return Finding(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
+                       c.rport or None, **extra)
+
+    def _emit(self, f):
+        self.stats.by_type[f.type] += 1
+        self.out.append(f)
+
+    def take(self):
+        out, self.out = self.out, []
+        return out

@@ -1,0 +1,265 @@
+"""What this machine can do, asked without BCC: privileges, BCC, headers, tracefs, each hook.
+
+Every probe answers supported / unsupported / unknown and names the minimum kernel it needs, so
+`tcptrace doctor` can explain a refusal before anything is compiled. `plan()` turns the answers
+into the attach plan the tracer uses; nothing here imports bcc.
+"""
+import ctypes
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass, field, asdict
+
+from tcptrace import errors
+
+SUPPORTED, UNSUPPORTED, UNKNOWN = "supported", "unsupported", "unknown"
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str = ""
+    min_kernel: str = ""
+    required: bool = False
+
+
+# (name, tracefs event path, minimum kernel, required, why we want it) -- options as data.
+TRACEPOINTS = (
+    ("sock:inet_sock_set_state", "sock/inet_sock_set_state", "4.16", True,
+     "every TCP state transition"),
+    ("tcp:tcp_receive_reset", "tcp/tcp_receive_reset", "4.16", False,
+     "tells refused connects and remote resets"),
+    ("sock:inet_sk_error_report", "sock/inet_sk_error_report", "5.15", False,
+     "the errno of failed connects (timeout, unreachable)"),
+    ("tcp:tcp_retransmit_skb", "tcp/tcp_retransmit_skb", "4.15", False,
+     "SYN retransmissions"),
+    ("syscalls:sys_exit_connect", "syscalls/sys_exit_connect", "4.x (CONFIG_FTRACE_SYSCALLS)",
+     False, "connects that fail before a SYN, where kprobes are missing"),
+)
+RAW_TRACEPOINTS = (
+    ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
+)
+
+
+def tracefs_dir():
+    for d in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return None
+
+
+def ensure_tracefs():
+    """Mount tracefs when it is missing (root only). Returns (dir or None, note or None)."""
+    d = tracefs_dir()
+    if d:
+        return d, None
+    if os.geteuid() != 0:
+        return None, None
+    rc = os.system("mount -t tracefs tracefs /sys/kernel/tracing >/dev/null 2>&1")
+    d = tracefs_dir()
+    return d, ("mounted tracefs on /sys/kernel/tracing" if d and rc == 0 else None)
+
+
+def privileged():
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    # CAP_SYS_ADMIN (21), or CAP_BPF (39) + CAP_PERFMON (38)
+                    return bool(caps >> 21 & 1) or (bool(caps >> 39 & 1) and bool(caps >> 38 & 1))
+    except OSError:
+        pass
+    return False
+
+
+def bcc_available():
+    return importlib.util.find_spec("bcc") is not None
+
+
+def headers_dir():
+    base = f"/lib/modules/{platform.release()}"
+    for d in (f"{base}/build", f"{base}/source"):
+        if os.path.isdir(os.path.join(d, "include")):
+            return d
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return "/sys/kernel/kheaders.tar.xz"
+    return None
+
+
+def headers_version(d):
+    """The kernel version the headers belong to, when it can be read."""
+    try:
+        real = os.path.realpath(d)
+        name = os.path.basename(real)
+        if name.startswith("linux-headers-"):
+            return name[len("linux-headers-"):]
+    except OSError:
+        pass
+    return None
+
+
+def _kprobes():
+    td = tracefs_dir()
+    if os.path.exists("/sys/bus/event_source/devices/kprobe/type") or \
+            (td and os.path.exists(os.path.join(td, "kprobe_events"))):
+        try:
+            with open("/proc/kallsyms") as f:
+                syms = {line.split()[2] for line in f if line.rstrip().endswith(("tcp_v4_connect", "tcp_v6_connect"))}
+        except OSError:
+            return Check("kprobes", UNKNOWN, "kprobes present but /proc/kallsyms unreadable", "any")
+        missing = {"tcp_v4_connect", "tcp_v6_connect"} - syms
+        if missing:
+            return Check("kprobes", UNSUPPORTED, f"no symbol {', '.join(sorted(missing))}", "any")
+        return Check("kprobes", SUPPORTED, "tcp_v4_connect and tcp_v6_connect can be probed", "any")
+    if td is None:
+        return Check("kprobes", UNKNOWN, "tracefs not mounted", "any")
+    return Check("kprobes", UNSUPPORTED,
+                 "kernel built without CONFIG_KPROBES (no kprobe PMU, no kprobe_events)", "any")
+
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+
+
+def _ringbuf():
+    """Create (and close) a BPF_MAP_TYPE_RINGBUF: the kernel's own answer."""
+    if _NR_BPF is None:
+        return Check("ringbuf", UNKNOWN, f"no bpf() syscall number for {platform.machine()}", "5.8")
+    if os.geteuid() != 0:
+        return Check("ringbuf", UNKNOWN, "needs root to ask the kernel", "5.8")
+
+    class MapAttr(ctypes.Structure):
+        _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                    ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                    ("pad", ctypes.c_uint8 * 112)]
+    attr = MapAttr(27, 0, 0, os.sysconf("SC_PAGE_SIZE"))      # BPF_MAP_TYPE_RINGBUF = 27
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_NR_BPF, 0, ctypes.byref(attr), ctypes.sizeof(attr))   # BPF_MAP_CREATE
+    if fd >= 0:
+        os.close(fd)
+        return Check("ringbuf", SUPPORTED, "BPF ring buffer maps can be created", "5.8")
+    err = ctypes.get_errno()
+    if err == 22:
+        return Check("ringbuf", UNSUPPORTED, "kernel rejects BPF_MAP_TYPE_RINGBUF", "5.8")
+    return Check("ringbuf", UNKNOWN, f"map creation failed: {os.strerror(err)}", "5.8")
+
+
+@dataclass
+class Plan:
+    """What the tracer will attach, and how events reach user space."""
+    transport: str = "perf"
+    tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
+    connect_hook: str = "none"                           # kprobe | syscall | none
+    notes: list = field(default_factory=list)
+
+    def cflags(self):
+        flags = []
+        if self.transport == "ringbuf":
+            flags.append("-DTT_RINGBUF=1")
+        names = set(self.tracepoints)
+        for name, macro in (("tcp:tcp_receive_reset", "TT_HOOK_RECV_RESET"),
+                            ("sock:inet_sk_error_report", "TT_HOOK_SOCK_ERROR"),
+                            ("tcp:tcp_retransmit_skb", "TT_HOOK_RETRANS"),
+                            ("raw:tcp_send_reset", "TT_HOOK_SEND_RESET")):
+            if name in names:
+                flags.append(f"-D{macro}=1")
+        if self.connect_hook == "kprobe":
+            flags.append("-DTT_KPROBES=1")
+        elif self.connect_hook == "syscall":
+            flags.append("-DTT_SYSCALL_CONNECT=1")
+        return flags
+
+    def describe(self):
+        hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
+                "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
+                "none": "none"}[self.connect_hook]
+        return f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; connect errors via {hook}"
+
+
+def checks():
+    out = [Check("privileges", SUPPORTED if privileged() else UNSUPPORTED,
+                 "root" if os.geteuid() == 0 else "not root: need root or CAP_BPF+CAP_PERFMON",
+                 required=True)]
+    out.append(Check("bcc", SUPPORTED if bcc_available() else UNSUPPORTED,
+                     "python3 module 'bcc' found" if bcc_available() else
+                     "python3 module 'bcc' missing: apt-get install python3-bpfcc "
+                     "(Fedora: dnf install python3-bcc)", required=True))
+    h = headers_dir()
+    kver = platform.release()
+    if h:
+        hv = headers_version(h)
+        note = f"{h}" + (f" (headers of {hv}, running {kver}: safe, only tracepoint fields are read)"
+                         if hv and hv != kver else "")
+        out.append(Check("kernel headers", SUPPORTED, note, required=True))
+    else:
+        out.append(Check("kernel headers", UNSUPPORTED,
+                         f"none for {kver}: run scripts/setup.sh or apt-get install linux-headers-{kver}",
+                         required=True))
+    td = tracefs_dir()
+    out.append(Check("tracefs", SUPPORTED if td else UNSUPPORTED,
+                     td or "not mounted: mount -t tracefs tracefs /sys/kernel/tracing", required=True))
+    for name, path, minver, required, why in TRACEPOINTS + RAW_TRACEPOINTS:
+        if td is None:
+            st, detail = UNKNOWN, "tracefs not mounted"
+        elif os.path.isdir(os.path.join(td, "events", path)):
+            st, detail = SUPPORTED, why
+        else:
+            st, detail = UNSUPPORTED, f"missing: {why} is lost"
+        out.append(Check(name, st, detail, minver, required))
+    out.append(_kprobes())
+    out.append(_ringbuf())
+    out.append(Check("perf buffer", SUPPORTED, "BPF_PERF_OUTPUT", "4.4"))
+    return out
+
+
+def plan(transport="auto", checks_=None):
+    cs = {c.name: c for c in (checks_ or checks())}
+    p = Plan()
+    rb = cs["ringbuf"].status
+    if transport == "auto":
+        p.transport = "ringbuf" if rb == SUPPORTED else "perf"
+        if rb != SUPPORTED:
+            p.notes.append(f"ring buffer {rb}: using the perf buffer")
+    else:
+        p.transport = transport
+    for name, *_ in TRACEPOINTS + RAW_TRACEPOINTS:
+        if cs[name].status == SUPPORTED and not name.startswith("syscalls:"):
+            p.tracepoints.append(name)
+        elif cs[name].status != SUPPORTED and not name.startswith("syscalls:"):
+            p.notes.append(f"{name} {cs[name].status}: {cs[name].detail}")
+    if cs["kprobes"].status == SUPPORTED:
+        p.connect_hook = "kprobe"
+    elif cs["syscalls:sys_exit_connect"].status == SUPPORTED:
+        p.connect_hook = "syscall"
+        p.notes.append("kprobes " + cs["kprobes"].status + ": connect errors before the SYN come "
+                       "from syscalls:sys_exit_connect instead of tcp_v{4,6}_connect")
+    else:
+        p.notes.append("no kprobes and no syscall tracepoints: connects that fail before the "
+                       "SYN are not seen")
+    return p
+
+
+def require(checks_):
+    """Raise the documented error for the first required check that fails."""
+    cs = {c.name: c for c in checks_}
+    if cs["privileges"].status != SUPPORTED:
+        raise errors.NotPrivileged("tracing needs root (or CAP_BPF and CAP_PERFMON); "
+                                   "try: sudo tcptrace ...")
+    if cs["bcc"].status != SUPPORTED:
+        raise errors.Unavailable(cs["bcc"].detail)
+    if cs["kernel headers"].status != SUPPORTED:
+        raise errors.Unavailable("no kernel headers: " + cs["kernel headers"].detail)
+    if cs["tracefs"].status != SUPPORTED:
+        raise errors.Unavailable("tracefs " + cs["tracefs"].detail)
+    for c in checks_:
+        if c.required and c.status != SUPPORTED:
+            raise errors.Unavailable(f"{c.name} {c.status}: {c.detail} (needs kernel {c.min_kernel}+)")
+
+
+def as_dict(checks_, plan_):
+    return {"checks": [asdict(c) for c in checks_], "plan": asdict(plan_),
+            "plan_summary": plan_.describe(), "kernel": platform.release()}

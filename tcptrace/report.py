@@ -1,0 +1,174 @@
+"""`tcptrace report`: aggregate findings into the tables an SRE asks for.
+
+A Report only reads findings and the tracker's counters; `tables()` and `summary()` are two
+formats of the same numbers.
+"""
+import collections
+
+from tabulate import tabulate
+
+from tcptrace import SCHEMA_VERSION, states
+from tcptrace.findings import rfc3339
+from tcptrace.sinks import _ns, endpoint
+
+
+def percentile(sorted_vals, p):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, -(-len(sorted_vals) * p // 100) - 1))
+    return sorted_vals[int(k)]
+
+
+def log2_hist(values_ns):
+    """[(low_us, high_us, count)] in power-of-two microsecond buckets, like bcc's histograms."""
+    buckets = collections.Counter()
+    for v in values_ns:
+        us = max(1, v // 1000)
+        buckets[us.bit_length() - 1] += 1
+    if not buckets:
+        return []
+    lo, hi = min(buckets), max(buckets)
+    return [(1 << b if b else 0, (1 << (b + 1)) - 1, buckets.get(b, 0)) for b in range(lo, hi + 1)]
+
+
+class Report:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.handshakes = collections.defaultdict(list)   # (raddr, rport, comm) -> [ns]
+        self.accepts = collections.Counter()              # (lport, comm) -> n
+        self.failures = collections.Counter()             # (raddr, rport, comm, cause) -> n
+        self.resets = collections.Counter()               # (raddr, rport, comm, by) -> n
+        self.closes = collections.Counter()               # closed_by -> n
+        self.counts = collections.Counter()               # finding type -> n
+        self.lost = collections.Counter()
+        self.first_ns = self.last_ns = None
+
+    def add(self, f):
+        self.counts[f.type] += 1
+        if self.first_ns is None:
+            self.first_ns = f.ts_ns
+        self.last_ns = f.ts_ns
+        x = f.extra
+        if f.type == "connect":
+            self.handshakes[(f.raddr, f.rport, f.comm)].append(x["handshake_ns"])
+        elif f.type == "accept":
+            self.accepts[(f.lport, f.comm)] += 1
+        elif f.type in ("refused", "failed"):
+            self.failures[(f.raddr, f.rport, f.comm, x["reason"])] += 1
+        elif f.type == "reset":
+            self.resets[(f.raddr, f.rport, f.comm, x["reset_by"])] += 1
+        elif f.type == "close":
+            self.closes[x.get("closed_by") or "unknown"] += 1
+        elif f.type == "lost":
+            self.lost[x["where"]] += x["count"]
+
+    # -- numbers -----------------------------------------------------------------------------
+    def _latency_rows(self, groups):
+        rows = []
+        for key, vals in groups.items():
+            s = sorted(vals)
+            rows.append((key, len(s), percentile(s, 50), percentile(s, 90), percentile(s, 99), s[-1]))
+        rows.sort(key=lambda r: -r[1])
+        return rows
+
+    def summary(self, tracker, wall_offset_ns, interval=None):
+        all_hs = sorted(v for vs in self.handshakes.values() for v in vs)
+        stuck = tracker.stuck_now() if tracker else []
+        now = tracker.now_ns if tracker else (self.last_ns or 0)
+        return {
+            "schema": SCHEMA_VERSION, "type": "summary",
+            "time": rfc3339(now + wall_offset_ns),
+            "interval_s": interval,
+            "counts": dict(self.counts),
+            "connects": [{"raddr": k[0], "rport": k[1], "comm": k[2], "count": n,
+                          "p50_ns": p50, "p90_ns": p90, "p99_ns": p99, "max_ns": mx}
+                         for k, n, p50, p90, p99, mx in self._latency_rows(self.handshakes)],
+            "accepts": [{"lport": k[0], "comm": k[1], "count": n}
+                        for k, n in self.accepts.most_common()],
+            "failures": [{"raddr": k[0], "rport": k[1], "comm": k[2], "cause": k[3], "count": n}
+                         for k, n in self.failures.most_common()],
+            "resets": [{"raddr": k[0], "rport": k[1], "comm": k[2], "reset_by": k[3], "count": n}
+                       for k, n in self.resets.most_common()],
+            "closes": dict(self.closes),
+            "stuck": [{"pid": c.pid, "comm": c.comm, "fd": c.fd, "laddr": c.laddr, "lport": c.lport,
+                       "raddr": c.raddr, "rport": c.rport, "state": states.name(c.state),
+                       "age_ns": now - c.since_ns} for c in stuck],
+            "transitions": [{"old": states.name(o), "new": states.name(n), "count": k}
+                            for (o, n), k in sorted(tracker.stats.matrix.items())] if tracker else [],
+            "handshake_histogram_us": [{"low": lo, "high": hi, "count": n}
+                                       for lo, hi, n in log2_hist(all_hs)],
+            "lost": {"total": sum(self.lost.values()), "by_source": dict(self.lost)},
+        }
+
+    def tables(self, tracker, wall_offset_ns, interval=None):
+        s = self.summary(tracker, wall_offset_ns, interval)
+        out = []
+
+        def section(title, rows, headers):
+            out.append(f"\n{title}")
+            out.append(tabulate(rows, headers=headers) if rows else "  (none)")
+
+        section("CONNECTS (handshake SYN_SENT -> ESTABLISHED)",
+                [(endpoint(r["raddr"], r["rport"]), r["comm"], r["count"], _ns(r["p50_ns"]),
+                  _ns(r["p90_ns"]), _ns(r["p99_ns"]), _ns(r["max_ns"])) for r in s["connects"]],
+                ["DESTINATION", "COMM", "COUNT", "P50", "P90", "P99", "MAX"])
+        section("ACCEPTS",
+                [(r["lport"], r["comm"] or "-", r["count"]) for r in s["accepts"]],
+                ["LPORT", "COMM", "COUNT"])
+        section("FAILED CONNECTS",
+                [(endpoint(r["raddr"], r["rport"]), r["comm"], r["cause"], r["count"])
+                 for r in s["failures"]], ["DESTINATION", "COMM", "CAUSE", "COUNT"])
+        section("STUCK HALF-CLOSES (oldest first)",
+                [(r["state"], _ns(r["age_ns"]), r["pid"] if r["pid"] is not None else "-",
+                  r["comm"] or "-", endpoint(r["laddr"], r["lport"]),
+                  endpoint(r["raddr"], r["rport"])) for r in s["stuck"]],
+                ["STATE", "AGE", "PID", "COMM", "LOCAL", "REMOTE"])
+        section("RESETS",
+                [(endpoint(r["raddr"], r["rport"]), r["comm"], r["reset_by"], r["count"])
+                 for r in s["resets"]], ["PEER", "COMM", "RESET BY", "COUNT"])
+        section("HANDSHAKE LATENCY (log2 histogram)", _hist_rows(s["handshake_histogram_us"]),
+                ["USECS", "COUNT", "DISTRIBUTION"])
+        section("TRANSITIONS", _matrix_rows(tracker), ["OLD \\ NEW"] + _matrix_cols(tracker))
+        lost = s["lost"]
+        out.append(f"\nLOST EVENTS: {lost['total']}" +
+                   ("".join(f"\n  {k}: {v}" for k, v in sorted(lost["by_source"].items()))))
+        return "\n".join(out).lstrip("\n")
+
+
+def _hist_rows(hist):
+    if not hist:
+        return []
+    peak = max(h["count"] for h in hist) or 1
+    return [(f"{h['low']} -> {h['high']}", h["count"], "*" * round(30 * h["count"] / peak))
+            for h in hist]
+
+
+_ORDER = [states.CLOSE, states.LISTEN, states.SYN_SENT, states.SYN_RECV, states.ESTABLISHED,
+          states.FIN_WAIT1, states.FIN_WAIT2, states.CLOSE_WAIT, states.LAST_ACK, states.CLOSING,
+          states.TIME_WAIT]
+_ABBR = {states.CLOSE: "CLOSE", states.LISTEN: "LISTEN", states.SYN_SENT: "SYN_S",
+         states.SYN_RECV: "SYN_R", states.ESTABLISHED: "ESTAB", states.FIN_WAIT1: "FIN_W1",
+         states.FIN_WAIT2: "FIN_W2", states.CLOSE_WAIT: "CL_WAIT", states.LAST_ACK: "LAST_A",
+         states.CLOSING: "CLOSING", states.TIME_WAIT: "TIME_W"}
+
+
+def _used(tracker):
+    if not tracker:
+        return [], []
+    m = tracker.stats.matrix
+    olds = [s for s in _ORDER if any(o == s for o, _ in m)]
+    news = [s for s in _ORDER if any(n == s for _, n in m)]
+    return olds, news
+
+
+def _matrix_cols(tracker):
+    return [_ABBR[s] for s in _used(tracker)[1]]
+
+
+def _matrix_rows(tracker):
+    olds, news = _used(tracker)
+    m = tracker.stats.matrix if tracker else {}
+    return [[_ABBR[o]] + [m.get((o, n), "") for n in news] for o in olds]

@@ -1,0 +1,144 @@
+"""Where findings go. Sinks only format: every decision was made by the detectors.
+
+All sinks take `Finding`s and the wall-clock offset, write to a stream, flush per record (a log
+shipper reading a pipe must see each line at once), and turn a closed pipe into `Closed`.
+"""
+import json
+
+from tcptrace import states
+
+
+class Closed(Exception):
+    """The reader went away (EPIPE): stop quietly."""
+
+
+def _ns(v):
+    """Human duration from integer nanoseconds: 850us, 12.3ms, 1.02s, 3m05s."""
+    if v is None:
+        return "-"
+    if v < 1_000_000:
+        return f"{v / 1000:.0f}us"
+    if v < 1_000_000_000:
+        return f"{v / 1e6:.1f}ms"
+    if v < 60_000_000_000:
+        return f"{v / 1e9:.2f}s"
+    s = v // 1_000_000_000
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def endpoint(addr, port):
+    if addr is None:
+        return "*"
+    if ":" in addr:
+        return f"[{addr}]:{port if port is not None else '*'}"
+    return f"{addr}:{port if port is not None else '*'}"
+
+
+def describe(f):
+    """What happened, in words, without the time/process/endpoint columns."""
+    t = f.type
+    x = f.extra
+    if t == "connect":
+        r = x.get("syn_retransmits", 0)
+        return f"handshake {_ns(x['handshake_ns'])}" + (f", {r} SYN retransmit{'s' if r != 1 else ''}" if r else "")
+    if t == "accept":
+        return "accepted"
+    if t == "refused":
+        return "refused (RST to our SYN)" if not x.get("before_syn") else "refused"
+    if t == "failed":
+        reason = x["reason"]
+        if reason == "timeout":
+            return f"timed out after {x.get('syn_retransmits', 0)} SYN retransmits ({x.get('errno')})"
+        if reason == "cancelled":
+            return "cancelled: closed by the application in SYN_SENT"
+        if x.get("before_syn"):
+            return f"{reason} before any SYN ({x.get('errno')})"
+        return f"{reason} ({x.get('errno')})"
+    if t == "reset":
+        return f"reset by {x['reset_by']} after {_ns(x.get('duration_ns'))}"
+    if t == "close":
+        by = x.get("closed_by")
+        return f"closed after {_ns(x.get('duration_ns'))}" + (f", {by} closed first" if by else "")
+    if t == "stuck":
+        owner = "; orphaned (no process)" if f.pid is None else ""
+        return f"STUCK {x['state']} {_ns(x['age_ns'])}: {x['blame']}{owner}"
+    if t == "unstuck":
+        return f"left {x['state']} after {_ns(x['duration_ns'])}"
+    if t == "transition":
+        return f"{x['oldstate']} -> {x['newstate']}"
+    if t == "lost":
+        return f"LOST {x['count']} events ({x['where']}), {x['lost_total']} so far"
+    return t
+
+
+class TextSink:
+    """One line per finding, under 80 columns for the common case:
+    TIME      PID    COMM        EVENT     LOCAL -> REMOTE  what happened"""
+
+    def __init__(self, stream, wall_offset_ns, wide=False):
+        self.stream = stream
+        self.wall_offset_ns = wall_offset_ns
+        self.wide = wide
+        self._header = False
+
+    def emit(self, f):
+        from tcptrace.findings import rfc3339
+        if not self._header:
+            self._write(f"{'TIME':<12} {'PID':>7} {'COMM':<12} {'EVENT':<8} CONNECTION / DETAIL")
+            self._header = True
+        tm = rfc3339(f.ts_ns + self.wall_offset_ns)[11:23]
+        pid = "-" if f.pid is None else str(f.pid)
+        comm = (f.comm or "-")[: (16 if self.wide else 12)]
+        conn = f"{endpoint(f.laddr, f.lport)} > {endpoint(f.raddr, f.rport)}" if f.type != "lost" else ""
+        flags = "".join(s for k, s in (("partial", " [partial]"), ("incomplete", " [incomplete]"))
+                        if f.extra.get(k))
+        line = f"{tm:<12} {pid:>7} {comm:<12} {f.type:<8} {conn}"
+        detail = describe(f) + flags
+        if self.wide or len(line) + 2 + len(detail) <= 79:
+            self._write(f"{line}  {detail}" if conn else f"{line}{detail}")
+        else:
+            self._write(line)
+            self._write(f"{'':>13}{detail}")
+
+    def _write(self, text):
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            raise Closed() from None
+
+    def close(self):
+        pass
+
+
+class JsonSink:
+    """JSON Lines: one object per finding, flushed per line."""
+
+    def __init__(self, stream, wall_offset_ns):
+        self.stream = stream
+        self.wall_offset_ns = wall_offset_ns
+
+    def emit(self, f):
+        self.write_obj(f.to_record(self.wall_offset_ns))
+
+    def write_obj(self, obj):
+        try:
+            self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            raise Closed() from None
+
+    def close(self):
+        pass
+
+
+class NullSink:
+    def emit(self, f):
+        pass
+
+    def close(self):
+        pass
+
+

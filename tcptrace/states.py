@@ -1,0 +1,37 @@
+"""TCP states (include/net/tcp_states.h) and the errno names findings carry."""
+import errno as _errno
+
+ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, \
+    LISTEN, CLOSING, NEW_SYN_RECV = range(1, 13)
+
+NAMES = {
+    ESTABLISHED: "ESTABLISHED", SYN_SENT: "SYN_SENT", SYN_RECV: "SYN_RECV",
+    FIN_WAIT1: "FIN_WAIT1", FIN_WAIT2: "FIN_WAIT2", TIME_WAIT: "TIME_WAIT", CLOSE: "CLOSE",
+    CLOSE_WAIT: "CLOSE_WAIT", LAST_ACK: "LAST_ACK", LISTEN: "LISTEN", CLOSING: "CLOSING",
+    NEW_SYN_RECV: "NEW_SYN_RECV",
+}
+BY_NAME = {v: k for k, v in NAMES.items()}
+
+# Half-closed states a socket can linger in; each names who owes the next move.
+HALF_CLOSED = {
+    CLOSE_WAIT: "the local application has not called close() after the peer's FIN",
+    FIN_WAIT1: "our FIN is not acknowledged by the peer",
+    FIN_WAIT2: "the peer has not sent its FIN (its application has not closed)",
+    LAST_ACK: "the peer has not acknowledged our FIN",
+    CLOSING: "the peer has not acknowledged our FIN (simultaneous close)",
+}
+
+# /proc/net/tcp "st" column -> state (same numbering).
+AF_INET, AF_INET6 = 2, 10
+FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+
+
+def name(state):
+    return NAMES.get(state, f"STATE_{state}")
+
+
+def errno_name(err):
+    """Name of a positive or negative errno, e.g. 111 -> 'ECONNREFUSED'."""
+    if err is None:
+        return None
+    return _errno.errorcode.get(abs(err), f"E{abs(err)}")

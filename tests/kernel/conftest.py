@@ -1,0 +1,128 @@
+"""Kernel tier: the real BPF programs, real sockets, as root.
+
+One tracer process serves the whole session (BCC compiles for ~1-2 s here and ~40 s in the TCG
+VM), started with a short --stuck-after; each test drives its own sockets on its own ports and
+waits for the records that name them. Readiness comes from --ready-file, never from a sleep.
+
+Set TCPTRACE_REQUIRE_KERNEL=1 (CI does) to turn "cannot run here" into a failure: a skipped
+kernel tier is not a passing one.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+STUCK_AFTER = 2.0
+
+
+def _cannot_run():
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "BCC (python3-bpfcc) is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    why = _cannot_run()
+    if why is None:
+        return
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            if os.environ.get("TCPTRACE_REQUIRE_KERNEL") == "1":
+                item.add_marker(pytest.mark.xfail(reason=why, run=False, strict=True))
+                item.add_marker(pytest.mark.usefixtures("_kernel_required"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture
+def _kernel_required():
+    pytest.fail(f"TCPTRACE_REQUIRE_KERNEL=1 but {_cannot_run()}")
+
+
+class Tracer:
+    """A running `tcptrace watch --json` whose records tests wait for."""
+
+    def __init__(self, args, tmp_path):
+        ready = tmp_path / "ready"
+        self.stderr_path = tmp_path / "stderr"
+        self.cmd = [sys.executable, "-m", "tcptrace", "watch", "--json",
+                    "--ready-file", str(ready)] + list(args)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                     stderr=open(self.stderr_path, "w"), text=True)
+        self.records = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 300       # TCG VMs compile slowly
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tracer exited {self.proc.returncode}: "
+                                   f"{self.stderr_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("tracer never became ready")
+            time.sleep(0.05)      # polling a file the tracer writes: the readiness signal itself
+        self.ready = json.loads(ready.read_text())
+
+    def _read(self):
+        for line in self.proc.stdout:
+            rec = json.loads(line)
+            with self.cond:
+                self.records.append(rec)
+                self.cond.notify_all()
+
+    def wait_for(self, pred, timeout=10.0, count=1):
+        """Records matching pred, once at least `count` exist; fails the test on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                got = [r for r in self.records if pred(r)]
+                if len(got) >= count:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {count} records; have {len(got)}")
+                self.cond.wait(left)
+
+    def matching(self, pred):
+        with self.cond:
+            return [r for r in self.records if pred(r)]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tracer(tmp_path_factory):
+    t = Tracer(["--transitions", "--stuck-after", str(STUCK_AFTER)],
+               tmp_path_factory.mktemp("tracer"))
+    yield t
+    rc = t.stop()
+    assert rc == 0, t.stderr_path.read_text()
+
+
+def involving(port):
+    """Predicate: a record on a connection with this port at either end."""
+    return lambda r: port in (r.get("lport"), r.get("rport"))
+
+
+def snmp():
+    """/proc/net/snmp Tcp: counters, the kernel's own yardstick."""
+    with open("/proc/net/snmp") as f:
+        lines = [l.split() for l in f if l.startswith("Tcp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
