@@ -182,7 +182,7 @@ printf '%s\n' "${packages[@]}" >"$work/packages"
 used_mb=$(du -sm "$root" | cut -f1)
 size_mb=$(( used_mb + 1536 ))   # headroom for the suite's writes (behind the snapshot) and a box's provisioning
 t2=$(date +%s)
-mkfs.ext4 -q -F -L tcptrace-root -d "$root" "$work/rootfs.ext4" "${size_mb}M"
+mkfs.ext4 -q -F -L tcptrace-root -d "$root" "$work/rootfs.ext4" "${size_mb}M" >&2
 say "image: ${size_mb} MiB ext4 in $(( $(date +%s) - t2 )) s (kernel $kver)"
 rm -rf "$root"
 
