@@ -196,7 +196,7 @@ def replay(file, as_report, **kw):
     """Re-run the analysis on a recording made with --record: no root, no BCC needed."""
     from tcptrace import session
     opts = _build_options(kw, report=as_report)
-    session.replay(file, opts, click.get_text_stream("stdout"), _diag)
+    session.replay(file, opts, sys.stdout, _diag)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class TextSink:
             self._write(f"{line}  {detail}" if conn else f"{line}{detail}")
         else:
             self._write(line)
-            self._write(f"{'':>13}{detail}")
+            self._write(f"    {detail}")
 
     def _write(self, text):
         try:

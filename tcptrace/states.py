@@ -14,11 +14,11 @@ BY_NAME = {v: k for k, v in NAMES.items()}
 
 # Half-closed states a socket can linger in; each names who owes the next move.
 HALF_CLOSED = {
-    CLOSE_WAIT: "the local application has not called close() after the peer's FIN",
-    FIN_WAIT1: "our FIN is not acknowledged by the peer",
-    FIN_WAIT2: "the peer has not sent its FIN (its application has not closed)",
+    CLOSE_WAIT: "local app never called close() after the peer's FIN",
+    FIN_WAIT1: "the peer has not acknowledged our FIN",
+    FIN_WAIT2: "the peer's app has not closed (no FIN from it)",
     LAST_ACK: "the peer has not acknowledged our FIN",
-    CLOSING: "the peer has not acknowledged our FIN (simultaneous close)",
+    CLOSING: "simultaneous close: the peer has not ACKed our FIN",
 }
 
 # /proc/net/tcp "st" column -> state (same numbering).

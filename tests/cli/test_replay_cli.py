@@ -1,0 +1,229 @@
+"""The CLI over replayed streams: what a user or a log pipeline sees, parsed as JSON Lines and
+validated against docs/*.schema.json. No root, no BCC."""
+import json
+import os
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+
+from tcptrace import errors, states as S
+from tcptrace.cli import main
+from streams import (MS, SEC, active_close, active_open, listen, lost, passive_close,
+                     passive_open, state, write_recording)
+
+HERE = os.path.dirname(__file__)
+DOCS = os.path.join(HERE, "..", "..", "docs")
+RECORDED = os.path.join(HERE, "..", "data", "loopback.jsonl")
+RECORD_SCHEMA = json.load(open(os.path.join(DOCS, "tcptrace.schema.json")))
+SUMMARY_SCHEMA = json.load(open(os.path.join(DOCS, "tcptrace-summary.schema.json")))
+
+
+def _runner():
+    try:
+        return CliRunner(mix_stderr=False)      # click < 8.2 mixes stderr in by default
+    except TypeError:
+        return CliRunner()
+
+
+def invoke(*args):
+    return _runner().invoke(main, list(args), catch_exceptions=False)
+
+
+def jsonl(text):
+    recs = [json.loads(line) for line in text.splitlines()]
+    v = jsonschema.Draft202012Validator(RECORD_SCHEMA)
+    for r in recs:
+        v.validate(r)
+    return recs
+
+
+def test_recorded_stream_replays_to_the_findings_the_kernel_run_gave():
+    """tests/data/loopback.jsonl was recorded from the real kernel: 3 connect/close pairs,
+    a refused connect, one IPv6 connection, a SO_LINGER 0 reset, a CLOSE_WAIT held 2.5 s."""
+    r = invoke("replay", RECORDED, "--json", "--stuck-after", "1")
+    assert r.exit_code == 0, r.stderr
+    recs = jsonl(r.stdout)
+    by = {}
+    for x in recs:
+        by.setdefault(x["type"], []).append(x)
+    assert len(by["connect"]) == 6 and len(by["accept"]) == 6
+    assert len(by["refused"]) == 1 and by["refused"][0]["rport"] == 1
+    assert by["refused"][0]["errno"] == "ECONNREFUSED"
+    assert sorted(x["reset_by"] for x in by["reset"]) == ["local", "remote"]
+    assert [x["family"] for x in by["connect"]].count("ipv6") == 1
+    stuck = by["stuck"]
+    assert len(stuck) == 1 and stuck[0]["state"] == "CLOSE_WAIT"
+    assert 1e9 <= stuck[0]["age_ns"] < 1.5e9
+    assert by["unstuck"][0]["duration_ns"] >= 2.5e9
+    assert "lost" not in by
+    # every close has a path that starts at the connection's open and ends in CLOSE
+    for c in by["close"]:
+        assert c["path"][0] in ("SYN_SENT", "SYN_RECV") and c["path"][-1] == "CLOSE"
+    # the same pid owns both ends (the recording's client and server were one process)
+    assert len({x["pid"] for x in by["connect"] + by["accept"]}) == 1
+
+
+def test_replay_is_deterministic():
+    a = invoke("replay", RECORDED, "--json").stdout
+    b = invoke("replay", RECORDED, "--json").stdout
+    assert a == b and a
+
+
+def test_human_output_fits_80_columns():
+    r = invoke("replay", RECORDED, "--stuck-after", "1")
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["TIME", "PID", "COMM", "EVENT"]
+    assert max(len(l) for l in lines) <= 80
+    assert any("STUCK CLOSE_WAIT" in l and "close()" in l for l in lines)
+
+
+def test_report_json_summary(tmp_path):
+    r = invoke("replay", RECORDED, "--report", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    jsonschema.validate(s, SUMMARY_SCHEMA)
+    assert sum(c["count"] for c in s["connects"]) == 6
+    assert s["failures"] == [{"raddr": "127.0.0.1", "rport": 1, "comm": "python3",
+                              "cause": "refused", "count": 1}]
+    assert sum(h["count"] for h in s["handshake_histogram_us"]) == 6
+    row = {(t["old"], t["new"]): t["count"] for t in s["transitions"]}
+    assert row[("CLOSE", "SYN_SENT")] == 7 and row[("SYN_SENT", "CLOSE")] == 1
+    assert s["lost"]["total"] == 0
+
+
+def test_report_tables():
+    r = invoke("replay", RECORDED, "--report")
+    assert r.exit_code == 0
+    out = r.stdout
+    for title in ("CONNECTS", "FAILED CONNECTS", "STUCK HALF-CLOSES", "RESETS",
+                  "HANDSHAKE LATENCY", "TRANSITIONS", "LOST EVENTS: 0"):
+        assert title in out
+    conn = out.split("CONNECTS")[1].split("ACCEPTS")[0]
+    assert "P50" in conn and "P99" in conn
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--port", "1"], {"refused"}),
+    (["-6"], {"connect", "accept", "close"}),
+    (["--raddr", "127.0.0.0/8", "--comm", "nobody"], set()),
+])
+def test_filters(args, expect):
+    r = invoke("replay", RECORDED, "--json", *args)
+    assert r.exit_code == 0
+    assert {x["type"] for x in jsonl(r.stdout)} == expect
+
+
+def test_gap_in_replayed_stream_gives_no_false_stuck(tmp_path):
+    recs = (listen(SEC - MS, 0xC1, 8080) + passive_open(SEC, 0xB1, 8080, 40000)
+            + [state(SEC + MS, 0xB1, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000),
+               lost(SEC + 2 * MS, 3)]
+            + active_open(SEC + 3 * MS, 0xA1, 40001, 9090)
+            + active_close(SEC + 4 * MS, 0xA1, 40001, 9090))
+    f = tmp_path / "gap.jsonl"
+    write_recording(f, recs, ticks=[SEC + i * 100 * MS for i in range(1, 100)])
+    r = invoke("replay", str(f), "--json", "--stuck-after", "1")
+    assert r.exit_code == 0
+    out = jsonl(r.stdout)
+    assert "stuck" not in {x["type"] for x in out}
+    lost_rec = [x for x in out if x["type"] == "lost"]
+    assert lost_rec and lost_rec[0]["count"] == 3
+    assert "3 lost" in r.stderr
+    # ... while the same stream without the loss does report the lingering socket
+    f2 = tmp_path / "nogap.jsonl"
+    write_recording(f2, [x for x in recs if not hasattr(x, "where")],
+                    ticks=[SEC + i * 100 * MS for i in range(1, 100)])
+    out2 = jsonl(invoke("replay", str(f2), "--json", "--stuck-after", "1").stdout)
+    assert [x["state"] for x in out2 if x["type"] == "stuck"] == ["CLOSE_WAIT"]
+
+
+def test_malformed_recording_names_the_line_and_keeps_what_came_before(tmp_path):
+    lines = open(RECORDED).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:30] + ['{"kind": "state", "ts_ns": "soon"'] + lines[30:]) + "\n")
+    r = invoke("replay", str(bad), "--json")
+    assert r.exit_code == errors.EXIT_DATAERR
+    assert f"bad.jsonl:31: malformed record" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2      # the summary line, then the error
+    assert "Traceback" not in r.stderr
+    got = jsonl(r.stdout)
+    assert any(x["type"] == "connect" for x in got)
+
+
+def test_truncated_recording(tmp_path):
+    text = open(RECORDED).read()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(text[: len(text) // 2].rstrip("\n")[:-5])
+    r = invoke("replay", str(cut))
+    assert r.exit_code == errors.EXIT_DATAERR
+    assert "cut.jsonl:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content,code,msg", [
+    (None, errors.EXIT_NOINPUT, "cannot read recording"),
+    ("hello\n", errors.EXIT_DATAERR, ":1:"),
+    ('{"format": "tcptrace-recording", "version": 99, "wall_offset_ns": 0}\n',
+     errors.EXIT_DATAERR, "version 99"),
+])
+def test_bad_recordings(tmp_path, content, code, msg):
+    f = tmp_path / "r.jsonl"
+    if content is not None:
+        f.write_text(content)
+    r = invoke("replay", str(f))
+    assert r.exit_code == code
+    assert msg in r.stderr and r.stderr.startswith("tcptrace: ")
+
+
+@pytest.mark.parametrize("args", [["watch", "--stuck-after", "-1"], ["watch", "--port", "0"],
+                                  ["replay", RECORDED, "--laddr", "300.1.1.1"],
+                                  ["watch", "--transport", "carrier-pigeon"],
+                                  ["report", "--interval", "0"], ["frobnicate"]])
+def test_bad_options_exit_2_with_one_clear_message(args):
+    r = invoke(*args)
+    assert r.exit_code == errors.EXIT_USAGE
+    assert "Error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_root_exits_77_without_traceback(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("tcptrace.probes.privileged", lambda: False)
+    r = invoke("watch")
+    assert r.exit_code == errors.EXIT_NOPERM
+    assert r.stderr.startswith("tcptrace: tracing needs root")
+    assert "Traceback" not in r.stderr
+
+
+def test_no_bcc_exits_69_with_install_command(monkeypatch):
+    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: False)
+    r = invoke("watch")
+    assert r.exit_code == errors.EXIT_UNAVAILABLE
+    assert "apt-get install python3-bpfcc" in r.stderr
+
+
+def test_no_headers_exits_69(monkeypatch):
+    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: True)
+    monkeypatch.setattr("tcptrace.probes.headers_dir", lambda: None)
+    r = invoke("report")
+    assert r.exit_code == errors.EXIT_UNAVAILABLE
+    assert "no kernel headers" in r.stderr and "setup.sh" in r.stderr
+
+
+def test_missing_required_tracepoint_exits_69(monkeypatch, tmp_path):
+    (tmp_path / "events" / "tcp" / "tcp_receive_reset").mkdir(parents=True)
+    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: True)
+    monkeypatch.setattr("tcptrace.probes.headers_dir", lambda: "/x")
+    monkeypatch.setattr("tcptrace.probes.TRACEFS_DIRS", (str(tmp_path),))
+    r = invoke("watch")
+    assert r.exit_code == errors.EXIT_UNAVAILABLE
+    assert "sock:inet_sock_set_state unsupported" in r.stderr and "4.16" in r.stderr
+
+
+def test_help_needs_neither_root_nor_bcc():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "Exit codes" in r.stdout
+    for cmd in ("watch", "report", "replay", "doctor"):
+        assert invoke(cmd, "--help").exit_code == 0

@@ -1,0 +1,309 @@
+"""The lifecycle engine on hand-built streams shaped like the kernel's (see tests/kernel for
+the real ones). Table-driven where the cases share a shape."""
+import errno
+
+import pytest
+
+from tcptrace import states as S
+from tcptrace.events import Kind, F_KPROBE
+from tcptrace.lifecycle import Tracker
+from streams import (MS, SEC, active_close, active_open, ev, listen, lost, passive_close,
+                     passive_open, state)
+
+CLIENT_SK, SERVER_SK, LISTEN_SK = 0xA1, 0xB1, 0xC1
+
+
+def run(recs, end_ns=None, **kw):
+    tr = Tracker(**kw)
+    for r in sorted(recs, key=lambda r: r.ts_ns):
+        tr.process(r)
+    if end_ns is not None:
+        tr.tick(end_ns)
+    tr.finish()
+    return tr, tr.take()
+
+
+def only(findings, type_):
+    got = [f for f in findings if f.type == type_]
+    assert len(got) == 1, f"expected one {type_}, got {got}"
+    return got[0]
+
+
+def loopback_connection(t0=1 * SEC):
+    return (listen(t0 - MS, LISTEN_SK, 8080)
+            + active_open(t0, CLIENT_SK, 40000, 8080, hs=70_000)
+            + passive_open(t0 + 60_000, SERVER_SK, 8080, 40000)
+            + active_close(t0 + 5 * MS, CLIENT_SK, 40000, 8080)
+            + passive_close(t0 + 5 * MS + 500, SERVER_SK, 8080, 40000))
+
+
+def test_successful_connection_both_ends():
+    _, out = run(loopback_connection())
+    c = only(out, "connect")
+    assert (c.pid, c.comm, c.lport, c.rport) == (100, "client", 40000, 8080)
+    assert c.handshake_ns == 70_000 and c.syn_retransmits == 0
+    a = only(out, "accept")
+    # The accepted socket belongs to the listener's owner, not the softirq bystander.
+    assert (a.pid, a.comm, a.lport, a.rport) == (200, "server", 8080, 40000)
+    closes = {f.lport: f for f in out if f.type == "close"}
+    assert closes[40000].closed_by == "local" and closes[8080].closed_by == "remote"
+    assert closes[40000].path == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    assert closes[8080].path == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert closes[40000].duration_ns == 5 * MS + 2000 - 70_000
+    assert not any(f.extra.get("partial") or f.extra.get("incomplete") for f in out)
+
+
+def test_accept_without_known_listener_has_no_owner_rather_than_a_bystander():
+    _, out = run(passive_open(SEC, SERVER_SK, 8080, 40000, pid=7, comm="ksoftirqd/0"))
+    a = only(out, "accept")
+    assert a.pid is None and a.comm is None
+
+
+def test_accept_owner_refined_by_close_in_process_context():
+    recs = passive_open(SEC, SERVER_SK, 8080, 40000) + [
+        state(2 * SEC, SERVER_SK, S.ESTABLISHED, S.FIN_WAIT1, pid=321, comm="nginx", lport=8080,
+              rport=40000)]
+    _, out = run(recs)
+    assert only(out, "accept").pid is None
+    # still open (FIN_WAIT1), so no close yet; the owner learnt shows in later findings
+    recs += [state(2 * SEC + 10, SERVER_SK, S.FIN_WAIT1, S.CLOSE, pid=0, comm="swapper/1",
+                   lport=8080, rport=40000)]
+    _, out = run(recs)
+    assert only(out, "close").pid == 321
+
+
+FAILED_CONNECTS = [
+    # name, facts after CLOSE->SYN_SENT (offsets in ms), expected type, reason, errno, retransmits
+    ("refused", [("rst", 1), ("close", 1), ("err", 1, errno.ECONNREFUSED)],
+     "refused", "refused", "ECONNREFUSED", 0),
+    ("refused, error report only", [("close", 1), ("err", 1, errno.ECONNREFUSED)],
+     "refused", "refused", "ECONNREFUSED", 0),
+    ("timeout", [("retrans", 1000), ("retrans", 3000), ("close", 7000),
+                 ("err", 7000, errno.ETIMEDOUT)], "failed", "timeout", "ETIMEDOUT", 2),
+    ("unreachable before the port is known", [("err_noport", 3, errno.EHOSTUNREACH),
+                                              ("close", 3)],
+     "failed", "unreachable", "EHOSTUNREACH", 0),
+    ("cancelled", [("close_by_app", 50)], "failed", "cancelled", None, 0),
+]
+
+
+@pytest.mark.parametrize("name,facts,type_,reason,errname,retrans", FAILED_CONNECTS,
+                         ids=[c[0] for c in FAILED_CONNECTS])
+def test_failed_connects(name, facts, type_, reason, errname, retrans):
+    t0 = SEC
+    recs = [state(t0, CLIENT_SK, S.CLOSE, S.SYN_SENT, pid=100, comm="curl", rport=443,
+                  raddr="10.0.0.9")]
+    tup = dict(lport=50000, rport=443, raddr="10.0.0.9", pid=0, comm="swapper/1")
+    for fact in facts:
+        what, at = fact[0], t0 + fact[1] * MS
+        if what == "rst":
+            recs.append(ev(Kind.RECV_RESET, at, CLIENT_SK, **tup))
+        elif what == "retrans":
+            recs.append(ev(Kind.RETRANS, at, CLIENT_SK, old=S.SYN_SENT, **tup))
+        elif what == "close":
+            recs.append(state(at, CLIENT_SK, S.SYN_SENT, S.CLOSE, **tup))
+        elif what == "close_by_app":
+            recs.append(state(at, CLIENT_SK, S.SYN_SENT, S.CLOSE, lport=50000, rport=443,
+                              raddr="10.0.0.9", pid=100, comm="curl"))
+        elif what == "err":
+            recs.append(ev(Kind.SOCK_ERROR, at + 1, err=fact[2], **tup))
+        elif what == "err_noport":
+            recs.append(ev(Kind.SOCK_ERROR, at - 1, err=fact[2], **tup))
+    _, out = run(recs)
+    f = only(out, type_)
+    assert (f.pid, f.comm, f.raddr, f.rport) == (100, "curl", "10.0.0.9", 443)
+    assert (f.reason, f.errno, f.syn_retransmits) == (reason, errname, retrans)
+    assert not [x for x in out if x.type in ("connect", "close")]
+
+
+def test_error_report_that_follows_close_is_still_tied_to_the_socket():
+    # The kernel reports ECONNREFUSED after SYN_SENT -> CLOSE (tcp_done_with_error).
+    recs = [state(SEC, CLIENT_SK, S.CLOSE, S.SYN_SENT, rport=1),
+            state(SEC + 10_000, CLIENT_SK, S.SYN_SENT, S.CLOSE, lport=5555, rport=1),
+            ev(Kind.SOCK_ERROR, SEC + 12_000, err=errno.ECONNREFUSED, lport=5555, rport=1)]
+    _, out = run(recs)
+    assert only(out, "refused").errno == "ECONNREFUSED"
+
+
+@pytest.mark.parametrize("closer", ["local", "remote"])
+def test_reset_of_established_connection_names_the_side(closer):
+    recs = active_open(SEC, CLIENT_SK, 40000, 8080)
+    t = SEC + 10 * MS
+    if closer == "local":      # SO_LINGER 0: tcp_disconnect sets CLOSE, then sends the RST
+        recs += [state(t, CLIENT_SK, S.ESTABLISHED, S.CLOSE, lport=40000, rport=8080),
+                 ev(Kind.SEND_RESET, t + 500, CLIENT_SK)]
+    else:                      # tcp_reset: the receive tracepoint fires before tcp_done
+        recs += [ev(Kind.RECV_RESET, t, CLIENT_SK, lport=40000, rport=8080),
+                 state(t + 100, CLIENT_SK, S.ESTABLISHED, S.CLOSE, lport=40000, rport=8080)]
+    _, out = run(recs)
+    r = only(out, "reset")
+    assert r.reset_by == closer and r.state == "ESTABLISHED"
+    assert not [f for f in out if f.type == "close"]
+
+
+def test_socket_address_reuse_starts_a_new_connection():
+    recs = (active_open(SEC, CLIENT_SK, 40000, 80) + active_close(SEC + MS, CLIENT_SK, 40000, 80)
+            + active_open(SEC + 2 * MS, CLIENT_SK, 40001, 81, hs=30_000)
+            + active_close(SEC + 3 * MS, CLIENT_SK, 40001, 81))
+    _, out = run(recs)
+    connects = [f for f in out if f.type == "connect"]
+    assert [(f.lport, f.rport, f.handshake_ns) for f in connects] == [(40000, 80, 50_000),
+                                                                      (40001, 81, 30_000)]
+    closes = [f for f in out if f.type == "close"]
+    assert [f.duration_ns for f in closes] == [MS + 2000 - 50_000, MS + 2000 - 30_000]
+
+
+def _close_wait(t0, wait):
+    return (listen(t0 - MS, LISTEN_SK, 8080) + passive_open(t0, SERVER_SK, 8080, 40000)
+            + passive_close(t0 + MS, SERVER_SK, 8080, 40000, wait=wait))
+
+
+def test_stuck_close_wait_reported_once_while_stuck_then_unstuck():
+    tr = Tracker(stuck_after_ns=2 * SEC)
+    recs = sorted(_close_wait(SEC, wait=5 * SEC), key=lambda r: r.ts_ns)
+    enter_cw = SEC + MS
+    found = []
+    for r in recs:
+        # the clock ticks every 100 ms while the socket lingers
+        while tr.now_ns + 100 * MS < r.ts_ns:
+            tr.tick(tr.now_ns + 100 * MS)
+            found += tr.take()
+        tr.process(r)
+    tr.finish()
+    found += tr.take()
+    stuck = [f for f in found if f.type == "stuck"]
+    assert len(stuck) == 1
+    s = stuck[0]
+    assert s.state == "CLOSE_WAIT" and s.pid == 200
+    assert 2 * SEC <= s.age_ns <= 2 * SEC + 350 * MS       # within one check period
+    assert s.ts_ns - enter_cw == s.age_ns
+    assert "close()" in s.blame
+    un = only(found, "unstuck")
+    assert un.duration_ns == 5 * SEC and un.state == "CLOSE_WAIT"
+    assert found.index(s) < found.index(un)
+
+
+def test_short_close_wait_is_not_stuck():
+    _, out = run(_close_wait(SEC, wait=SEC), stuck_after_ns=2 * SEC, end_ns=10 * SEC)
+    assert not [f for f in out if f.type in ("stuck", "unstuck")]
+
+
+def test_gap_no_false_stuck_and_touched_connections_marked_incomplete():
+    # The CLOSE_WAIT -> LAST_ACK -> CLOSE of the server socket fell into a loss.
+    recs = (listen(SEC - MS, LISTEN_SK, 8080) + passive_open(SEC, SERVER_SK, 8080, 40000)
+            + [state(SEC + MS, SERVER_SK, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000),
+               lost(SEC + 2 * MS, 2)]
+            + active_open(SEC + 3 * MS, CLIENT_SK, 40001, 9090)
+            + active_close(SEC + 4 * MS, CLIENT_SK, 40001, 9090))
+    tr, out = run(recs, stuck_after_ns=SEC, end_ns=60 * SEC)
+    assert not [f for f in out if f.type == "stuck"]
+    lost_f = only(out, "lost")
+    assert lost_f.count == 2 and tr.stats.lost_total == 2
+    # opened after the loss: complete
+    assert "incomplete" not in only(out, "close").extra
+
+
+def test_connection_alive_across_a_loss_is_marked_incomplete():
+    recs = (active_open(SEC, CLIENT_SK, 40000, 80) + [lost(SEC + MS)]
+            + active_close(SEC + 2 * MS, CLIENT_SK, 40000, 80))
+    _, out = run(recs)
+    assert only(out, "close").extra.get("incomplete") is True
+
+
+@pytest.mark.parametrize("kernel_says,reported", [(True, True), (False, False)])
+def test_kernel_confirmation_decides_for_incomplete_connections(kernel_says, reported):
+    recs = (passive_open(SEC, SERVER_SK, 8080, 40000)
+            + [state(SEC + MS, SERVER_SK, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000),
+               lost(SEC + 2 * MS)])
+    asked = []
+
+    def confirm(c):
+        asked.append(c.state)
+        return kernel_says
+
+    _, out = run(recs, stuck_after_ns=SEC, end_ns=5 * SEC, confirm=confirm,
+                 resolve_owner=lambda cs: {c.id: (999, "holder", 7) for c in cs})
+    assert asked == [S.CLOSE_WAIT]
+    stuck = [f for f in out if f.type == "stuck"]
+    assert bool(stuck) == reported
+    if reported:
+        assert (stuck[0].pid, stuck[0].comm, stuck[0].fd) == (999, "holder", 7)
+        assert stuck[0].extra["incomplete"] is True
+
+
+def test_partial_connection_first_seen_mid_life():
+    recs = active_close(SEC, CLIENT_SK, 40000, 80)
+    tr, out = run(recs)
+    c = only(out, "close")
+    assert c.extra["partial"] is True and c.duration_ns is None
+    assert tr.stats.partial == 1
+    assert not [f for f in out if f.type == "connect"]
+
+
+def test_partial_close_wait_is_not_reported_stuck_without_confirmation():
+    recs = [state(SEC, SERVER_SK, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000)]
+    _, out = run(recs, stuck_after_ns=SEC, end_ns=10 * SEC)
+    assert not [f for f in out if f.type == "stuck"]
+
+
+def test_preexisting_socket_seeded_then_adopted():
+    tr = Tracker(stuck_after_ns=SEC)
+    tr.seed(S.AF_INET, "127.0.0.1", 8080, "127.0.0.1", 40000, S.CLOSE_WAIT, SEC,
+            owner=(4242, "legacy", 9))
+    tr.tick(3 * SEC)
+    s = only(tr.take(), "stuck")
+    assert (s.pid, s.comm, s.fd, s.state) == (4242, "legacy", 9, "CLOSE_WAIT")
+    assert s.age_is_lower_bound is True and s.partial is True
+    # Its first transition adopts it (no skaddr was known) and ends the stuck period.
+    tr.process(state(4 * SEC, SERVER_SK, S.CLOSE_WAIT, S.LAST_ACK, pid=4242, comm="legacy",
+                     lport=8080, rport=40000))
+    tr.process(state(4 * SEC + 1000, SERVER_SK, S.LAST_ACK, S.CLOSE, lport=8080, rport=40000))
+    tr.finish()
+    out = tr.take()
+    un = only(out, "unstuck")
+    assert un.duration_ns == 3 * SEC
+    c = only(out, "close")
+    assert c.partial is True and c.closed_by is None
+    assert tr.stats.partial == 0      # adopted, not a new partial connection
+
+
+def test_listener_owner_seeded_from_proc_attributes_accepts():
+    tr = Tracker()
+    tr.seed(S.AF_INET, "0.0.0.0", 8080, "0.0.0.0", 0, S.LISTEN, SEC, owner=(55, "haproxy", 3))
+    for r in passive_open(2 * SEC, SERVER_SK, 8080, 40000):
+        tr.process(r)
+    a = only(tr.take(), "accept")
+    assert (a.pid, a.comm) == (55, "haproxy")
+
+
+def test_eviction_is_bounded_and_counted():
+    recs = []
+    for i in range(20):
+        recs += [state(SEC + i * MS, 0x1000 + i, S.CLOSE, S.SYN_SENT, rport=80)]
+    tr, _ = run(recs, max_conns=16)
+    assert len(tr.conns) == 16 and tr.stats.evicted == 4
+
+
+def test_connect_failing_before_any_state_change():
+    e = ev(Kind.CONNECT_RET, SEC, sk=0xD1, err=-errno.ENETUNREACH, raddr="203.0.113.9",
+           rport=443, pid=77, comm="curl", flags=F_KPROBE)
+    _, out = run([e])
+    f = only(out, "failed")
+    assert (f.reason, f.errno, f.before_syn, f.source) == ("unreachable", "ENETUNREACH", True,
+                                                           "kprobe")
+    assert (f.pid, f.raddr, f.rport) == (77, "203.0.113.9", 443)
+
+
+def test_transitions_mode_emits_every_state_change():
+    recs = loopback_connection()
+    _, out = run(recs, transitions=True)
+    tr_f = [f for f in out if f.type == "transition"]
+    assert len(tr_f) == sum(1 for r in recs if r.kind == Kind.STATE)
+    assert (tr_f[1].oldstate, tr_f[1].newstate) == ("CLOSE", "SYN_SENT")
+
+
+def test_matrix_counts_transitions():
+    tr, _ = run(loopback_connection())
+    assert tr.stats.matrix[(S.CLOSE, S.SYN_SENT)] == 1
+    assert tr.stats.matrix[(S.LAST_ACK, S.CLOSE)] == 1
+    assert sum(tr.stats.matrix.values()) == 11

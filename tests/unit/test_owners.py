@@ -1,0 +1,53 @@
+"""/proc/net/tcp parsing, checked against this process's own sockets (no root needed)."""
+import socket
+
+from tcptrace import owners, states as S
+
+
+def test_parses_own_listening_and_connected_sockets():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()
+    try:
+        socks = {(s[1], s[2], s[3], s[4]): s for s in owners.sockets()}
+        lst = socks[("127.0.0.1", port, "0.0.0.0", 0)]
+        assert lst[5] == S.LISTEN
+        est = socks[("127.0.0.1", c.getsockname()[1], "127.0.0.1", port)]
+        assert est[5] == S.ESTABLISHED
+        own = owners.inode_owners({est[6]})
+        import os
+        assert own[est[6]][0] == os.getpid() and own[est[6]][2] == c.fileno()
+    finally:
+        for s in (c, a, srv):
+            s.close()
+
+
+def test_parses_ipv6():
+    srv = socket.socket(socket.AF_INET6)
+    srv.bind(("::1", 0))
+    srv.listen()
+    try:
+        port = srv.getsockname()[1]
+        assert any(s[0] == S.AF_INET6 and s[1] == "::1" and s[2] == port and s[5] == S.LISTEN
+                   for s in owners.sockets())
+    finally:
+        srv.close()
+
+
+def test_fd_is_tcp_tells_tcp_from_udp():
+    import os
+    t = socket.socket()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        got_t = owners.fd_is_tcp(os.getpid(), t.fileno())
+        got_u = owners.fd_is_tcp(os.getpid(), u.fileno())
+        if got_t is None:
+            import pytest
+            pytest.skip("pidfd_getfd unavailable (kernel < 5.6 or no ptrace rights)")
+        assert got_t is True and got_u is False
+    finally:
+        t.close()
+        u.close()

@@ -1,0 +1,73 @@
+"""bpf/tcptrace.h is the one wire contract: Python's names and kinds must match it, and the
+decoder built from a compiled layout must read the bytes the kernel writes."""
+import ctypes
+import os
+import re
+
+from tcptrace import events
+from tcptrace.events import Event, Kind
+from tcptrace.kernel import decoder_for
+
+HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tcptrace.h")
+CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "s32": ctypes.c_int,
+          "u16": ctypes.c_ushort, "u8": ctypes.c_ubyte, "char": ctypes.c_char}
+
+
+def header_struct():
+    """ctypes view of struct tt_event, parsed from the header (as BCC would lay it out)."""
+    text = open(HEADER).read()
+    body = re.search(r"struct tt_event \{(.*?)\};", text, re.S).group(1)
+    fields = []
+    for typ, name, n in re.findall(r"^\s*(u64|u32|s32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", body,
+                                   re.M):
+        t = CTYPES[typ]
+        fields.append((name, t * int(n) if n else t))
+    return type("tt_event", (ctypes.Structure,), {"_fields_": fields})
+
+
+def test_event_fields_match_header_members():
+    names = [n for n, _ in header_struct()._fields_ if not n.startswith("_")]
+    assert names == list(Event._fields)
+
+
+def test_kind_constants_match_header():
+    text = open(HEADER).read()
+    defined = {int(v): k for k, v in re.findall(r"#define TT_(\w+)\s+(\d+)\s", text)
+               if k in ("STATE", "RECV_RESET", "SEND_RESET", "SOCK_ERROR", "RETRANS", "CONNECT_RET")}
+    assert {v: k.lower() for v, k in defined.items()} == Kind.NAMES
+
+
+def test_decoder_reads_what_the_kernel_writes():
+    S = header_struct()
+    assert ctypes.sizeof(S) % 8 == 0
+    raw = S(ts_ns=123456789, skaddr=0xffff888103001280, pid=4321, tid=4322, err=-111, aux=5,
+            sport=40000, dport=443, kind=1, family=10, oldstate=7, newstate=2, flags=2)
+    raw.saddr[:] = list(events.addr_bytes("fd77::1"))
+    raw.daddr[:] = list(events.addr_bytes("fd77::2"))
+    raw.comm = b"curl"
+    st, perm = decoder_for(S)
+    assert st.size == ctypes.sizeof(S)
+    ev = Event._make(st.unpack(bytes(raw)))
+    assert (ev.ts_ns, ev.skaddr, ev.pid, ev.err, ev.sport, ev.dport) == \
+        (123456789, 0xffff888103001280, 4321, -111, 40000, 443)
+    assert events.addr_str(ev.family, ev.daddr) == "fd77::2"
+    assert events.comm_str(ev.comm) == "curl"
+
+
+def test_decoder_reorders_when_layout_order_differs():
+    fields = list(header_struct()._fields_)
+    fields.insert(0, fields.pop([n for n, _ in fields].index("comm")))
+    S = type("shuffled", (ctypes.Structure,), {"_fields_": fields})
+    raw = S(ts_ns=5, pid=9, comm=b"x")
+    st, perm = decoder_for(S)
+    t = st.unpack(bytes(raw))
+    ev = Event._make([t[i] for i in perm])
+    assert (ev.ts_ns, ev.pid, events.comm_str(ev.comm)) == (5, 9, "x")
+
+
+def test_recording_round_trip():
+    e = Event(1, 0xabc, 2, 3, -110, 4, 5, 6, Kind.SOCK_ERROR, 2, 0, 0, 0,
+              events.addr_bytes("10.0.0.1"), events.addr_bytes("10.0.0.2"), b"app")
+    import json
+    back = events.from_json_obj(json.loads(events.event_to_json(e)))
+    assert back == e._replace(comm=b"app")
