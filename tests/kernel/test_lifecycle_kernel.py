@@ -1,0 +1,207 @@
+"""Lifecycle findings against the real kernel, on loopback (127.0.0.1 and ::1).
+
+Every socket belongs to an agent process (tests/kernel/lab.py), so each finding's pid and fd can be
+checked against the process that really made the call, and against `ss -tanp`. Readiness comes
+from the agents' answers (an answer is sent only once the call returned) and from the tracer's
+records (wait_for), never from sleeping.
+"""
+import time
+
+import pytest
+
+from conftest import STUCK_AFTER, Tracer
+from lab import Agent, fresh, ss_users, wall_ns, where
+
+pytestmark = pytest.mark.kernel
+
+LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
+
+
+@pytest.fixture(params=["ipv4", "ipv6"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def agents():
+    """Factory for agent processes in our own namespace; all killed at the end of the test."""
+    made = []
+
+    def make():
+        a = Agent()
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.close()
+
+
+def _comm(pid):
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _established(agents, addr):
+    """A loopback connection: (server agent, client agent, port, server fd, client fd, client
+    port), both ends ESTABLISHED and accepted."""
+    srv, cli = agents(), agents()
+    lsn = srv.call("listen", addr=addr)
+    assert lsn["listening"]
+    con = cli.call("connect", addr=addr, port=lsn["port"])
+    assert "errno" not in con, con
+    acc = srv.call("accept", fd=lsn["fd"])
+    assert acc["peer"][1] == con["lport"]
+    return srv, cli, lsn["port"], acc["fd"], con["fd"], con["lport"]
+
+
+def test_connect_and_accept(tracer, agents, family):
+    addr = LOOPBACK[family]
+    new = fresh(tracer)
+    srv, cli, port, sfd, cfd, cport = _established(agents, addr)
+
+    [con] = tracer.wait_for(where(new, "connect", rport=port, lport=cport))
+    assert con["pid"] == cli.pid
+    assert con["comm"] == _comm(cli.pid)
+    assert con["family"] == family
+    assert (con["laddr"], con["raddr"]) == (addr, addr)
+    assert con["role"] == "active"
+    assert con["syn_retransmits"] == 0
+    assert 0 < con["handshake_ns"] < 50_000_000
+
+    # The child socket is created in softirq: the accept is the listener owner's.
+    [acc] = tracer.wait_for(where(new, "accept", lport=port, rport=cport))
+    assert acc["pid"] == srv.pid
+    assert acc["role"] == "passive"
+    assert acc["family"] == family
+
+
+def test_refused_closed_port(tracer, agents, family):
+    addr = LOOPBACK[family]
+    holder, cli = agents(), agents()
+    # Bound but never listening: the port stays ours, and a SYN to it gets a RST.
+    port = holder.call("bind", addr=addr)["port"]
+    new = fresh(tracer)
+    got = cli.call("connect", addr=addr, port=port)
+    assert got["errno"] == "ECONNREFUSED"
+
+    [ref] = tracer.wait_for(where(new, "refused", rport=port))
+    assert ref["pid"] == cli.pid
+    assert ref["family"] == family
+    assert ref["raddr"] == addr
+    assert ref["reason"] == "refused"
+    assert ref["errno"] == "ECONNREFUSED"
+    assert ref["syn_retransmits"] == 0
+    assert ref["role"] == "active"
+    assert ref.get("before_syn") is None          # the SYN went out: a RST answered it
+    # Exactly one conclusion for that connect attempt.
+    assert len(tracer.matching(lambda r: new(r) and r.get("rport") == port
+                               and r["type"] in ("refused", "failed", "connect"))) == 1
+
+
+def test_close_wait_stuck_then_unstuck(tracer, agents, family):
+    addr = LOOPBACK[family]
+    new = fresh(tracer)
+    srv, cli, port, sfd, cfd, cport = _established(agents, addr)
+    cli.call("close", fd=cfd)
+    # The server reads EOF: the peer's FIN has arrived, the socket is in CLOSE_WAIT now.
+    assert srv.call("recv", fd=sfd) == {"data": ""}
+    fin_seen = time.monotonic()
+
+    # stuck-after plus the tracer's 250 ms check interval and ordering window, with room.
+    [st] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=STUCK_AFTER + 1)
+    assert time.monotonic() - fin_seen <= STUCK_AFTER + 1
+    assert st["state"] == "CLOSE_WAIT"
+    assert st["pid"] == srv.pid
+    assert st["fd"] == sfd
+    assert st["comm"] == _comm(srv.pid)
+    assert st["role"] == "passive"
+    assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
+    assert st["age_is_lower_bound"] is False
+    # The age runs from the transition the tracer saw.
+    [tr] = tracer.matching(where(new, "transition", lport=port, rport=cport,
+                                 oldstate="ESTABLISHED", newstate="CLOSE_WAIT"))
+    assert STUCK_AFTER * 1e9 <= wall_ns(st["time"]) - wall_ns(tr["time"]) < (STUCK_AFTER + 1) * 1e9
+    # The kernel's own view: that socket, that owner, that descriptor.
+    assert ss_users("close-wait", port) == [(srv.pid, sfd)]
+
+    srv.call("close", fd=sfd)
+    [un] = tracer.wait_for(where(new, "unstuck", lport=port, rport=cport))
+    assert un["state"] == "CLOSE_WAIT"
+    assert un["newstate"] == "LAST_ACK"
+    assert un["pid"] == srv.pid
+    assert un["duration_ns"] >= STUCK_AFTER * 1e9
+    [cl] = tracer.wait_for(where(new, "close", lport=port, rport=cport))
+    assert cl["closed_by"] == "remote"
+    assert cl["pid"] == srv.pid
+    assert cl["path"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+
+
+def test_fin_wait2_stuck(tracer, agents):
+    addr = LOOPBACK["ipv4"]
+    new = fresh(tracer)
+    srv, cli, port, sfd, cfd, cport = _established(agents, addr)
+    # Half-close: our FIN goes out, the peer acknowledges it and never sends its own.
+    cli.call("shutdown", fd=cfd, how="wr")
+    assert srv.call("recv", fd=sfd) == {"data": ""}
+
+    [st] = tracer.wait_for(where(new, "stuck", lport=cport, rport=port), timeout=STUCK_AFTER + 1)
+    assert st["state"] == "FIN_WAIT2"
+    assert st["pid"] == cli.pid
+    assert st["fd"] == cfd
+    assert st["role"] == "active"
+    assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
+    assert ss_users("fin-wait-2", cport) == [(cli.pid, cfd)]
+    # The peer is stuck too, in CLOSE_WAIT: its application never closes.
+    [peer] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=1)
+    assert (peer["state"], peer["pid"], peer["fd"]) == ("CLOSE_WAIT", srv.pid, sfd)
+
+
+def test_linger0_close_resets(tracer, agents, family):
+    addr = LOOPBACK[family]
+    new = fresh(tracer)
+    srv, cli, port, sfd, cfd, cport = _established(agents, addr)
+    cli.call("linger0", fd=cfd)
+    cli.call("close", fd=cfd)
+    assert srv.call("recv", fd=sfd)["errno"] == "ECONNRESET"
+
+    [mine] = tracer.wait_for(where(new, "reset", lport=cport, rport=port))
+    assert mine["reset_by"] == "local"
+    assert mine["pid"] == cli.pid
+    assert mine["state"] == "ESTABLISHED"
+    assert mine["role"] == "active"
+    assert mine["path"] == ["SYN_SENT", "ESTABLISHED", "CLOSE"]
+    [theirs] = tracer.wait_for(where(new, "reset", lport=port, rport=cport))
+    assert theirs["reset_by"] == "remote"
+    assert theirs["pid"] == srv.pid
+    assert theirs["state"] == "ESTABLISHED"
+    assert theirs["role"] == "passive"
+    # A reset connection is not also reported closed.
+    assert not tracer.matching(lambda r: new(r) and r["type"] == "close"
+                               and {r.get("lport"), r.get("rport")} == {port, cport})
+
+
+def test_preexisting_close_wait(agents, tmp_path):
+    """A socket stuck before the tracer started is found from the kernel's table at start-up."""
+    addr = LOOPBACK["ipv4"]
+    srv, cli, port, sfd, cfd, cport = _established(agents, addr)
+    cli.call("close", fd=cfd)
+    assert srv.call("recv", fd=sfd) == {"data": ""}
+    assert ss_users("close-wait", port) == [(srv.pid, sfd)]
+
+    t = Tracer(["--stuck-after", "1"], tmp_path)
+    try:
+        new = lambda r: True          # noqa: E731  (a tracer of its own: every record is fresh)
+        [st] = t.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=3)
+        assert st["state"] == "CLOSE_WAIT"
+        assert st["pid"] == srv.pid
+        assert st["fd"] == sfd
+        assert st["age_is_lower_bound"] is True
+        assert st["partial"] is True
+        assert 1e9 <= st["age_ns"] < 2e9
+
+        srv.call("close", fd=sfd)
+        [un] = t.wait_for(where(new, "unstuck", lport=port, rport=cport))
+        assert (un["state"], un["newstate"], un["pid"]) == ("CLOSE_WAIT", "LAST_ACK", srv.pid)
+    finally:
+        rc = t.stop()
+    assert rc == 0, t.stderr_path.read_text()
