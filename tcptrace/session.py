@@ -155,6 +155,9 @@ class Recorder:
                                "lport": lp, "raddr": ra, "rport": rp, "state": st, "pid": pid,
                                "comm": comm, "fd": fd}))
 
+    def flush(self):
+        self.f.flush()
+
     def close(self):
         self.f.close()
 
@@ -232,6 +235,7 @@ def run_live(opts, checks, plan, diag):
             if rec:
                 for e in evs:
                     (rec.lost if isinstance(e, Lost) else rec.event)(e)
+                rec.flush()
                 if now >= next_tick:
                     rec.tick(now_ns)
                     next_tick = now + 0.1     # replay judges stuck sockets on these

@@ -54,8 +54,10 @@ class Tracer:
     def __init__(self, args, tmp_path):
         ready = tmp_path / "ready"
         self.stderr_path = tmp_path / "stderr"
-        self.cmd = [sys.executable, "-m", "tcptrace", "watch", "--json",
-                    "--ready-file", str(ready)] + list(args)
+        self.record_path = tmp_path / "record.jsonl"
+        self.cmd = [sys.executable, "-m", "tcptrace", "watch", "--json", "--ready-file",
+                    str(ready), "--record", str(self.record_path)] + list(args)
+        self.bad_lines = []
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
                                      stderr=open(self.stderr_path, "w"), text=True)
         self.records = []
@@ -74,7 +76,11 @@ class Tracer:
 
     def _read(self):
         for line in self.proc.stdout:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                self.bad_lines.append(line)      # anything but JSON on stdout is a bug
+                continue
             with self.cond:
                 self.records.append(rec)
                 self.cond.notify_all()
@@ -91,6 +97,18 @@ class Tracer:
                 if left <= 0:
                     raise AssertionError(f"timed out waiting for {count} records; have {len(got)}")
                 self.cond.wait(left)
+
+    def raw(self, pred=lambda r: True):
+        """Raw kernel facts from the recording (flushed by the tracer every poll)."""
+        out = []
+        with open(self.record_path) as f:
+            next(f)
+            for line in f:
+                if line.endswith("\n"):
+                    r = json.loads(line)
+                    if pred(r):
+                        out.append(r)
+        return out
 
     def matching(self, pred):
         with self.cond:
@@ -114,6 +132,8 @@ def tracer(tmp_path_factory):
     yield t
     rc = t.stop()
     assert rc == 0, t.stderr_path.read_text()
+    assert t.bad_lines == [], "non-JSON on the tracer's stdout"
+    assert "Traceback" not in t.stderr_path.read_text()
 
 
 def involving(port):
