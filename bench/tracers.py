@@ -1,0 +1,320 @@
+"""Start, watch and stop the tracers under test, the same way for each.
+
+Shared by bench/run.py and bench/memory.py. Each tracer:
+  - starts in a controlled environment: PYTHONUNBUFFERED removed (it made tcpstates-bpfcc lose
+    far more, PERFORMANCE-NOTES.md), SIGINT reset to default in the child (a process started
+    from a script may inherit it ignored), its own session so a Ctrl-C at the terminal is ours;
+  - writes stdout to a file in /dev/shm, read after it stops: a live reader would take CPU from
+    the storm and the tracer on a 2-core box;
+  - is "ready" when its probes are attached and its buffers open: tcptrace writes --ready-file;
+    the bcc tools print a header, but with PYTHONUNBUFFERED unset it sits in the stdio buffer, so
+    readiness is read from /proc instead (the tracepoint's perf event plus one perf buffer per
+    CPU for each of the tool's two output maps are open);
+  - is measured from /proc/<pid>/stat (utime+stime) and /proc/<pid>/fdinfo of its BPF program
+    fds (run_cnt, run_time_ns, recursion_misses: the kernel's own counters, bpf_prog_info),
+    read before SIGINT because the programs go away with the process.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+SUMMARY_RE = re.compile(r"(\d+) events, (\d+) findings, (\d+) lost(?: \((.*?)\))?")
+POSSIBLY_LOST_RE = re.compile(rb"Possibly lost (\d+) samples")
+
+
+def clean_env():
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def _child_setup():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kb(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def bpf_prog_stats(pid):
+    """{prog_id: {run_cnt, run_time_ns, recursion_misses}} for every BPF program fd the process
+    holds (fdinfo, kernel/bpf/syscall.c bpf_prog_show_fdinfo; recursion_misses since 5.12)."""
+    out = {}
+    fddir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fddir)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"{fddir}/{fd}") != "anon_inode:bpf-prog":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(l.split(":", 1) for l in f if ":" in l)
+        except OSError:
+            continue
+        pid_ = int(info.get("prog_id", "0"))
+        out[pid_] = {k: int(info[k]) for k in ("run_cnt", "run_time_ns", "recursion_misses")
+                     if k in info}
+    return out
+
+
+def perf_event_fds(pid):
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]":
+                    n += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
+
+
+class Tracer:
+    """One run of one tracer. Subclasses say how to start it and how to read its output."""
+    name = "?"
+
+    def __init__(self, workdir=None):
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tcptrace-bench-", dir="/dev/shm")
+        self.out_path = os.path.join(self.workdir, f"{self.name}.out")
+        self.err_path = os.path.join(self.workdir, f"{self.name}.err")
+        self.proc = None
+        self.start_s = None
+
+    def argv(self):
+        raise NotImplementedError
+
+    def start(self, timeout=60):
+        out = open(self.out_path, "wb")
+        err = open(self.err_path, "wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                     env=clean_env(), cwd=ROOT, preexec_fn=_child_setup,
+                                     start_new_session=True)
+        out.close()
+        err.close()
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited during start-up ({self.proc.returncode}):"
+                                   f" {self.stderr()[-2000:]}")
+            if time.monotonic() - t0 > timeout:
+                self.kill()
+                raise RuntimeError(f"{self.name} not ready after {timeout}s")
+            time.sleep(0.05)
+        self.start_s = time.monotonic() - t0
+        time.sleep(0.2)       # the start-up CPU (compiling) is over; let the reader loop settle
+
+    def ready(self):
+        raise NotImplementedError
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def cpu(self):
+        return cpu_seconds(self.pid)
+
+    def settle(self, limit=30.0, quiet=0.3):
+        """Wait until the tracer has caught up: its CPU time stops growing (it drains what the
+        storm left in its buffers). Returns the seconds waited."""
+        t0 = time.monotonic()
+        last = self.cpu()
+        still = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            time.sleep(0.1)
+            c = self.cpu()
+            if c - last > 1.5 / CLK_TCK:
+                last = c
+                still = time.monotonic()
+            elif time.monotonic() - still >= quiet:
+                break
+        return time.monotonic() - t0
+
+    def stop(self, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stderr(self):
+        with open(self.err_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def count(self, marker):
+        """{"seen": lines of the storm's traffic, "lost": what the tool itself reported lost, ...}"""
+        raise NotImplementedError
+
+    def cleanup(self):
+        for p in (self.out_path, self.err_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.workdir)
+        except OSError:
+            pass
+
+
+def _lines(path, chunk=1 << 22):
+    with open(path, "rb") as f:
+        rest = b""
+        while True:
+            buf = f.read(chunk)
+            if not buf:
+                break
+            buf = rest + buf
+            cut = buf.rfind(b"\n") + 1
+            rest = buf[cut:]
+            yield buf[:cut]
+        if rest:
+            yield rest
+
+
+class Tcptrace(Tracer):
+    name = "tcptrace"
+
+    def __init__(self, workdir=None, extra=()):
+        super().__init__(workdir)
+        self.ready_path = os.path.join(self.workdir, "ready")
+        self.extra = list(extra)
+
+    def argv(self):
+        py = os.path.join(ROOT, ".venv", "bin", "python")
+        if not os.path.exists(py):
+            py = sys.executable
+        return [py, "-m", "tcptrace", "watch", "--json", "--transitions",
+                "--ready-file", self.ready_path] + self.extra
+
+    def ready(self):
+        return os.path.exists(self.ready_path)
+
+    def count(self, marker):
+        m = marker.encode()
+        seen = lost_records = 0
+        lost_where = {}
+        for buf in _lines(self.out_path):
+            if m in buf:
+                for line in buf.split(b"\n"):
+                    if m in line and b'"type":"transition"' in line:
+                        seen += 1
+            if b'"type":"lost"' in buf:
+                for line in buf.split(b"\n"):
+                    if b'"type":"lost"' in line:
+                        c = int(re.search(rb'"count":(\d+)', line).group(1))
+                        w = re.search(rb'"where":"([^"]*)"', line).group(1).decode()
+                        lost_records += c
+                        lost_where[w] = lost_where.get(w, 0) + c
+        return _with_summary({"seen": seen, "lost_where": lost_where}, self.stderr())
+
+
+def state_losses(where):
+    """The losses that can hide a state transition: refused state outputs and recursion misses
+    of the inet_sock_set_state program (not lost resets, errors or connect() returns)."""
+    return sum(v for k, v in where.items()
+               if k == "bpf:state" or (k.startswith("recursion:") and "inet_sock_set_state" in k))
+
+
+def _with_summary(res, stderr):
+    """Fold in tcptrace's final stderr line, which is authoritative: it includes what the last
+    drain found after the final lost record was written."""
+    m = SUMMARY_RE.search(stderr)
+    res["summary"] = None
+    if m:
+        res["summary"] = {"events": int(m.group(1)), "findings": int(m.group(2)),
+                          "lost": int(m.group(3)), "detail": m.group(4)}
+        if m.group(4):
+            res["lost_where"] = {k.strip(): int(v) for k, v in
+                                 (p.rsplit(":", 1) for p in m.group(4).split(", "))}
+    res["lost_all"] = sum(res["lost_where"].values())
+    res["lost"] = state_losses(res["lost_where"])
+    return res
+
+
+class TcptraceReport(Tcptrace):
+    """`tcptrace report --json`: the same pipeline without a line per finding. Not a target of the
+    issue; run beside `watch` it splits tcptrace's cost into analysis and output. Its transition
+    matrix counts every transition on the box, so `seen` here includes other traffic."""
+    name = "tcptrace-report"
+
+    def argv(self):
+        return super().argv()[:3] + ["report", "--json", "--ready-file", self.ready_path] \
+            + self.extra
+
+    def count(self, marker):
+        import json
+        res = {"seen": 0, "lost": 0, "lost_where": {}}
+        with open(self.out_path, "rb") as f:
+            lines = [l for l in f.read().splitlines() if l.strip()]
+        if lines:
+            d = json.loads(lines[-1])
+            res["seen"] = sum(t["count"] for t in d.get("transitions", []))
+            res["lost"] = d.get("lost", {}).get("total", 0)
+            res["lost_where"] = d.get("lost", {}).get("by_source", {})
+        return _with_summary(res, self.stderr())
+
+
+class BccTool(Tracer):
+    path = None
+    outputs = 2          # perf output maps the tool opens (ipv4_events, ipv6_events)
+
+    def argv(self):
+        return [self.path]
+
+    def ready(self):
+        return perf_event_fds(self.pid) >= 1 + self.outputs * NCPU
+
+    def count(self, marker):
+        m = marker.encode()
+        seen = lost = 0
+        for buf in _lines(self.out_path):
+            seen += buf.count(m)            # one storm address per line (see storm.py)
+            if b"Possibly lost" in buf:
+                lost += sum(int(x) for x in POSSIBLY_LOST_RE.findall(buf))
+        return {"seen": seen, "lost": lost, "lost_where": {"perf": lost} if lost else {}}
+
+
+class Tcpstates(BccTool):
+    name = "tcpstates"
+    path = "/usr/sbin/tcpstates-bpfcc"
+
+
+class Tcplife(BccTool):
+    name = "tcplife"
+    path = "/usr/sbin/tcplife-bpfcc"
+
+
+TRACERS = {"tcptrace": Tcptrace, "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
+           "tcplife": Tcplife}
