@@ -141,7 +141,8 @@ def main(ctx, debug):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto")
+@click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
+              help="Plan for this transport instead of the automatic choice.")
 def doctor(as_json, transport):
     """Check this machine: privileges, BCC, headers, tracefs, each hook, and the attach plan.
 

@@ -59,7 +59,9 @@ def addr_str(family, raw):
     if family == states.AF_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
     if family == states.AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
+        a = ipaddress.IPv6Address(raw[:16])
+        m = a.ipv4_mapped
+        return f"::ffff:{m}" if m else str(a)    # as ss prints a dual-stack socket's v4 peer
     return None
 
 

@@ -131,7 +131,10 @@ class Report:
                  for r in s["resets"]], ["PEER", "COMM", "RESET BY", "COUNT"])
         section("HANDSHAKE LATENCY (log2 histogram)", _hist_rows(s["handshake_histogram_us"]),
                 ["USECS", "COUNT", "DISTRIBUTION"])
-        section("TRANSITIONS", _matrix_rows(tracker), ["OLD \\ NEW"] + _matrix_cols(tracker))
+        section("TRANSITIONS (row: old state, column: new state)", _matrix_rows(tracker),
+                ["OLD"] + _matrix_cols(tracker))
+        if tracker and tracker.stats.matrix:
+            out.append(LEGEND)
         lost = s["lost"]
         out.append(f"\nLOST EVENTS: {lost['total']}" +
                    ("".join(f"\n  {k}: {v}" for k, v in sorted(lost["by_source"].items()))))
@@ -149,10 +152,13 @@ def _hist_rows(hist):
 _ORDER = [states.CLOSE, states.LISTEN, states.SYN_SENT, states.SYN_RECV, states.ESTABLISHED,
           states.FIN_WAIT1, states.FIN_WAIT2, states.CLOSE_WAIT, states.LAST_ACK, states.CLOSING,
           states.TIME_WAIT]
-_ABBR = {states.CLOSE: "CLOSE", states.LISTEN: "LISTEN", states.SYN_SENT: "SYN_S",
-         states.SYN_RECV: "SYN_R", states.ESTABLISHED: "ESTAB", states.FIN_WAIT1: "FIN_W1",
-         states.FIN_WAIT2: "FIN_W2", states.CLOSE_WAIT: "CL_WAIT", states.LAST_ACK: "LAST_A",
-         states.CLOSING: "CLOSING", states.TIME_WAIT: "TIME_W"}
+# Short enough that the matrix of every state fits 80 columns (see the legend printed under it).
+_ABBR = {states.CLOSE: "CLOSE", states.LISTEN: "LSTN", states.SYN_SENT: "SYNS",
+         states.SYN_RECV: "SYNR", states.ESTABLISHED: "ESTB", states.FIN_WAIT1: "FW1",
+         states.FIN_WAIT2: "FW2", states.CLOSE_WAIT: "CLWT", states.LAST_ACK: "LACK",
+         states.CLOSING: "CLSG", states.TIME_WAIT: "TW"}
+LEGEND = ("LSTN LISTEN, SYNS SYN_SENT, SYNR SYN_RECV, ESTB ESTABLISHED, FW1/FW2 FIN_WAIT1/2,\n"
+          "CLWT CLOSE_WAIT, LACK LAST_ACK, CLSG CLOSING, TW TIME_WAIT")
 
 
 def _used(tracker):

@@ -4,6 +4,7 @@ kernel (poll) -> Reorderer -> Tracker -> Filter -> sink / Report
 The poll loop owns time: the perf/ring callbacks only append records, and everything time-based
 (stuck detection, interval reports, loss counters) runs from here.
 """
+import heapq
 import json
 import os
 import signal
@@ -68,6 +69,10 @@ class Pipeline:
             self.sink = TextSink(out, wall_offset_ns, wide=opts.wide)
         self.out = out
         self.emitted = 0
+        # Findings wait here until nothing earlier can still be concluded (a closed connection
+        # waits out the tracker's grace), so output is in time order.
+        self._held = []
+        self._seq = 0
 
     def feed(self, recs, horizon_ns):
         for r in recs:
@@ -81,11 +86,16 @@ class Pipeline:
         tr.tick(horizon_ns - self.order.window_ns)
         self.flush()
 
-    def flush(self):
+    def flush(self, final=False):
         match = self.opts.filter.match
+        held = self._held
         for f in self.tracker.take():
-            if not match(f):
-                continue
+            if match(f):
+                self._seq += 1
+                heapq.heappush(held, (f.ts_ns, self._seq, f))
+        horizon = self.tracker.now_ns - self.tracker.grace_ns - self.order.window_ns
+        while held and (final or held[0][0] <= horizon):
+            f = heapq.heappop(held)[2]
             self.emitted += 1
             if self.report is not None:
                 self.report.add(f)
@@ -97,7 +107,7 @@ class Pipeline:
         for r in self.order.drain():
             tr.process(r)
         tr.finish()
-        self.flush()
+        self.flush(final=True)
 
     def print_report(self, interval=None):
         if self.report is None:

@@ -44,7 +44,7 @@ def describe(f):
         r = x.get("syn_retransmits", 0)
         return f"handshake {_ns(x['handshake_ns'])}" + (f", {r} SYN retransmit{'s' if r != 1 else ''}" if r else "")
     if t == "accept":
-        return "accepted"
+        return ""          # the EVENT column says it all
     if t == "refused":
         return "refused (RST to our SYN)" if not x.get("before_syn") else "refused"
     if t == "failed":
@@ -97,7 +97,7 @@ class TextSink:
         line = f"{tm:<12} {pid:>7} {comm:<12} {f.type:<8} {conn}"
         detail = describe(f) + flags
         if self.wide or len(line) + 2 + len(detail) <= 79:
-            self._write(f"{line}  {detail}" if conn else f"{line}{detail}")
+            self._write((f"{line}  {detail}" if conn else f"{line}{detail}").rstrip())
         else:
             self._write(line)
             self._write(f"    {detail}")
