@@ -1,0 +1,107 @@
+"""How the live tool starts and ends: both transports, signals, a closed pipe, interval reports.
+Each test here runs its own tracer, so they are few (a compile costs ~40 s in the TCG VM)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.kernel
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
+
+
+def wait_ready(path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "tracer never became ready"
+        time.sleep(0.05)       # polling the readiness file itself
+    with open(path) as f:
+        return json.load(f)
+
+
+def one_connection():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()
+    c.close()
+    a.recv(1)
+    a.close()
+    srv.close()
+    return port
+
+
+def test_perf_transport_and_sigint_inherited_as_ignored(tmp_path):
+    """`cmd &` from a script starts the tracer with SIGINT ignored; tcptrace installs its own
+    handler, so SIGINT still ends it cleanly: exit 0, output flushed, summary printed."""
+    ready = tmp_path / "ready"
+    p = subprocess.Popen([sys.executable, "-m", "tcptrace", "watch", "--json", "--transport",
+                          "perf", "--ready-file", str(ready)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    info = wait_ready(ready, p)
+    assert info["transport"] == "perf"
+    port = one_connection()
+    # No wait for output here on purpose: whatever is buffered at SIGINT must still come out.
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    recs = [json.loads(l) for l in out.splitlines()]
+    mine = [r for r in recs if port in (r["lport"], r["rport"])]
+    assert sorted(r["type"] for r in mine) == ["accept", "close", "close", "connect"]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tcptrace: ") and " lost" in err
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    ready = tmp_path / "ready"
+    tracer = subprocess.Popen([sys.executable, "-m", "tcptrace", "watch", "--json",
+                               "--transitions", "--ready-file", str(ready)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_ready(ready, tracer)
+    first = None
+    while first is None:
+        one_connection()
+        first = tracer.stdout.readline()      # blocks until the tracer writes a line
+    tracer.stdout.close()                     # the reader goes away, like `| head -1`
+    for _ in range(5):
+        one_connection()                      # the tracer's next writes hit EPIPE
+    rc = tracer.wait(timeout=60)
+    err = tracer.stderr.read()
+    assert json.loads(first)["schema"] == 1
+    assert rc == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert err.strip().splitlines()[-1].startswith("tcptrace: ")
+
+
+def test_report_interval_json_summaries(tmp_path):
+    ready = tmp_path / "ready"
+    p = subprocess.Popen([sys.executable, "-m", "tcptrace", "report", "--json", "--interval", "1",
+                          "--ready-file", str(ready)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_ready(ready, p)
+    port = one_connection()
+    first = json.loads(p.stdout.readline())        # the first interval's summary
+    port2 = one_connection()
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    later = [json.loads(l) for l in rest.splitlines()]
+    schema = json.load(open(os.path.join(DOCS, "tcptrace-summary.schema.json")))
+    for s in [first] + later:
+        jsonschema.validate(s, schema)
+        assert s["interval_s"] == 1
+    dests = lambda s: {(c["raddr"], c["rport"]): c["count"] for c in s["connects"]}
+    everything = [first] + later
+    # each connection is counted in exactly one interval
+    assert sum(dests(s).get(("127.0.0.1", port), 0) for s in everything) == 1
+    assert sum(dests(s).get(("127.0.0.1", port2), 0) for s in everything) == 1
+    assert dests(first).get(("127.0.0.1", port)) == 1
