@@ -6,6 +6,7 @@ asks BCC for the compiled struct and builds the decoder from it.
 """
 import ipaddress
 import json
+import socket
 from typing import NamedTuple
 
 from tcptrace import states
@@ -55,14 +56,27 @@ class Lost(NamedTuple):
     where: str        # "ringbuf", "perf:cpuN", "bpf:<kind>" (output refused), "recursion:<prog>"
 
 
+_ADDR_CACHE = {}
+
+
 def addr_str(family, raw):
-    if family == states.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == states.AF_INET6:
-        a = ipaddress.IPv6Address(raw[:16])
-        m = a.ipv4_mapped
-        return f"::ffff:{m}" if m else str(a)    # as ss prints a dual-stack socket's v4 peer
-    return None
+    """Text form of a 16-byte address field. Memoized: a busy host talks to few addresses, and
+    this runs twice per event."""
+    key = (family, raw)
+    s = _ADDR_CACHE.get(key)
+    if s is None:
+        if family == states.AF_INET:
+            s = socket.inet_ntop(socket.AF_INET, raw[:4])
+        elif family == states.AF_INET6:
+            s = socket.inet_ntop(socket.AF_INET6, raw[:16])
+            if s.startswith("::ffff:") and "." not in s:     # show a mapped v4 peer as ss does
+                s = "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:16])
+        else:
+            return None
+        if len(_ADDR_CACHE) > 100_000:
+            _ADDR_CACHE.clear()
+        _ADDR_CACHE[key] = s
+    return s
 
 
 def addr_bytes(text):

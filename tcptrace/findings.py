@@ -12,9 +12,18 @@ TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "u
          "transition", "lost")
 
 
+_SEC = [None, ""]
+
+
 def rfc3339(wall_ns):
-    dt = datetime.datetime.fromtimestamp(wall_ns // 1000 / 1e6, tz=datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339, UTC, microseconds. The seconds part is formatted once per second: this runs for
+    every record."""
+    sec, ns = divmod(wall_ns, 1_000_000_000)
+    if _SEC[0] != sec:
+        _SEC[0] = sec
+        _SEC[1] = datetime.datetime.fromtimestamp(sec, tz=datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S")
+    return f"{_SEC[1]}.{ns // 1000:06d}Z"
 
 
 class Finding:

@@ -32,6 +32,13 @@ UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENE
 PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
                    errno.EACCES: "denied", errno.EPERM: "denied",
                    errno.EADDRNOTAVAIL: "no_local_address", errno.ECONNREFUSED: "refused"}
+# What connect() answers when called again on a socket whose attempt is under way or over (event
+# loops do this to learn a non-blocking connect's outcome; __inet_stream_connect answers before
+# any new SYN): EALREADY, success as EISCONN, or the earlier attempt's error. The last four come
+# only from the network, so they always mean such a re-report; the transitions already tell it.
+NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNREFUSED,
+                  errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
+REREPORT_NS = 10_000_000_000
 
 
 class Conn:
@@ -105,6 +112,9 @@ class Tracker:
         self.by_tuple = {}                    # (family, laddr, lport, raddr, rport) -> Conn
         self.seeded = {}                      # tuple -> Conn seeded from /proc, no skaddr yet
         self.listeners = {}                   # (family, lport) -> (pid, comm)
+        # (pid, family, raddr, rport) -> ts of an attempt that died in SYN_SENT: an unreachable
+        # error it may still re-report through connect(), told from a route failure before a SYN
+        self.failed_syn = collections.OrderedDict()
         self.halfclosed = {}                  # id -> Conn now in a HALF_CLOSED state
         self.pending = collections.deque()    # closed Conns waiting out grace_ns
         self.out = []
@@ -305,6 +315,11 @@ class Tracker:
             c.closed_ns = ts
             if old == S.SYN_SENT and c.pid is None:
                 c.pid, c.comm = ev.pid, comm_str(ev.comm)
+            if old == S.SYN_SENT:
+                self.failed_syn[(c.pid, c.family, c.raddr, c.rport)] = ts
+                self.failed_syn.move_to_end((c.pid, c.family, c.raddr, c.rport))
+                if len(self.failed_syn) > 4096:
+                    self.failed_syn.popitem(last=False)
             self.pending.append(c)
 
     def _sock_error(self, ev):
@@ -329,8 +344,13 @@ class Tracker:
 
     def _connect_ret(self, ev):
         err = -ev.err if ev.err < 0 else ev.err
-        reason = PRE_SYN_REASONS.get(err, "error")
         daddr = addr_str(ev.family, ev.daddr)
+        if err in NOT_AN_ATTEMPT:
+            return
+        died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
+        if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:
+            return
+        reason = PRE_SYN_REASONS.get(err, "error")
         kind = "refused" if reason == "refused" else "failed"
         self._emit(Finding(kind, ev.ts_ns, ev.pid, comm_str(ev.comm), ev.family, None, None,
                            daddr, ev.dport, reason=reason, errno=S.errno_name(err),

@@ -4,8 +4,9 @@ kernel (poll) -> Reorderer -> Tracker -> Filter -> sink / Report
 The poll loop owns time: the perf/ring callbacks only append records, and everything time-based
 (stuck detection, interval reports, loss counters) runs from here.
 """
-import heapq
+import bisect
 import json
+import operator
 import os
 import signal
 import sys
@@ -19,6 +20,9 @@ from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer
 from tcptrace.report import Report
 from tcptrace.sinks import Closed, JsonSink, TextSink
+
+
+_ts = operator.attrgetter("ts_ns")
 
 
 @dataclass
@@ -72,7 +76,6 @@ class Pipeline:
         # Findings wait here until nothing earlier can still be concluded (a closed connection
         # waits out the tracker's grace), so output is in time order.
         self._held = []
-        self._seq = 0
 
     def feed(self, recs, horizon_ns):
         for r in recs:
@@ -89,18 +92,31 @@ class Pipeline:
     def flush(self, final=False):
         match = self.opts.filter.match
         held = self._held
-        for f in self.tracker.take():
-            if match(f):
-                self._seq += 1
-                heapq.heappush(held, (f.ts_ns, self._seq, f))
-        horizon = self.tracker.now_ns - self.tracker.grace_ns - self.order.window_ns
-        while held and (final or held[0][0] <= horizon):
-            f = heapq.heappop(held)[2]
-            self.emitted += 1
-            if self.report is not None:
-                self.report.add(f)
-            else:
-                self.sink.emit(f)
+        new = self.tracker.take()
+        if not new and not held:
+            return
+        held.extend(f for f in new if match(f))
+        # Nearly sorted already (only closes wait out the grace), so this sort is linear; it is
+        # stable, so equal times keep the order they were concluded in.
+        held.sort(key=_ts)
+        if final:
+            n = len(held)
+        else:
+            horizon = self.tracker.now_ns - self.tracker.grace_ns - self.order.window_ns
+            n = bisect.bisect_right(held, horizon, key=_ts) if held else 0
+        if not n:
+            return
+        out, self._held = held[:n], held[n:]
+        self.emitted += n
+        if self.report is not None:
+            add = self.report.add
+            for f in out:
+                add(f)
+        else:
+            emit = self.sink.emit
+            for f in out:
+                emit(f)
+            self.sink.flush()
 
     def finish(self):
         tr = self.tracker

@@ -1,7 +1,8 @@
 """Where findings go. Sinks only format: every decision was made by the detectors.
 
-All sinks take `Finding`s and the wall-clock offset, write to a stream, flush per record (a log
-shipper reading a pipe must see each line at once), and turn a closed pipe into `Closed`.
+All sinks take `Finding`s and the wall-clock offset, write to a stream, and turn a closed pipe
+into `Closed`. The pipeline flushes after every batch, i.e. at least every poll (10 ms): a log
+shipper reading the pipe sees each line within that, without a write syscall per line.
 """
 import json
 
@@ -105,40 +106,34 @@ class TextSink:
     def _write(self, text):
         try:
             self.stream.write(text + "\n")
+        except BrokenPipeError:
+            raise Closed() from None
+
+    def flush(self):
+        try:
             self.stream.flush()
         except BrokenPipeError:
             raise Closed() from None
 
-    def close(self):
-        pass
-
 
 class JsonSink:
-    """JSON Lines: one object per finding, flushed per line."""
+    """JSON Lines: one object per finding."""
 
     def __init__(self, stream, wall_offset_ns):
         self.stream = stream
         self.wall_offset_ns = wall_offset_ns
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
 
     def emit(self, f):
-        self.write_obj(f.to_record(self.wall_offset_ns))
-
-    def write_obj(self, obj):
         try:
-            self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
-            self.stream.flush()
+            self.stream.write(self._encode(f.to_record(self.wall_offset_ns)) + "\n")
         except BrokenPipeError:
             raise Closed() from None
 
-    def close(self):
-        pass
-
-
-class NullSink:
-    def emit(self, f):
-        pass
-
-    def close(self):
-        pass
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise Closed() from None
 
 

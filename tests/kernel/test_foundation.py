@@ -96,8 +96,10 @@ def test_refused_connect_transitions_and_facts_tied_to_one_socket(tracer):
     # The raw facts, from the recording: the reset on that very socket, and the error report
     # (which carries no socket pointer) on its 4-tuple.
     tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port)
-    resets = tracer.raw(lambda r: r["kind"] == "recv_reset" and r["skaddr"] == sk)
-    assert len(resets) == 1 and resets[0]["sport"] == cport and resets[0]["dport"] == port
+    # (an skaddr spans many generations on a busy host: the ports pin this one)
+    resets = tracer.raw(lambda r: r["kind"] == "recv_reset" and r["skaddr"] == sk
+                        and r["sport"] == cport and r["dport"] == port)
+    assert len(resets) == 1
     errs = tracer.raw(lambda r: r["kind"] == "sock_error" and r["sport"] == cport
                       and r["dport"] == port)
     assert [e["err"] for e in errs] == [111]          # ECONNREFUSED
@@ -142,7 +144,7 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline())
     before = ns_snmp(netns)
-    lost_before = len(tracer.matching(lambda r: r["type"] == "lost"))
+    lost_before = tracer.matching(lambda r: r["type"] == "lost")
     p.stdin.write("go\n")
     p.stdin.flush()
     assert p.stdout.readline().strip() == "done"
@@ -170,7 +172,7 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
                               and r["lport"] == port)
     assert len(connects) == active
     assert len(accepts) == after["PassiveOpens"] - before["PassiveOpens"] == n
-    assert len(tracer.matching(lambda r: r["type"] == "lost")) == lost_before == 0
+    assert tracer.matching(lambda r: r["type"] == "lost") == lost_before == []
 
 
 def test_connect_failing_before_any_syn_is_reported(tracer, netns):
