@@ -129,17 +129,21 @@ cat >"$root/usr/local/sbin/tcptrace-vm-init" <<'INIT'
 # PID 1 in the tcptrace test VM (see vagrant/build-image.sh). No systemd: boot to job in seconds.
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
+# The initramfs has already moved /proc, /sys, /dev and /run over; mount only what is missing.
+mnt() { mountpoint -q "$3" || mount -t "$1" -o "$2" "$1" "$3"; }
+mnt proc defaults /proc
+mnt sysfs defaults /sys
+mnt devtmpfs mode=0755 /dev
+mkdir -p /dev/pts /dev/shm
+mnt devpts gid=5,mode=620 /dev/pts
+mnt tmpfs mode=1777 /dev/shm
 mount -o remount,rw /
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs tmpfs /run
-mount -t tracefs tracefs /sys/kernel/tracing
-mount -t debugfs debugfs /sys/kernel/debug
-mount -t bpf bpf /sys/fs/bpf 2>/dev/null
-mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+mnt tmpfs mode=1777 /tmp
+mnt tmpfs mode=0755 /run
+mnt tracefs defaults /sys/kernel/tracing
+mnt debugfs defaults /sys/kernel/debug
+mnt bpf mode=0700 /sys/fs/bpf
+mnt cgroup2 defaults /sys/fs/cgroup
 ip link set lo up
 hostname tcptrace-vm
 modprobe 9pnet_virtio && modprobe 9p
@@ -169,7 +173,9 @@ install -m 600 -o 1000 -g 1000 "$here/vagrant-insecure.pub" "$root/home/vagrant/
 # sshd generates host keys on first boot in the VM, not here, so no two boxes share them.
 rm -f "$root"/etc/ssh/ssh_host_*
 mkdir -p "$root/etc/systemd/system/ssh.service.d"
-printf '[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n' >"$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
+# Debian's unit runs `sshd -t` first, which fails without host keys: generate them before it.
+printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+  >"$root/etc/systemd/system/ssh.service.d/hostkeys.conf"
 echo 'UseDNS no' >"$root/etc/ssh/sshd_config.d/vagrant.conf"
 
 for m in dev/pts dev proc sys; do umount -l "$root/$m"; done

@@ -23,6 +23,9 @@
 #   TCPTRACE_VM_MEM, TCPTRACE_VM_CPUS   default 2048 (MiB) and 2
 #   TCPTRACE_VM_SHARE    ro (default) or rw: how the checkout is shared
 #   TCPTRACE_VM_CACHE    image cache (default /var/cache/tcptrace-vm)
+#   TCPTRACE_VM_ENV      names of further host variables to pass into the guest (space-separated);
+#                        TCPTRACE_REQUIRE_KERNEL is always passed when set, so scripts/test.sh's
+#                        "a kernel tier that cannot run is a failure" holds in the VM too
 #
 # Exit status: the guest command's; 124 when the timeout killed the guest; 125 when the guest
 # never reported a status (boot failure, kernel panic) or the runner itself failed.
@@ -76,8 +79,14 @@ trap cleanup EXIT
 trap 'say interrupted; exit 130' INT TERM
 mkdir -p "$ctl/out"
 
-# The command, quoted for bash (printf %q), so arguments with spaces or quotes arrive intact.
-printf '%q ' "$@" >"$ctl/cmd"
+# The command, quoted for bash (printf %q), so arguments with spaces or quotes arrive intact,
+# preceded by the host variables the guest should see.
+: >"$ctl/run.bash"
+for v in TCPTRACE_REQUIRE_KERNEL ${TCPTRACE_VM_ENV:-}; do
+  if [ -n "${!v+set}" ]; then printf 'export %s=%q\n' "$v" "${!v}" >>"$ctl/run.bash"; fi
+done
+printf '%q ' "$@" >>"$ctl/run.bash"
+echo >>"$ctl/run.bash"
 # The job the guest's init runs (POSIX sh, as the init calls it). It writes the command's status
 # to the control share; anything that stops it from doing so shows up as "no status" on the host.
 cat >"$ctl/job.sh" <<JOB
@@ -90,8 +99,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144$mount_ro src '$checkou
 cd '$checkout'
 export HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH='$checkout' TCPTRACE_IN_VM=1 TCPTRACE_VM_OUT=/ctl/out
-echo "vm-test: running: \$(cat /ctl/cmd)"
-/bin/bash -c "\$(cat /ctl/cmd)"
+echo "vm-test: running: \$(tail -1 /ctl/run.bash)"
+/bin/bash /ctl/run.bash
 rc=\$?
 echo "vm-test: guest command exited \$rc at \$(up) s"
 echo \$rc >/ctl/status.tmp && mv /ctl/status.tmp /ctl/status
