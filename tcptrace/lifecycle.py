@@ -46,10 +46,11 @@ class Conn:
                  "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
                  "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
                  "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
-                 "fd")
+                 "fd", "epoch")
 
-    def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False):
+    def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False, epoch=0):
         self.id = cid
+        self.epoch = epoch          # the tracker's loss epoch when this generation began
         self.skaddr = skaddr
         self.family = family
         self.laddr = self.raddr = None
@@ -120,6 +121,7 @@ class Tracker:
         self.out = []
         self.stats = Stats()
         self._next_id = 1
+        self.loss_epoch = 0                   # bumped by every loss; see incomplete()
         self.now_ns = 0
         self._next_stuck_ns = 0
         self.stuck_check_ns = min(250_000_000, stuck_after_ns // 4 or 1)
@@ -131,7 +133,7 @@ class Tracker:
             # A new generation began without the old one's CLOSE: we missed it.
             self.stats.gaps += 1
             self._forget(old)
-        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial)
+        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial, self.loss_epoch)
         self._next_id += 1
         if partial:
             self.stats.partial += 1
@@ -167,7 +169,7 @@ class Tracker:
             if owner:
                 self.listeners[(family, lport)] = owner[:2]
             return None
-        c = Conn(self._next_id, 0, family, None, state, now_ns, partial=True)
+        c = Conn(self._next_id, 0, family, None, state, now_ns, partial=True, epoch=self.loss_epoch)
         self._next_id += 1
         c.preexisting = True
         c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
@@ -213,12 +215,11 @@ class Tracker:
     def _lost(self, rec):
         self.stats.lost[rec.where] += rec.count
         self.stats.lost_total += rec.count
-        # Any live connection may have lost a transition: none of them may now yield a finding
-        # that rests on the absence of an event (stuck) without the kernel confirming it.
-        for c in self.conns.values():
-            c.incomplete = True
-        for c in self.seeded.values():
-            c.incomplete = True
+        # Any connection alive now may have lost a transition: none of them may yield a finding
+        # that rests on the absence of an event (stuck) without the kernel confirming it. Marked
+        # by epoch, not by walking every connection: losses come in bursts, under load, when
+        # the tracker holds the most connections.
+        self.loss_epoch += 1
         self._emit(Finding("lost", rec.ts_ns, count=rec.count, where=rec.where,
                            lost_total=self.stats.lost_total))
 
@@ -385,10 +386,11 @@ class Tracker:
         confirmed = []
         for c in due:
             ok = self.confirm(c) if self.confirm else None
-            if ok is False or (ok is None and (c.incomplete or (c.partial and not c.preexisting))):
+            gaps = self.incomplete(c)
+            if ok is False or (ok is None and (gaps or (c.partial and not c.preexisting))):
                 # The kernel says it is gone (we missed its transitions), or nobody can confirm a
                 # connection we know to have gaps: no report rather than a false one.
-                if ok is False and (c.incomplete or c.partial):
+                if ok is False and (gaps or c.partial):
                     self.halfclosed.pop(c.id, None)
                 continue
             confirmed.append(c)
@@ -454,10 +456,14 @@ class Tracker:
         self._emit(self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin,
                                  path=path))
 
+    def incomplete(self, c):
+        """Was c alive across a loss, or did it show a gap?"""
+        return c.incomplete or c.epoch != self.loss_epoch
+
     def _finding(self, c, type_, ts, **extra):
         if c.partial:
             extra["partial"] = True
-        if c.incomplete:
+        if self.incomplete(c):
             extra["incomplete"] = True
         extra["role"] = c.role
         return Finding(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
