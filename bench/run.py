@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -201,6 +202,12 @@ def main(argv=None):
     tools = [t for t in a.tools.split(",") if t]
     if os.geteuid() != 0:
         sys.exit("run.py needs root (BPF, network namespaces)")
+    # Started with `&` from a script, SIGINT arrives ignored; either signal must still stop the
+    # tracer that is running (the finally clauses below), not orphan it.
+    def _interrupt(_sig, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
     old_stats = open(stats_path).read().strip()
     if a.bpf_stats:

@@ -12,10 +12,11 @@ Why it looks like this:
     storm alone: they are the ground truth a tracer's transition count is checked against. The
     namespace dies with the last worker; nothing to clean up. Tracepoints see every namespace, so
     tracers in the root namespace still trace it.
-  - Every server address is 127.77.W.D (W the worker, D one of --dests), and the client side is
-    127.0.0.1 (the route's source address), so every transition of the storm's connections
-    carries exactly one "127.77." string in a tracer's output line; bench/run.py counts those and
-    ignores other traffic on the box (other test suites).
+  - Every server address is 127.O.W.D (O a second octet drawn at random per run, W the worker,
+    D one of --dests), and the client side is 127.0.0.1 (the route's source address), so every
+    transition of the storm's connections carries exactly one "127.O." string (the result's
+    `marker`) in a tracer's output line; bench/run.py counts those and ignores other traffic on
+    the box (other test suites, which may use fixed 127.x addresses of their own).
   - One process per core (--workers), each a single epoll loop holding both the client and the
     server ends of its connections: no threads, no GIL, no cross-process hand-off. Connects are
     blocking: on loopback the handshake completes inside connect() (the SYN-ACK is processed in
@@ -32,7 +33,7 @@ Connection kinds (all end in CLOSE on both sides, so each makes a fixed number o
 
 Expected transitions = 10 * PassiveOpens + 2 * AttemptFails (PERFORMANCE-NOTES.md: the snmp
 counters matched the client's outcomes exactly over 270 runs). Listener sockets are bound to
-0.0.0.0, so their own CLOSE transitions carry no 127.77 address and are neither expected nor
+0.0.0.0, so their own CLOSE transitions carry no 127.O address and are neither expected nor
 counted.
 """
 import argparse
@@ -49,7 +50,7 @@ import sys
 import time
 
 CLONE_NEWNET = 0x40000000
-MARKER = "127.77."
+RESERVED_OCTETS = {0, 77}   # 127.0.0.1 is everyone's; tests/kernel uses 127.77.0.1
 KINDS = ("ok", "refused", "half")
 BASE_PORT = 20000          # worker w listens on BASE_PORT + 10*w (ok) and +1 (half); +2 is refused
 REPLY = b"r" * 64
@@ -116,7 +117,14 @@ def pattern(mix):
     return out
 
 
-def worker(w, rate, duration, mix, ndests, go_r, out_w):
+def pick_octet():
+    while True:
+        o = os.urandom(1)[0]
+        if 16 <= o <= 254 and o not in RESERVED_OCTETS:
+            return o
+
+
+def worker(w, rate, duration, mix, ndests, octet, go_r, out_w):
     """One epoll loop: clients connect at `rate` per second, servers accept on the same loop."""
     ep = select.epoll()
     ports = {"ok": BASE_PORT + 10 * w, "half": BASE_PORT + 10 * w + 1,
@@ -130,7 +138,7 @@ def worker(w, rate, duration, mix, ndests, go_r, out_w):
         l.setblocking(False)
         listeners[l.fileno()] = (kind, l)
         ep.register(l.fileno(), select.EPOLLIN)
-    dests = {k: [(f"127.77.{w}.{d + 1}", p) for d in range(ndests)] for k, p in ports.items()}
+    dests = {k: [(f"127.{octet}.{w}.{d + 1}", p) for d in range(ndests)] for k, p in ports.items()}
     seq = pattern(mix)
     nseq = len(seq)
     plan = [(k, dests[k]) for k in seq]
@@ -248,11 +256,12 @@ def worker(w, rate, duration, mix, ndests, go_r, out_w):
     os.write(out_w, (json.dumps(res) + "\n").encode())
 
 
-def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True):
+def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True, octet=None):
     """Run a storm (in this process's children) and return the result dict. With netns=True this
     process itself moves into a fresh namespace: call it from a process of its own."""
     mix = mix or {"ok": 8, "refused": 1, "half": 1}
     workers = workers or os.cpu_count() or 1
+    octet = octet or pick_octet()
     if netns:
         enter_fresh_netns()
     raise_nofile(65536)
@@ -268,7 +277,8 @@ def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True):
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.close(go_w)
                 os.close(out_r)
-                worker(w, rate / workers if rate else 0, duration, mix, ndests, go_r, out_w)
+                worker(w, rate / workers if rate else 0, duration, mix, ndests, octet, go_r,
+                       out_w)
             except BaseException:
                 import traceback
                 traceback.print_exc()
@@ -321,7 +331,7 @@ def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True):
         "achieved_rate": round(total / elapsed, 1) if elapsed else None,
         "snmp": delta,
         "expected_transitions": 10 * delta["PassiveOpens"] + 2 * delta["AttemptFails"],
-        "marker": MARKER,
+        "marker": f"127.{octet}.",
         "cpu_s": round((cpu1.children_user + cpu1.children_system)
                        - (cpu0.children_user + cpu0.children_system), 3),
     }
@@ -338,12 +348,14 @@ def main(argv=None):
                     help="worker processes (default: one per CPU)")
     ap.add_argument("--dests", type=int, default=8,
                     help="server addresses per worker, to spread the ephemeral port space")
+    ap.add_argument("--octet", type=int, help="second octet of the server addresses "
+                    "(default: random per run)")
     ap.add_argument("--no-netns", action="store_true",
                     help="run in the current namespace (snmp deltas then include other traffic)")
     a = ap.parse_args(argv)
     if isinstance(a.mix, str):
         a.mix = parse_mix(a.mix)
-    res = run(a.rate, a.duration, a.mix, a.workers, a.dests, netns=not a.no_netns)
+    res = run(a.rate, a.duration, a.mix, a.workers, a.dests, netns=not a.no_netns, octet=a.octet)
     print(json.dumps(res))
     return 0 if not res["worker_failures"] else 1
 

@@ -303,6 +303,9 @@ class BccTool(Tracer):
             seen += buf.count(m)            # one storm address per line (see storm.py)
             if b"Possibly lost" in buf:
                 lost += sum(int(x) for x in POSSIBLY_LOST_RE.findall(buf))
+        # libbcc's default lost-sample callback (perf_reader.c) writes the line to stderr.
+        with open(self.err_path, "rb") as f:
+            lost += sum(int(x) for x in POSSIBLY_LOST_RE.findall(f.read()))
         return {"seen": seen, "lost": lost, "lost_where": {"perf": lost} if lost else {}}
 
 
