@@ -23,7 +23,8 @@
 #define TT_CLOSE 7
 #define TT_EINPROGRESS 115
 
-/* config: one entry, written by user space after load, read on every hit. Never deleted. */
+/* config: one entry, written by user space after load (armed last), read on every hit. Never
+ * deleted. */
 BPF_ARRAY(config, struct tt_config, 1);
 /* ports: port filter set (host byte order), filled by user space after load, never changed. */
 BPF_HASH(ports, u16, u8, 64);
@@ -41,8 +42,8 @@ static __always_inline int tt_wanted(u16 family, u16 sport, u16 dport)
 {
     int zero = 0;
     struct tt_config *c = config.lookup(&zero);
-    if (!c)
-        return 1;
+    if (!c || !c->armed)
+        return 0;
     if (c->family && c->family != family)
         return 0;
     if (c->port_filter && !ports.lookup(&sport) && !ports.lookup(&dport))
@@ -158,7 +159,9 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 RAW_TRACEPOINT_PROBE(tcp_send_reset)
 {
     u64 sk = ctx->args[0];
-    if (!sk)
+    int zero = 0;
+    struct tt_config *c = config.lookup(&zero);
+    if (!sk || !c || !c->armed)
         return 0;
     struct tt_event ev = {};
     ev.kind = TT_SEND_RESET;

@@ -46,7 +46,9 @@ struct tt_event {
 struct tt_config {
     u16 family;       /* 0: any, else AF_INET / AF_INET6 */
     u8  port_filter;  /* 1: only sockets with sport or dport in the `ports` map */
-    u8  _pad[5];
+    u8  armed;        /* 0 until user space has written everything above: BCC attaches while
+                       * loading, and records from before then would ignore the filters */
+    u8  _pad[4];
 };
 
 #endif

@@ -2,6 +2,7 @@
 takes them; docs/tcptrace.8.md is generated from these definitions (tcptrace/manpage.py)."""
 import json
 import sys
+import textwrap
 import traceback
 
 import click
@@ -163,11 +164,12 @@ def doctor(as_json, transport):
     else:
         from tabulate import tabulate
         rows = [(c.name, c.status + (" (required)" if c.required and c.status != "supported" else ""),
-                 c.min_kernel or "", c.detail) for c in cs]
-        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "MIN KERNEL", "DETAIL"]))
-        click.echo(f"\nplan: {plan.describe()}")
+                 (c.min_kernel or "").split(" ")[0], c.detail) for c in cs]
+        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "KERNEL", "DETAIL"],
+                            maxcolwidths=[None, 11, 6, 30]))
+        click.echo("\n" + textwrap.fill(f"plan: {plan.describe()}", 79, subsequent_indent="  "))
         for n in plan.notes:
-            click.echo(f"note: {n}")
+            click.echo(textwrap.fill(f"note: {n}", 79, subsequent_indent="  "))
         click.echo("ready: yes" if failure is None else f"ready: no: {failure.format_message()}")
     if failure:
         sys.exit(failure.exit_code)

@@ -276,14 +276,17 @@ class KernelSource:
         self._configure(families, ports)
 
     def _configure(self, families, ports):
+        pm = self.b["ports"]
+        for p in ports:
+            pm[pm.Key(p)] = pm.Leaf(1)
         cfg = self.b["config"]
         v = cfg[ctypes.c_int(0)]
         v.family = families[0] if len(families) == 1 else 0
         v.port_filter = 1 if ports else 0
         cfg[ctypes.c_int(0)] = v
-        pm = self.b["ports"]
-        for p in ports:
-            pm[pm.Key(p)] = pm.Leaf(1)
+        # Armed last, in its own update: the programs emit nothing until every filter is in.
+        v.armed = 1
+        cfg[ctypes.c_int(0)] = v
 
     def _on_lost(self, count):
         self.perf_lost_total += count

@@ -115,6 +115,14 @@ def test_filters(args, expect):
     assert {x["type"] for x in jsonl(r.stdout)} == expect
 
 
+def test_pid_filter_matches_the_attributed_owner():
+    everything = jsonl(invoke("replay", RECORDED, "--json").stdout)
+    pid = everything[0]["pid"]
+    mine = jsonl(invoke("replay", RECORDED, "--json", "--pid", str(pid)).stdout)
+    assert mine == [r for r in everything if r["pid"] == pid] and mine
+    assert jsonl(invoke("replay", RECORDED, "--json", "--pid", str(pid + 1)).stdout) == []
+
+
 def test_gap_in_replayed_stream_gives_no_false_stuck(tmp_path):
     recs = (listen(SEC - MS, 0xC1, 8080) + passive_open(SEC, 0xB1, 8080, 40000)
             + [state(SEC + MS, 0xB1, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000),

@@ -105,3 +105,45 @@ def test_report_interval_json_summaries(tmp_path):
     assert sum(dests(s).get(("127.0.0.1", port), 0) for s in everything) == 1
     assert sum(dests(s).get(("127.0.0.1", port2), 0) for s in everything) == 1
     assert dests(first).get(("127.0.0.1", port)) == 1
+
+
+def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
+    """--port and -4 are map contents read by the BPF program: what it filters out never reaches
+    user space, so the raw recording holds only the wanted sockets."""
+    ready, rec = tmp_path / "ready", tmp_path / "rec.jsonl"
+    keep = socket.socket()
+    keep.bind(("127.0.0.1", 0))
+    keep.listen()
+    port = keep.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "tcptrace", "watch", "--json", "-4", "--port",
+                          str(port), "--record", str(rec), "--ready-file", str(ready)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_ready(ready, p)
+    other = one_connection()                         # another port: filtered in the kernel
+    v6 = socket.socket(socket.AF_INET6)
+    v6.bind(("::1", port))                           # same port, IPv6: filtered by family
+    v6.listen()
+    c6 = socket.create_connection(("::1", port))
+    c6.close()
+    v6.close()
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = keep.accept()
+    c.close()
+    a.recv(1)
+    a.close()
+    keep.close()
+    first = json.loads(p.stdout.readline())           # the wanted connection arrived
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    raw = [json.loads(l) for l in rec.read_text().splitlines()[1:]]
+    # send_reset comes from a raw tracepoint that carries only the sock pointer: nothing to
+    # filter on without reading kernel structs, so it passes (one record per reset; the tracker
+    # ignores sockets it does not know).
+    events = [r for r in raw if r["kind"] not in ("tick", "seed", "lost", "send_reset")]
+    assert events, "the wanted connection's events are recorded"
+    assert all(r["family"] == 2 for r in events)
+    assert [r for r in events if port not in (r["sport"], r["dport"])] == []
+    assert not [r for r in events if other in (r["sport"], r["dport"])]
+    findings = [first] + [json.loads(l) for l in out.splitlines()]
+    assert {f["type"] for f in findings} == {"connect", "accept", "close"}
