@@ -86,11 +86,15 @@ class Tracer:
                 self.cond.notify_all()
 
     def wait_for(self, pred, timeout=10.0, count=1):
-        """Records matching pred, once at least `count` exist; fails the test on timeout."""
+        """Records matching pred, once at least `count` exist; fails the test on timeout.
+        Scans each record once (a busy host can produce hundreds of thousands)."""
         deadline = time.monotonic() + timeout
+        got, pos = [], 0
         with self.cond:
             while True:
-                got = [r for r in self.records if pred(r)]
+                recs = self.records
+                got.extend(r for r in recs[pos:] if pred(r))
+                pos = len(recs)
                 if len(got) >= count:
                     return got
                 left = deadline - time.monotonic()
