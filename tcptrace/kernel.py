@@ -292,16 +292,22 @@ class KernelSource:
         self.perf_lost_total += count
 
     def poll(self, timeout_ms):
-        """Wait up to timeout_ms, then drain everything buffered. Returns [Event]."""
+        """Wait up to timeout_ms, then drain everything buffered. Returns [Event].
+
+        `read_ns` is set to the clock just before the buffers were read: every record not
+        returned was committed after it, so it is the time up to which the stream is complete
+        (decoding a large batch takes long enough that the time after it would not be)."""
         if self.plan.transport == "ringbuf":
             # Records are written without wake-ups, so epoll would sleep the whole timeout anyway.
             time.sleep(timeout_ms / 1000)
+            self.read_ns = time.monotonic_ns()
             if self._ring is not None:
                 self._ring.read(self._batch)
             else:
                 self.b.ring_buffer_consume()
         else:
             self.b.perf_buffer_poll(timeout_ms)
+            self.read_ns = time.monotonic_ns()
             self.b.perf_buffer_consume()
         out = self._batch[:]
         del self._batch[:]

@@ -250,7 +250,7 @@ def run_live(opts, checks, plan, diag):
             next_interval = started + opts.interval
         while not stop.flag:
             evs = src.poll(opts.tick_ms)
-            now_ns = time.monotonic_ns()
+            now_ns = src.read_ns
             now = now_ns / 1e9
             if plan.connect_hook == "syscall":
                 evs = [e for e in evs if not (e.kind == Kind.CONNECT_RET and e.flags & F_SYSCALL
@@ -274,7 +274,7 @@ def run_live(opts, checks, plan, diag):
                 break
         # Drain what is still in the buffers, then everything the reorderer holds.
         evs = src.poll(0)
-        now_ns = time.monotonic_ns()
+        now_ns = src.read_ns
         evs.extend(src.losses(now_ns))
         if rec:
             for e in evs:
