@@ -32,7 +32,7 @@ ANALYSIS_OPTIONS = (
                                    "FIN_WAIT2, LAST_ACK or CLOSING.")),
     (("--json",), dict(is_flag=True, help="JSON Lines on stdout (docs/tcptrace.schema.json).")),
     (("--max-conns",), dict(type=click.IntRange(min=16), default=262_144, show_default=True,
-                            help="Connections tracked at once; the least recently active are "
+                            help="Connections tracked at once; the oldest are "
                                  "evicted beyond this, and counted.")),
 )
 

@@ -60,7 +60,7 @@ class Conn:
         self.established_ns = None
         self.state = state
         self.since_ns = ts_ns
-        self.path = [state]
+        self.path = state           # states so far, 4 bits each, newest lowest (see path_names)
         self.pid = None
         self.comm = None
         self.owner_sure = False
@@ -78,6 +78,26 @@ class Conn:
 
     def tuple_key(self):
         return (self.family, self.laddr, self.lport, self.raddr, self.rport)
+
+
+def path_states(path):
+    """The packed path, oldest state first. TCP states are 1..12, so a zero nibble ends it."""
+    out = []
+    while path:
+        out.append(path & 0xF)
+        path >>= 4
+    out.reverse()
+    return out
+
+
+def _intern_comm(raw, _cache={}):
+    """One str per distinct command name: thousands of connections share a handful."""
+    s = _cache.get(raw)
+    if s is None:
+        if len(_cache) > 10_000:
+            _cache.clear()
+        s = _cache[raw] = comm_str(raw)
+    return s
 
 
 def _endpoints(ev):
@@ -109,8 +129,10 @@ class Tracker:
         self.transitions = transitions
         self.confirm = confirm                # conn -> bool|None: is it in conn.state in the kernel now?
         self.resolve_owner = resolve_owner    # [conns] -> {conn.id: (pid, comm, fd)}
-        self.conns = collections.OrderedDict()   # skaddr -> Conn, least recently active first
-        self.by_tuple = {}                    # (family, laddr, lport, raddr, rport) -> Conn
+        self.conns = {}                       # skaddr -> Conn, oldest generation first
+        # (family, laddr, lport, raddr, rport) -> Conn, only while a handshake is unresolved:
+        # error reports (no skaddr) matter only for connects that fail. Kept small on purpose.
+        self.by_tuple = {}
         self.seeded = {}                      # tuple -> Conn seeded from /proc, no skaddr yet
         self.listeners = {}                   # (family, lport) -> (pid, comm)
         # (pid, family, raddr, rport) -> ts of an attempt that died in SYN_SENT: an unreachable
@@ -139,7 +161,7 @@ class Tracker:
             self.stats.partial += 1
         self.conns[skaddr] = c
         if len(self.conns) > self.max_conns:
-            _, victim = self.conns.popitem(last=False)
+            victim = self.conns.pop(next(iter(self.conns)))
             self.stats.evicted += 1
             self._forget(victim)
         return c
@@ -156,7 +178,8 @@ class Tracker:
             if self.by_tuple.get(c.tuple_key()) is c:
                 del self.by_tuple[c.tuple_key()]
             c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
-            self.by_tuple[c.tuple_key()] = c
+            if c.established_ns is None:
+                self.by_tuple[c.tuple_key()] = c
         elif not c.rport and rport:
             c.raddr, c.rport = raddr, rport
         if c.laddr is None:
@@ -228,7 +251,7 @@ class Tracker:
         self.stats.matrix[(old, new)] += 1
         laddr, lport, raddr, rport = _endpoints(ev)
         if self.transitions:
-            self._emit(Finding("transition", ev.ts_ns, ev.pid, comm_str(ev.comm), ev.family,
+            self._emit(Finding("transition", ev.ts_ns, ev.pid, _intern_comm(ev.comm), ev.family,
                                laddr, lport, raddr, rport, oldstate=S.name(old),
                                newstate=S.name(new), skaddr=f"{ev.skaddr:x}"))
         c = self.conns.get(ev.skaddr)
@@ -236,7 +259,7 @@ class Tracker:
             c = None                                  # reuse of a closed socket's address
         if old == S.CLOSE and new == S.SYN_SENT:
             c = self._new(ev.skaddr, ev.family, ACTIVE, new, ev.ts_ns)
-            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True   # connect(): process context
+            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True   # connect(): process context
             c.raddr, c.rport, c.laddr = raddr, rport, laddr
             return
         if old == S.LISTEN and new == S.SYN_RECV:
@@ -248,7 +271,7 @@ class Tracker:
             return
         if old == S.CLOSE and new == S.LISTEN:
             c = self._new(ev.skaddr, ev.family, LISTENER, new, ev.ts_ns)
-            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True   # listen(): process context
+            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True   # listen(): process context
             c.laddr, c.lport = laddr, lport
             self.listeners[(ev.family, lport)] = (c.pid, c.comm)
             return
@@ -286,17 +309,18 @@ class Tracker:
         self.halfclosed.pop(c.id, None)
         c.state = new
         c.since_ns = ts
-        c.path.append(new)
-        self.conns.move_to_end(c.skaddr)
+        c.path = (c.path << 4) | new
         if new in S.HALF_CLOSED:
             self.halfclosed[c.id] = c
         # Transitions a process makes itself (close(), shutdown()) name the socket's owner; the
         # ones the network causes run in softirq on whatever task was interrupted.
         if (old, new) in ((S.ESTABLISHED, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)) \
                 and not c.owner_sure:
-            c.pid, c.comm, c.owner_sure = ev.pid, comm_str(ev.comm), True
+            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True
         if new == S.ESTABLISHED:
             c.established_ns = ts
+            if self.by_tuple.get(c.tuple_key()) is c:
+                del self.by_tuple[c.tuple_key()]
             if c.opened_ns is None:
                 return
             if old == S.SYN_SENT:
@@ -315,7 +339,7 @@ class Tracker:
         if new == S.CLOSE:
             c.closed_ns = ts
             if old == S.SYN_SENT and c.pid is None:
-                c.pid, c.comm = ev.pid, comm_str(ev.comm)
+                c.pid, c.comm = ev.pid, _intern_comm(ev.comm)
             if old == S.SYN_SENT:
                 self.failed_syn[(c.pid, c.family, c.raddr, c.rport)] = ts
                 self.failed_syn.move_to_end((c.pid, c.family, c.raddr, c.rport))
@@ -353,7 +377,7 @@ class Tracker:
             return
         reason = PRE_SYN_REASONS.get(err, "error")
         kind = "refused" if reason == "refused" else "failed"
-        self._emit(Finding(kind, ev.ts_ns, ev.pid, comm_str(ev.comm), ev.family, None, None,
+        self._emit(Finding(kind, ev.ts_ns, ev.pid, _intern_comm(ev.comm), ev.family, None, None,
                            daddr, ev.dport, reason=reason, errno=S.errno_name(err),
                            syn_retransmits=0, before_syn=True,
                            source="kprobe" if ev.flags & F_KPROBE else "syscall"))
@@ -403,7 +427,7 @@ class Tracker:
                 c.owner_sure = True
             self._emit(self._finding(c, "stuck", now_ns, state=S.name(c.state),
                                      age_ns=now_ns - c.since_ns, fd=c.fd,
-                                     age_is_lower_bound=c.preexisting and c.path == [c.state],
+                                     age_is_lower_bound=c.preexisting and c.path == c.state,
                                      blame=S.HALF_CLOSED[c.state]))
 
     def stuck_now(self):
@@ -442,7 +466,8 @@ class Tracker:
             return      # a passive open that never completed: the listener's business
         start = c.established_ns if c.established_ns is not None else c.opened_ns
         duration = ts - start if start is not None else None
-        path = [S.name(s) for s in c.path]
+        states_ = path_states(c.path)
+        path = [S.name(s) for s in states_]
         if c.recv_reset_ns is not None or c.send_reset_ns is not None:
             if c.recv_reset_ns is not None and (c.send_reset_ns is None
                                                 or c.recv_reset_ns <= c.send_reset_ns):
@@ -450,7 +475,7 @@ class Tracker:
             else:
                 by = "local"
             self._emit(self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
-                                     state=S.name(c.path[-2]) if len(c.path) > 1 else None,
+                                     state=S.name(states_[-2]) if len(states_) > 1 else None,
                                      path=path))
             return
         self._emit(self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin,
