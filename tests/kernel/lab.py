@@ -269,6 +269,31 @@ class _Agent:
             return {"fd": fd, "errno": _errname(e), "elapsed_s": dt}
         return {"fd": fd, "lport": s.getsockname()[1], "elapsed_s": time.monotonic() - t0}
 
+    def op_writable(self, fd, timeout=10.0, so_error=True):
+        """Wait until a non-blocking connect has an outcome; with so_error, read (and so clear)
+        the pending error the way most event loops do, and return its name."""
+        select.select([], [self.socks[fd]], [], timeout)
+        if not so_error:
+            return {}
+        err = self.socks[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return {"so_error": errno.errorcode.get(err) if err else None}
+
+    def op_connect_again(self, fd, addr, port):
+        """connect() once more on the same socket, the way some event loops learn a non-blocking
+        connect's outcome (Ruby's connect_nonblock). Through libc: Python's own connect hides
+        EISCONN, the answer that means success."""
+        import ctypes
+        if _family(addr) == socket.AF_INET:
+            sa = struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) \
+                + socket.inet_pton(socket.AF_INET, addr) + bytes(8)
+        else:
+            sa = struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", port, 0) \
+                + socket.inet_pton(socket.AF_INET6, addr) + bytes(4)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.connect(fd, sa, len(sa)) == 0:
+            return {}
+        return {"errno": errno.errorcode.get(ctypes.get_errno())}
+
     def op_accept(self, fd):
         c, peer = self.socks[fd].accept()
         self.socks[c.fileno()] = c

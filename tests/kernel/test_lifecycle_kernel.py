@@ -5,8 +5,6 @@ checked against the process that really made the call, and against `ss -tanp`. R
 from the agents' answers (an answer is sent only once the call returned) and from the tracer's
 records (wait_for), never from sleeping.
 """
-import time
-
 import pytest
 
 from conftest import STUCK_AFTER, Tracer
@@ -105,11 +103,10 @@ def test_close_wait_stuck_then_unstuck(tracer, agents, family):
     cli.call("close", fd=cfd)
     # The server reads EOF: the peer's FIN has arrived, the socket is in CLOSE_WAIT now.
     assert srv.call("recv", fd=sfd) == {"data": ""}
-    fin_seen = time.monotonic()
 
-    # stuck-after plus the tracer's 250 ms check interval and ordering window, with room.
-    [st] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=STUCK_AFTER + 1)
-    assert time.monotonic() - fin_seen <= STUCK_AFTER + 1
+    # The bound on when the tracer decided is asserted on the record's own clock below (age and
+    # time since the transition); the wait itself leaves room for a slow machine's pipe.
+    [st] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=STUCK_AFTER + 5)
     assert st["state"] == "CLOSE_WAIT"
     assert st["pid"] == srv.pid
     assert st["fd"] == sfd
@@ -144,7 +141,7 @@ def test_fin_wait2_stuck(tracer, agents):
     cli.call("shutdown", fd=cfd, how="wr")
     assert srv.call("recv", fd=sfd) == {"data": ""}
 
-    [st] = tracer.wait_for(where(new, "stuck", lport=cport, rport=port), timeout=STUCK_AFTER + 1)
+    [st] = tracer.wait_for(where(new, "stuck", lport=cport, rport=port), timeout=STUCK_AFTER + 5)
     assert st["state"] == "FIN_WAIT2"
     assert st["pid"] == cli.pid
     assert st["fd"] == cfd
@@ -152,7 +149,7 @@ def test_fin_wait2_stuck(tracer, agents):
     assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
     assert ss_users("fin-wait-2", cport) == [(cli.pid, cfd)]
     # The peer is stuck too, in CLOSE_WAIT: its application never closes.
-    [peer] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=1)
+    [peer] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=2)
     assert (peer["state"], peer["pid"], peer["fd"]) == ("CLOSE_WAIT", srv.pid, sfd)
 
 
@@ -191,7 +188,7 @@ def test_preexisting_close_wait(agents, tmp_path):
     t = Tracer(["--stuck-after", "1"], tmp_path)
     try:
         new = lambda r: True          # noqa: E731  (a tracer of its own: every record is fresh)
-        [st] = t.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=3)
+        [st] = t.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=10)
         assert st["state"] == "CLOSE_WAIT"
         assert st["pid"] == srv.pid
         assert st["fd"] == sfd
@@ -205,3 +202,51 @@ def test_preexisting_close_wait(agents, tmp_path):
     finally:
         rc = t.stop()
     assert rc == 0, t.stderr_path.read_text()
+
+
+def test_connect_called_again_after_refusal(tracer, agents):
+    """Some event loops call connect() a second time to learn a non-blocking connect's outcome.
+    The second call sends no SYN and returns the stored error: it is not a second refusal."""
+    addr = LOOPBACK["ipv4"]
+    holder, cli = agents(), agents()
+    port = holder.call("bind", addr=addr)["port"]
+    new = fresh(tracer)
+    got = cli.call("connect", addr=addr, port=port, nonblock=True)
+    if got.get("errno") == "EINPROGRESS":
+        cli.call("writable", fd=got["fd"], so_error=False)
+        again = cli.call("connect_again", fd=got["fd"], addr=addr, port=port)
+    else:       # loopback can answer within the call itself
+        again = {"errno": got.get("errno")}
+    assert again["errno"] == "ECONNREFUSED"
+
+    tracer.wait_for(where(new, "refused", rport=port, pid=cli.pid))
+    # A marker after it: once its record is out, any record of the second call would be too.
+    mark = holder.call("bind", addr=addr)["port"]
+    assert cli.call("connect", addr=addr, port=mark)["errno"] == "ECONNREFUSED"
+    tracer.wait_for(where(new, "refused", rport=mark, pid=cli.pid))
+    assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == port
+                                               and r["type"] != "transition")] == ["refused"]
+
+
+def test_connect_called_again_after_success(tracer, agents):
+    """The same idiom on success: the second connect() returns 0, later ones EISCONN; neither
+    is a connect of its own, nor a failure."""
+    addr = LOOPBACK["ipv4"]
+    srv, cli = agents(), agents()
+    lsn = srv.call("listen", addr=addr)
+    port = lsn["port"]
+    new = fresh(tracer)
+    got = cli.call("connect", addr=addr, port=port, nonblock=True)
+    assert got.get("errno") in ("EINPROGRESS", None)
+    assert cli.call("writable", fd=got["fd"]) == {"so_error": None}
+    assert cli.call("connect_again", fd=got["fd"], addr=addr, port=port) == {}
+    assert cli.call("connect_again", fd=got["fd"], addr=addr, port=port)["errno"] == "EISCONN"
+    srv.call("accept", fd=lsn["fd"])
+
+    tracer.wait_for(where(new, "connect", rport=port, pid=cli.pid))
+    mark = srv.call("bind", addr=addr)["port"]
+    assert cli.call("connect", addr=addr, port=mark)["errno"] == "ECONNREFUSED"
+    tracer.wait_for(where(new, "refused", rport=mark, pid=cli.pid))
+    assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == port
+                                               and r["pid"] == cli.pid
+                                               and r["type"] != "transition")] == ["connect"]
