@@ -5,6 +5,7 @@
 integer nanoseconds named *_ns.
 """
 import datetime
+import json
 
 from tcptrace import SCHEMA_VERSION, states
 
@@ -56,6 +57,31 @@ class Finding:
                "lport": self.lport, "raddr": self.raddr, "rport": self.rport}
         rec.update(self.extra)
         return rec
+
+    def to_json(self, wall_offset_ns, _enc=json.JSONEncoder(separators=(",", ":")).encode,
+                _strs={}):
+        """The same object as to_record(), serialized without building it: the fixed fields are
+        formatted directly (their strings JSON-encoded once and cached), only `extra` goes
+        through the encoder. This runs for every record on stdout."""
+        def js(v):
+            if v is None:
+                return "null"
+            r = _strs.get(v)
+            if r is None:
+                if len(_strs) > 100_000:
+                    _strs.clear()
+                r = _strs[v] = _enc(v)
+            return r
+        fam = states.FAMILY_NAMES.get(self.family)
+        head = (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
+                f'"time":"{rfc3339(self.ts_ns + wall_offset_ns)}",'
+                f'"pid":{"null" if self.pid is None else self.pid},"comm":{js(self.comm)},'
+                f'"family":{js(fam)},"laddr":{js(self.laddr)},'
+                f'"lport":{"null" if self.lport is None else self.lport},'
+                f'"raddr":{js(self.raddr)},"rport":{"null" if self.rport is None else self.rport}')
+        if self.extra:
+            return head + "," + _enc(self.extra)[1:]
+        return head + "}"
 
     def __repr__(self):
         return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"

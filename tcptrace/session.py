@@ -78,8 +78,7 @@ class Pipeline:
         self._held = []
 
     def feed(self, recs, horizon_ns):
-        for r in recs:
-            self.order.push(r)
+        self.order.push_many(recs)
         self.advance(horizon_ns)
 
     def advance(self, horizon_ns):
@@ -321,6 +320,7 @@ def replay(path, opts, out, diag):
             raise errors.DataError(f"{path}:1: {e if str(e) else 'bad header'}") from None
         pipe = Pipeline(opts, out, wall)
         newest = 0
+        batch = []          # fed in batches, as the live loop does
         try:
             for lineno, line in enumerate(f, start=2):
                 if not line.strip():
@@ -331,7 +331,8 @@ def replay(path, opts, out, diag):
                     ts = int(d["ts_ns"])
                     if kind == "tick":
                         newest = max(newest, ts)
-                        pipe.advance(newest)
+                        pipe.feed(batch, newest)
+                        batch = []
                         continue
                     if kind == "seed":
                         pipe.tracker.seed(int(d["family"]), d["laddr"], int(d["lport"]),
@@ -345,7 +346,11 @@ def replay(path, opts, out, diag):
                     bad = f"{path}:{lineno}: malformed record ({e})"
                     break
                 newest = max(newest, rec.ts_ns)
-                pipe.feed((rec,), newest)
+                batch.append(rec)
+                if len(batch) >= 1000:
+                    pipe.feed(batch, newest)
+                    batch = []
+            pipe.feed(batch, newest)
             pipe.finish()
             pipe.print_report()
         except Closed:

@@ -122,11 +122,10 @@ class JsonSink:
     def __init__(self, stream, wall_offset_ns):
         self.stream = stream
         self.wall_offset_ns = wall_offset_ns
-        self._encode = json.JSONEncoder(separators=(",", ":")).encode
 
     def emit(self, f):
         try:
-            self.stream.write(self._encode(f.to_record(self.wall_offset_ns)) + "\n")
+            self.stream.write(f.to_json(self.wall_offset_ns) + "\n")
         except BrokenPipeError:
             raise Closed() from None
 
