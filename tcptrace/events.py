@@ -56,27 +56,40 @@ class Lost(NamedTuple):
     where: str        # "ringbuf", "perf:cpuN", "bpf:<kind>" (output refused), "recursion:<prog>"
 
 
-_ADDR_CACHE = {}
+def memo(fn, limit=100_000):
+    """fn(key) cached in a dict that is emptied when it grows past `limit`. For the per-record
+    conversions (addresses, command names, JSON strings) where a busy host repeats a handful of
+    values: a dict lookup is cheaper than functools.lru_cache's bookkeeping."""
+    cache = {}
+
+    def get(key):
+        v = cache.get(key)
+        if v is None:
+            if len(cache) >= limit:
+                cache.clear()
+            v = cache[key] = fn(key)
+        return v
+    return get
+
+
+def _addr_text(key):
+    family, raw = key
+    if family == states.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    s = socket.inet_ntop(socket.AF_INET6, raw[:16])
+    if s.startswith("::ffff:") and "." not in s:     # show a mapped v4 peer as ss does
+        s = "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return s
+
+
+_addr_memo = memo(_addr_text)
 
 
 def addr_str(family, raw):
-    """Text form of a 16-byte address field. Memoized: a busy host talks to few addresses, and
-    this runs twice per event."""
-    key = (family, raw)
-    s = _ADDR_CACHE.get(key)
-    if s is None:
-        if family == states.AF_INET:
-            s = socket.inet_ntop(socket.AF_INET, raw[:4])
-        elif family == states.AF_INET6:
-            s = socket.inet_ntop(socket.AF_INET6, raw[:16])
-            if s.startswith("::ffff:") and "." not in s:     # show a mapped v4 peer as ss does
-                s = "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:16])
-        else:
-            return None
-        if len(_ADDR_CACHE) > 100_000:
-            _ADDR_CACHE.clear()
-        _ADDR_CACHE[key] = s
-    return s
+    """Text form of a 16-byte address field (runs twice per event, hence memoized)."""
+    if family not in (states.AF_INET, states.AF_INET6):
+        return None
+    return _addr_memo((family, raw))
 
 
 def addr_bytes(text):
@@ -87,6 +100,10 @@ def addr_bytes(text):
 
 def comm_str(raw):
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# One str per distinct command name: thousands of connections share a handful.
+intern_comm = memo(comm_str, limit=10_000)
 
 
 # --- recording format -------------------------------------------------------------------------

@@ -8,6 +8,10 @@ import datetime
 import json
 
 from tcptrace import SCHEMA_VERSION, states
+from tcptrace.events import memo
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_json_str = memo(lambda v: "null" if v is None else _encode(v))
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")
@@ -58,20 +62,11 @@ class Finding:
         rec.update(self.extra)
         return rec
 
-    def to_json(self, wall_offset_ns, _enc=json.JSONEncoder(separators=(",", ":")).encode,
-                _strs={}):
+    def to_json(self, wall_offset_ns):
         """The same object as to_record(), serialized without building it: the fixed fields are
         formatted directly (their strings JSON-encoded once and cached), only `extra` goes
         through the encoder. This runs for every record on stdout."""
-        def js(v):
-            if v is None:
-                return "null"
-            r = _strs.get(v)
-            if r is None:
-                if len(_strs) > 100_000:
-                    _strs.clear()
-                r = _strs[v] = _enc(v)
-            return r
+        js = _json_str
         fam = states.FAMILY_NAMES.get(self.family)
         head = (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
                 f'"time":"{rfc3339(self.ts_ns + wall_offset_ns)}",'
@@ -80,7 +75,7 @@ class Finding:
                 f'"lport":{"null" if self.lport is None else self.lport},'
                 f'"raddr":{js(self.raddr)},"rport":{"null" if self.rport is None else self.rport}')
         if self.extra:
-            return head + "," + _enc(self.extra)[1:]
+            return head + "," + _encode(self.extra)[1:]
         return head + "}"
 
     def __repr__(self):

@@ -22,7 +22,7 @@ import collections
 import errno
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Event, Lost, F_KPROBE, addr_str, comm_str
+from tcptrace.events import Kind, Event, Lost, F_KPROBE, addr_str, intern_comm
 from tcptrace.findings import Finding
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -88,16 +88,6 @@ def path_states(path):
         path >>= 4
     out.reverse()
     return out
-
-
-def _intern_comm(raw, _cache={}):
-    """One str per distinct command name: thousands of connections share a handful."""
-    s = _cache.get(raw)
-    if s is None:
-        if len(_cache) > 10_000:
-            _cache.clear()
-        s = _cache[raw] = comm_str(raw)
-    return s
 
 
 def _endpoints(ev):
@@ -251,7 +241,7 @@ class Tracker:
         self.stats.matrix[(old, new)] += 1
         laddr, lport, raddr, rport = _endpoints(ev)
         if self.transitions:
-            self._emit(Finding("transition", ev.ts_ns, ev.pid, _intern_comm(ev.comm), ev.family,
+            self._emit(Finding("transition", ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family,
                                laddr, lport, raddr, rport, oldstate=S.name(old),
                                newstate=S.name(new), skaddr=f"{ev.skaddr:x}"))
         c = self.conns.get(ev.skaddr)
@@ -259,7 +249,7 @@ class Tracker:
             c = None                                  # reuse of a closed socket's address
         if old == S.CLOSE and new == S.SYN_SENT:
             c = self._new(ev.skaddr, ev.family, ACTIVE, new, ev.ts_ns)
-            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True   # connect(): process context
+            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # connect(): process context
             c.raddr, c.rport, c.laddr = raddr, rport, laddr
             return
         if old == S.LISTEN and new == S.SYN_RECV:
@@ -271,7 +261,7 @@ class Tracker:
             return
         if old == S.CLOSE and new == S.LISTEN:
             c = self._new(ev.skaddr, ev.family, LISTENER, new, ev.ts_ns)
-            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True   # listen(): process context
+            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # listen(): process context
             c.laddr, c.lport = laddr, lport
             self.listeners[(ev.family, lport)] = (c.pid, c.comm)
             return
@@ -316,7 +306,7 @@ class Tracker:
         # ones the network causes run in softirq on whatever task was interrupted.
         if (old, new) in ((S.ESTABLISHED, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)) \
                 and not c.owner_sure:
-            c.pid, c.comm, c.owner_sure = ev.pid, _intern_comm(ev.comm), True
+            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if new == S.ESTABLISHED:
             c.established_ns = ts
             if self.by_tuple.get(c.tuple_key()) is c:
@@ -339,7 +329,7 @@ class Tracker:
         if new == S.CLOSE:
             c.closed_ns = ts
             if old == S.SYN_SENT and c.pid is None:
-                c.pid, c.comm = ev.pid, _intern_comm(ev.comm)
+                c.pid, c.comm = ev.pid, intern_comm(ev.comm)
             if old == S.SYN_SENT:
                 self.failed_syn[(c.pid, c.family, c.raddr, c.rport)] = ts
                 self.failed_syn.move_to_end((c.pid, c.family, c.raddr, c.rport))
@@ -377,7 +367,7 @@ class Tracker:
             return
         reason = PRE_SYN_REASONS.get(err, "error")
         kind = "refused" if reason == "refused" else "failed"
-        self._emit(Finding(kind, ev.ts_ns, ev.pid, _intern_comm(ev.comm), ev.family, None, None,
+        self._emit(Finding(kind, ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family, None, None,
                            daddr, ev.dport, reason=reason, errno=S.errno_name(err),
                            syn_retransmits=0, before_syn=True,
                            source="kprobe" if ev.flags & F_KPROBE else "syscall"))
