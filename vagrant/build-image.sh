@@ -77,7 +77,7 @@ work=$(mktemp -d "$cache/build.XXXXXX")
 root=$work/root
 cleanup() {
   for m in dev/pts dev proc sys; do mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m"; done
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 
@@ -88,8 +88,17 @@ say "debootstrap: $(( $(date +%s) - t0 )) s"
 
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
-mount --bind /dev "$root/dev"
-mount -t devpts devpts "$root/dev/pts"
+# A private /dev, never the host's: with a bind mount, a package script that replaces a node,
+# or a teardown that runs before the unmount, reaches the host's /dev (this machine once lost
+# /dev/null that way).
+mount -t tmpfs -o mode=0755,size=1m tmpfs "$root/dev"
+for n in "null 1 3" "zero 1 5" "full 1 7" "random 1 8" "urandom 1 9" "tty 5 0"; do
+  set -- $n; mknod -m 666 "$root/dev/$1" c "$2" "$3"
+done
+mkdir -p "$root/dev/pts" "$root/dev/shm"
+ln -s /proc/self/fd "$root/dev/fd"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
+ln -s pts/ptmx "$root/dev/ptmx"
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 echo "deb $mirror $suite main" >"$root/etc/apt/sources.list"
 # No service may start inside the chroot (sshd, dbus): the host is not the guest.
@@ -190,7 +199,7 @@ size_mb=$(( used_mb + 1536 ))   # headroom for the suite's writes (behind the sn
 t2=$(date +%s)
 mkfs.ext4 -q -F -L tcptrace-root -d "$root" "$work/rootfs.ext4" "${size_mb}M" >&2
 say "image: ${size_mb} MiB ext4 in $(( $(date +%s) - t2 )) s (kernel $kver)"
-rm -rf "$root"
+rm -rf --one-file-system "$root"
 
 mkdir -p "$out"
 mv "$work/rootfs.ext4" "$work/vmlinuz" "$work/initrd.img" "$work/kernel-release" "$work/packages" "$out/"
