@@ -205,4 +205,11 @@ mkdir -p "$out"
 mv "$work/rootfs.ext4" "$work/vmlinuz" "$work/initrd.img" "$work/kernel-release" "$work/packages" "$out/"
 touch "$out/.complete"
 say "built $out in $(( $(date +%s) - t0 )) s"
+
+# Each image is 2-3 GB: keep only the newest few (TCPTRACE_VM_KEEP, default 2), so switching
+# between two branches does not rebuild but the cache does not grow without bound.
+keep=${TCPTRACE_VM_KEEP:-2}
+ls -1dt "$cache"/*/.complete 2>/dev/null | tail -n +"$((keep + 1))" | while read -r stale; do
+  d=$(dirname "$stale"); rm -rf "$d"; say "removed old image $d"
+done
 echo "$out"

@@ -61,7 +61,9 @@ case "$accel" in
   *) die "TCPTRACE_VM_ACCEL must be tcg or kvm, not '$accel'" ;;
 esac
 case "$share" in
-  ro) share_opt=,readonly=on; mount_ro=,ro ;;
+  # Read-only, the guest may cache the checkout (cache=loose): Python's imports and pytest's
+  # collection stat files by the thousand, and each uncached 9p round trip is slow under TCG.
+  ro) share_opt=,readonly=on; mount_ro=,ro,cache=loose ;;
   rw) share_opt=; mount_ro= ;;
   *) die "TCPTRACE_VM_SHARE must be ro or rw, not '$share'" ;;
 esac
