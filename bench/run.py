@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -117,6 +118,10 @@ def one_run(tool, rate, duration, mix, workers):
             "unexplained": exp - counts["seen"] - reported,
             "tracer_cpu_s": round(cpu, 3),
             "cpu_ms_per_1k": round(1000 * cpu / (conns / 1000), 2) if conns else None,
+            # A saturated tracer drops events and so spends less per connection: per line it
+            # printed is the cost that does not flatter dropping.
+            "cpu_us_per_seen": round(1e6 * cpu / counts["seen"], 2) if counts["seen"] else None,
+            "settle_cpu_share": round(cpu / (storm["elapsed_s"] + rec["settle_s"]), 2),
             "bpf_run_cnt": run_cnt,
             "bpf_ns_per_conn": round(run_ns / conns) if conns and run_ns else None,
             "summary": counts.get("summary"),
@@ -145,7 +150,8 @@ def aggregate(runs, rates):
                                               if base else None)}
             if tool != "untraced":
                 for k in ("expected", "seen", "lost_reported", "recursion_misses", "missing",
-                          "unexplained", "cpu_ms_per_1k", "tracer_cpu_s", "bpf_ns_per_conn"):
+                          "unexplained", "cpu_ms_per_1k", "cpu_us_per_seen", "tracer_cpu_s",
+                          "bpf_ns_per_conn"):
                     row[k] = median([r.get(k) for r in rs])
                 row["seen_pct"] = round(100 * median([r["seen"] / r["expected"] for r in rs]), 3)
                 row["unexplained_max"] = max(r["unexplained"] for r in rs)
@@ -171,7 +177,8 @@ def table(rows, ratios):
             ("throughput_vs_untraced", "vs untraced"), ("expected", "expected"),
             ("seen", "seen"), ("seen_pct", "seen %"), ("lost_reported", "lost (reported)"),
             ("recursion_misses", "recursion misses"), ("unexplained", "unexplained"),
-            ("cpu_ms_per_1k", "CPU ms/1k conns"), ("bpf_ns_per_conn", "BPF ns/conn"),
+            ("cpu_ms_per_1k", "CPU ms/1k conns"), ("cpu_us_per_seen", "CPU us/line"),
+            ("bpf_ns_per_conn", "BPF ns/conn"),
             ("machine_busy", "box busy")]
     body = [[r.get(k, "") if r.get(k) is not None else "" for k, _ in cols] for r in rows]
     out = tabulate(body, headers=[h for _, h in cols], floatfmt="g")
@@ -195,6 +202,9 @@ def main(argv=None):
     ap.add_argument("--bpf-stats", action="store_true",
                     help="enable kernel.bpf_stats_enabled during the runs (adds BPF ns/conn; "
                          "costs ~2 clock reads per program run for every tool alike)")
+    ap.add_argument("--commit", default="HEAD",
+                    help="tcptrace commit to measure, extracted to a temporary tree (default HEAD "
+                         "at start); 'worktree' runs the checkout as it is, edits included")
     ap.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     ap.add_argument("--out", help="result file (default bench/results/<UTC time>.json)")
     a = ap.parse_args(argv)
@@ -214,6 +224,11 @@ def main(argv=None):
         with open(stats_path, "w") as f:
             f.write("1")
     started = datetime.datetime.now(datetime.timezone.utc)
+    # tcptrace is measured as checked out: say which commit (and whether it had local edits).
+    if a.commit == "worktree":
+        commit = tracers.git_describe()
+    else:
+        commit, tracers.Tcptrace.tree = tracers.export_commit(a.commit)
     runs = []
     try:
         for rep in range(a.repeat):
@@ -232,6 +247,8 @@ def main(argv=None):
                           f"{rec['achieved_rate']:.0f}/s{extra} (busy {rec['machine_busy']})",
                           file=sys.stderr, flush=True)
     finally:
+        if a.commit != "worktree":
+            shutil.rmtree(tracers.Tcptrace.tree, ignore_errors=True)
         if a.bpf_stats:
             with open(stats_path, "w") as f:
                 f.write(old_stats)
@@ -240,6 +257,7 @@ def main(argv=None):
               "args": {"rates": rates, "repeat": a.repeat, "duration": a.duration, "mix": a.mix,
                        "tools": tools, "bpf_stats": a.bpf_stats},
               "machine": {"ncpu": tracers.NCPU, "kernel": os.uname().release},
+              "tcptrace_commit": commit,
               "medians": rows, "ratios": ratios, "runs": runs}
     out = a.out or os.path.join(HERE, "results",
                                 started.strftime("%Y%m%dT%H%M%SZ") + ".json")

@@ -99,6 +99,7 @@ class Tracer:
     name = "?"
 
     def __init__(self, workdir=None):
+        self.cwd = ROOT
         self.workdir = workdir or tempfile.mkdtemp(prefix="tcptrace-bench-", dir="/dev/shm")
         self.out_path = os.path.join(self.workdir, f"{self.name}.out")
         self.err_path = os.path.join(self.workdir, f"{self.name}.err")
@@ -113,7 +114,7 @@ class Tracer:
         err = open(self.err_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                     env=clean_env(), cwd=ROOT, preexec_fn=_child_setup,
+                                     env=clean_env(), cwd=self.cwd, preexec_fn=_child_setup,
                                      start_new_session=True)
         out.close()
         err.close()
@@ -138,7 +139,7 @@ class Tracer:
     def cpu(self):
         return cpu_seconds(self.pid)
 
-    def settle(self, limit=30.0, quiet=0.3):
+    def settle(self, limit=30.0, quiet=0.5):
         """Wait until the tracer has caught up: its CPU time stops growing (it drains what the
         storm left in its buffers). Returns the seconds waited."""
         t0 = time.monotonic()
@@ -206,10 +207,13 @@ def _lines(path, chunk=1 << 22):
 class Tcptrace(Tracer):
     name = "tcptrace"
 
+    tree = ROOT      # the source tree `python -m tcptrace` runs from (run.py --commit sets it)
+
     def __init__(self, workdir=None, extra=()):
         super().__init__(workdir)
         self.ready_path = os.path.join(self.workdir, "ready")
         self.extra = list(extra)
+        self.cwd = Tcptrace.tree     # -m puts the cwd first on sys.path: this tree's package runs
 
     def argv(self):
         py = os.path.join(ROOT, ".venv", "bin", "python")
@@ -317,6 +321,25 @@ class Tcpstates(BccTool):
 class Tcplife(BccTool):
     name = "tcplife"
     path = "/usr/sbin/tcplife-bpfcc"
+
+
+def git_describe():
+    """The checkout's commit, "-dirty" with local edits."""
+    return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                          capture_output=True, text=True).stdout.strip() or None
+
+
+def export_commit(rev):
+    """Extract tcptrace at `rev` into a fresh directory and return it, so a whole benchmark run
+    measures one commit even while others commit to the working tree."""
+    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dest = tempfile.mkdtemp(prefix=f"tcptrace-{sha}-")
+    archive = subprocess.Popen(["git", "-C", ROOT, "archive", sha, "tcptrace", "bpf"],
+                               stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", dest], stdin=archive.stdout, check=True)
+    archive.wait()
+    return sha, dest
 
 
 TRACERS = {"tcptrace": Tcptrace, "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
