@@ -70,6 +70,14 @@ if [ -z "$mirror" ]; then
     | grep -v security | grep -E " $suite( |$)" | awk '{for(i=2;i<=NF;i++) if ($i ~ /:\/\//) {print $i; exit}}' | head -1)
 fi
 mirror=${mirror:-http://deb.debian.org/debian}
+
+# Build in a private mount namespace: the chroot's proc, sys, dev and devpts mounts can then
+# neither propagate to the host nor outlive this script, even if it is killed before its trap
+# runs (the namespace, and every mount in it, dies with the last process).
+if [ -z "${TCPTRACE_VM_BUILD_NS:-}" ]; then
+  export TCPTRACE_VM_BUILD_NS=1 TCPTRACE_VM_MIRROR="$mirror"
+  exec unshare --mount --propagation private bash "$0" "$@"
+fi
 say "building $out from $mirror ($suite)"
 
 mkdir -p "$cache"
