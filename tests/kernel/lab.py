@@ -69,6 +69,19 @@ def where(fresh_pred, type_, **fields):
                       and all(r.get(k) == v for k, v in fields.items()))
 
 
+def expect(tracer, pred, timeout=10.0, count=1):
+    """tracer.wait_for, and on a timeout say whether the tracer lost events meanwhile: on a busy
+    host (another storm on the same kernel) a missing record is then no verdict on the logic."""
+    try:
+        return tracer.wait_for(pred, timeout=timeout, count=count)
+    except AssertionError as e:
+        lost = tracer.matching(lambda r: r["type"] == "lost")
+        if lost:
+            raise AssertionError(f"{e}; the tracer has reported {sum(r['count'] for r in lost)} "
+                                 f"events lost, the last at {lost[-1]['time']}") from None
+        raise
+
+
 def wall_ns(rfc3339):
     """A record's `time` as integer nanoseconds since the epoch (microsecond resolution)."""
     import datetime

@@ -10,8 +10,8 @@ import os
 import pytest
 
 from conftest import STUCK_AFTER
-from lab import (CLIENT4, CLIENT6, SERVER4, SERVER6, Lab, fresh, run, snmp_tcp, ss_users,
-                 where)
+from lab import (CLIENT4, CLIENT6, SERVER4, SERVER6, Lab, expect, fresh, run, snmp_tcp,
+                 ss_users, where)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.lab]
 
@@ -59,14 +59,14 @@ def test_handshake_with_one_dropped_syn(tracer, lab, family):
     assert "errno" not in got, got
     assert lab.nft_counter(lab.server, "syn") == 1      # exactly the first SYN was dropped
 
-    [con] = tracer.wait_for(where(new, "connect", rport=PORT, lport=got["lport"], raddr=saddr))
+    [con] = expect(tracer, where(new, "connect", rport=PORT, lport=got["lport"], raddr=saddr))
     assert con["pid"] == cli.pid
     assert con["laddr"] == caddr
     assert con["family"] == family
     assert con["syn_retransmits"] == 1
     # The initial RTO is 1 s (TCP_TIMEOUT_INIT): one retransmission costs a second.
     assert 0.9e9 <= con["handshake_ns"] <= 1.5e9, con["handshake_ns"]
-    [acc] = tracer.wait_for(where(new, "accept", lport=PORT, rport=got["lport"], laddr=saddr))
+    [acc] = expect(tracer, where(new, "accept", lport=PORT, rport=got["lport"], laddr=saddr))
     assert acc["pid"] == srv.pid
 
 
@@ -80,7 +80,7 @@ def test_refused_by_firewall_reset(tracer, lab, family):
     got = cli.call("connect", addr=saddr, port=PORT)
     assert got["errno"] == "ECONNREFUSED"
 
-    [ref] = tracer.wait_for(where(new, "refused", rport=PORT, raddr=saddr))
+    [ref] = expect(tracer, where(new, "refused", rport=PORT, raddr=saddr))
     assert ref["pid"] == cli.pid
     assert ref["laddr"] == caddr
     assert (ref["reason"], ref["errno"], ref["syn_retransmits"]) == ("refused", "ECONNREFUSED", 0)
@@ -88,7 +88,8 @@ def test_refused_by_firewall_reset(tracer, lab, family):
 
 
 def test_timeout(tracer, lab):
-    lab.nft(lab.server, f"tcp dport {PORT} tcp flags & (syn|ack) == syn counter drop comment \"syn\"")
+    lab.nft(lab.server, f"tcp dport {PORT} tcp flags & (syn|ack) == syn "
+                        f"counter drop comment \"syn\"")
     lab.sysctl(lab.client, "net.ipv4.tcp_syn_retries", 2)
     # 6.5+ retransmits the first tcp_syn_linear_timeouts (default 4) SYNs after a flat 1 s,
     # within the same 7 s budget: 5 retransmissions here instead of 2. Turn that off where it
@@ -103,7 +104,7 @@ def test_timeout(tracer, lab):
     assert lab.nft_counter(lab.server, "syn") == 3
     assert snmp_tcp(lab.client)["RetransSegs"] == 2
 
-    [f] = tracer.wait_for(where(new, "failed", rport=PORT, raddr=SERVER4))
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4))
     assert f["pid"] == cli.pid
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("timeout", "ETIMEDOUT", 2)
     # (2 << retries) - 1 initial RTOs: 7 s (tcp_write_timeout -> retransmits_timed_out).
@@ -131,7 +132,7 @@ def test_unreachable(tracer, lab, family):
     assert snmp_tcp(lab.client)["RetransSegs"] == 1
     assert 0.9 <= got["elapsed_s"] <= 1.5
 
-    [f] = tracer.wait_for(where(new, "failed", rport=PORT, raddr=saddr))
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=saddr))
     assert f["pid"] == cli.pid
     assert f["laddr"] == caddr
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("unreachable", "EHOSTUNREACH", 1)
@@ -152,7 +153,7 @@ def test_cancelled(tracer, lab):
     assert again == {"errno": "EALREADY"}
     cli.call("close", fd=got["fd"])
 
-    [f] = tracer.wait_for(where(new, "failed", rport=PORT, raddr=SERVER4))
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4))
     assert f["pid"] == cli.pid
     assert f["lport"] == got["lport"]
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("cancelled", None, 0)
@@ -182,7 +183,7 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
                         f"tcp flags & (syn|ack|fin|rst) == ack counter drop comment \"ack\"")
     srv.call("close", fd=acc["fd"])
 
-    [st] = tracer.wait_for(where(new, "stuck", lport=PORT, rport=cport), timeout=STUCK_AFTER + 4)
+    [st] = expect(tracer, where(new, "stuck", lport=PORT, rport=cport), timeout=STUCK_AFTER + 4)
     assert st["state"] == "LAST_ACK"
     assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
     # An orphan: closed by its process, kept by the kernel. The kernel's table names no holder,
@@ -191,14 +192,14 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
     assert ss_users("last-ack", PORT, lab.server) == []
     assert run(["ss", "-tanH", "state", "last-ack"], lab.server).count(f":{cport}") == 1
 
-    [un] = tracer.wait_for(where(new, "unstuck", lport=PORT, rport=cport), timeout=10)
+    [un] = expect(tracer, where(new, "unstuck", lport=PORT, rport=cport), timeout=10)
     assert (un["state"], un["newstate"]) == ("LAST_ACK", "CLOSE")
     assert 6.0e9 <= un["duration_ns"] <= 7.5e9, un["duration_ns"]
     # Every FIN (the first and each retransmission) drew an ACK that was dropped.
     retrans = snmp_tcp(lab.server)["RetransSegs"]
     assert retrans == 5
     assert lab.nft_counter(lab.server, "ack") == 1 + retrans
-    [cl] = tracer.wait_for(where(new, "close", lport=PORT, rport=cport))
+    [cl] = expect(tracer, where(new, "close", lport=PORT, rport=cport))
     assert cl["path"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
     assert cl["closed_by"] == "remote"
     assert "reset_by" not in cl
@@ -225,7 +226,7 @@ def test_counts_match_snmp(tracer):
         # out every finding of the burst is out too, and the counts below are final.
         sentinel = a.call("connect", addr="127.0.0.1", port=5073)
         assert sentinel["errno"] == "ECONNREFUSED"
-        tracer.wait_for(where(new, "refused", rport=5073, pid=a.pid), timeout=30)
+        expect(tracer, where(new, "refused", rport=5073, pid=a.pid), timeout=30)
 
     def count(type_, **kw):
         return len(tracer.matching(where(new, type_, pid=a.pid, **kw)))

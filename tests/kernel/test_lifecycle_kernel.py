@@ -8,7 +8,7 @@ records (wait_for), never from sleeping.
 import pytest
 
 from conftest import STUCK_AFTER, Tracer
-from lab import Agent, fresh, ss_users, wall_ns, where
+from lab import Agent, expect, fresh, ss_users, wall_ns, where
 
 pytestmark = pytest.mark.kernel
 
@@ -57,7 +57,7 @@ def test_connect_and_accept(tracer, agents, family):
     new = fresh(tracer)
     srv, cli, port, sfd, cfd, cport = _established(agents, addr)
 
-    [con] = tracer.wait_for(where(new, "connect", rport=port, lport=cport))
+    [con] = expect(tracer, where(new, "connect", rport=port, lport=cport))
     assert con["pid"] == cli.pid
     assert con["comm"] == _comm(cli.pid)
     assert con["family"] == family
@@ -67,7 +67,7 @@ def test_connect_and_accept(tracer, agents, family):
     assert 0 < con["handshake_ns"] < 50_000_000
 
     # The child socket is created in softirq: the accept is the listener owner's.
-    [acc] = tracer.wait_for(where(new, "accept", lport=port, rport=cport))
+    [acc] = expect(tracer, where(new, "accept", lport=port, rport=cport))
     assert acc["pid"] == srv.pid
     assert acc["role"] == "passive"
     assert acc["family"] == family
@@ -82,7 +82,7 @@ def test_refused_closed_port(tracer, agents, family):
     got = cli.call("connect", addr=addr, port=port)
     assert got["errno"] == "ECONNREFUSED"
 
-    [ref] = tracer.wait_for(where(new, "refused", rport=port))
+    [ref] = expect(tracer, where(new, "refused", rport=port))
     assert ref["pid"] == cli.pid
     assert ref["family"] == family
     assert ref["raddr"] == addr
@@ -106,7 +106,7 @@ def test_close_wait_stuck_then_unstuck(tracer, agents, family):
 
     # The bound on when the tracer decided is asserted on the record's own clock below (age and
     # time since the transition); the wait itself leaves room for a slow machine's pipe.
-    [st] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=STUCK_AFTER + 5)
+    [st] = expect(tracer, where(new, "stuck", lport=port, rport=cport), timeout=STUCK_AFTER + 5)
     assert st["state"] == "CLOSE_WAIT"
     assert st["pid"] == srv.pid
     assert st["fd"] == sfd
@@ -122,12 +122,12 @@ def test_close_wait_stuck_then_unstuck(tracer, agents, family):
     assert ss_users("close-wait", port) == [(srv.pid, sfd)]
 
     srv.call("close", fd=sfd)
-    [un] = tracer.wait_for(where(new, "unstuck", lport=port, rport=cport))
+    [un] = expect(tracer, where(new, "unstuck", lport=port, rport=cport))
     assert un["state"] == "CLOSE_WAIT"
     assert un["newstate"] == "LAST_ACK"
     assert un["pid"] == srv.pid
     assert un["duration_ns"] >= STUCK_AFTER * 1e9
-    [cl] = tracer.wait_for(where(new, "close", lport=port, rport=cport))
+    [cl] = expect(tracer, where(new, "close", lport=port, rport=cport))
     assert cl["closed_by"] == "remote"
     assert cl["pid"] == srv.pid
     assert cl["path"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
@@ -141,7 +141,7 @@ def test_fin_wait2_stuck(tracer, agents):
     cli.call("shutdown", fd=cfd, how="wr")
     assert srv.call("recv", fd=sfd) == {"data": ""}
 
-    [st] = tracer.wait_for(where(new, "stuck", lport=cport, rport=port), timeout=STUCK_AFTER + 5)
+    [st] = expect(tracer, where(new, "stuck", lport=cport, rport=port), timeout=STUCK_AFTER + 5)
     assert st["state"] == "FIN_WAIT2"
     assert st["pid"] == cli.pid
     assert st["fd"] == cfd
@@ -149,7 +149,7 @@ def test_fin_wait2_stuck(tracer, agents):
     assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
     assert ss_users("fin-wait-2", cport) == [(cli.pid, cfd)]
     # The peer is stuck too, in CLOSE_WAIT: its application never closes.
-    [peer] = tracer.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=2)
+    [peer] = expect(tracer, where(new, "stuck", lport=port, rport=cport), timeout=2)
     assert (peer["state"], peer["pid"], peer["fd"]) == ("CLOSE_WAIT", srv.pid, sfd)
 
 
@@ -161,13 +161,13 @@ def test_linger0_close_resets(tracer, agents, family):
     cli.call("close", fd=cfd)
     assert srv.call("recv", fd=sfd)["errno"] == "ECONNRESET"
 
-    [mine] = tracer.wait_for(where(new, "reset", lport=cport, rport=port))
+    [mine] = expect(tracer, where(new, "reset", lport=cport, rport=port))
     assert mine["reset_by"] == "local"
     assert mine["pid"] == cli.pid
     assert mine["state"] == "ESTABLISHED"
     assert mine["role"] == "active"
     assert mine["path"] == ["SYN_SENT", "ESTABLISHED", "CLOSE"]
-    [theirs] = tracer.wait_for(where(new, "reset", lport=port, rport=cport))
+    [theirs] = expect(tracer, where(new, "reset", lport=port, rport=cport))
     assert theirs["reset_by"] == "remote"
     assert theirs["pid"] == srv.pid
     assert theirs["state"] == "ESTABLISHED"
@@ -188,7 +188,7 @@ def test_preexisting_close_wait(agents, tmp_path):
     t = Tracer(["--stuck-after", "1"], tmp_path)
     try:
         new = lambda r: True          # noqa: E731  (a tracer of its own: every record is fresh)
-        [st] = t.wait_for(where(new, "stuck", lport=port, rport=cport), timeout=10)
+        [st] = expect(t, where(new, "stuck", lport=port, rport=cport), timeout=10)
         assert st["state"] == "CLOSE_WAIT"
         assert st["pid"] == srv.pid
         assert st["fd"] == sfd
@@ -197,7 +197,7 @@ def test_preexisting_close_wait(agents, tmp_path):
         assert 1e9 <= st["age_ns"] < 2e9
 
         srv.call("close", fd=sfd)
-        [un] = t.wait_for(where(new, "unstuck", lport=port, rport=cport))
+        [un] = expect(t, where(new, "unstuck", lport=port, rport=cport))
         assert (un["state"], un["newstate"], un["pid"]) == ("CLOSE_WAIT", "LAST_ACK", srv.pid)
     finally:
         rc = t.stop()
@@ -219,11 +219,11 @@ def test_connect_called_again_after_refusal(tracer, agents):
         again = {"errno": got.get("errno")}
     assert again["errno"] == "ECONNREFUSED"
 
-    tracer.wait_for(where(new, "refused", rport=port, pid=cli.pid))
+    expect(tracer, where(new, "refused", rport=port, pid=cli.pid))
     # A marker after it: once its record is out, any record of the second call would be too.
     mark = holder.call("bind", addr=addr)["port"]
     assert cli.call("connect", addr=addr, port=mark)["errno"] == "ECONNREFUSED"
-    tracer.wait_for(where(new, "refused", rport=mark, pid=cli.pid))
+    expect(tracer, where(new, "refused", rport=mark, pid=cli.pid))
     assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == port
                                                and r["type"] != "transition")] == ["refused"]
 
@@ -243,10 +243,10 @@ def test_connect_called_again_after_success(tracer, agents):
     assert cli.call("connect_again", fd=got["fd"], addr=addr, port=port)["errno"] == "EISCONN"
     srv.call("accept", fd=lsn["fd"])
 
-    tracer.wait_for(where(new, "connect", rport=port, pid=cli.pid))
+    expect(tracer, where(new, "connect", rport=port, pid=cli.pid))
     mark = srv.call("bind", addr=addr)["port"]
     assert cli.call("connect", addr=addr, port=mark)["errno"] == "ECONNREFUSED"
-    tracer.wait_for(where(new, "refused", rport=mark, pid=cli.pid))
+    expect(tracer, where(new, "refused", rport=mark, pid=cli.pid))
     assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == port
                                                and r["pid"] == cli.pid
                                                and r["type"] != "transition")] == ["connect"]
