@@ -250,3 +250,25 @@ def test_connect_called_again_after_success(tracer, agents):
     assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == port
                                                and r["pid"] == cli.pid
                                                and r["type"] != "transition")] == ["connect"]
+
+
+def test_close_wait_stuck_on_dual_stack_listener(tracer, agents):
+    """A server listening on :: that accepted an IPv4 client: the kernel keeps that socket as
+    AF_INET6 with v4-mapped addresses (and lists it in /proc/net/tcp6), the client's as AF_INET.
+    The stuck finding must still find its owner and descriptor."""
+    srv, cli = agents(), agents()
+    lsn = srv.call("listen", addr="::")
+    port = lsn["port"]
+    new = fresh(tracer)
+    con = cli.call("connect", addr="127.0.0.1", port=port)
+    acc = srv.call("accept", fd=lsn["fd"])
+    assert acc["peer"] == ["::ffff:127.0.0.1", con["lport"]]
+    cli.call("close", fd=con["fd"])
+    assert srv.call("recv", fd=acc["fd"]) == {"data": ""}
+
+    [st] = expect(tracer, where(new, "stuck", lport=port, rport=con["lport"]),
+                  timeout=STUCK_AFTER + 5)
+    assert (st["state"], st["pid"], st["fd"]) == ("CLOSE_WAIT", srv.pid, acc["fd"])
+    assert (st["family"], st["laddr"], st["raddr"]) == ("ipv6", "::ffff:127.0.0.1",
+                                                        "::ffff:127.0.0.1")
+    assert ss_users("close-wait", port) == [(srv.pid, acc["fd"])]
