@@ -63,8 +63,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$boxfile" ]; then
   readded=1
 fi
 
-made_ns=0
-ip netns list | grep -qw "^$ns" || { ip netns add "$ns"; made_ns=1; say "created network namespace $ns"; }
+ip netns list | grep -qw "^$ns" || { ip netns add "$ns"; say "created network namespace $ns"; }
 ip -n "$ns" link set lo up
 nsx() { ip netns exec "$ns" "$@"; }
 
@@ -105,14 +104,17 @@ vg() { nsx env VAGRANT_CWD="$here" TCPTRACE_BOX="$box" vagrant "$@"; }
 teardown() {
   [ "${TCPTRACE_KEEP_VM:-0}" = 1 ] && { say "TCPTRACE_KEEP_VM=1: leaving the VM and daemons up"; return; }
   vg destroy -f >/dev/null 2>&1 || true
-  for pf in "${started[@]}"; do kill "$(cat "$pf")" 2>/dev/null || true; done
-  # The namespace goes too once nothing of ours runs in it (daemons we reused keep it).
-  if [ ${#started[@]} -eq 2 ] || [ $made_ns = 1 ]; then
-    for pf in "${started[@]}"; do
-      for _ in $(seq 50); do kill -0 "$(cat "$pf" 2>/dev/null)" 2>/dev/null || break; sleep 0.2; done
+  local pids=() pf p
+  for pf in "${started[@]}"; do pids+=("$(cat "$pf" 2>/dev/null)"); done
+  for p in "${pids[@]}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done
+  # The namespace goes too once nothing runs in it any more (daemons we reused keep it).
+  if [ ${#started[@]} -eq 2 ]; then
+    for p in "${pids[@]}"; do
+      for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     done
-    [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] && ip netns delete "$ns" 2>/dev/null || true
+    if [ -z "$(ip netns pids "$ns" 2>/dev/null)" ]; then ip netns delete "$ns" && say "removed network namespace $ns"; fi
   fi
+  return 0
 }
 trap teardown EXIT
 
