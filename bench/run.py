@@ -28,7 +28,8 @@ sys.path.insert(0, HERE)
 import tracers  # noqa: E402
 
 TOOLS = ("untraced", "tcptrace", "tcpstates", "tcplife")
-OPTIONAL = ("tcptrace-report",)     # --tools untraced,tcptrace,tcptrace-report,...
+# Also: tcptrace-report, and tcptrace@DIR / tcptrace-report@DIR for a tcptrace source tree at DIR
+# (A/B a patch against the exported commit in the same interleaved run).
 
 
 def loadavg():
@@ -60,7 +61,7 @@ def expected_for(tool, storm):
     line per socket that reaches CLOSE (tcplife: both ends of each connection, and each refused
     client)."""
     s = storm["snmp"]
-    if tool == "tcplife":
+    if tool.partition("@")[0] == "tcplife":
         return 2 * s["PassiveOpens"] + s["AttemptFails"]
     return storm["expected_transitions"]
 
@@ -70,7 +71,10 @@ def one_run(tool, rate, duration, mix, workers):
     busy0 = cpu_busy()
     tr = None
     if tool != "untraced":
-        tr = tracers.TRACERS[tool]()
+        name, _, tree = tool.partition("@")
+        tr = tracers.TRACERS[name]()
+        if tree:
+            tr.cwd = os.path.abspath(tree)
         tr.start()
         rec["start_s"] = round(tr.start_s, 2)
         progs0 = tracers.bpf_prog_stats(tr.pid)
@@ -140,7 +144,7 @@ def aggregate(runs, rates):
     for rate in rates:
         base = median([r["achieved_rate"] for r in runs
                        if r["tool"] == "untraced" and r["offered_rate"] == (rate or None)])
-        for tool in TOOLS + OPTIONAL:
+        for tool in dict.fromkeys(r["tool"] for r in runs):
             rs = [r for r in runs if r["tool"] == tool and r["offered_rate"] == (rate or None)]
             if not rs:
                 continue
@@ -196,7 +200,9 @@ def main(argv=None):
                     help="offered connections/s, comma separated; 0 or max = flat out")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="storm seconds per run")
-    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help="comma separated: untraced, tcptrace, tcptrace-report, tcpstates, "
+                         "tcplife; tcptrace@DIR runs the tcptrace source tree at DIR")
     ap.add_argument("--mix", default="ok=8,refused=1,half=1")
     ap.add_argument("--workers", type=int, default=0, help="storm workers (default: one per CPU)")
     ap.add_argument("--bpf-stats", action="store_true",
