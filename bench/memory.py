@@ -2,18 +2,18 @@
 """tcptrace's memory: RSS while it tracks 100k simultaneously open loopback connections, and RSS
 drift over a long storm.
 
-    sudo .venv/bin/python bench/memory.py --conns 100000          # open, hold, measure, close
-    sudo .venv/bin/python bench/memory.py --soak 30               # 30 min at 5k conn/s, RSS every 10 s
+    sudo .venv/bin/python bench/memory.py --conns 100000   # open, hold, measure, close
+    sudo .venv/bin/python bench/memory.py --soak 30     # 30 min at 5k conn/s, RSS every 10 s
 
 Open connections: a holder process enters a fresh network namespace (as bench/storm.py does) and
 forks one child per ~9,900 connections, because the per-process descriptor limit may not be
 raisable (a container's root can lack CAP_SYS_RESOURCE; here the hard limit is 20,000) and each
 connection costs two descriptors (client and accepted end). Child i listens on its own port and
 connects to 127.O.i.D (O a random octet as in storm.py, D = 1..--dests) from 127.0.0.1, so no
-(address, port) pair needs more than a few thousand ephemeral ports and 100k tuples fit easily. Connections are opened at --open-rate
-so the tracer keeps up (a lost transition would mean a connection it does not track). Both ends of
-each connection are sockets the tracer tracks: 100k connections are 200k tracked sockets (below
-tcptrace's default --max-conns of 262,144).
+(address, port) pair needs more than a few thousand ephemeral ports and 100k tuples fit easily.
+Connections are opened at --open-rate so the tracer keeps up (a lost transition would mean a
+connection it does not track). Both ends of each connection are sockets the tracer tracks: 100k
+connections are 200k tracked sockets (below tcptrace's default --max-conns of 262,144).
 
 Reported: tcptrace RSS (VmRSS, and VmHWM, the peak) at readiness, with every connection open and
 the tracer caught up, and after closing them all; the tracer's own event/loss summary; and how many
@@ -132,7 +132,8 @@ def open_conns(a):
     tr.start()
     octet = storm.pick_octet()
     marker = f"127.{octet}."
-    out = {"marker": marker, "conns_target": a.conns, "open_rate": a.open_rate, "at_ready": sample(tr)}
+    out = {"marker": marker, "conns_target": a.conns, "open_rate": a.open_rate,
+           "at_ready": sample(tr)}
     holder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hold", str(a.conns),
                                "--open-rate", str(a.open_rate), "--dests", str(a.dests),
                                "--octet", str(octet)],

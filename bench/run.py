@@ -21,7 +21,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -148,10 +147,10 @@ def aggregate(runs, rates):
             rs = [r for r in runs if r["tool"] == tool and r["offered_rate"] == (rate or None)]
             if not rs:
                 continue
+            achieved = median([r["achieved_rate"] for r in rs])
             row = {"offered_rate": rate or "max", "tool": tool, "runs": len(rs),
-                   "achieved_rate": median([r["achieved_rate"] for r in rs]),
-                   "throughput_vs_untraced": (round(median([r["achieved_rate"] for r in rs]) / base, 3)
-                                              if base else None)}
+                   "achieved_rate": achieved,
+                   "throughput_vs_untraced": round(achieved / base, 3) if base else None}
             if tool != "untraced":
                 for k in ("expected", "seen", "lost_reported", "recursion_misses", "missing",
                           "unexplained", "cpu_ms_per_1k", "cpu_us_per_seen", "tracer_cpu_s",
@@ -166,11 +165,13 @@ def aggregate(runs, rates):
         get = {r["tool"]: r for r in rows if r["offered_rate"] == (rate or "max")}
         a, b = get.get("tcptrace"), get.get("tcpstates")
         if a and b:
+            def ratio(k):
+                return round(a[k] / b[k], 3) if a.get(k) and b.get(k) else None
             ratios.append({
                 "offered_rate": rate or "max",
-                "throughput_tcptrace_over_tcpstates": round(a["achieved_rate"] / b["achieved_rate"], 3),
-                "cpu_per_1k_tcptrace_over_tcpstates": (round(a["cpu_ms_per_1k"] / b["cpu_ms_per_1k"], 3)
-                                                       if b["cpu_ms_per_1k"] else None),
+                "throughput_tcptrace_over_tcpstates": ratio("achieved_rate"),
+                "cpu_per_1k_tcptrace_over_tcpstates": ratio("cpu_ms_per_1k"),
+                "cpu_per_line_tcptrace_over_tcpstates": ratio("cpu_us_per_seen"),
             })
     return rows, ratios
 
@@ -188,9 +189,11 @@ def table(rows, ratios):
     out = tabulate(body, headers=[h for _, h in cols], floatfmt="g")
     if ratios:
         out += "\n\n" + tabulate([[r["offered_rate"], r["throughput_tcptrace_over_tcpstates"],
-                                   r["cpu_per_1k_tcptrace_over_tcpstates"]] for r in ratios],
+                                   r["cpu_per_1k_tcptrace_over_tcpstates"],
+                                   r["cpu_per_line_tcptrace_over_tcpstates"]] for r in ratios],
                                  headers=["offered/s", "throughput tcptrace/tcpstates",
-                                          "CPU per 1k tcptrace/tcpstates"])
+                                          "CPU per 1k tcptrace/tcpstates",
+                                          "CPU per line tcptrace/tcpstates"])
     return out
 
 
@@ -246,8 +249,10 @@ def main(argv=None):
                     runs.append(rec)
                     extra = ""
                     if tool != "untraced":
-                        extra = (f" seen {rec['seen']}/{rec['expected']} lost {rec['lost_reported']}"
-                                 f" misses {rec['recursion_misses']} unexplained {rec['unexplained']}"
+                        extra = (f" seen {rec['seen']}/{rec['expected']}"
+                                 f" lost {rec['lost_reported']}"
+                                 f" misses {rec['recursion_misses']}"
+                                 f" unexplained {rec['unexplained']}"
                                  f" cpu {rec['cpu_ms_per_1k']} ms/1k")
                     print(f"[{rep + 1}/{a.repeat}] {rate or 'max'}/s {tool}: "
                           f"{rec['achieved_rate']:.0f}/s{extra} (busy {rec['machine_busy']})",

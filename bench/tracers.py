@@ -174,7 +174,7 @@ class Tracer:
             return f.read().decode(errors="replace")
 
     def count(self, marker):
-        """{"seen": lines of the storm's traffic, "lost": what the tool itself reported lost, ...}"""
+        """{"seen": lines of the storm's traffic, "lost": what the tool reported lost, ...}"""
         raise NotImplementedError
 
     def cleanup(self):
