@@ -49,6 +49,8 @@ class Finding:
         self.extra = extra
 
     def __getattr__(self, name):          # only called for names not in __slots__
+        if name == "extra":
+            raise AttributeError(name)
         try:
             return self.extra[name]
         except KeyError:
@@ -62,21 +64,55 @@ class Finding:
         rec.update(self.extra)
         return rec
 
-    def to_json(self, wall_offset_ns):
-        """The same object as to_record(), serialized without building it: the fixed fields are
-        formatted directly (their strings JSON-encoded once and cached), only `extra` goes
-        through the encoder. This runs for every record on stdout."""
+    def _head(self, wall_offset_ns):
+        """The fixed fields as JSON, without the closing brace: formatted directly, their
+        strings JSON-encoded once and cached. This runs for every record on stdout."""
         js = _json_str
-        fam = states.FAMILY_NAMES.get(self.family)
-        head = (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
+        return (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
                 f'"time":"{rfc3339(self.ts_ns + wall_offset_ns)}",'
                 f'"pid":{"null" if self.pid is None else self.pid},"comm":{js(self.comm)},'
-                f'"family":{js(fam)},"laddr":{js(self.laddr)},'
+                f'"family":{js(states.FAMILY_NAMES.get(self.family))},"laddr":{js(self.laddr)},'
                 f'"lport":{"null" if self.lport is None else self.lport},'
                 f'"raddr":{js(self.raddr)},"rport":{"null" if self.rport is None else self.rport}')
-        if self.extra:
-            return head + "," + _encode(self.extra)[1:]
-        return head + "}"
+
+    def to_json(self, wall_offset_ns):
+        """The same object as to_record(), serialized without building it; only `extra` goes
+        through the JSON encoder."""
+        head = self._head(wall_offset_ns)
+        return head + "," + _encode(self.extra)[1:] if self.extra else head + "}"
 
     def __repr__(self):
         return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"
+
+
+class Transition(Finding):
+    """A raw state transition (--transitions): one per kernel event, so built without an extra
+    dict and serialized with a per-state-pair suffix cached once."""
+    __slots__ = ("_old", "_new", "_sk")     # f.oldstate etc. read as names, through extra
+
+    def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
+        self.type = "transition"
+        self.ts_ns = ts_ns
+        self.pid = pid
+        self.comm = comm
+        self.family = family
+        self.laddr = laddr
+        self.lport = lport
+        self.raddr = raddr
+        self.rport = rport
+        self._old = old
+        self._new = new
+        self._sk = skaddr
+
+    @property
+    def extra(self):
+        return {"oldstate": states.name(self._old), "newstate": states.name(self._new),
+                "skaddr": f"{self._sk:x}"}
+
+    def to_json(self, wall_offset_ns):
+        return (f'{self._head(wall_offset_ns)}{_pair_json(self._old << 8 | self._new)}'
+                f'"{self._sk:x}"}}')
+
+
+_pair_json = memo(lambda k: f',"oldstate":"{states.name(k >> 8)}",'
+                            f'"newstate":"{states.name(k & 0xff)}","skaddr":')

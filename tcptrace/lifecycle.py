@@ -23,7 +23,7 @@ import errno
 
 from tcptrace import states as S
 from tcptrace.events import Kind, Event, Lost, F_KPROBE, addr_str, intern_comm
-from tcptrace.findings import Finding
+from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
 
@@ -241,9 +241,8 @@ class Tracker:
         self.stats.matrix[(old, new)] += 1
         laddr, lport, raddr, rport = _endpoints(ev)
         if self.transitions:
-            self._emit(Finding("transition", ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family,
-                               laddr, lport, raddr, rport, oldstate=S.name(old),
-                               newstate=S.name(new), skaddr=f"{ev.skaddr:x}"))
+            self._emit(Transition(ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family, laddr,
+                                  lport, raddr, rport, old, new, ev.skaddr))
         c = self.conns.get(ev.skaddr)
         if c is not None and c.closed_ns is not None and old == S.CLOSE:
             c = None                                  # reuse of a closed socket's address

@@ -25,6 +25,26 @@ def wait_ready(path, proc, timeout=300):
         return json.load(f)
 
 
+def finish(p, sig=signal.SIGTERM):
+    """Signal the tracer and collect the rest of its output. Not communicate(): it reads the raw
+    descriptors and would miss what an earlier readline() left in p.stdout's buffer."""
+    p.send_signal(sig)
+    rest = p.stdout.read()
+    err = p.stderr.read()
+    p.wait(60)
+    return rest, err
+
+
+def settled(port, timeout=10):
+    """Wait until the kernel is done with every socket on this port but the client's timewait
+    sock (the last ACK may be processed later, in ksoftirqd, on a busy machine)."""
+    from tcptrace import owners
+    deadline = time.monotonic() + timeout
+    while any(port in (s[2], s[4]) and s[5] != 6 for s in owners.sockets()):   # 6: TIME_WAIT
+        assert time.monotonic() < deadline, f"sockets on port {port} never closed"
+        time.sleep(0.01)       # polling the kernel's own table: the signal itself
+
+
 def one_connection():
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -36,6 +56,7 @@ def one_connection():
     a.recv(1)
     a.close()
     srv.close()
+    settled(port)
     return port
 
 
@@ -91,8 +112,7 @@ def test_report_interval_json_summaries(tmp_path):
     port = one_connection()
     first = json.loads(p.stdout.readline())        # the first interval's summary
     port2 = one_connection()
-    p.send_signal(signal.SIGTERM)
-    rest, err = p.communicate(timeout=60)
+    rest, err = finish(p)
     assert p.returncode == 0, err
     later = [json.loads(l) for l in rest.splitlines()]
     schema = json.load(open(os.path.join(DOCS, "tcptrace-summary.schema.json")))
@@ -132,9 +152,9 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
     a.recv(1)
     a.close()
     keep.close()
+    settled(port)
     first = json.loads(p.stdout.readline())           # the wanted connection arrived
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
+    out, err = finish(p)
     assert p.returncode == 0, err
     raw = [json.loads(l) for l in rec.read_text().splitlines()[1:]]
     # send_reset comes from a raw tracepoint that carries only the sock pointer: nothing to
@@ -146,4 +166,7 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
     assert [r for r in events if port not in (r["sport"], r["dport"])] == []
     assert not [r for r in events if other in (r["sport"], r["dport"])]
     findings = [first] + [json.loads(l) for l in out.splitlines()]
-    assert {f["type"] for f in findings} == {"connect", "accept", "close"}
+    # Recursion misses are counted per program, machine-wide: on a busy host a filtered run may
+    # honestly report some (it cannot know they were not its own sockets' hits).
+    assert {f["type"] for f in findings} - {"lost"} == {"connect", "accept", "close"}
+    assert all(f["where"].startswith("recursion:") for f in findings if f["type"] == "lost")
