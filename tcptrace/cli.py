@@ -163,10 +163,11 @@ def doctor(as_json, transport):
         click.echo(json.dumps(d, indent=2))
     else:
         from tabulate import tabulate
+        # Wrapped by hand: tabulate's maxcolwidths needs 0.8.10, Debian 12 ships 0.8.9.
         rows = [(c.name, c.status + (" (required)" if c.required and c.status != "supported" else ""),
-                 (c.min_kernel or "").split(" ")[0], c.detail) for c in cs]
-        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "KERNEL", "DETAIL"],
-                            maxcolwidths=[None, 11, 6, 30]))
+                 (c.min_kernel or "").split(" ")[0], "\n".join(textwrap.wrap(c.detail, 30)))
+                for c in cs]
+        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "KERNEL", "DETAIL"]))
         click.echo("\n" + textwrap.fill(f"plan: {plan.describe()}", 79, subsequent_indent="  "))
         for n in plan.notes:
             click.echo(textwrap.fill(f"note: {n}", 79, subsequent_indent="  "))
