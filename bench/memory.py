@@ -167,6 +167,7 @@ def open_conns(a):
                 elif b'"type":"accept"' in line:
                     n_accept += 1
     out["tracer"] = {"summary": counts["summary"], "lost_where": counts["lost_where"],
+                     "stderr_tail": tr.stderr().strip().splitlines()[-2:],
                      "connect_findings": n_connect, "accept_findings": n_accept}
     peak = max(s["rss_mb"] for s in out["all_open"])
     out["rss_mb_all_open"] = peak
@@ -201,6 +202,7 @@ def soak(a):
             st.kill()
         tr.stop()
     summary = tracers._with_summary({"seen": 0, "lost_where": {}}, tr.stderr())
+    stderr_tail = tr.stderr().strip().splitlines()[-2:]     # the summary: lost, evicted, late
     t_first = samples[0]["t"]
     for s in samples:
         s["t"] = round(s["t"] - t_first, 1)
@@ -218,7 +220,8 @@ def soak(a):
     tr.cleanup()
     return {"soak_minutes": a.soak, "rate": a.rate, "storm": storm_res, "samples": samples,
             "rss_mb_first": ys[0], "rss_mb_max": max(ys), "rss_mb_last": ys[-1],
-            "drift_mb_per_min_second_half": slope, "tracer": summary["summary"]}
+            "drift_mb_per_min_second_half": slope, "tracer": summary["summary"],
+            "tracer_stderr_tail": stderr_tail}
 
 
 def main():
