@@ -27,6 +27,7 @@ CLIENT4, SERVER4 = "10.77.0.1", "10.77.0.2"
 CLIENT6, SERVER6 = "fd77::1", "fd77::2"
 
 _seq = itertools.count()
+_swept = False
 
 
 def run(cmd, ns=None, check=True, input=None):
@@ -144,6 +145,20 @@ class Agent:
         self.close()
 
 
+def _sweep_stale():
+    """Remove namespaces an earlier, killed test run left behind (SIGKILL or SIGTERM skip the
+    fixtures' cleanup). Only names this module makes, whose creating process is gone."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    import re
+    for line in run(["ip", "netns", "list"]).splitlines():
+        m = re.match(r"(ttlab-(\d+)x\d+-[cs])\b", line)
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            run(["ip", "netns", "del", m.group(1)], check=False)
+
+
 class Lab:
     """Namespaces `client` and `server`, joined by a veth pair:
     client 10.77.0.1/24 fd77::1/64 <-> server 10.77.0.2/24 fd77::2/64.
@@ -151,7 +166,8 @@ class Lab:
     to. close() removes the namespaces (and with them the veth pair and every rule)."""
 
     def __init__(self, veth=True):
-        tag = f"{os.getpid() % 100000}x{next(_seq)}"
+        _sweep_stale()
+        tag = f"{os.getpid()}x{next(_seq)}"
         self.client = f"ttlab-{tag}-c"
         self.server = f"ttlab-{tag}-s"
         self.namespaces = []
@@ -167,7 +183,8 @@ class Lab:
                     " chain output { type filter hook output priority 0; policy accept; }\n"
                     "}\n"))
             if veth:
-                a, b = f"ttv{tag}a"[:15], f"ttv{tag}b"[:15]
+                # Created straight inside the namespaces: the names clash with nothing outside.
+                a, b = "lab-c", "lab-s"
                 run(["ip", "link", "add", a, "netns", self.client, "type", "veth",
                      "peer", "name", b, "netns", self.server])
                 for ns, dev, v4, v6 in ((self.client, a, CLIENT4, CLIENT6),

@@ -80,7 +80,7 @@ def test_refused_by_firewall_reset(tracer, lab, family):
     got = cli.call("connect", addr=saddr, port=PORT)
     assert got["errno"] == "ECONNREFUSED"
 
-    [ref] = expect(tracer, where(new, "refused", rport=PORT, raddr=saddr))
+    [ref] = expect(tracer, where(new, "refused", rport=PORT, raddr=saddr, pid=cli.pid))
     assert ref["pid"] == cli.pid
     assert ref["laddr"] == caddr
     assert (ref["reason"], ref["errno"], ref["syn_retransmits"]) == ("refused", "ECONNREFUSED", 0)
@@ -104,8 +104,9 @@ def test_timeout(tracer, lab):
     assert lab.nft_counter(lab.server, "syn") == 3
     assert snmp_tcp(lab.client)["RetransSegs"] == 2
 
-    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4))
-    assert f["pid"] == cli.pid
+    # pid in the predicate: failures carry no local port to tell this attempt from another
+    # run's in its own lab; the attribution itself is checked on loopback, by port.
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4, pid=cli.pid))
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("timeout", "ETIMEDOUT", 2)
     # (2 << retries) - 1 initial RTOs: 7 s (tcp_write_timeout -> retransmits_timed_out).
     assert 6.9e9 <= f["duration_ns"] <= 7.6e9, f["duration_ns"]
@@ -132,11 +133,11 @@ def test_unreachable(tracer, lab, family):
     assert snmp_tcp(lab.client)["RetransSegs"] == 1
     assert 0.9 <= got["elapsed_s"] <= 1.5
 
-    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=saddr))
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=saddr, pid=cli.pid))
     assert f["pid"] == cli.pid
     assert f["laddr"] == caddr
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("unreachable", "EHOSTUNREACH", 1)
-    assert not tracer.matching(lambda r: new(r) and r.get("rport") == PORT
+    assert not tracer.matching(lambda r: new(r) and r["pid"] == cli.pid
                                and r["type"] in ("refused", "connect"))
 
 
@@ -153,12 +154,12 @@ def test_cancelled(tracer, lab):
     assert again == {"errno": "EALREADY"}
     cli.call("close", fd=got["fd"])
 
-    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4))
+    [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4, pid=cli.pid))
     assert f["pid"] == cli.pid
     assert f["lport"] == got["lport"]
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("cancelled", None, 0)
     # The EALREADY was reported before the close: had it become a finding, it would be out.
-    assert [r["type"] for r in tracer.matching(lambda r: new(r) and r.get("rport") == PORT
+    assert [r["type"] for r in tracer.matching(lambda r: new(r) and r["pid"] == cli.pid
                                                and r["type"] != "transition")] == ["failed"]
 
 
@@ -183,7 +184,8 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
                         f"tcp flags & (syn|ack|fin|rst) == ack counter drop comment \"ack\"")
     srv.call("close", fd=acc["fd"])
 
-    [st] = expect(tracer, where(new, "stuck", lport=PORT, rport=cport), timeout=STUCK_AFTER + 4)
+    [st] = expect(tracer, where(new, "stuck", lport=PORT, rport=cport, laddr=SERVER4),
+                  timeout=STUCK_AFTER + 4)
     assert st["state"] == "LAST_ACK"
     assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
     # An orphan: closed by its process, kept by the kernel. The kernel's table names no holder,
@@ -192,14 +194,14 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
     assert ss_users("last-ack", PORT, lab.server) == []
     assert run(["ss", "-tanH", "state", "last-ack"], lab.server).count(f":{cport}") == 1
 
-    [un] = expect(tracer, where(new, "unstuck", lport=PORT, rport=cport), timeout=10)
+    [un] = expect(tracer, where(new, "unstuck", lport=PORT, rport=cport, laddr=SERVER4), timeout=10)
     assert (un["state"], un["newstate"]) == ("LAST_ACK", "CLOSE")
     assert 6.0e9 <= un["duration_ns"] <= 7.5e9, un["duration_ns"]
     # Every FIN (the first and each retransmission) drew an ACK that was dropped.
     retrans = snmp_tcp(lab.server)["RetransSegs"]
     assert retrans == 5
     assert lab.nft_counter(lab.server, "ack") == 1 + retrans
-    [cl] = expect(tracer, where(new, "close", lport=PORT, rport=cport))
+    [cl] = expect(tracer, where(new, "close", lport=PORT, rport=cport, laddr=SERVER4))
     assert cl["path"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
     assert cl["closed_by"] == "remote"
     assert "reset_by" not in cl
