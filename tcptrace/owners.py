@@ -43,6 +43,29 @@ def sockets(base="/proc/self"):
     return out
 
 
+def netns_bases(root="/proc"):
+    """One /proc/<pid> per network namespace on the host, ours first. Tracepoints see every
+    namespace (containers, the test lab), so the socket table must be read in each."""
+    bases, seen = [], set()
+    for entry in ["self"] + [p for p in os.listdir(root) if p.isdigit()]:
+        try:
+            ino = os.stat(f"{root}/{entry}/ns/net").st_ino
+        except OSError:
+            continue
+        if ino not in seen:
+            seen.add(ino)
+            bases.append(f"{root}/{entry}")
+    return bases
+
+
+def all_sockets(root="/proc"):
+    """sockets() of every network namespace."""
+    out = []
+    for base in netns_bases(root):
+        out.extend(sockets(base))
+    return out
+
+
 def inode_owners(inodes, root="/proc"):
     """{inode: (pid, comm, fd)} for the wanted socket inodes (first holder found)."""
     want = {f"socket:[{i}]": i for i in inodes if i}

@@ -231,7 +231,7 @@ def run_live(opts, checks, plan, diag):
         # buffer (or both: the tracker tolerates that).
         if opts.seed:
             now = time.monotonic_ns()
-            socks = owners.sockets()
+            socks = owners.all_sockets()
             own = owners.inode_owners({s[6] for s in socks})
             for s in socks:
                 o = own.get(s[6])

@@ -243,10 +243,6 @@ def test_counts_match_snmp(tracer):
     assert count("failed") == 0 and count("reset") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="start-up seeding reads only the tracer's own namespace's "
-                   "/proc/net/tcp{,6} (session.run_live -> owners.sockets()): a socket stuck "
-                   "before the tracer started, inside another network namespace (a container), "
-                   "has no transition left to reveal it and is never reported")
 def test_preexisting_close_wait_in_another_namespace(tmp_path):
     from conftest import Tracer
     with Lab(veth=False) as lab:

@@ -51,3 +51,21 @@ def test_fd_is_tcp_tells_tcp_from_udp():
     finally:
         t.close()
         u.close()
+
+
+def test_all_namespaces_are_read_once_each(tmp_path):
+    """A fake /proc: two processes in one namespace, one in another."""
+    import os
+    for pid, ns, port in (("self", 1, 80), ("10", 1, 80), ("11", 2, 443)):
+        d = tmp_path / pid
+        (d / "net").mkdir(parents=True)
+        (d / "ns").mkdir()
+        (d / "ns" / "net").write_text("")
+        os.utime(d / "ns" / "net")
+        line = f"   0: 0100007F:{port:04X} 00000000:0000 0A 0:0 00:0 0 0 0 {100 + port} 1\n"
+        (d / "net" / "tcp").write_text("  sl  local_address ...\n" + line)
+    # make the namespace files of 'self' and '10' the same inode, '11' another one
+    os.remove(tmp_path / "10" / "ns" / "net")
+    os.link(tmp_path / "self" / "ns" / "net", tmp_path / "10" / "ns" / "net")
+    assert owners.netns_bases(str(tmp_path)) == [f"{tmp_path}/self", f"{tmp_path}/11"]
+    assert sorted(s[2] for s in owners.all_sockets(str(tmp_path))) == [80, 443]
