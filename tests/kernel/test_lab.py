@@ -244,6 +244,8 @@ def test_counts_match_snmp(tracer):
 
 
 def test_preexisting_close_wait_in_another_namespace(tmp_path):
+    """A socket stuck before the tracer started, inside another network namespace (a container):
+    no transition is left to reveal it, so only start-up seeding of every namespace finds it."""
     from conftest import Tracer
     with Lab(veth=False) as lab:
         srv, cli = lab.agent(lab.server), lab.agent(lab.server)
