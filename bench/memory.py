@@ -182,7 +182,7 @@ def open_conns(a):
 
 def soak(a):
     tr = tracers.Tcptrace(extra=a.tcptrace_arg)
-    tr.out_path = os.devnull          # minutes of JSON Lines: nothing to count, keep tmpfs free
+    tr.discard_output = True          # minutes of JSON Lines: nothing to count, keep tmpfs free
     tr.start()
     dur = a.soak * 60
     st = subprocess.Popen([sys.executable, os.path.join(HERE, "storm.py"), "--rate",

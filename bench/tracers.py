@@ -16,6 +16,7 @@ Shared by bench/run.py and bench/memory.py. Each tracer:
 """
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,7 @@ class Tracer:
         self.cwd = ROOT
         self.workdir = workdir or tempfile.mkdtemp(prefix="tcptrace-bench-", dir="/dev/shm")
         self.out_path = os.path.join(self.workdir, f"{self.name}.out")
+        self.discard_output = False     # True: stdout to /dev/null (nothing to count)
         self.err_path = os.path.join(self.workdir, f"{self.name}.err")
         self.proc = None
         self.start_s = None
@@ -110,13 +112,16 @@ class Tracer:
         raise NotImplementedError
 
     def start(self, timeout=60):
-        out = open(self.out_path, "wb")
+        # Only files inside workdir are ever created or removed; /dev/null is passed as
+        # subprocess.DEVNULL, never as a path of ours (an earlier version unlinked it).
+        out = subprocess.DEVNULL if self.discard_output else open(self.out_path, "wb")
         err = open(self.err_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                      env=clean_env(), cwd=self.cwd, preexec_fn=_child_setup,
                                      start_new_session=True)
-        out.close()
+        if out is not subprocess.DEVNULL:
+            out.close()
         err.close()
         while not self.ready():
             if self.proc.poll() is not None:
@@ -178,15 +183,8 @@ class Tracer:
         raise NotImplementedError
 
     def cleanup(self):
-        for p in (self.out_path, self.err_path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        try:
-            os.rmdir(self.workdir)
-        except OSError:
-            pass
+        """Remove the run's directory: output, stderr, the ready file."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _lines(path, chunk=1 << 22):
