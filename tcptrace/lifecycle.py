@@ -410,14 +410,22 @@ class Tracker:
         owners = self.resolve_owner(confirmed) if (self.resolve_owner and confirmed) else {}
         for c in confirmed:
             c.stuck_state = c.state
+            holder = (c.pid, c.comm, c.fd)
             o = owners.get(c.id)
-            if o:
-                c.pid, c.comm, c.fd = o
-                c.owner_sure = True
-            self._emit(self._finding(c, "stuck", now_ns, state=S.name(c.state),
-                                     age_ns=now_ns - c.since_ns, fd=c.fd,
-                                     age_is_lower_bound=c.preexisting and c.path == c.state,
-                                     blame=S.HALF_CLOSED[c.state]))
+            if o is not None:
+                if o[0] is not None:          # a process holds it now
+                    c.pid, c.comm, c.fd = holder = o
+                    c.owner_sure = True
+                else:
+                    # Orphaned: its process closed it and the kernel finishes the close alone.
+                    # Nobody holds it now, but the pid that closed it stays for later findings.
+                    holder = (None, None, None)
+            f = self._finding(c, "stuck", now_ns, state=S.name(c.state),
+                              age_ns=now_ns - c.since_ns, fd=holder[2],
+                              age_is_lower_bound=c.preexisting and c.path == c.state,
+                              blame=S.HALF_CLOSED[c.state])
+            f.pid, f.comm = holder[0], holder[1]
+            self._emit(f)
 
     def stuck_now(self):
         """Connections currently reported stuck, oldest first."""

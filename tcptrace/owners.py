@@ -66,15 +66,19 @@ def all_sockets(root="/proc"):
     return out
 
 
-def inode_owners(inodes, root="/proc"):
-    """{inode: (pid, comm, fd)} for the wanted socket inodes (first holder found)."""
+def inode_owners(inodes, root="/proc", likely=()):
+    """{inode: (pid, comm, fd)} for the wanted socket inodes (first holder found).
+
+    The processes in `likely` (the owners the tracker already attributes) are searched first: a
+    full scan reads every descriptor of every process, which takes seconds on a host holding
+    hundreds of thousands of sockets, and is needed only for what they do not hold."""
     want = {f"socket:[{i}]": i for i in inodes if i}
     found = {}
     if not want:
         return found
-    for pid in os.listdir(root):
-        if not pid.isdigit():
-            continue
+    pids = [str(p) for p in dict.fromkeys(likely) if p]
+    first = set(pids)
+    for pid in pids + [p for p in os.listdir(root) if p.isdigit() and p not in first]:
         fddir = f"{root}/{pid}/fd"
         try:
             fds = os.listdir(fddir)
@@ -147,7 +151,7 @@ class KernelView:
             got = self.lookup(c)
             if got:
                 inodes[c.id] = got[1]
-        owners = inode_owners(set(inodes.values()), self.root)
+        owners = inode_owners(set(inodes.values()), self.root, likely=[c.pid for c in conns])
         return {cid: owners.get(ino, (None, None, None)) for cid, ino in inodes.items()}
 
 

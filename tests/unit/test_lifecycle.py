@@ -307,3 +307,23 @@ def test_matrix_counts_transitions():
     assert tr.stats.matrix[(S.CLOSE, S.SYN_SENT)] == 1
     assert tr.stats.matrix[(S.LAST_ACK, S.CLOSE)] == 1
     assert sum(tr.stats.matrix.values()) == 11
+
+
+def test_orphaned_stuck_socket_has_no_holder_but_keeps_its_closer():
+    """LAST_ACK after close(): the kernel owns the socket; the stuck record names no holder,
+    the close record still names the process that closed it."""
+    recs = (listen(SEC - MS, LISTEN_SK, 8080) + passive_open(SEC, SERVER_SK, 8080, 40000)
+            + [state(SEC + MS, SERVER_SK, S.ESTABLISHED, S.CLOSE_WAIT, lport=8080, rport=40000),
+               state(SEC + 2 * MS, SERVER_SK, S.CLOSE_WAIT, S.LAST_ACK, pid=200, comm="server",
+                     lport=8080, rport=40000)])
+    tr = Tracker(stuck_after_ns=SEC, confirm=lambda c: True,
+                 resolve_owner=lambda cs: {c.id: (None, None, None) for c in cs})
+    for r in recs:
+        tr.process(r)
+    tr.tick(5 * SEC)
+    stuck = only(tr.take(), "stuck")
+    assert (stuck.state, stuck.pid, stuck.comm, stuck.fd) == ("LAST_ACK", None, None, None)
+    tr.process(state(6 * SEC, SERVER_SK, S.LAST_ACK, S.CLOSE, lport=8080, rport=40000))
+    tr.finish()
+    out = tr.take()
+    assert only(out, "close").pid == 200 and only(out, "unstuck").pid == 200
