@@ -37,6 +37,10 @@ class Finding:
 
     def __init__(self, type, ts_ns, pid=None, comm=None, family=None, laddr=None, lport=None,
                  raddr=None, rport=None, **extra):
+        self._common(type, ts_ns, pid, comm, family, laddr, lport, raddr, rport)
+        self.extra = extra
+
+    def _common(self, type, ts_ns, pid, comm, family, laddr, lport, raddr, rport):
         self.type = type
         self.ts_ns = ts_ns
         self.pid = pid
@@ -46,7 +50,6 @@ class Finding:
         self.lport = lport
         self.raddr = raddr
         self.rport = rport
-        self.extra = extra
 
     def __getattr__(self, name):          # only called for names not in __slots__
         if name == "extra":
@@ -91,15 +94,7 @@ class Transition(Finding):
     __slots__ = ("_old", "_new", "_sk")     # f.oldstate etc. read as names, through extra
 
     def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
-        self.type = "transition"
-        self.ts_ns = ts_ns
-        self.pid = pid
-        self.comm = comm
-        self.family = family
-        self.laddr = laddr
-        self.lport = lport
-        self.raddr = raddr
-        self.rport = rport
+        self._common("transition", ts_ns, pid, comm, family, laddr, lport, raddr, rport)
         self._old = old
         self._new = new
         self._sk = skaddr

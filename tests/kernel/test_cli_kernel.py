@@ -45,10 +45,13 @@ def settled(port, timeout=10):
         time.sleep(0.01)       # polling the kernel's own table: the signal itself
 
 
-def one_connection():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
+def one_connection(srv=None):
+    """Connect to srv (a new listener if None), close from the client first, then the server;
+    closes srv and returns its port once the kernel is done with the sockets."""
+    if srv is None:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
     port = srv.getsockname()[1]
     c = socket.create_connection(("127.0.0.1", port))
     a, _ = srv.accept()
@@ -146,13 +149,7 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
     c6 = socket.create_connection(("::1", port))
     c6.close()
     v6.close()
-    c = socket.create_connection(("127.0.0.1", port))
-    a, _ = keep.accept()
-    c.close()
-    a.recv(1)
-    a.close()
-    keep.close()
-    settled(port)
+    one_connection(keep)
     first = json.loads(p.stdout.readline())           # the wanted connection arrived
     out, err = finish(p)
     assert p.returncode == 0, err
