@@ -6,6 +6,7 @@ an ICMP error, a lost final ACK. The client agent runs inside the client namespa
 finding's pid must be that agent's.
 """
 import os
+import time
 
 import pytest
 
@@ -183,6 +184,7 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
     lab.nft(lab.server, f"ip saddr {CLIENT4} tcp sport {cport} "
                         f"tcp flags & (syn|ack|fin|rst) == ack counter drop comment \"ack\"")
     srv.call("close", fd=acc["fd"])
+    closed_at = time.monotonic()
 
     [st] = expect(tracer, where(new, "stuck", lport=PORT, rport=cport, laddr=SERVER4),
                   timeout=STUCK_AFTER + 4)
@@ -194,12 +196,20 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
     assert ss_users("last-ack", PORT, lab.server) == []
     assert run(["ss", "-tanH", "state", "last-ack"], lab.server).count(f":{cport}") == 1
 
+    # How long the kernel keeps retrying differs between versions (6.18: 5 FIN retransmissions,
+    # 6.7 s; 6.1: ~3.4 s), so the yardstick is the kernel's own table: the time from close()
+    # until ss no longer lists the socket in LAST_ACK.
+    while run(["ss", "-tanH", "state", "last-ack"], lab.server).count(f":{cport}"):
+        assert time.monotonic() - closed_at < 15, "LAST_ACK never ended"
+        time.sleep(0.02)       # polling the kernel's table: the signal itself
+    gone_after = time.monotonic() - closed_at
     [un] = expect(tracer, where(new, "unstuck", lport=PORT, rport=cport, laddr=SERVER4), timeout=10)
     assert (un["state"], un["newstate"]) == ("LAST_ACK", "CLOSE")
-    assert 6.0e9 <= un["duration_ns"] <= 7.5e9, un["duration_ns"]
+    assert un["duration_ns"] > STUCK_AFTER * 1e9
+    assert abs(un["duration_ns"] / 1e9 - gone_after) < 0.3, (un["duration_ns"], gone_after)
     # Every FIN (the first and each retransmission) drew an ACK that was dropped.
     retrans = snmp_tcp(lab.server)["RetransSegs"]
-    assert retrans == 5
+    assert retrans >= 1
     assert lab.nft_counter(lab.server, "ack") == 1 + retrans
     [cl] = expect(tracer, where(new, "close", lport=PORT, rport=cport, laddr=SERVER4))
     assert cl["path"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
