@@ -80,21 +80,12 @@ def hold(total, rate, dests, octet):
     pids = []
     for i in range(nchild):
         n = min(PER_CHILD, total - i * PER_CHILD)
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                os.close(ready_r)
-                os.close(close_w)
-                storm.raise_nofile(2 * PER_CHILD + 100)
-                _hold_child(i, n, rate / nchild if rate else 0, dests, octet, ready_w, close_r)
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        pids.append(pid)
+        def child(i=i, n=n):
+            os.close(ready_r)
+            os.close(close_w)
+            storm.raise_nofile(2 * PER_CHILD + 100)
+            _hold_child(i, n, rate / nchild if rate else 0, dests, octet, ready_w, close_r)
+        pids.append(storm.fork_child(child))
     os.close(ready_w)
     os.close(close_r)
     t0 = time.monotonic()

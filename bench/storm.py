@@ -78,6 +78,23 @@ def enter_fresh_netns():
             f.write(value)
 
 
+def fork_child(run):
+    """Fork a process that calls run() and exits: 0, or 1 after printing the traceback. It never
+    returns into the parent's code (os._exit), so no cleanup of the parent's runs twice."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            run()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
 def raise_nofile(n):
     """Raise the soft limit towards n; the hard limit only if we may (CAP_SYS_RESOURCE, which a
     container's root may lack). Returns the soft limit now in force."""
@@ -270,22 +287,12 @@ def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True, octe
     out_r, out_w = os.pipe()
     pids = []
     for w in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                os.close(go_w)
-                os.close(out_r)
-                worker(w, rate / workers if rate else 0, duration, mix, ndests, octet, go_r,
-                       out_w)
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        pids.append(pid)
+        def child(w=w):
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.close(go_w)
+            os.close(out_r)
+            worker(w, rate / workers if rate else 0, duration, mix, ndests, octet, go_r, out_w)
+        pids.append(fork_child(child))
     os.close(go_r)
     os.close(out_w)
     time.sleep(0.2)                   # listeners up (they only need to be before the first connect)
