@@ -23,6 +23,7 @@ import time
 
 from tcptrace import errors
 from tcptrace.events import Event, Lost, Kind
+from tcptrace.probes import LIBC, NR_BPF, bpf
 
 try:
     from importlib.resources import files as _res_files
@@ -80,9 +81,6 @@ def decoder_for(ctype):
     return st, perm
 
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-
-
 class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
                 ("info", ctypes.c_uint64)]
@@ -91,12 +89,11 @@ class _InfoAttr(ctypes.Structure):
 def prog_stats(fd):
     """(run_cnt, run_time_ns, recursion_misses) of a loaded program, from BPF_OBJ_GET_INFO_BY_FD.
     Offsets are those of the uapi struct bpf_prog_info (stable ABI; recursion_misses since 5.12)."""
-    if _NR_BPF is None:
+    if NR_BPF is None:
         return None
     buf = ctypes.create_string_buffer(256)
     attr = _InfoAttr(fd, 256, ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_NR_BPF, 15, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+    if bpf(15, attr)[0] != 0:                                 # BPF_OBJ_GET_INFO_BY_FD
         return None
     run_time, run_cnt, misses = struct.unpack_from("<QQQ", buf, 192)
     if attr.info_len < 216:
@@ -109,7 +106,7 @@ def release_compiler_memory():
     and data pages and leave freed heap behind, none of it needed once the programs are loaded.
     Clean file-backed pages are dropped with MADV_PAGEOUT (5.4+; they would be re-read from disk
     if ever touched again) and the heap is trimmed. Returns the bytes of mappings advised."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = LIBC
     with contextlib.suppress(AttributeError):
         libc.malloc_trim(0)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -164,14 +164,13 @@ def fd_is_tcp(pid, fd):
 
     The connect() syscall tracepoints see every socket type; this tells TCP from UDP after the
     fact by borrowing the descriptor, the only way that reads no kernel struct."""
-    import ctypes
     try:
         pidfd = os.pidfd_open(pid)
     except (OSError, AttributeError):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        newfd = libc.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
+        from tcptrace.probes import LIBC
+        newfd = LIBC.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
         if newfd < 0:
             return None
         try:

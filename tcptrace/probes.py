@@ -122,12 +122,20 @@ def _kprobes():
                  "kernel built without CONFIG_KPROBES (no kprobe PMU, no kprobe_events)", "any")
 
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+LIBC = ctypes.CDLL(None, use_errno=True)
+NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+
+
+def bpf(cmd, attr):
+    """bpf(2) with a ctypes attr struct: (result, errno). Used without BCC (doctor asks the
+    kernel before anything is compiled) and for what BCC does not expose (program info)."""
+    r = LIBC.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return r, (ctypes.get_errno() if r < 0 else 0)
 
 
 def _ringbuf():
     """Create (and close) a BPF_MAP_TYPE_RINGBUF: the kernel's own answer."""
-    if _NR_BPF is None:
+    if NR_BPF is None:
         return Check("ringbuf", UNKNOWN, f"no bpf() syscall number for {platform.machine()}", "5.8")
     if os.geteuid() != 0:
         return Check("ringbuf", UNKNOWN, "needs root to ask the kernel", "5.8")
@@ -137,12 +145,10 @@ def _ringbuf():
                     ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                     ("pad", ctypes.c_uint8 * 112)]
     attr = MapAttr(27, 0, 0, os.sysconf("SC_PAGE_SIZE"))      # BPF_MAP_TYPE_RINGBUF = 27
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_NR_BPF, 0, ctypes.byref(attr), ctypes.sizeof(attr))   # BPF_MAP_CREATE
+    fd, err = bpf(0, attr)                                    # BPF_MAP_CREATE
     if fd >= 0:
         os.close(fd)
         return Check("ringbuf", SUPPORTED, "BPF ring buffer maps can be created", "5.8")
-    err = ctypes.get_errno()
     if err == 22:
         return Check("ringbuf", UNSUPPORTED, "kernel rejects BPF_MAP_TYPE_RINGBUF", "5.8")
     return Check("ringbuf", UNKNOWN, f"map creation failed: {os.strerror(err)}", "5.8")
