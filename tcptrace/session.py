@@ -4,9 +4,7 @@ kernel (poll) -> Reorderer -> Tracker -> Filter -> sink / Report
 The poll loop owns time: the perf/ring callbacks only append records, and everything time-based
 (stuck detection, interval reports, loss counters) runs from here.
 """
-import bisect
 import json
-import operator
 import os
 import signal
 import sys
@@ -20,9 +18,6 @@ from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer
 from tcptrace.report import Report
 from tcptrace.sinks import Closed, JsonSink, TextSink
-
-
-_ts = operator.attrgetter("ts_ns")
 
 
 @dataclass
@@ -74,8 +69,9 @@ class Pipeline:
         self.out = out
         self.emitted = 0
         # Findings wait here until nothing earlier can still be concluded (a closed connection
-        # waits out the tracker's grace), so output is in time order.
-        self._held = []
+        # waits out the tracker's grace), so output is in time order: the same hold-and-release
+        # by timestamp as for the events, one grace period longer.
+        self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns)
 
     def feed(self, recs, horizon_ns):
         self.order.push_many(recs)
@@ -90,23 +86,11 @@ class Pipeline:
 
     def flush(self, final=False):
         match = self.opts.filter.match
-        held = self._held
-        new = self.tracker.take()
-        if not new and not held:
+        self._held.push_many([f for f in self.tracker.take() if match(f)])
+        out = self._held.drain() if final else self._held.release(self.tracker.now_ns)
+        if not out:
             return
-        held.extend(f for f in new if match(f))
-        # Nearly sorted already (only closes wait out the grace), so this sort is linear; it is
-        # stable, so equal times keep the order they were concluded in.
-        held.sort(key=_ts)
-        if final:
-            n = len(held)
-        else:
-            horizon = self.tracker.now_ns - self.tracker.grace_ns - self.order.window_ns
-            n = bisect.bisect_right(held, horizon, key=_ts) if held else 0
-        if not n:
-            return
-        out, self._held = held[:n], held[n:]
-        self.emitted += n
+        self.emitted += len(out)
         if self.report is not None:
             add = self.report.add
             for f in out:
