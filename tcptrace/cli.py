@@ -101,7 +101,7 @@ def _live(opts):
     plan = probes.plan(opts.transport, cs)
     if opts.transport == "ringbuf" and {c.name: c for c in cs}["ringbuf"].status == probes.UNSUPPORTED:
         raise errors.Unavailable("--transport ringbuf: this kernel has no BPF ring buffer (5.8+)")
-    session.run_live(opts, cs, plan, _diag)
+    session.run_live(opts, plan, _diag)
 
 
 class Group(click.Group):

@@ -8,7 +8,7 @@ current task is a bystander, so they are matched here against the attributed own
 identical.
 """
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tcptrace import states
 

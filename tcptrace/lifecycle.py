@@ -22,7 +22,7 @@ import collections
 import errno
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Event, Lost, F_KPROBE, addr_str, intern_comm
+from tcptrace.events import Kind, Lost, F_KPROBE, addr_str, intern_comm
 from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"

@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tcptrace import errors, events, states
-from tcptrace.events import Event, Lost, Kind, F_SYSCALL
+from tcptrace import errors, events
+from tcptrace.events import Lost, Kind, F_SYSCALL
 from tcptrace.filters import Filter
 from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer
@@ -192,7 +192,7 @@ def _protect_stdout():
     return os.fdopen(fd, "w", buffering=1 << 16, encoding="utf-8", errors="replace")
 
 
-def run_live(opts, checks, plan, diag):
+def run_live(opts, plan, diag):
     """diag: callable(str) for stderr diagnostics."""
     from tcptrace import kernel, owners   # kernel imports bcc lazily inside KernelSource
 

@@ -4,9 +4,7 @@ All sinks take `Finding`s and the wall-clock offset, write to a stream, and turn
 into `Closed`. The pipeline flushes after every batch, i.e. at least every poll (10 ms): a log
 shipper reading the pipe sees each line within that, without a write syscall per line.
 """
-import json
 
-from tcptrace import states
 
 
 class Closed(Exception):

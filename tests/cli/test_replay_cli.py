@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from tcptrace import errors, states as S
 from tcptrace.cli import main
-from streams import (MS, SEC, active_close, active_open, listen, lost, passive_close,
+from streams import (MS, SEC, active_close, active_open, listen, lost,
                      passive_open, state, write_recording)
 
 HERE = os.path.dirname(__file__)
@@ -152,7 +152,7 @@ def test_malformed_recording_names_the_line_and_keeps_what_came_before(tmp_path)
     bad.write_text("\n".join(lines[:30] + ['{"kind": "state", "ts_ns": "soon"'] + lines[30:]) + "\n")
     r = invoke("replay", str(bad), "--json")
     assert r.exit_code == errors.EXIT_DATAERR
-    assert f"bad.jsonl:31: malformed record" in r.stderr
+    assert "bad.jsonl:31: malformed record" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 2      # the summary line, then the error
     assert "Traceback" not in r.stderr
     got = jsonl(r.stdout)

@@ -138,15 +138,3 @@ def tracer(tmp_path_factory):
     assert rc == 0, t.stderr_path.read_text()
     assert t.bad_lines == [], "non-JSON on the tracer's stdout"
     assert "Traceback" not in t.stderr_path.read_text()
-
-
-def involving(port):
-    """Predicate: a record on a connection with this port at either end."""
-    return lambda r: port in (r.get("lport"), r.get("rport"))
-
-
-def snmp():
-    """/proc/net/snmp Tcp: counters, the kernel's own yardstick."""
-    with open("/proc/net/snmp") as f:
-        lines = [l.split() for l in f if l.startswith("Tcp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))

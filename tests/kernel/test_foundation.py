@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 
-from conftest import involving, snmp
 
 pytestmark = pytest.mark.kernel
 
