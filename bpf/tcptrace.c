@@ -19,9 +19,19 @@
 #include "tcptrace.h"
 
 #define TT_IPPROTO_TCP 6
+#define TT_ESTABLISHED 1
 #define TT_SYN_SENT 2
+#define TT_SYN_RECV 3
+#define TT_FIN_WAIT1 4
 #define TT_CLOSE 7
+#define TT_CLOSE_WAIT 8
+#define TT_LAST_ACK 9
+#define TT_LISTEN 10
 #define TT_EINPROGRESS 115
+
+#ifndef TT_SOCKS_MAX
+#define TT_SOCKS_MAX 262144
+#endif
 
 /* config: one entry, written by user space after load (armed last), read on every hit. Never
  * deleted. */
@@ -31,6 +41,14 @@ BPF_HASH(ports, u16, u8, 64);
 /* drops: records the transport refused (buffer full), per kind, per CPU. Counted here because
  * the perf "lost" record arrives only when a later record fits, and the ring buffer has none. */
 BPF_PERCPU_ARRAY(drops, u64, TT_KIND_MAX);
+/* socks: per socket, the transitions not sent yet: a TT_STATE record being filled. Created at a
+ * socket's first unsent transition, deleted when the record is sent (ESTABLISHED, LISTEN, CLOSE,
+ * or full), so it holds only sockets between those states: in a handshake, in a close, or resting
+ * half-closed. User space reads it on a timer (tcptrace/kernel.py:KernelSource.scan) and never
+ * writes it. A plain hash, not LRU: an eviction would lose steps silently, while a full map only
+ * makes a transition go out on its own. Not preallocated: it is usually small. An entry whose
+ * CLOSE was never seen (a recursion miss) stays until its address is reused by a new socket. */
+BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
 
 #ifdef TT_RINGBUF
 BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
@@ -65,7 +83,7 @@ static __always_inline void tt_emit(void *ctx, struct tt_event *ev)
         u32 k = ev->kind;
         u64 *n = drops.lookup(&k);
         if (n)
-            (*n)++;
+            *n += ev->nsteps ? ev->nsteps : 1;   /* transitions lost, not records */
     }
 }
 
@@ -106,30 +124,106 @@ struct tt_connecting {
 BPF_TABLE("lru_hash", u32, struct tt_connecting, connecting, 4096);
 #endif
 
+static __always_inline void tt_put_step(struct tt_event *e, u32 n, u64 ts, u32 pid, u8 old, u8 new)
+{
+    if (n >= TT_MAX_STEPS)
+        return;
+    e->step_ts[n] = ts;
+    e->step_pid[n] = pid;
+    e->step_old[n] = old;
+    e->step_new[n] = new;
+    /* Steps before the count: user space may read the entry while it is being written. */
+    asm volatile("" ::: "memory");
+    e->nsteps = n + 1;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != TT_IPPROTO_TCP)
         return 0;
     if (!tt_wanted(args->family, args->sport, args->dport))
         return 0;
-    struct tt_event ev = {};
-    ev.kind = TT_STATE;
-    tt_task(&ev);
-    ev.skaddr = (u64)args->skaddr;
-    ev.oldstate = args->oldstate;
-    ev.newstate = args->newstate;
-    ev.family = args->family;
-    ev.sport = args->sport;
-    ev.dport = args->dport;
-    TT_COPY_ADDRS(&ev, args);
+    u64 sk = (u64)args->skaddr;
+    u8 old = args->oldstate, new = args->newstate;
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ts = bpf_ktime_get_ns();
+    /* Steps a process makes itself name the socket's owner; the others run in softirq. */
+    int owner = (old == TT_CLOSE && (new == TT_SYN_SENT || new == TT_LISTEN)) ||
+                (old == TT_ESTABLISHED && new == TT_FIN_WAIT1) ||
+                (old == TT_CLOSE_WAIT && new == TT_LAST_ACK);
+    int fresh = (old == TT_CLOSE && (new == TT_SYN_SENT || new == TT_LISTEN)) ||
+                (old == TT_LISTEN && new == TT_SYN_RECV);
+    /* Where a socket may rest for long, or is gone: send what is pending now. */
+    int send = new == TT_ESTABLISHED || new == TT_CLOSE || new == TT_LISTEN;
 #ifdef TT_SYSCALL_CONNECT
-    if (args->newstate == TT_SYN_SENT) {
-        struct tt_connecting *c = connecting.lookup(&ev.tid);
+    if (new == TT_SYN_SENT) {
+        u32 tid = (u32)id;
+        struct tt_connecting *c = connecting.lookup(&tid);
         if (c)
-            c->skaddr = ev.skaddr;
+            c->skaddr = sk;
     }
 #endif
-    tt_emit(args, &ev);
+    struct tt_event *e = socks.lookup(&sk);
+    if (e && fresh) {
+        /* A new socket at the address of one whose CLOSE we never saw (a recursion miss): send
+         * the old one's steps; user space sees the gap. */
+        tt_emit(args, e);
+        socks.delete(&sk);
+        e = 0;
+    }
+    if (!e) {
+        struct tt_event ev = {};
+        ev.kind = TT_STATE;
+        ev.skaddr = sk;
+        ev.pid = id >> 32;
+        ev.tid = (u32)id;
+        bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+        if (owner)
+            ev.flags = TT_F_OWNER;
+        ev.ts_ns = ts;
+        ev.oldstate = old;
+        ev.newstate = new;
+        ev.family = args->family;
+        ev.sport = args->sport;
+        ev.dport = args->dport;
+        TT_COPY_ADDRS(&ev, args);
+        if (!send) {
+            ev.nsteps = 0;
+            if (socks.insert(&sk, &ev) == 0)
+                e = socks.lookup(&sk);
+        }
+        if (!e) {
+            /* Nothing pending and nothing to wait for (or the map is full): one step, now. */
+            ev.step_ts[0] = ts;
+            ev.step_pid[0] = id >> 32;
+            ev.step_old[0] = old;
+            ev.step_new[0] = new;
+            ev.nsteps = 1;
+            tt_emit(args, &ev);
+            return 0;
+        }
+    } else {
+        e->ts_ns = ts;
+        e->oldstate = old;
+        e->newstate = new;
+        if (args->sport) {          /* CLOSE->SYN_SENT has no local port yet */
+            e->sport = args->sport;
+            e->dport = args->dport;
+            TT_COPY_ADDRS(e, args);
+        }
+        if (owner) {
+            e->pid = id >> 32;
+            e->tid = (u32)id;
+            bpf_get_current_comm(&e->comm, sizeof(e->comm));
+            e->flags |= TT_F_OWNER;
+        }
+    }
+    u32 n = e->nsteps;
+    tt_put_step(e, n, ts, id >> 32, old, new);
+    if (send || n + 1 >= TT_MAX_STEPS) {
+        tt_emit(args, e);
+        socks.delete(&sk);
+    }
     return 0;
 }
 
@@ -138,6 +232,13 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     if (!tt_wanted(args->family, args->sport, args->dport))
         return 0;
+    u64 sk = (u64)args->skaddr;
+    struct tt_event *e = socks.lookup(&sk);
+    if (e) {                        /* told with the socket's pending steps */
+        if (!e->rst_ns)
+            e->rst_ns = bpf_ktime_get_ns();
+        return 0;
+    }
     struct tt_event ev = {};
     ev.kind = TT_RECV_RESET;
     tt_task(&ev);
@@ -201,6 +302,13 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         return 0;
     if (!tt_wanted(args->family, args->sport, args->dport))
         return 0;
+    u64 sk = (u64)args->skaddr;
+    struct tt_event *e = socks.lookup(&sk);
+    if (e) {                        /* counted with the socket's pending CLOSE->SYN_SENT */
+        if (e->retrans < 255)
+            e->retrans++;
+        return 0;
+    }
     struct tt_event ev = {};
     ev.kind = TT_RETRANS;
     tt_task(&ev);

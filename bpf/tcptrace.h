@@ -20,11 +20,20 @@
 /* flags */
 #define TT_F_KPROBE     0x01  /* TT_CONNECT_RET came from the tcp_v{4,6}_connect kretprobe */
 #define TT_F_SYSCALL    0x02  /* TT_CONNECT_RET came from syscalls:sys_exit_connect */
+#define TT_F_OWNER      0x04  /* TT_STATE: pid/tid/comm are the task of a step a process makes
+                               * itself (connect, listen, close, shutdown): the owner */
+
+/* A TT_STATE record carries up to TT_MAX_STEPS transitions of one socket, oldest first. The
+ * kernel keeps a socket's transitions in the `socks` map and sends them as one record when the
+ * socket reaches ESTABLISHED, LISTEN or CLOSE (or the record is full); user space also reads the
+ * map on a timer, so a socket resting in between (SYN_SENT, CLOSE_WAIT, FIN_WAIT2...) is seen
+ * without waiting for its next transition. The map's value is this same struct. */
+#define TT_MAX_STEPS    6
 
 struct tt_event {
-    u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC; TT_STATE: the newest step's */
     u64 skaddr;       /* struct sock address: an opaque key, never dereferenced */
-    u32 pid;          /* tgid of the current task */
+    u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
     s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
     u32 aux;          /* fd (TT_CONNECT_RET) */
@@ -32,13 +41,20 @@ struct tt_event {
     u16 dport;
     u8  kind;         /* TT_* */
     u8  family;       /* AF_INET (2) or AF_INET6 (10) */
-    u8  oldstate;     /* TCP_* as in include/net/tcp_states.h */
+    u8  oldstate;     /* TCP_* as in include/net/tcp_states.h; TT_STATE: the newest step's */
     u8  newstate;
     u8  flags;        /* TT_F_* */
-    u8  _pad[7];
+    u8  nsteps;       /* TT_STATE: steps used, 1..TT_MAX_STEPS */
+    u8  retrans;      /* TT_STATE: SYN retransmissions while these steps were pending */
+    u8  _pad[5];
     u8  saddr[16];    /* IPv4 in the first 4 bytes */
     u8  daddr[16];
     char  comm[16];
+    u64 rst_ns;       /* TT_STATE: when the peer reset the socket while steps were pending, or 0 */
+    u64 step_ts[TT_MAX_STEPS];
+    u32 step_pid[TT_MAX_STEPS];   /* the task current at each step (a bystander in softirq) */
+    u8  step_old[TT_MAX_STEPS];
+    u8  step_new[TT_MAX_STEPS];
 };
 
 /* Runtime filters, written by user space into the one-entry `config` array after load, so one

@@ -28,6 +28,11 @@ class Kind:
 # flags
 F_KPROBE = 0x01
 F_SYSCALL = 0x02
+F_OWNER = 0x04      # STATE: pid/comm are the task of a step a process makes itself
+F_SCAN = 0x80       # STATE: read from the kernel's `socks` map (set here, never by the kernel)
+
+MAX_STEPS = 6       # TT_MAX_STEPS
+STEP_ARRAYS = ("step_ts", "step_pid", "step_old", "step_new")
 
 
 class Event(NamedTuple):
@@ -47,6 +52,27 @@ class Event(NamedTuple):
     saddr: bytes      # 16 bytes; IPv4 uses the first 4
     daddr: bytes
     comm: bytes       # NUL-padded
+    nsteps: int = 0   # STATE: transitions in `steps`; 0 in a one-transition event (ts_ns, pid,
+                      #   oldstate, newstate: recordings of version 1, hand-built streams)
+    retrans: int = 0  # STATE: SYN retransmissions while the steps were pending
+    rst_ns: int = 0   # STATE: when the peer reset the socket while the steps were pending
+    steps: tuple = () # STATE: the step arrays flat, each M long (M = len // 4):
+                      #   ts x M, pid x M, oldstate x M, newstate x M; the first nsteps are used
+
+
+def iter_steps(ev):
+    """(ts_ns, pid, oldstate, newstate) of each transition a STATE record carries."""
+    n = ev.nsteps
+    if not n:
+        return ((ev.ts_ns, ev.pid, ev.oldstate, ev.newstate),)
+    s = ev.steps
+    m = len(s) >> 2
+    return zip(s[:n], s[m:m + n], s[2 * m:2 * m + n], s[3 * m:3 * m + n])
+
+
+def pack_steps(steps):
+    """[(ts, pid, old, new), ...] -> the flat form of Event.steps."""
+    return tuple(x for i in range(4) for x in (st[i] for st in steps))
 
 
 class Lost(NamedTuple):
@@ -112,7 +138,8 @@ intern_comm = memo(comm_str, limit=10_000)
 # tickets and read with jq.
 
 RECORDING_MAGIC = "tcptrace-recording"
-RECORDING_VERSION = 1
+RECORDING_VERSION = 2       # 2: STATE records may carry several steps
+RECORDING_VERSIONS = (1, 2)  # what replay reads
 
 
 def recording_header(wall_offset_ns, **extra):
@@ -127,6 +154,10 @@ def event_to_json(ev):
          "daddr": addr_str(ev.family, ev.daddr), "sport": ev.sport, "dport": ev.dport,
          "oldstate": ev.oldstate, "newstate": ev.newstate, "err": ev.err, "aux": ev.aux,
          "flags": ev.flags}
+    if ev.nsteps:
+        d["steps"] = [list(st) for st in iter_steps(ev)]
+        d["retrans"] = ev.retrans
+        d["rst_ns"] = ev.rst_ns
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -142,10 +173,17 @@ def from_json_obj(d):
         return Lost(int(d["ts_ns"]), int(d["count"]), str(d["where"]))
     k = Kind.BY_NAME[kind] if isinstance(kind, str) else int(kind)
     fam = int(d.get("family", 0))
+    steps = d.get("steps") or ()
+    if steps:
+        steps = [tuple(int(x) for x in st) for st in steps]
+        if any(len(st) != 4 for st in steps) or len(steps) > 255:
+            raise ValueError("bad steps")
     return Event(
         ts_ns=int(d["ts_ns"]), skaddr=int(str(d.get("skaddr", "0")), 16), pid=int(d.get("pid", 0)),
         tid=int(d.get("tid", 0)), err=int(d.get("err", 0)), aux=int(d.get("aux", 0)),
         sport=int(d.get("sport", 0)), dport=int(d.get("dport", 0)), kind=k, family=fam,
         oldstate=int(d.get("oldstate", 0)), newstate=int(d.get("newstate", 0)),
-        flags=int(d.get("flags", 0)), saddr=addr_bytes(d.get("saddr")),
-        daddr=addr_bytes(d.get("daddr")), comm=str(d.get("comm", "")).encode()[:16])
+        flags=int(d.get("flags", 0)), nsteps=len(steps), retrans=int(d.get("retrans", 0)),
+        saddr=addr_bytes(d.get("saddr")), daddr=addr_bytes(d.get("daddr")),
+        comm=str(d.get("comm", "")).encode()[:16], rst_ns=int(d.get("rst_ns", 0)),
+        steps=pack_steps(steps) if steps else ())

@@ -22,7 +22,7 @@ import struct
 import time
 
 from tcptrace import errors
-from tcptrace.events import Event, Lost, Kind
+from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, F_SCAN
 from tcptrace.probes import LIBC, NR_BPF, bpf
 
 try:
@@ -53,32 +53,53 @@ def decoder_for(ctype):
     """A struct.Struct plus field order for Event, derived from BCC's ctypes view of tt_event.
 
     Decoding with struct.unpack_from is several times cheaper than building a ctypes object per
-    record, and the layout still comes from the compiled program, never from a copy."""
+    record, and the layout still comes from the compiled program, never from a copy. The step
+    arrays decode to one number per element; build_event() folds them into Event.steps.
+    Returns (struct, perm): perm is None when the unpacked tuple is already in the order
+    build_event() expects (Event's fields up to `rst_ns`, then the step arrays), else the index
+    of each wanted item in the unpacked tuple."""
     fields = dict(ctype._fields_)
     spec = []
-    for name in Event._fields:
+    for name in HEAD_FIELDS + STEP_ARRAYS:
         t = fields[name]
         off = getattr(ctype, name).offset
-        if issubclass(t, ctypes.Array):
+        count = 1
+        if name in STEP_ARRAYS:
+            count = t._length_
+            code = f"{count}{_CT_CODES[t._type_]}"
+        elif issubclass(t, ctypes.Array):
             code = f"{ctypes.sizeof(t)}s"
         else:
             code = _CT_CODES[t]
-        spec.append((off, name, code))
+        spec.append((off, name, code, count))
     spec.sort()
     fmt, pos, order = "<", 0, []
-    for off, name, code in spec:
+    for off, name, code, count in spec:
         if off > pos:
             fmt += f"{off - pos}x"
         fmt += code
         pos = off + struct.calcsize("<" + code)
-        order.append(name)
+        order.extend((name, i) for i in range(count))
     if ctypes.sizeof(ctype) > pos:
         fmt += f"{ctypes.sizeof(ctype) - pos}x"
     st = struct.Struct(fmt)
-    if order == list(Event._fields):
+    want = [(n, 0) for n in HEAD_FIELDS]
+    for n in STEP_ARRAYS:
+        want.extend((n, i) for i in range(fields[n]._length_))
+    if order == want:
         return st, None
-    perm = [order.index(n) for n in Event._fields]
-    return st, perm
+    return st, [order.index(w) for w in want]
+
+
+HEAD_FIELDS = Event._fields[:-1]          # everything but `steps`
+_NHEAD = len(HEAD_FIELDS)
+
+
+def build_event(t, perm=None):
+    """Event from an unpacked tt_event (see decoder_for)."""
+    if perm is not None:
+        t = [t[i] for i in perm]
+    return Event._make(tuple(t[:_NHEAD]) + (tuple(t[_NHEAD:]),))
 
 
 class _InfoAttr(ctypes.Structure):
@@ -127,6 +148,58 @@ def release_compiler_memory():
     return advised
 
 
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class MapScanner:
+    """Every value of a hash map, read with BPF_MAP_LOOKUP_BATCH (5.6+): one bpf(2) call per
+    `chunk` entries, and the values arrive as one buffer that struct.iter_unpack decodes. BCC's
+    items() costs two calls and a ctypes object per entry. Returns None where the kernel has no
+    batch lookup, and the caller falls back to BCC."""
+    ENOENT, ENOSPC = 2, 28
+
+    def __init__(self, map_fd, key_size, value_size, chunk=1024):
+        self.fd = map_fd
+        self.vsize = value_size
+        self.chunk = chunk
+        self._alloc(chunk, key_size)
+
+    def _alloc(self, chunk, key_size=8):
+        self.chunk = chunk
+        self._keys = ctypes.create_string_buffer(chunk * key_size)
+        self._vals = ctypes.create_string_buffer(chunk * self.vsize)
+        self._tok = (ctypes.c_uint64 * 2)()
+
+    def values(self):
+        """Raw bytes of all values (a snapshot per chunk; entries may change meanwhile)."""
+        out = []
+        first = True
+        while True:
+            a = _BatchAttr()
+            a.in_batch = 0 if first else ctypes.addressof(self._tok)
+            a.out_batch = ctypes.addressof(self._tok) + 8
+            a.keys = ctypes.addressof(self._keys)
+            a.values = ctypes.addressof(self._vals)
+            a.count = self.chunk
+            a.map_fd = self.fd
+            r, err = bpf(24, a)                                   # BPF_MAP_LOOKUP_BATCH
+            if r < 0 and err == self.ENOSPC and a.count == 0:     # a bucket larger than a chunk
+                self._alloc(self.chunk * 4)
+                continue
+            if r < 0 and err != self.ENOENT:
+                return None if first and not out else out
+            if a.count:
+                out.append(self._vals.raw[:a.count * self.vsize])
+            if r < 0:                                             # ENOENT: that was the last
+                return out
+            self._tok[0] = self._tok[1]
+            first = False
+
+
 class RingReader:
     """Reads the BPF ring buffer map through its own mmap'ed pages instead of BCC's per-record
     ctypes callback, which costs more than everything else per event put together.
@@ -168,8 +241,9 @@ class RingReader:
             return 0
         stride, base, mask, busy, discard = self.stride, self._base, self._mask, self.BUSY, self.DISCARD
         want = self.payload
-        make = Event._make
         perm = self._perm
+        nh = _NHEAD
+        make = Event._make
         n0 = len(out)
         while cons < prod:
             off = base + (cons & mask)
@@ -184,7 +258,10 @@ class RingReader:
                     raise RuntimeError(f"ring buffer record of {hdr & 0x3fffffff} bytes, "
                                        f"expected {want}")
                 if not hdr & discard:
-                    out.append(make(t[2:]) if perm is None else make([t[2 + i] for i in perm]))
+                    if perm is None:
+                        out.append(make(t[2:2 + nh] + (t[2 + nh:],)))
+                    else:
+                        out.append(build_event(t[2:], perm))
                 cons += stride
             if stop or count == 0:
                 break
@@ -243,18 +320,16 @@ class KernelSource:
         ctype = type(table.event(ctypes.create_string_buffer(512)))
         self.record_size = ctypes.sizeof(ctype)
         self._st, perm = decoder_for(ctype)
+        self._perm = perm
+        socks = self.b["socks"]
+        self._scanner = MapScanner(socks.map_fd, 8, self.record_size)
         unpack = self._st.unpack_from
         size = self.record_size
         string_at = ctypes.string_at
         batch = self._batch
-        make = Event._make
-        if perm is None:
-            def on_record(_cpu_or_ctx, data, _size):
-                batch.append(make(unpack(string_at(data, size))))
-        else:
-            def on_record(_cpu_or_ctx, data, _size):
-                t = unpack(string_at(data, size))
-                batch.append(make([t[i] for i in perm]))
+
+        def on_record(_cpu_or_ctx, data, _size):
+            batch.append(build_event(unpack(string_at(data, size)), perm))
         self._cb = on_record            # keep the ctypes callback alive
         self._ring = None
         if plan.transport == "ringbuf":
@@ -308,6 +383,24 @@ class KernelSource:
             self.b.perf_buffer_consume()
         out = self._batch[:]
         del self._batch[:]
+        return out
+
+    def scan(self):
+        """The steps still pending in the kernel's `socks` map (sockets resting between the
+        states at which the kernel sends them), as STATE Events flagged F_SCAN. Steps already
+        taken this way are skipped when the record carrying them arrives (lifecycle.py)."""
+        out = []
+        chunks = self._scanner.values() if self._scanner is not None else None
+        if chunks is None:
+            self._scanner = None
+            socks = self.b["socks"]
+            chunks = [b"".join(bytes(v) for v in socks.values())]
+        perm, flag = self._perm, F_SCAN
+        for raw in chunks:
+            for t in self._st.iter_unpack(raw):
+                ev = build_event(t, perm)
+                if ev.nsteps:
+                    out.append(ev._replace(flags=ev.flags | flag))
         return out
 
     def losses(self, now_ns):

@@ -22,7 +22,7 @@ import collections
 import errno
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Lost, F_KPROBE, addr_str, intern_comm
+from tcptrace.events import Kind, Lost, F_KPROBE, F_SCAN, addr_str, intern_comm, iter_steps
 from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -46,7 +46,7 @@ class Conn:
                  "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
                  "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
                  "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
-                 "fd", "epoch")
+                 "fd", "epoch", "scan_ts")
 
     def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False, epoch=0):
         self.id = cid
@@ -75,6 +75,7 @@ class Conn:
         self.stuck_state = None
         self.closed_ns = None
         self.fd = None
+        self.scan_ts = 0            # newest step taken from a scan of the kernel's `socks` map
 
     def tuple_key(self):
         return (self.family, self.laddr, self.lport, self.raddr, self.rport)
@@ -128,6 +129,10 @@ class Tracker:
         # (pid, family, raddr, rport) -> ts of an attempt that died in SYN_SENT: an unreachable
         # error it may still re-report through connect(), told from a route failure before a SYN
         self.failed_syn = collections.OrderedDict()
+        # tuple -> (ts, errno) of error reports no connection matched yet: an ICMP error can come
+        # before the SYN_SENT it explains has reached us (the kernel sends a socket's pending
+        # steps together, at its CLOSE)
+        self.early_errors = collections.OrderedDict()
         self.halfclosed = {}                  # id -> Conn now in a HALF_CLOSED state
         self.pending = collections.deque()    # closed Conns waiting out grace_ns
         self.out = []
@@ -237,42 +242,75 @@ class Tracker:
                            lost_total=self.stats.lost_total))
 
     def _state(self, ev):
-        old, new = ev.oldstate, ev.newstate
-        self.stats.matrix[(old, new)] += 1
+        """A STATE record: one transition, or several of one socket, oldest first (the kernel
+        sends a socket's steps together; a scan of its map can deliver some of them early)."""
         laddr, lport, raddr, rport = _endpoints(ev)
-        if self.transitions:
-            self._emit(Transition(ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family, laddr,
-                                  lport, raddr, rport, old, new, ev.skaddr))
-        c = self.conns.get(ev.skaddr)
+        scan = ev.flags & F_SCAN
+        c = None
+        n = 0
+        for ts, pid, old, new in iter_steps(ev):
+            c = self.conns.get(ev.skaddr)
+            if c is not None and ts <= c.scan_ts and c.closed_ns is None:
+                continue                              # already taken from a scan
+            n += 1
+            c = self._step(ev, ts, old, new, c, laddr, lport, raddr, rport)
+            if scan:
+                c.scan_ts = ts
+        if c is None:
+            return
+        self.stats.events += n - 1
+        if ev.rst_ns and c.recv_reset_ns is None:
+            c.recv_reset_ns = ev.rst_ns
+
+    def _step(self, ev, ts, old, new, c, laddr, lport, raddr, rport):
+        self.stats.matrix[(old, new)] += 1
         if c is not None and c.closed_ns is not None and old == S.CLOSE:
             c = None                                  # reuse of a closed socket's address
         if old == S.CLOSE and new == S.SYN_SENT:
-            c = self._new(ev.skaddr, ev.family, ACTIVE, new, ev.ts_ns)
+            c = self._new(ev.skaddr, ev.family, ACTIVE, new, ts)
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # connect(): process context
             c.raddr, c.rport, c.laddr = raddr, rport, laddr
-            return
-        if old == S.LISTEN and new == S.SYN_RECV:
-            c = self._new(ev.skaddr, ev.family, PASSIVE, new, ev.ts_ns)
+            c.syn_retrans = ev.retrans
+        elif old == S.LISTEN and new == S.SYN_RECV:
+            c = self._new(ev.skaddr, ev.family, PASSIVE, new, ts)
             self._set_tuple(c, laddr, lport, raddr, rport)
             owner = self.listeners.get((ev.family, lport))
             if owner:   # the listener's owner accepts it; the current task is a softirq bystander
                 c.pid, c.comm = owner
-            return
-        if old == S.CLOSE and new == S.LISTEN:
-            c = self._new(ev.skaddr, ev.family, LISTENER, new, ev.ts_ns)
+        elif old == S.CLOSE and new == S.LISTEN:
+            c = self._new(ev.skaddr, ev.family, LISTENER, new, ts)
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # listen(): process context
             c.laddr, c.lport = laddr, lport
             self.listeners[(ev.family, lport)] = (c.pid, c.comm)
-            return
-        if c is None:
-            c = self._adopt(ev, laddr, lport, raddr, rport)
-        elif c.state != old:
-            self.stats.gaps += 1
-            c.incomplete = True
-        self._set_tuple(c, laddr, lport, raddr, rport)
-        self._advance(c, ev, old, new)
+        else:
+            if c is None:
+                c = self._adopt(ev, old, new, laddr, lport, raddr, rport, ts)
+            elif c.state != old:
+                self.stats.gaps += 1
+                c.incomplete = True
+            self._set_tuple(c, laddr, lport, raddr, rport)
+            if ev.retrans > c.syn_retrans:
+                c.syn_retrans = ev.retrans
+            # Transitions a process makes itself (close(), shutdown()) name the socket's owner;
+            # the ones the network causes run in softirq on whatever task was interrupted.
+            if not c.owner_sure and ((old == S.ESTABLISHED and new == S.FIN_WAIT1)
+                                     or (old == S.CLOSE_WAIT and new == S.LAST_ACK)):
+                c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+            if self.transitions:
+                self._transition(c, ev, ts, old, new)
+            self._advance(c, ev, ts, old, new)
+            return c
+        if self.transitions:
+            self._transition(c, ev, ts, old, new)
+        return c
 
-    def _adopt(self, ev, laddr, lport, raddr, rport):
+    def _transition(self, c, ev, ts, old, new):
+        # pid/comm: the owner as known at this step, not the task current in the kernel: most
+        # transitions run in softirq, where that is a bystander.
+        self._emit(Transition(ts, c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr,
+                              c.rport, old, new, ev.skaddr))
+
+    def _adopt(self, ev, oldstate, newstate, laddr, lport, raddr, rport, ts):
         """First event of a socket we have no generation for."""
         key = (ev.family, laddr, lport, raddr, rport)
         c = self.seeded.pop(key, None)
@@ -282,15 +320,14 @@ class Tracker:
             if old is not None:
                 self._forget(old)
             self.conns[ev.skaddr] = c
-            if c.state not in (ev.oldstate, ev.newstate):
+            if c.state not in (oldstate, newstate):
                 c.incomplete = True
-            c.state = ev.oldstate     # seeded state may be before or after this transition
+            c.state = oldstate        # seeded state may be before or after this transition
             return c
-        role = PASSIVE if ev.oldstate == S.SYN_RECV else (ACTIVE if ev.oldstate == S.SYN_SENT else None)
-        return self._new(ev.skaddr, ev.family, role, ev.oldstate, ev.ts_ns, partial=True)
+        role = PASSIVE if oldstate == S.SYN_RECV else (ACTIVE if oldstate == S.SYN_SENT else None)
+        return self._new(ev.skaddr, ev.family, role, oldstate, ts, partial=True)
 
-    def _advance(self, c, ev, old, new):
-        ts = ev.ts_ns
+    def _advance(self, c, ev, ts, old, new):
         if c.stuck_state is not None and c.stuck_state != new:
             self._emit(self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
                                      duration_ns=ts - c.since_ns, newstate=S.name(new)))
@@ -301,11 +338,6 @@ class Tracker:
         c.path = (c.path << 4) | new
         if new in S.HALF_CLOSED:
             self.halfclosed[c.id] = c
-        # Transitions a process makes itself (close(), shutdown()) name the socket's owner; the
-        # ones the network causes run in softirq on whatever task was interrupted.
-        if (old, new) in ((S.ESTABLISHED, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)) \
-                and not c.owner_sure:
-            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if new == S.ESTABLISHED:
             c.established_ns = ts
             if self.by_tuple.get(c.tuple_key()) is c:
@@ -352,6 +384,10 @@ class Tracker:
                     break
         if c is None:
             self.stats.unmatched_errors += 1
+            key = (ev.family, laddr, lport, raddr, rport)
+            self.early_errors[key] = (ev.ts_ns, ev.err)
+            if len(self.early_errors) > 4096:
+                self.early_errors.popitem(last=False)
             return
         if not c.error:
             c.error = ev.err
@@ -441,6 +477,11 @@ class Tracker:
                 del self.listeners[(c.family, c.lport)]
             return
         if c.established_ns is None and c.role == ACTIVE and not c.partial:
+            if not c.error and self.early_errors:
+                early = self.early_errors.pop(c.tuple_key(), None)
+                if early is not None and c.opened_ns <= early[0] <= ts:
+                    c.error = early[1]
+                    self.stats.unmatched_errors -= 1
             err = c.error
             if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
                 self._emit(self._finding(c, "refused", ts, reason="refused",

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from tcptrace import errors, events
-from tcptrace.events import Lost, Kind, F_SYSCALL
+from tcptrace.events import Lost, Kind, F_SCAN, F_SYSCALL
 from tcptrace.filters import Filter
 from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer
@@ -34,9 +34,14 @@ class Options:
     wide: bool = False
     filter: Filter = field(default_factory=Filter)
     tick_ms: int = 10
+    scan_ms: int = 100        # how often pending steps are read from the kernel's socks map
     window_ms: int = 20
     max_conns: int = 262_144
     seed: bool = True
+
+
+def _ts(r):
+    return r.ts_ns
 
 
 class _Stop:
@@ -71,7 +76,10 @@ class Pipeline:
         # Findings wait here until nothing earlier can still be concluded (a closed connection
         # waits out the tracker's grace), so output is in time order: the same hold-and-release
         # by timestamp as for the events, one grace period longer.
-        self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns)
+        # Steps read from the kernel's socks map arrive up to one scan interval late: held that
+        # much longer too.
+        self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns
+                               + (opts.scan_ms + opts.tick_ms) * 1_000_000)
 
     def feed(self, recs, horizon_ns):
         self.order.push_many(recs)
@@ -100,6 +108,15 @@ class Pipeline:
             for f in out:
                 emit(f)
             self.sink.flush()
+
+    def feed_scan(self, recs, now_ns):
+        """Steps read from the kernel's `socks` map. Only those older than the ordering window
+        are taken, in time order: by then every record before them has been processed."""
+        horizon = now_ns - self.order.window_ns
+        tr = self.tracker
+        for r in sorted((r for r in recs if r.ts_ns <= horizon), key=_ts):
+            tr.process(r)
+        self.flush()
 
     def finish(self):
         tr = self.tracker
@@ -230,7 +247,7 @@ def run_live(opts, plan, diag):
         diag(f"tracing (compiled in {src.compile_s:.1f}s); Ctrl-C to stop")
         started = time.monotonic()
         deadline = started + opts.duration if opts.duration else None
-        next_loss = next_tick = next_interval = 0.0
+        next_loss = next_tick = next_interval = next_scan = 0.0
         if opts.interval:
             next_interval = started + opts.interval
         while not stop.flag:
@@ -251,6 +268,13 @@ def run_live(opts, plan, diag):
                     rec.tick(now_ns)
                     next_tick = now + 0.1     # replay judges stuck sockets on these
             pipe.feed(evs, now_ns)
+            if now >= next_scan:
+                scanned = src.scan()
+                if rec:
+                    for e in scanned:
+                        rec.event(e)
+                pipe.feed_scan(scanned, now_ns)
+                next_scan = now + opts.scan_ms / 1000
             if opts.interval and now >= next_interval:
                 pipe.print_report(opts.interval)
                 pipe.report.reset()
@@ -298,9 +322,9 @@ def replay(path, opts, out, diag):
             head = json.loads(first)
             if head.get("format") != events.RECORDING_MAGIC:
                 raise ValueError("not a tcptrace recording")
-            if head.get("version") != events.RECORDING_VERSION:
-                raise ValueError(f"recording version {head.get('version')} is not "
-                                 f"{events.RECORDING_VERSION}")
+            if head.get("version") not in events.RECORDING_VERSIONS:
+                raise ValueError(f"recording version {head.get('version')} is not one of "
+                                 f"{', '.join(map(str, events.RECORDING_VERSIONS))}")
             wall = int(head["wall_offset_ns"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise errors.DataError(f"{path}:1: {e if str(e) else 'bad header'}") from None
@@ -328,6 +352,12 @@ def replay(path, opts, out, diag):
                     rec = events.from_json_obj(d)
                     if not line.endswith("\n"):
                         raise ValueError("truncated line")
+                    if not isinstance(rec, Lost) and rec.flags & F_SCAN:
+                        # read from the kernel's map after everything before it: as live
+                        pipe.feed(batch, newest)
+                        batch = []
+                        pipe.feed_scan([rec], newest)
+                        continue
                 except (ValueError, KeyError, TypeError) as e:
                     bad = f"{path}:{lineno}: malformed record ({e})"
                     break

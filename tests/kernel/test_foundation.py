@@ -98,9 +98,16 @@ def test_refused_connect_transitions_and_facts_tied_to_one_socket(tracer):
     # (which carries no socket pointer) on its 4-tuple.
     tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port)
     # (an skaddr spans many generations on a busy host: the ports pin this one)
-    resets = tracer.raw(lambda r: r["kind"] == "recv_reset" and r["skaddr"] == sk
-                        and r["sport"] == cport and r["dport"] == port)
-    assert len(resets) == 1
+    # The reset came while the socket's steps were pending in the kernel, so it is told in the
+    # record that carries them (rst_ns), between its SYN and its CLOSE.
+    closes = tracer.raw(lambda r: r["kind"] == "state" and r["skaddr"] == sk
+                        and r["sport"] == cport and r["dport"] == port and r["newstate"] == 7)
+    assert len(closes) == 1
+    steps = closes[0]["steps"]
+    assert [(s[2], s[3]) for s in steps] == [(7, 2), (2, 7)]      # CLOSE->SYN_SENT->CLOSE
+    assert steps[0][0] < closes[0]["rst_ns"] <= steps[1][0]
+    assert not tracer.raw(lambda r: r["kind"] == "recv_reset" and r["skaddr"] == sk
+                          and r["sport"] == cport)
     errs = tracer.raw(lambda r: r["kind"] == "sock_error" and r["sport"] == cport
                       and r["dport"] == port)
     assert [e["err"] for e in errs] == [111]          # ECONNREFUSED

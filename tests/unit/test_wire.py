@@ -6,7 +6,7 @@ import re
 
 from tcptrace import events
 from tcptrace.events import Event, Kind
-from tcptrace.kernel import decoder_for
+from tcptrace.kernel import build_event, decoder_for
 
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tcptrace.h")
 CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "s32": ctypes.c_int,
@@ -16,18 +16,27 @@ CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "s32": ctypes.c_int,
 def header_struct():
     """ctypes view of struct tt_event, parsed from the header (as BCC would lay it out)."""
     text = open(HEADER).read()
+    macros = dict(re.findall(r"#define (TT_\w+)\s+(\d+)\s", text))
     body = re.search(r"struct tt_event \{(.*?)\};", text, re.S).group(1)
     fields = []
-    for typ, name, n in re.findall(r"^\s*(u64|u32|s32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", body,
+    for typ, name, n in re.findall(r"^\s*(u64|u32|s32|u16|u8|char)\s+(\w+)(?:\[(\w+)\])?;", body,
                                    re.M):
         t = CTYPES[typ]
-        fields.append((name, t * int(n) if n else t))
+        fields.append((name, t * int(macros.get(n, n)) if n else t))
     return type("tt_event", (ctypes.Structure,), {"_fields_": fields})
 
 
 def test_event_fields_match_header_members():
     names = [n for n, _ in header_struct()._fields_ if not n.startswith("_")]
-    assert names == list(Event._fields)
+    steps = [n for n in names if n.startswith("step_")]
+    assert tuple(steps) == events.STEP_ARRAYS
+    assert sorted(n for n in names if n not in steps) == sorted(Event._fields[:-1])
+    assert Event._fields[-1] == "steps"
+
+
+def test_max_steps_matches_header():
+    assert re.search(r"#define TT_MAX_STEPS\s+(\d+)", open(HEADER).read()).group(1) == \
+        str(events.MAX_STEPS)
 
 
 def test_kind_constants_match_header():
@@ -45,11 +54,20 @@ def test_decoder_reads_what_the_kernel_writes():
     raw.saddr[:] = list(events.addr_bytes("fd77::1"))
     raw.daddr[:] = list(events.addr_bytes("fd77::2"))
     raw.comm = b"curl"
+    raw.nsteps = 2
+    raw.retrans = 1
+    raw.rst_ns = 77
+    raw.step_ts[:2] = [100, 200]
+    raw.step_pid[:2] = [4321, 0]
+    raw.step_old[:2] = [7, 2]
+    raw.step_new[:2] = [2, 1]
     st, perm = decoder_for(S)
     assert st.size == ctypes.sizeof(S)
-    ev = Event._make(st.unpack(bytes(raw)))
+    ev = build_event(st.unpack(bytes(raw)), perm)
     assert (ev.ts_ns, ev.skaddr, ev.pid, ev.err, ev.sport, ev.dport) == \
         (123456789, 0xffff888103001280, 4321, -111, 40000, 443)
+    assert (ev.nsteps, ev.retrans, ev.rst_ns) == (2, 1, 77)
+    assert list(events.iter_steps(ev)) == [(100, 4321, 7, 2), (200, 0, 2, 1)]
     assert events.addr_str(ev.family, ev.daddr) == "fd77::2"
     assert events.comm_str(ev.comm) == "curl"
 
@@ -58,11 +76,17 @@ def test_decoder_reorders_when_layout_order_differs():
     fields = list(header_struct()._fields_)
     fields.insert(0, fields.pop([n for n, _ in fields].index("comm")))
     S = type("shuffled", (ctypes.Structure,), {"_fields_": fields})
-    raw = S(ts_ns=5, pid=9, comm=b"x")
+    fields.insert(1, fields.pop([n for n, _ in fields].index("step_new")))
+    S = type("shuffled", (ctypes.Structure,), {"_fields_": fields})
+    raw = S(ts_ns=5, pid=9, comm=b"x", nsteps=1)
+    raw.step_ts[0] = 5
+    raw.step_old[0] = 2
+    raw.step_new[0] = 1
     st, perm = decoder_for(S)
-    t = st.unpack(bytes(raw))
-    ev = Event._make([t[i] for i in perm])
+    assert perm is not None
+    ev = build_event(st.unpack(bytes(raw)), perm)
     assert (ev.ts_ns, ev.pid, events.comm_str(ev.comm)) == (5, 9, "x")
+    assert list(events.iter_steps(ev)) == [(5, 0, 2, 1)]
 
 
 def test_recording_round_trip():
@@ -71,3 +95,10 @@ def test_recording_round_trip():
     import json
     back = events.from_json_obj(json.loads(events.event_to_json(e)))
     assert back == e._replace(comm=b"app")
+    st = Event(9, 0xabc, 2, 3, 0, 0, 5, 6, Kind.STATE, 2, 2, 1, 4,
+               events.addr_bytes("10.0.0.1"), events.addr_bytes("10.0.0.2"), b"app",
+               nsteps=2, retrans=1, rst_ns=0,
+               steps=events.pack_steps([(1, 2, 7, 2), (9, 0, 2, 1)] + [(0, 0, 0, 0)] * 4))
+    back = events.from_json_obj(json.loads(events.event_to_json(st)))
+    assert list(events.iter_steps(back)) == [(1, 2, 7, 2), (9, 0, 2, 1)]
+    assert (back.nsteps, back.retrans) == (2, 1)
