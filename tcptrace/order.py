@@ -7,8 +7,9 @@ predecessor would corrupt the state machine, so every record waits here until it
 A record that arrives later than the window allows is still delivered (in arrival order) and
 counted in `late`, so a too-small window shows up as a number rather than as silent misordering.
 
-Batches arrive nearly sorted, so the held records are kept as one list sorted per batch (Timsort
-is linear on such input) and released by bisection: cheaper per record than a heap.
+Batches arrive nearly sorted, and the held list can be long (findings wait a scan interval), so
+nothing here is proportional to what is held: a batch is sorted on its own and appended, or merged
+into the tail it overlaps; releasing advances a start index (the list is compacted now and then).
 """
 import bisect
 import operator
@@ -20,6 +21,7 @@ class Reorderer:
     def __init__(self, window_ns=20_000_000):
         self.window_ns = window_ns
         self._held = []
+        self._start = 0                  # held[:_start] has been released
         self._released_ns = 0            # every record at or before this has left
         self.late = 0
 
@@ -33,28 +35,46 @@ class Reorderer:
         for r in recs:
             if r.ts_ns < released:
                 self.late += 1
-        self._held.extend(recs)
-        self._held.sort(key=_ts)         # stable: equal timestamps keep arrival order
+        recs = sorted(recs, key=_ts)     # stable: equal timestamps keep arrival order
+        held = self._held
+        if len(held) == self._start or recs[0].ts_ns >= held[-1].ts_ns:
+            held.extend(recs)
+            return
+        pos = bisect.bisect_right(held, recs[0].ts_ns, lo=self._start, key=_ts)
+        tail = held[pos:]
+        del held[pos:]
+        tail.extend(recs)
+        tail.sort(key=_ts)
+        held.extend(tail)
 
     def release(self, now_ns):
         """Records older than now_ns - window, in time order. now_ns: the current CLOCK_MONOTONIC
         (live) or the newest timestamp seen (replay)."""
         horizon = now_ns - self.window_ns
-        held = self._held
+        held, start = self._held, self._start
         if horizon > self._released_ns:
             self._released_ns = horizon
-        if not held or held[0].ts_ns > horizon:
+        if len(held) == start or held[start].ts_ns > horizon:
             return []
-        n = bisect.bisect_right(held, horizon, key=_ts)
-        out, self._held = held[:n], held[n:]
+        n = bisect.bisect_right(held, horizon, lo=start, key=_ts)
+        out = held[start:n]
+        if n == len(held):
+            held.clear()
+            n = 0
+        elif n > 4096 and n > len(held) // 2:
+            del held[:n]
+            n = 0
+        self._start = n
         return out
 
     def drain(self):
         """Everything still held, in time order (end of input)."""
-        out, self._held = self._held, []
+        out = self._held[self._start:]
+        self._held = []
+        self._start = 0
         if out:
             self._released_ns = max(self._released_ns, out[-1].ts_ns)
         return out
 
     def __len__(self):
-        return len(self._held)
+        return len(self._held) - self._start
