@@ -176,8 +176,11 @@ def from_json_obj(d):
     steps = d.get("steps") or ()
     if steps:
         steps = [tuple(int(x) for x in st) for st in steps]
-        if any(len(st) != 4 for st in steps) or len(steps) > 255:
+        if any(len(st) != 4 or not (0 <= st[2] < 16 and 0 <= st[3] < 16) for st in steps) \
+                or len(steps) > 255:
             raise ValueError("bad steps")
+    if not (0 <= int(d.get("oldstate", 0)) < 16 and 0 <= int(d.get("newstate", 0)) < 16):
+        raise ValueError("bad state")
     return Event(
         ts_ns=int(d["ts_ns"]), skaddr=int(str(d.get("skaddr", "0")), 16), pid=int(d.get("pid", 0)),
         tid=int(d.get("tid", 0)), err=int(d.get("err", 0)), aux=int(d.get("aux", 0)),

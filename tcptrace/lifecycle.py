@@ -22,7 +22,7 @@ import collections
 import errno
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Lost, F_KPROBE, F_SCAN, addr_str, intern_comm, iter_steps
+from tcptrace.events import Kind, Lost, F_KPROBE, F_SCAN, addr_str, intern_comm, iter_steps, memo
 from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -91,6 +91,11 @@ def path_states(path):
     return out
 
 
+# A packed path -> its state names. Thousands of connections share a handful of paths; the list
+# is shared between their findings and never modified.
+_path_names = memo(lambda path: [S.name(s) for s in path_states(path)], limit=10_000)
+
+
 def _endpoints(ev):
     return addr_str(ev.family, ev.saddr), ev.sport, addr_str(ev.family, ev.daddr), ev.dport
 
@@ -98,14 +103,18 @@ def _endpoints(ev):
 class Stats:
     def __init__(self):
         self.events = 0
-        self.by_type = collections.Counter()
-        self.matrix = collections.Counter()        # (old, new) -> transitions
+        self.mx = [0] * 256                         # old << 4 | new -> transitions
         self.lost = collections.Counter()          # where -> events
         self.lost_total = 0
         self.evicted = 0
         self.partial = 0
         self.gaps = 0                               # transitions whose old state we did not expect
         self.unmatched_errors = 0
+
+    @property
+    def matrix(self):
+        """(old, new) -> transitions seen."""
+        return collections.Counter({(i >> 4, i & 15): n for i, n in enumerate(self.mx) if n})
 
 
 class Tracker:
@@ -246,14 +255,34 @@ class Tracker:
         sends a socket's steps together; a scan of its map can deliver some of them early)."""
         laddr, lport, raddr, rport = _endpoints(ev)
         scan = ev.flags & F_SCAN
-        c = None
+        sk = ev.skaddr
+        conns = self.conns
+        mx = self.stats.mx
+        transitions = self.transitions
+        c = conns.get(sk)
         n = 0
         for ts, pid, old, new in iter_steps(ev):
-            c = self.conns.get(ev.skaddr)
             if c is not None and ts <= c.scan_ts and c.closed_ns is None:
                 continue                              # already taken from a scan
             n += 1
-            c = self._step(ev, ts, old, new, c, laddr, lport, raddr, rport)
+            if c is not None and c.state == old and c.closed_ns is None \
+                    and not (old == S.LISTEN and new == S.SYN_RECV):
+                # The common case, inline: the next step of a generation we know.
+                mx[old << 4 | new] += 1
+                if lport != c.lport or laddr != c.laddr or (not c.rport and rport):
+                    self._set_tuple(c, laddr, lport, raddr, rport)
+                if ev.retrans > c.syn_retrans:
+                    c.syn_retrans = ev.retrans
+                # Transitions a process makes itself (close(), shutdown()) name the owner;
+                # the ones the network causes run in softirq on whatever task was interrupted.
+                if not c.owner_sure and ((old == S.ESTABLISHED and new == S.FIN_WAIT1)
+                                         or (old == S.CLOSE_WAIT and new == S.LAST_ACK)):
+                    c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+                if transitions:
+                    self._transition(c, ev, ts, old, new)
+                self._advance(c, ev, ts, old, new)
+            else:
+                c = self._step(ev, ts, old, new, c, laddr, lport, raddr, rport)
             if scan:
                 c.scan_ts = ts
         if c is None:
@@ -263,7 +292,7 @@ class Tracker:
             c.recv_reset_ns = ev.rst_ns
 
     def _step(self, ev, ts, old, new, c, laddr, lport, raddr, rport):
-        self.stats.matrix[(old, new)] += 1
+        self.stats.mx[old << 4 | new] += 1
         if c is not None and c.closed_ns is not None and old == S.CLOSE:
             c = None                                  # reuse of a closed socket's address
         if old == S.CLOSE and new == S.SYN_SENT:
@@ -291,8 +320,6 @@ class Tracker:
             self._set_tuple(c, laddr, lport, raddr, rport)
             if ev.retrans > c.syn_retrans:
                 c.syn_retrans = ev.retrans
-            # Transitions a process makes itself (close(), shutdown()) name the socket's owner;
-            # the ones the network causes run in softirq on whatever task was interrupted.
             if not c.owner_sure and ((old == S.ESTABLISHED and new == S.FIN_WAIT1)
                                      or (old == S.CLOSE_WAIT and new == S.LAST_ACK)):
                 c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
@@ -307,8 +334,8 @@ class Tracker:
     def _transition(self, c, ev, ts, old, new):
         # pid/comm: the owner as known at this step, not the task current in the kernel: most
         # transitions run in softirq, where that is a bystander.
-        self._emit(Transition(ts, c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr,
-                              c.rport, old, new, ev.skaddr))
+        self.out.append(Transition(ts, c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr,
+                                   c.rport, old, new, ev.skaddr))
 
     def _adopt(self, ev, oldstate, newstate, laddr, lport, raddr, rport, ts):
         """First event of a socket we have no generation for."""
@@ -323,6 +350,7 @@ class Tracker:
             if c.state not in (oldstate, newstate):
                 c.incomplete = True
             c.state = oldstate        # seeded state may be before or after this transition
+            self.halfclosed.pop(c.id, None)           # back by _advance if it stays half-closed
             return c
         role = PASSIVE if oldstate == S.SYN_RECV else (ACTIVE if oldstate == S.SYN_SENT else None)
         return self._new(ev.skaddr, ev.family, role, oldstate, ts, partial=True)
@@ -332,7 +360,8 @@ class Tracker:
             self._emit(self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
                                      duration_ns=ts - c.since_ns, newstate=S.name(new)))
             c.stuck_state = None
-        self.halfclosed.pop(c.id, None)
+        if old in S.HALF_CLOSED:
+            self.halfclosed.pop(c.id, None)
         c.state = new
         c.since_ns = ts
         c.path = (c.path << 4) | new
@@ -486,7 +515,8 @@ class Tracker:
             if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
                 self._emit(self._finding(c, "refused", ts, reason="refused",
                                          errno="ECONNREFUSED", syn_retransmits=c.syn_retrans,
-                                         duration_ns=ts - c.opened_ns))
+                                         duration_ns=ts - c.opened_ns,
+                                         path=_path_names(c.path)))
                 return
             if err == errno.ETIMEDOUT:
                 reason = "timeout"
@@ -498,14 +528,14 @@ class Tracker:
                 reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
             self._emit(self._finding(c, "failed", ts, reason=reason,
                                      errno=S.errno_name(err) if err else None,
-                                     syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns))
+                                     syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
+                                     path=_path_names(c.path)))
             return
         if c.established_ns is None and not c.partial:
             return      # a passive open that never completed: the listener's business
         start = c.established_ns if c.established_ns is not None else c.opened_ns
         duration = ts - start if start is not None else None
-        states_ = path_states(c.path)
-        path = [S.name(s) for s in states_]
+        path = _path_names(c.path)
         if c.recv_reset_ns is not None or c.send_reset_ns is not None:
             if c.recv_reset_ns is not None and (c.send_reset_ns is None
                                                 or c.recv_reset_ns <= c.send_reset_ns):
@@ -513,7 +543,7 @@ class Tracker:
             else:
                 by = "local"
             self._emit(self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
-                                     state=S.name(states_[-2]) if len(states_) > 1 else None,
+                                     state=path[-2] if len(path) > 1 else None,
                                      path=path))
             return
         self._emit(self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin,
@@ -533,7 +563,6 @@ class Tracker:
                        c.rport or None, **extra)
 
     def _emit(self, f):
-        self.stats.by_type[f.type] += 1
         self.out.append(f)
 
     def take(self):

@@ -66,3 +66,63 @@ def write_recording(path, recs, wall_offset_ns=1_700_000_000 * SEC, ticks=()):
                 f.write(events.lost_to_json(r) + "\n")
             else:
                 f.write(events.event_to_json(r) + "\n")
+
+
+_OWNER_STEPS = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAIT1),
+                (S.CLOSE_WAIT, S.LAST_ACK)}
+_FRESH = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.LISTEN, S.SYN_RECV)}
+
+
+def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
+    """What the kernel sends for a stream of one-transition events (bpf/tcptrace.c): each
+    socket's steps together, sent at ESTABLISHED, LISTEN or CLOSE or when max_steps are pending;
+    a reset or SYN retransmission while steps are pending rides in that record. scan_at: times at
+    which user space reads the pending steps (records flagged F_SCAN), as the live loop does."""
+    out, pending = [], {}
+    scans = sorted(scan_at)
+
+    def send(sk, p, flags=0):
+        steps = p["steps"]
+        last = steps[-1]
+        pad = [(0, 0, 0, 0)] * (max_steps - len(steps))
+        h = p["head"]
+        return h._replace(ts_ns=last[0], oldstate=last[2], newstate=last[3],
+                          flags=p["flags"] | flags, nsteps=len(steps), retrans=p["retrans"],
+                          rst_ns=p["rst"], steps=events.pack_steps(steps + pad))
+
+    for r in sorted(recs, key=lambda r: r.ts_ns):
+        while scans and scans[0] < r.ts_ns:
+            scans.pop(0)
+            out.extend(send(sk, p, events.F_SCAN)._replace() for sk, p in pending.items())
+        if isinstance(r, Lost) or r.kind not in (Kind.STATE, Kind.RECV_RESET, Kind.RETRANS):
+            out.append(r)
+            continue
+        p = pending.get(r.skaddr)
+        if r.kind == Kind.RECV_RESET and p:
+            p["rst"] = p["rst"] or r.ts_ns
+            continue
+        if r.kind == Kind.RETRANS and p:
+            p["retrans"] += 1
+            continue
+        if r.kind != Kind.STATE:
+            out.append(r)
+            continue
+        pair = (r.oldstate, r.newstate)
+        if p and pair in _FRESH:
+            out.append(send(r.skaddr, pending.pop(r.skaddr)))
+            p = None
+        if p is None:
+            p = pending[r.skaddr] = {"head": r, "steps": [], "retrans": 0, "rst": 0,
+                                     "flags": events.F_OWNER if pair in _OWNER_STEPS else 0}
+        else:
+            if r.sport:
+                p["head"] = p["head"]._replace(sport=r.sport, dport=r.dport, saddr=r.saddr,
+                                               daddr=r.daddr)
+            if pair in _OWNER_STEPS:
+                p["head"] = p["head"]._replace(pid=r.pid, tid=r.tid, comm=r.comm)
+                p["flags"] |= events.F_OWNER
+        p["steps"].append((r.ts_ns, r.pid, r.oldstate, r.newstate))
+        if r.newstate in (S.ESTABLISHED, S.CLOSE, S.LISTEN) or len(p["steps"]) >= max_steps:
+            out.append(send(r.skaddr, pending.pop(r.skaddr)))
+    out.extend(send(sk, p) for sk, p in pending.items())
+    return out
