@@ -22,6 +22,10 @@ class Filter:
     raddrs: tuple = ()
     families: tuple = ()          # AF_INET / AF_INET6; empty = both
 
+    def empty(self):
+        return not (self.pids or self.comms or self.ports or self.laddrs or self.raddrs
+                    or self.families)
+
     def kernel_families(self):
         return self.families
 

@@ -13,6 +13,17 @@ from tcptrace.events import memo
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _json_str = memo(lambda v: "null" if v is None else _encode(v))
 
+def _who(key):
+    pid, comm, family, laddr, lport, raddr, rport = key
+    js = _json_str
+    return (f'"pid":{"null" if pid is None else pid},"comm":{js(comm)},'
+            f'"family":{js(states.FAMILY_NAMES.get(family))},"laddr":{js(laddr)},'
+            f'"lport":{"null" if lport is None else lport},'
+            f'"raddr":{js(raddr)},"rport":{"null" if rport is None else rport}')
+
+
+_who_json = memo(_who)
+
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")
 
@@ -68,15 +79,13 @@ class Finding:
         return rec
 
     def _head(self, wall_offset_ns):
-        """The fixed fields as JSON, without the closing brace: formatted directly, their
-        strings JSON-encoded once and cached. This runs for every record on stdout."""
-        js = _json_str
+        """The fixed fields as JSON, without the closing brace. The part after `time` repeats
+        for every record of a connection, so it is formatted once per distinct value and cached.
+        This runs for every record on stdout."""
         return (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
                 f'"time":"{rfc3339(self.ts_ns + wall_offset_ns)}",'
-                f'"pid":{"null" if self.pid is None else self.pid},"comm":{js(self.comm)},'
-                f'"family":{js(states.FAMILY_NAMES.get(self.family))},"laddr":{js(self.laddr)},'
-                f'"lport":{"null" if self.lport is None else self.lport},'
-                f'"raddr":{js(self.raddr)},"rport":{"null" if self.rport is None else self.rport}')
+                + _who_json((self.pid, self.comm, self.family, self.laddr, self.lport, self.raddr,
+                             self.rport)))
 
     def to_json(self, wall_offset_ns):
         """The same object as to_record(), serialized without building it; only `extra` goes

@@ -93,8 +93,11 @@ class Pipeline:
         self.flush()
 
     def flush(self, final=False):
-        match = self.opts.filter.match
-        self._held.push_many([f for f in self.tracker.take() if match(f)])
+        found = self.tracker.take()
+        if not self.opts.filter.empty():
+            match = self.opts.filter.match
+            found = [f for f in found if match(f)]
+        self._held.push_many(found)
         out = self._held.drain() if final else self._held.release(self.tracker.now_ns)
         if not out:
             return
@@ -103,6 +106,9 @@ class Pipeline:
             add = self.report.add
             for f in out:
                 add(f)
+        elif hasattr(self.sink, "emit_many"):
+            self.sink.emit_many(out)
+            self.sink.flush()
         else:
             emit = self.sink.emit
             for f in out:

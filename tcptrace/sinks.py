@@ -127,6 +127,13 @@ class JsonSink:
         except BrokenPipeError:
             raise Closed() from None
 
+    def emit_many(self, fs):
+        w = self.wall_offset_ns
+        try:
+            self.stream.write("".join([f.to_json(w) + "\n" for f in fs]))
+        except BrokenPipeError:
+            raise Closed() from None
+
     def flush(self):
         try:
             self.stream.flush()
