@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import tracers  # noqa: E402
 
-TOOLS = ("untraced", "tcptrace", "tcpstates", "tcplife")
+TOOLS = ("untraced", "tcptrace", "tcptrace-findings", "tcpstates", "tcplife")
 # Also: tcptrace-report, and tcptrace@DIR / tcptrace-report@DIR for a tcptrace source tree at DIR
 # (A/B a patch against the exported commit in the same interleaved run).
 
@@ -163,12 +163,16 @@ def aggregate(runs, rates):
     ratios = []
     for rate in rates:
         get = {r["tool"]: r for r in rows if r["offered_rate"] == (rate or "max")}
-        a, b = get.get("tcptrace"), get.get("tcpstates")
-        if a and b:
-            def ratio(k):
+        b = get.get("tcpstates")
+        for name in ("tcptrace", "tcptrace-findings"):
+            a = get.get(name)
+            if not (a and b):
+                continue
+
+            def ratio(k, a=a):
                 return round(a[k] / b[k], 3) if a.get(k) and b.get(k) else None
             ratios.append({
-                "offered_rate": rate or "max",
+                "offered_rate": rate or "max", "tool": name,
                 "throughput_tcptrace_over_tcpstates": ratio("achieved_rate"),
                 "cpu_per_1k_tcptrace_over_tcpstates": ratio("cpu_ms_per_1k"),
                 "cpu_per_line_tcptrace_over_tcpstates": ratio("cpu_us_per_seen"),
@@ -188,12 +192,13 @@ def table(rows, ratios):
     body = [[r.get(k, "") if r.get(k) is not None else "" for k, _ in cols] for r in rows]
     out = tabulate(body, headers=[h for _, h in cols], floatfmt="g")
     if ratios:
-        out += "\n\n" + tabulate([[r["offered_rate"], r["throughput_tcptrace_over_tcpstates"],
+        out += "\n\n" + tabulate([[r["offered_rate"], r["tool"],
+                                   r["throughput_tcptrace_over_tcpstates"],
                                    r["cpu_per_1k_tcptrace_over_tcpstates"],
                                    r["cpu_per_line_tcptrace_over_tcpstates"]] for r in ratios],
-                                 headers=["offered/s", "throughput tcptrace/tcpstates",
-                                          "CPU per 1k tcptrace/tcpstates",
-                                          "CPU per line tcptrace/tcpstates"])
+                                 headers=["offered/s", "tcptrace as", "throughput /tcpstates",
+                                          "CPU per 1k /tcpstates",
+                                          "CPU per line /tcpstates"])
     return out
 
 
@@ -204,7 +209,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="storm seconds per run")
     ap.add_argument("--tools", default=",".join(TOOLS),
-                    help="comma separated: untraced, tcptrace, tcptrace-report, tcpstates, "
+                    help="comma separated: untraced, tcptrace, tcptrace-findings, tcptrace-report, tcpstates, "
                          "tcplife; tcptrace@DIR runs the tcptrace source tree at DIR")
     ap.add_argument("--mix", default="ok=8,refused=1,half=1")
     ap.add_argument("--workers", type=int, default=0, help="storm workers (default: one per CPU)")

@@ -265,6 +265,32 @@ def _with_summary(res, stderr):
     return res
 
 
+class TcptraceFindings(Tcptrace):
+    """`tcptrace watch --json` without --transitions: a line per finding, what most users run.
+    Every transition is still shown, as the `path` of the finding that ends its connection
+    (close, reset, refused, failed), so `seen` counts those: a path lists the states after
+    each transition, plus the first state when the connection was first seen mid-life."""
+    name = "tcptrace-findings"
+
+    def argv(self):
+        return [a for a in super().argv() if a != "--transitions"]
+
+    def count(self, marker):
+        import json
+        m = marker.encode()
+        seen = 0
+        lost_where = {}
+        for buf in _lines(self.out_path):
+            for line in buf.split(b"\n"):
+                if (m in line and b'"path"' in line) or b'"type":"lost"' in line:
+                    d = json.loads(line)
+                    if d["type"] == "lost":
+                        lost_where[d["where"]] = lost_where.get(d["where"], 0) + d["count"]
+                    elif marker in (d.get("raddr") or "") or marker in (d.get("laddr") or ""):
+                        seen += len(d["path"]) - (1 if d.get("partial") else 0)
+        return _with_summary({"seen": seen, "lost_where": lost_where}, self.stderr())
+
+
 class TcptraceReport(Tcptrace):
     """`tcptrace report --json`: the same pipeline without a line per finding. Not a target of the
     issue; run beside `watch` it splits tcptrace's cost into analysis and output. Its transition
@@ -340,5 +366,6 @@ def export_commit(rev):
     return sha, dest
 
 
-TRACERS = {"tcptrace": Tcptrace, "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
+TRACERS = {"tcptrace": Tcptrace, "tcptrace-findings": TcptraceFindings,
+           "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
            "tcplife": Tcplife}
