@@ -44,13 +44,16 @@ struct tt_event {
     u8  oldstate;     /* TCP_* as in include/net/tcp_states.h; TT_STATE: the newest step's */
     u8  newstate;
     u8  flags;        /* TT_F_* */
-    u8  nsteps;       /* TT_STATE: steps used, 1..TT_MAX_STEPS */
-    u8  retrans;      /* TT_STATE: SYN retransmissions while these steps were pending */
-    u8  _pad[5];
+    u8  _pad[7];
     u8  saddr[16];    /* IPv4 in the first 4 bytes */
     u8  daddr[16];
     char  comm[16];
-    u64 rst_ns;       /* TT_STATE: when the peer reset the socket while steps were pending, or 0 */
+    /* The members below are TT_STATE's, in the order tcptrace/events.py:Event names them (so
+     * the decoder needs no permutation). */
+    u8  nsteps;       /* steps used, 1..TT_MAX_STEPS */
+    u8  retrans;      /* SYN retransmissions while these steps were pending */
+    u8  _pad2[6];
+    u64 rst_ns;       /* when the peer reset the socket while steps were pending, or 0 */
     u64 step_ts[TT_MAX_STEPS];
     u32 step_pid[TT_MAX_STEPS];   /* the task current at each step (a bystander in softirq) */
     u8  step_old[TT_MAX_STEPS];

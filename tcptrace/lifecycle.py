@@ -26,6 +26,10 @@ from tcptrace.events import Kind, Lost, F_KPROBE, F_SCAN, addr_str, intern_comm,
 from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
+# The hot path reads these per step: globals, not module attributes.
+ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1 = S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1
+CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN = S.CLOSE, S.CLOSE_WAIT, S.LAST_ACK, S.LISTEN
+HALF_CLOSED = S.HALF_CLOSED
 
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 # Errors seen from connect() before the kernel sent a SYN, and what to call them.
@@ -46,7 +50,7 @@ class Conn:
                  "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
                  "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
                  "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
-                 "fd", "epoch", "scan_ts")
+                 "fd", "epoch", "scan_ts", "tkey")
 
     def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False, epoch=0):
         self.id = cid
@@ -76,6 +80,7 @@ class Conn:
         self.closed_ns = None
         self.fd = None
         self.scan_ts = 0            # newest step taken from a scan of the kernel's `socks` map
+        self.tkey = None            # the key it is filed under in Tracker.by_tuple, if it is
 
     def tuple_key(self):
         return (self.family, self.laddr, self.lport, self.raddr, self.rport)
@@ -172,18 +177,24 @@ class Tracker:
 
     def _forget(self, c):
         self.halfclosed.pop(c.id, None)
-        if self.by_tuple.get(c.tuple_key()) is c:
-            del self.by_tuple[c.tuple_key()]
+        if c.tkey is not None:
+            self._unfile(c)
         if self.conns.get(c.skaddr) is c:
             del self.conns[c.skaddr]
 
+    def _unfile(self, c):
+        if self.by_tuple.get(c.tkey) is c:
+            del self.by_tuple[c.tkey]
+        c.tkey = None
+
     def _set_tuple(self, c, laddr, lport, raddr, rport):
         if lport and (c.lport != lport or c.laddr != laddr):
-            if self.by_tuple.get(c.tuple_key()) is c:
-                del self.by_tuple[c.tuple_key()]
+            if c.tkey is not None:
+                self._unfile(c)
             c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
             if c.established_ns is None:
-                self.by_tuple[c.tuple_key()] = c
+                c.tkey = c.tuple_key()
+                self.by_tuple[c.tkey] = c
         elif not c.rport and rport:
             c.raddr, c.rport = raddr, rport
         if c.laddr is None:
@@ -253,6 +264,17 @@ class Tracker:
     def _state(self, ev):
         """A STATE record: one transition, or several of one socket, oldest first (the kernel
         sends a socket's steps together; a scan of its map can deliver some of them early)."""
+        if ev.nsteps in (2, 3) and not self.transitions and not ev.flags & F_SCAN:
+            s = ev.steps
+            m = len(s) >> 2
+            if ev.nsteps == 2:
+                shape = (s[2 * m] << 12 | s[3 * m] << 8 | s[2 * m + 1] << 4 | s[3 * m + 1])
+            else:
+                shape = (s[2 * m] << 20 | s[3 * m] << 16 | s[2 * m + 1] << 12
+                         | s[3 * m + 1] << 8 | s[2 * m + 2] << 4 | s[3 * m + 2])
+            fast = _FAST.get(shape)
+            if fast is not None and fast(self, ev, s, m):
+                return
         laddr, lport, raddr, rport = _endpoints(ev)
         scan = ev.flags & F_SCAN
         sk = ev.skaddr
@@ -266,7 +288,7 @@ class Tracker:
                 continue                              # already taken from a scan
             n += 1
             if c is not None and c.state == old and c.closed_ns is None \
-                    and not (old == S.LISTEN and new == S.SYN_RECV):
+                    and not (old == LISTEN and new == SYN_RECV):
                 # The common case, inline: the next step of a generation we know.
                 mx[old << 4 | new] += 1
                 if lport != c.lport or laddr != c.laddr or (not c.rport and rport):
@@ -275,8 +297,8 @@ class Tracker:
                     c.syn_retrans = ev.retrans
                 # Transitions a process makes itself (close(), shutdown()) name the owner;
                 # the ones the network causes run in softirq on whatever task was interrupted.
-                if not c.owner_sure and ((old == S.ESTABLISHED and new == S.FIN_WAIT1)
-                                         or (old == S.CLOSE_WAIT and new == S.LAST_ACK)):
+                if not c.owner_sure and ((old == ESTABLISHED and new == FIN_WAIT1)
+                                         or (old == CLOSE_WAIT and new == LAST_ACK)):
                     c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
                 if transitions:
                     self._transition(c, ev, ts, old, new)
@@ -360,37 +382,37 @@ class Tracker:
             self._emit(self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
                                      duration_ns=ts - c.since_ns, newstate=S.name(new)))
             c.stuck_state = None
-        if old in S.HALF_CLOSED:
+        if old in HALF_CLOSED:
             self.halfclosed.pop(c.id, None)
         c.state = new
         c.since_ns = ts
         c.path = (c.path << 4) | new
-        if new in S.HALF_CLOSED:
+        if new in HALF_CLOSED:
             self.halfclosed[c.id] = c
-        if new == S.ESTABLISHED:
+        if new == ESTABLISHED:
             c.established_ns = ts
-            if self.by_tuple.get(c.tuple_key()) is c:
-                del self.by_tuple[c.tuple_key()]
+            if c.tkey is not None:
+                self._unfile(c)
             if c.opened_ns is None:
                 return
-            if old == S.SYN_SENT:
+            if old == SYN_SENT:
                 self._emit(self._finding(c, "connect", ts, handshake_ns=ts - c.opened_ns,
                                          syn_retransmits=c.syn_retrans))
-            elif old == S.SYN_RECV:
+            elif old == SYN_RECV:
                 # No handshake time: the kernel creates the child socket (LISTEN -> SYN_RECV) only
                 # when the final ACK arrives, microseconds before ESTABLISHED; the SYN itself
                 # lives in a request sock that no tracepoint reports.
                 self._emit(self._finding(c, "accept", ts))
-        elif old == S.ESTABLISHED and c.first_fin is None:
-            if new == S.FIN_WAIT1:
+        elif old == ESTABLISHED and c.first_fin is None:
+            if new == FIN_WAIT1:
                 c.first_fin = "local"
-            elif new == S.CLOSE_WAIT:
+            elif new == CLOSE_WAIT:
                 c.first_fin = "remote"
-        if new == S.CLOSE:
+        if new == CLOSE:
             c.closed_ns = ts
-            if old == S.SYN_SENT and c.pid is None:
+            if old == SYN_SENT and c.pid is None:
                 c.pid, c.comm = ev.pid, intern_comm(ev.comm)
-            if old == S.SYN_SENT:
+            if old == SYN_SENT:
                 self.failed_syn[(c.pid, c.family, c.raddr, c.rport)] = ts
                 self.failed_syn.move_to_end((c.pid, c.family, c.raddr, c.rport))
                 if len(self.failed_syn) > 4096:
@@ -568,3 +590,105 @@ class Tracker:
     def take(self):
         out, self.out = self.out, []
         return out
+
+
+# -- whole-record fast paths ---------------------------------------------------------------------
+# The four records that make up almost every connection, handled without the per-step machinery.
+# Each does exactly what the steps one by one would (tests/unit/test_grouped.py compares the two
+# on every scenario) and returns False, leaving it to them, whenever anything is unusual.
+
+def _fast_active_open(tr, ev, s, m):
+    """CLOSE -> SYN_SENT -> ESTABLISHED: a connect() that completed."""
+    c = tr.conns.get(ev.skaddr)
+    if c is not None and c.closed_ns is None:
+        return False
+    laddr, lport, raddr, rport = _endpoints(ev)
+    if not lport:
+        return False
+    t0, t1 = s[0], s[1]
+    c = tr._new(ev.skaddr, ev.family, ACTIVE, SYN_SENT, t0)
+    c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+    c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+    c.syn_retrans = ev.retrans
+    c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, SYN_SENT << 4 | ESTABLISHED, t1
+    mx = tr.stats.mx
+    mx[CLOSE << 4 | SYN_SENT] += 1
+    mx[SYN_SENT << 4 | ESTABLISHED] += 1
+    tr.stats.events += 1
+    tr._emit(tr._finding(c, "connect", t1, handshake_ns=t1 - t0, syn_retransmits=c.syn_retrans))
+    if ev.rst_ns:
+        c.recv_reset_ns = ev.rst_ns
+    return True
+
+
+def _fast_passive_open(tr, ev, s, m):
+    """LISTEN -> SYN_RECV -> ESTABLISHED: an accepted child socket."""
+    c = tr.conns.get(ev.skaddr)
+    if c is not None and c.closed_ns is None:
+        return False
+    laddr, lport, raddr, rport = _endpoints(ev)
+    t0, t1 = s[0], s[1]
+    c = tr._new(ev.skaddr, ev.family, PASSIVE, SYN_RECV, t0)
+    c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+    owner = tr.listeners.get((ev.family, lport))
+    if owner:
+        c.pid, c.comm = owner
+    c.syn_retrans = ev.retrans
+    c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, SYN_RECV << 4 | ESTABLISHED, t1
+    mx = tr.stats.mx
+    mx[LISTEN << 4 | SYN_RECV] += 1
+    mx[SYN_RECV << 4 | ESTABLISHED] += 1
+    tr.stats.events += 1
+    tr._emit(tr._finding(c, "accept", t1))
+    if ev.rst_ns:
+        c.recv_reset_ns = ev.rst_ns
+    return True
+
+
+def _fast_close(first_fin, states):
+    """ESTABLISHED -> ... -> CLOSE in three steps, one of which a process makes itself (close()
+    or shutdown()): the record's task names the owner when it is not known yet."""
+    pairs = list(zip((ESTABLISHED,) + states[:-1], states))
+    path_add = states[0] << 8 | states[1] << 4 | states[2]
+
+    def close(tr, ev, s, m):
+        c = tr.conns.get(ev.skaddr)
+        if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
+                or c.stuck_state is not None or c.scan_ts:
+            return False
+        laddr, lport, raddr, rport = _endpoints(ev)
+        if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
+            return False
+        if not c.owner_sure:
+            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+        if c.first_fin is None:
+            c.first_fin = first_fin
+        t = s[2]
+        c.state, c.since_ns, c.closed_ns = CLOSE, t, t
+        c.path = c.path << 12 | path_add
+        mx = tr.stats.mx
+        for o, n in pairs:
+            mx[o << 4 | n] += 1
+        tr.stats.events += 2
+        if ev.rst_ns and c.recv_reset_ns is None:
+            c.recv_reset_ns = ev.rst_ns
+        tr.pending.append(c)
+        return True
+    return close
+
+
+def _key(*pairs):
+    k = 0
+    for o, n in pairs:
+        k = k << 8 | o << 4 | n
+    return k
+
+
+_FAST = {
+    _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_active_open,
+    _key((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED)): _fast_passive_open,
+    _key((ESTABLISHED, FIN_WAIT1), (FIN_WAIT1, S.FIN_WAIT2), (S.FIN_WAIT2, CLOSE)):
+        _fast_close("local", (FIN_WAIT1, S.FIN_WAIT2, CLOSE)),
+    _key((ESTABLISHED, CLOSE_WAIT), (CLOSE_WAIT, LAST_ACK), (LAST_ACK, CLOSE)):
+        _fast_close("remote", (CLOSE_WAIT, LAST_ACK, CLOSE)),
+}

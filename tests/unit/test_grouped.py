@@ -101,15 +101,32 @@ def findings(recs, transitions=True):
 
 @pytest.mark.parametrize("name", sorted(set(SCENARIOS) - {"close_wait_stuck"}))
 @pytest.mark.parametrize("max_steps", [6, 2])
-def test_grouped_stream_gives_the_same_findings(name, max_steps):
+@pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
+def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions):
     # (not close_wait_stuck: with no scan, a socket resting in CLOSE_WAIT is not seen there
-    # until it leaves; the scan test below covers it)
+    # until it leaves; the scan test below covers it). Without --transitions, whole records
+    # of the common shapes take lifecycle.py's fast paths.
     recs = SCENARIOS[name]()
-    want = findings(recs)
+    want = findings(recs, transitions)
     assert want                                   # the scenario concludes something
     got = grouped(recs, max_steps=max_steps)
     assert len(got) < len(recs) or name == "with_loss"
-    assert findings(got) == want
+    assert findings(got, transitions) == want
+
+
+def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch):
+    from tcptrace import lifecycle
+    recs = grouped(loopback_connection())
+    want = findings(recs, transitions=False)
+    monkeypatch.setattr(lifecycle, "_FAST", {})
+    assert findings(recs, transitions=False) == want
+    taken = []
+    monkeypatch.undo()
+    for k, fn in list(lifecycle._FAST.items()):
+        monkeypatch.setitem(lifecycle._FAST, k,
+                            lambda tr, ev, s, m, fn=fn: taken.append(fn) or fn(tr, ev, s, m))
+    assert findings(recs, transitions=False) == want
+    assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
