@@ -161,9 +161,15 @@ class Tracker:
     def _new(self, skaddr, family, role, state, ts_ns, partial=False):
         old = self.conns.pop(skaddr, None)
         if old is not None and old.closed_ns is None:
-            # A new generation began without the old one's CLOSE: we missed it.
+            # A new generation began without the old one's CLOSE: we missed it (a loss). The
+            # old connection is over, so an established one is concluded now, marked incomplete,
+            # with what we know of it, rather than vanish from the output.
             self.stats.gaps += 1
             self._forget(old)
+            if old.established_ns is not None and old.role != LISTENER:
+                old.incomplete = True
+                old.closed_ns = ts_ns
+                self._finalize(old)
         c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial, self.loss_epoch)
         self._next_id += 1
         if partial:

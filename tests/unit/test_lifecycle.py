@@ -327,3 +327,19 @@ def test_orphaned_stuck_socket_has_no_holder_but_keeps_its_closer():
     tr.finish()
     out = tr.take()
     assert only(out, "close").pid == 200 and only(out, "unstuck").pid == 200
+
+
+def test_connection_whose_close_was_lost_is_concluded_when_its_address_is_reused():
+    # FIN_WAIT2 -> CLOSE fell into a loss; the socket address then serves a new connect.
+    recs = (active_open(SEC, CLIENT_SK, 40000, 80)
+            + active_close(SEC + MS, CLIENT_SK, 40000, 80)[:2]
+            + [lost(SEC + 2 * MS)]
+            + active_open(SEC + 3 * MS, CLIENT_SK, 40001, 81))
+    _, out = run(recs)
+    closes = [f for f in out if f.type == "close"]
+    assert len(closes) == 1
+    c = closes[0]
+    assert (c.lport, c.incomplete, c.closed_by) == (40000, True, "local")
+    assert c.path == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
+    assert c.ts_ns == SEC + 3 * MS                   # when we learnt it was over
+    assert [f.lport for f in out if f.type == "connect"] == [40000, 40001]
