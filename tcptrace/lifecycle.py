@@ -603,52 +603,43 @@ class Tracker:
 # Each does exactly what the steps one by one would (tests/unit/test_grouped.py compares the two
 # on every scenario) and returns False, leaving it to them, whenever anything is unusual.
 
-def _fast_active_open(tr, ev, s, m):
-    """CLOSE -> SYN_SENT -> ESTABLISHED: a connect() that completed."""
-    c = tr.conns.get(ev.skaddr)
-    if c is not None and c.closed_ns is None:
-        return False
-    laddr, lport, raddr, rport = _endpoints(ev)
-    if not lport:
-        return False
-    t0, t1 = s[0], s[1]
-    c = tr._new(ev.skaddr, ev.family, ACTIVE, SYN_SENT, t0)
-    c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
-    c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
-    c.syn_retrans = ev.retrans
-    c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, SYN_SENT << 4 | ESTABLISHED, t1
-    mx = tr.stats.mx
-    mx[CLOSE << 4 | SYN_SENT] += 1
-    mx[SYN_SENT << 4 | ESTABLISHED] += 1
-    tr.stats.events += 1
-    tr._emit(tr._finding(c, "connect", t1, handshake_ns=t1 - t0, syn_retransmits=c.syn_retrans))
-    if ev.rst_ns:
-        c.recv_reset_ns = ev.rst_ns
-    return True
+def _fast_open(active):
+    """CLOSE -> SYN_SENT -> ESTABLISHED (a connect() that completed) or LISTEN -> SYN_RECV ->
+    ESTABLISHED (an accepted child socket)."""
+    first = SYN_SENT if active else SYN_RECV
+    opening = (CLOSE << 4 | SYN_SENT) if active else (LISTEN << 4 | SYN_RECV)
 
-
-def _fast_passive_open(tr, ev, s, m):
-    """LISTEN -> SYN_RECV -> ESTABLISHED: an accepted child socket."""
-    c = tr.conns.get(ev.skaddr)
-    if c is not None and c.closed_ns is None:
-        return False
-    laddr, lport, raddr, rport = _endpoints(ev)
-    t0, t1 = s[0], s[1]
-    c = tr._new(ev.skaddr, ev.family, PASSIVE, SYN_RECV, t0)
-    c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
-    owner = tr.listeners.get((ev.family, lport))
-    if owner:
-        c.pid, c.comm = owner
-    c.syn_retrans = ev.retrans
-    c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, SYN_RECV << 4 | ESTABLISHED, t1
-    mx = tr.stats.mx
-    mx[LISTEN << 4 | SYN_RECV] += 1
-    mx[SYN_RECV << 4 | ESTABLISHED] += 1
-    tr.stats.events += 1
-    tr._emit(tr._finding(c, "accept", t1))
-    if ev.rst_ns:
-        c.recv_reset_ns = ev.rst_ns
-    return True
+    def open_(tr, ev, s, m):
+        c = tr.conns.get(ev.skaddr)
+        if c is not None and c.closed_ns is None:
+            return False
+        laddr, lport, raddr, rport = _endpoints(ev)
+        if active and not lport:
+            return False
+        t0, t1 = s[0], s[1]
+        c = tr._new(ev.skaddr, ev.family, ACTIVE if active else PASSIVE, first, t0)
+        c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+        if active:      # connect(): the record's task, in process context
+            c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+        else:           # the listener's owner accepts it
+            owner = tr.listeners.get((ev.family, lport))
+            if owner:
+                c.pid, c.comm = owner
+        c.syn_retrans = ev.retrans
+        c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, first << 4 | ESTABLISHED, t1
+        mx = tr.stats.mx
+        mx[opening] += 1
+        mx[first << 4 | ESTABLISHED] += 1
+        tr.stats.events += 1
+        if active:
+            tr._emit(tr._finding(c, "connect", t1, handshake_ns=t1 - t0,
+                                 syn_retransmits=c.syn_retrans))
+        else:
+            tr._emit(tr._finding(c, "accept", t1))
+        if ev.rst_ns:
+            c.recv_reset_ns = ev.rst_ns
+        return True
+    return open_
 
 
 def _fast_close(first_fin, states):
@@ -691,8 +682,8 @@ def _key(*pairs):
 
 
 _FAST = {
-    _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_active_open,
-    _key((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED)): _fast_passive_open,
+    _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_open(active=True),
+    _key((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED)): _fast_open(active=False),
     _key((ESTABLISHED, FIN_WAIT1), (FIN_WAIT1, S.FIN_WAIT2), (S.FIN_WAIT2, CLOSE)):
         _fast_close("local", (FIN_WAIT1, S.FIN_WAIT2, CLOSE)),
     _key((ESTABLISHED, CLOSE_WAIT), (CLOSE_WAIT, LAST_ACK), (LAST_ACK, CLOSE)):
