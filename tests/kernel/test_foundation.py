@@ -180,7 +180,9 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
                               and r["lport"] == port)
     assert len(connects) == active
     assert len(accepts) == after["PassiveOpens"] - before["PassiveOpens"] == n
-    assert tracer.matching(lambda r: r["type"] == "lost") == lost_before == []
+    # No loss during the burst (loss counters are machine-wide, so an earlier test's recursion
+    # miss on other traffic is not this burst's: only records since it started count).
+    assert tracer.matching(lambda r: r["type"] == "lost")[len(lost_before):] == []
 
 
 def test_connect_failing_before_any_syn_is_reported(tracer, netns):
