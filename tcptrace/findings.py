@@ -23,6 +23,33 @@ def _who(key):
 
 
 _who_json = memo(_who)
+_key_json = memo(lambda k: f',"{k}":' if k.isidentifier() and k.isascii() else "," + _encode(k) + ":")
+# A list of state names (a path) is shared between findings and never modified: by identity.
+_list_json = {}
+
+
+def _extra_json(extra):
+    """`extra` as JSON members, each led by a comma: the values findings carry (int, str, bool,
+    None, lists of names) formatted directly, anything else by the JSON encoder."""
+    out = []
+    for k, v in extra.items():
+        t = type(v)
+        if t is int:
+            out.append(f"{_key_json(k)}{v}")
+        elif t is str or v is None:
+            out.append(_key_json(k) + _json_str(v))
+        elif t is bool:
+            out.append(_key_json(k) + ("true" if v else "false"))
+        elif t is list:
+            j = _list_json.get(id(v))
+            if j is None or j[0] is not v:
+                if len(_list_json) > 10_000:
+                    _list_json.clear()
+                j = _list_json[id(v)] = (v, _encode(v))
+            out.append(_key_json(k) + j[1])
+        else:
+            out.append(_key_json(k) + _encode(v))
+    return "".join(out)
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")
@@ -62,6 +89,14 @@ class Finding:
         self.raddr = raddr
         self.rport = rport
 
+    @classmethod
+    def of(cls, type, ts_ns, pid, comm, family, laddr, lport, raddr, rport, extra):
+        """As the constructor, with `extra` a dict taken as it is (the tracker's hot path)."""
+        f = cls.__new__(cls)
+        f.type, f.ts_ns, f.pid, f.comm, f.family = type, ts_ns, pid, comm, family
+        f.laddr, f.lport, f.raddr, f.rport, f.extra = laddr, lport, raddr, rport, extra
+        return f
+
     def __getattr__(self, name):          # only called for names not in __slots__
         if name == "extra":
             raise AttributeError(name)
@@ -88,10 +123,9 @@ class Finding:
                              self.rport)))
 
     def to_json(self, wall_offset_ns):
-        """The same object as to_record(), serialized without building it; only `extra` goes
-        through the JSON encoder."""
+        """The same object as to_record(), serialized without building it."""
         head = self._head(wall_offset_ns)
-        return head + "," + _encode(self.extra)[1:] if self.extra else head + "}"
+        return head + _extra_json(self.extra) + "}" if self.extra else head + "}"
 
     def __repr__(self):
         return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"

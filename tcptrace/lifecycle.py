@@ -584,11 +584,11 @@ class Tracker:
     def _finding(self, c, type_, ts, **extra):
         if c.partial:
             extra["partial"] = True
-        if self.incomplete(c):
+        if c.incomplete or c.epoch != self.loss_epoch:
             extra["incomplete"] = True
         extra["role"] = c.role
-        return Finding(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
-                       c.rport or None, **extra)
+        return Finding.of(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
+                          c.rport or None, extra)
 
     def _emit(self, f):
         self.out.append(f)

@@ -31,11 +31,9 @@ class Reorderer:
     def push_many(self, recs):
         if not recs:
             return
-        released = self._released_ns
-        for r in recs:
-            if r.ts_ns < released:
-                self.late += 1
         recs = sorted(recs, key=_ts)     # stable: equal timestamps keep arrival order
+        if recs[0].ts_ns < self._released_ns:
+            self.late += bisect.bisect_left(recs, self._released_ns, key=_ts)
         held = self._held
         if len(held) == self._start or recs[0].ts_ns >= held[-1].ts_ns:
             held.extend(recs)
