@@ -276,7 +276,8 @@ def run_live(opts, plan, diag):
             pipe.feed(evs, now_ns)
             if now >= next_scan:
                 scanned = src.scan()
-                if rec:
+                if rec and scanned:
+                    rec.tick(now_ns)          # so replay takes them against the same horizon
                     for e in scanned:
                         rec.event(e)
                 pipe.feed_scan(scanned, now_ns)

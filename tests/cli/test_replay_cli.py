@@ -235,3 +235,34 @@ def test_help_needs_neither_root_nor_bcc():
     assert r.exit_code == 0 and "Exit codes" in r.stdout
     for cmd in ("watch", "report", "replay", "doctor"):
         assert invoke(cmd, "--help").exit_code == 0
+
+
+def test_steps_read_from_the_kernel_map_replay_as_they_ran_live(tmp_path):
+    """A socket resting in CLOSE_WAIT is seen there only through the scans of the kernel's
+    pending-steps map (its record would come at CLOSE): replay takes the recorded scan records
+    at their place in the stream, after the tick written before them, as the live loop did."""
+    from streams import grouped, passive_close
+    from tcptrace import events
+    recs = (listen(SEC - MS, 0xC1, 8080) + passive_open(SEC, 0xB1, 8080, 40000)
+            + passive_close(SEC + MS, 0xB1, 8080, 40000, wait=5 * SEC))
+    scans = [SEC + i * 100 * MS for i in range(1, 60)]
+    got = grouped(recs, scan_at=scans)
+    assert any(r.flags & events.F_SCAN for r in got)
+    f = tmp_path / "scan.jsonl"
+    with open(f, "w") as out:
+        out.write(json.dumps(events.recording_header(1_700_000_000 * SEC)) + "\n")
+        scan_times = iter(scans)
+        for r in got:
+            if r.flags & events.F_SCAN:       # written by the live loop at scan time
+                out.write(json.dumps({"kind": "tick", "ts_ns": next(scan_times)}) + "\n")
+            out.write(events.event_to_json(r) + "\n")
+    r = invoke("replay", str(f), "--json", "--stuck-after", "2", "--transitions")
+    assert r.exit_code == 0, r.stderr
+    out = jsonl(r.stdout)
+    assert [x["state"] for x in out if x["type"] == "stuck"] == ["CLOSE_WAIT"]
+    assert [x["state"] for x in out if x["type"] == "unstuck"] == ["CLOSE_WAIT"]
+    server = [(x["oldstate"], x["newstate"]) for x in out
+              if x["type"] == "transition" and x["lport"] == 8080 and x["rport"] == 40000]
+    assert server == [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"),
+                      ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
+                      ("LAST_ACK", "CLOSE")]          # each once, though scanned many times
