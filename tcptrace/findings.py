@@ -13,6 +13,7 @@ from tcptrace.events import memo
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _json_str = memo(lambda v: "null" if v is None else _encode(v))
 
+
 def _who(key):
     pid, comm, family, laddr, lport, raddr, rport = key
     js = _json_str
@@ -23,9 +24,11 @@ def _who(key):
 
 
 _who_json = memo(_who)
-_key_json = memo(lambda k: f',"{k}":' if k.isidentifier() and k.isascii() else "," + _encode(k) + ":")
-# A list of state names (a path) is shared between findings and never modified: by identity.
-_list_json = {}
+# `"key":` and `"value"` for the extras' names and string values: a handful of distinct ones,
+# looked up inline (a dict.get, no call) since this runs for every member of every finding.
+_KEYS = {}
+_STRS = {None: "null", True: "true", False: "false"}
+_LISTS = {}     # a path list is shared between findings and never modified: keyed by identity
 
 
 def _extra_json(extra):
@@ -33,23 +36,34 @@ def _extra_json(extra):
     None, lists of names) formatted directly, anything else by the JSON encoder."""
     out = []
     for k, v in extra.items():
+        kj = _KEYS.get(k)
+        if kj is None:
+            if len(_KEYS) > 1000:
+                _KEYS.clear()
+            kj = _KEYS[k] = "," + _encode(k) + ":"
         t = type(v)
         if t is int:
-            out.append(f"{_key_json(k)}{v}")
-        elif t is str or v is None:
-            out.append(_key_json(k) + _json_str(v))
-        elif t is bool:
-            out.append(_key_json(k) + ("true" if v else "false"))
+            out.append(f"{kj}{v}")
+            continue
+        if t is str or t is bool or v is None:
+            vj = _STRS.get(v)
+            if vj is None:
+                if len(_STRS) > 10_000:
+                    _STRS.clear()
+                    _STRS.update({None: "null", True: "true", False: "false"})
+                vj = _STRS[v] = _encode(v)
         elif t is list:
-            j = _list_json.get(id(v))
+            j = _LISTS.get(id(v))
             if j is None or j[0] is not v:
-                if len(_list_json) > 10_000:
-                    _list_json.clear()
-                j = _list_json[id(v)] = (v, _encode(v))
-            out.append(_key_json(k) + j[1])
+                if len(_LISTS) > 10_000:
+                    _LISTS.clear()
+                j = _LISTS[id(v)] = (v, _encode(v))
+            vj = j[1]
         else:
-            out.append(_key_json(k) + _encode(v))
+            vj = _encode(v)
+        out.append(kj + vj)
     return "".join(out)
+
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")

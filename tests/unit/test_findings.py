@@ -10,6 +10,8 @@ CASES = [
             handshake_ns=1_020_000_000, syn_retransmits=1, role="active"),
     Finding("accept", 1, None, None, S.AF_INET6, "::1", 80, "::ffff:10.0.0.9", 5555),
     Finding("lost", 7, count=3, where="bpf:state", lost_total=9),
+    Finding("lost", 8, ratio=0.5, detail={"a": [1, None]}, flag=True, neg=-3, big=2 ** 70,
+            empty=[], s="1", t="true"),   # the encoder's fallback, and look-alike strings
     Finding("stuck", 9, 1, 'we"ird\\comm\u00e9', S.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2,
             state="CLOSE_WAIT", age_ns=3, fd=None, blame="x", age_is_lower_bound=False),
     Finding("close", 10, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, path=["SYN_SENT", "CLOSE"],
