@@ -23,7 +23,9 @@ def _who(key):
             f'"raddr":{js(raddr)},"rport":{"null" if rport is None else rport}')
 
 
-_who_json = memo(_who)
+# Keyed by a connection end (ports included): only its own few findings hit it again, so a
+# small cache does (100,000 entries held over 10 MB for nothing).
+_who_json = memo(_who, limit=8192)
 # `"key":` and `"value"` for the extras' names and string values: a handful of distinct ones,
 # looked up inline (a dict.get, no call) since this runs for every member of every finding.
 _KEYS = {}
