@@ -30,6 +30,7 @@ ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1 = S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1
 CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN = S.CLOSE, S.CLOSE_WAIT, S.LAST_ACK, S.LISTEN
 HALF_CLOSED = S.HALF_CLOSED
+STATE = Kind.STATE
 
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 # Errors seen from connect() before the kernel sent a SYN, and what to call them.
@@ -227,16 +228,17 @@ class Tracker:
 
     # -- input -------------------------------------------------------------------------------
     def process(self, rec):
-        if self.pending and rec.ts_ns > self.pending[0].closed_ns + self.grace_ns:
-            self._finalize_due(rec.ts_ns)
-        if rec.ts_ns > self.now_ns:
-            self.now_ns = rec.ts_ns
-        if isinstance(rec, Lost):
+        ts = rec.ts_ns
+        if self.pending and ts > self.pending[0].closed_ns + self.grace_ns:
+            self._finalize_due(ts)
+        if ts > self.now_ns:
+            self.now_ns = ts
+        if type(rec) is Lost:
             self._lost(rec)
             return
         self.stats.events += 1
         k = rec.kind
-        if k == Kind.STATE:
+        if k == STATE:
             self._state(rec)
         elif k == Kind.RETRANS:
             c = self.conns.get(rec.skaddr)

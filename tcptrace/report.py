@@ -48,9 +48,11 @@ class Report:
 
     def add(self, f):
         self.counts[f.type] += 1
-        if self.first_ns is None:
-            self.first_ns = f.ts_ns
-        self.last_ns = f.ts_ns
+        ts = f.ts_ns
+        if self.first_ns is None or ts < self.first_ns:
+            self.first_ns = ts
+        if self.last_ns is None or ts > self.last_ns:
+            self.last_ns = ts
         x = f.extra
         if f.type == "connect":
             self.handshakes[(f.raddr, f.rport, f.comm)].append(x["handshake_ns"])

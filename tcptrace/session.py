@@ -97,16 +97,19 @@ class Pipeline:
         if not self.opts.filter.empty():
             match = self.opts.filter.match
             found = [f for f in found if match(f)]
+        if self.report is not None:
+            # Aggregates do not depend on the order findings arrive in: no holding back.
+            self.emitted += len(found)
+            add = self.report.add
+            for f in found:
+                add(f)
+            return
         self._held.push_many(found)
         out = self._held.drain() if final else self._held.release(self.tracker.now_ns)
         if not out:
             return
         self.emitted += len(out)
-        if self.report is not None:
-            add = self.report.add
-            for f in out:
-                add(f)
-        elif hasattr(self.sink, "emit_many"):
+        if hasattr(self.sink, "emit_many"):
             self.sink.emit_many(out)
             self.sink.flush()
         else:
