@@ -33,7 +33,11 @@ class Options:
     transport: str = "auto"
     wide: bool = False
     filter: Filter = field(default_factory=Filter)
-    tick_ms: int = 10
+    # How often the buffers are drained. Each drain has a fixed cost (a timer wake-up, the
+    # pipeline's bookkeeping: about 150 us here), so draining less often is cheaper per
+    # connection; 25 ms uses 2% of the 8 MB ring at 20k connections/s, and output is held
+    # longer than that for time order anyway.
+    tick_ms: int = 25
     scan_ms: int = 100        # how often pending steps are read from the kernel's socks map
     window_ms: int = 20
     max_conns: int = 262_144
