@@ -217,7 +217,7 @@ def _protect_stdout():
     sys.stdout.flush()
     fd = os.dup(1)
     os.dup2(2, 1)
-    # Block-buffered: the pipeline flushes after every batch (each poll, 10 ms), so readers see
+    # Block-buffered: the pipeline flushes after every batch (each poll, 25 ms), so readers see
     # every line within that, without a write(2) per line.
     return os.fdopen(fd, "w", buffering=1 << 16, encoding="utf-8", errors="replace")
 
