@@ -326,6 +326,10 @@ class KernelSource:
         self._perm = perm
         socks = self.b["socks"]
         self._scanner = MapScanner(socks.map_fd, 8, self.record_size)
+        if self._scanner.values() is None:      # the map is empty now: this only asks the kernel
+            self._scanner = None
+            self.notes.append("BPF_MAP_LOOKUP_BATCH unsupported (kernels before 5.6): pending "
+                              "transitions are read with BCC's per-entry map iteration instead")
         unpack = self._st.unpack_from
         size = self.record_size
         string_at = ctypes.string_at

@@ -102,3 +102,10 @@ def test_recording_round_trip():
     back = events.from_json_obj(json.loads(events.event_to_json(st)))
     assert list(events.iter_steps(back)) == [(1, 2, 7, 2), (9, 0, 2, 1)]
     assert (back.nsteps, back.retrans) == (2, 1)
+
+
+def test_map_scanner_says_none_when_the_kernel_cannot_batch():
+    """Anything but ENOENT on the first call (EINVAL before 5.6, EBADF, EPERM) means "no batch
+    lookup": KernelSource then falls back to BCC's iteration, and says so."""
+    from tcptrace.kernel import MapScanner
+    assert MapScanner(-1, 8, 8).values() is None
