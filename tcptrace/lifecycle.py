@@ -295,10 +295,17 @@ class Tracker:
             if c is not None and ts <= c.scan_ts and c.closed_ns is None:
                 continue                              # already taken from a scan
             n += 1
-            if c is not None and c.state == old and c.closed_ns is None \
-                    and not (old == LISTEN and new == SYN_RECV):
-                # The common case, inline: the next step of a generation we know.
-                mx[old << 4 | new] += 1
+            mx[old << 4 | new] += 1
+            if (old == CLOSE and (new == SYN_SENT or new == LISTEN)) \
+                    or (old == LISTEN and new == SYN_RECV):
+                c = self._open(ev, ts, old, new, laddr, lport, raddr, rport)
+            else:
+                # A step of a generation: the one we know, or one first seen now.
+                if c is None or (c.closed_ns is not None and old == CLOSE):
+                    c = self._adopt(ev, old, new, laddr, lport, raddr, rport, ts)
+                elif c.state != old:
+                    self.stats.gaps += 1
+                    c.incomplete = True
                 if lport != c.lport or laddr != c.laddr or (not c.rport and rport):
                     self._set_tuple(c, laddr, lport, raddr, rport)
                 if ev.retrans > c.syn_retrans:
@@ -311,8 +318,6 @@ class Tracker:
                 if transitions:
                     self._transition(c, ev, ts, old, new)
                 self._advance(c, ev, ts, old, new)
-            else:
-                c = self._step(ev, ts, old, new, c, laddr, lport, raddr, rport)
             if scan:
                 c.scan_ts = ts
         if c is None:
@@ -321,42 +326,25 @@ class Tracker:
         if ev.rst_ns and c.recv_reset_ns is None:
             c.recv_reset_ns = ev.rst_ns
 
-    def _step(self, ev, ts, old, new, c, laddr, lport, raddr, rport):
-        self.stats.mx[old << 4 | new] += 1
-        if c is not None and c.closed_ns is not None and old == S.CLOSE:
-            c = None                                  # reuse of a closed socket's address
-        if old == S.CLOSE and new == S.SYN_SENT:
+    def _open(self, ev, ts, old, new, laddr, lport, raddr, rport):
+        """A step that starts a new generation at this socket address: connect(), a child
+        socket, listen()."""
+        if old == CLOSE and new == SYN_SENT:
             c = self._new(ev.skaddr, ev.family, ACTIVE, new, ts)
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # connect(): process context
             c.raddr, c.rport, c.laddr = raddr, rport, laddr
             c.syn_retrans = ev.retrans
-        elif old == S.LISTEN and new == S.SYN_RECV:
+        elif old == LISTEN:
             c = self._new(ev.skaddr, ev.family, PASSIVE, new, ts)
             self._set_tuple(c, laddr, lport, raddr, rport)
             owner = self.listeners.get((ev.family, lport))
             if owner:   # the listener's owner accepts it; the current task is a softirq bystander
                 c.pid, c.comm = owner
-        elif old == S.CLOSE and new == S.LISTEN:
+        else:
             c = self._new(ev.skaddr, ev.family, LISTENER, new, ts)
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True   # listen(): process context
             c.laddr, c.lport = laddr, lport
             self.listeners[(ev.family, lport)] = (c.pid, c.comm)
-        else:
-            if c is None:
-                c = self._adopt(ev, old, new, laddr, lport, raddr, rport, ts)
-            elif c.state != old:
-                self.stats.gaps += 1
-                c.incomplete = True
-            self._set_tuple(c, laddr, lport, raddr, rport)
-            if ev.retrans > c.syn_retrans:
-                c.syn_retrans = ev.retrans
-            if not c.owner_sure and ((old == S.ESTABLISHED and new == S.FIN_WAIT1)
-                                     or (old == S.CLOSE_WAIT and new == S.LAST_ACK)):
-                c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
-            if self.transitions:
-                self._transition(c, ev, ts, old, new)
-            self._advance(c, ev, ts, old, new)
-            return c
         if self.transitions:
             self._transition(c, ev, ts, old, new)
         return c
