@@ -281,7 +281,7 @@ class Tracker:
                 shape = (s[2 * m] << 20 | s[3 * m] << 16 | s[2 * m + 1] << 12
                          | s[3 * m + 1] << 8 | s[2 * m + 2] << 4 | s[3 * m + 2])
             fast = _FAST.get(shape)
-            if fast is not None and fast(self, ev, s, m):
+            if fast is not None and fast(self, ev, s):
                 return
         laddr, lport, raddr, rport = _endpoints(ev)
         scan = ev.flags & F_SCAN
@@ -574,7 +574,7 @@ class Tracker:
     def _finding(self, c, type_, ts, **extra):
         if c.partial:
             extra["partial"] = True
-        if c.incomplete or c.epoch != self.loss_epoch:
+        if self.incomplete(c):
             extra["incomplete"] = True
         extra["role"] = c.role
         return Finding.of(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
@@ -599,7 +599,7 @@ def _fast_open(active):
     first = SYN_SENT if active else SYN_RECV
     opening = (CLOSE << 4 | SYN_SENT) if active else (LISTEN << 4 | SYN_RECV)
 
-    def open_(tr, ev, s, m):
+    def open_(tr, ev, s):
         c = tr.conns.get(ev.skaddr)
         if c is not None and c.closed_ns is None:
             return False
@@ -638,7 +638,7 @@ def _fast_close(first_fin, states):
     pairs = list(zip((ESTABLISHED,) + states[:-1], states))
     path_add = states[0] << 8 | states[1] << 4 | states[2]
 
-    def close(tr, ev, s, m):
+    def close(tr, ev, s):
         c = tr.conns.get(ev.skaddr)
         if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
                 or c.stuck_state is not None or c.scan_ts:

@@ -14,7 +14,7 @@ into the tail it overlaps; releasing advances a start index (the list is compact
 import bisect
 import operator
 
-_ts = operator.attrgetter("ts_ns")
+by_ts = operator.attrgetter("ts_ns")      # sort key of every record and finding
 
 
 class Reorderer:
@@ -31,18 +31,18 @@ class Reorderer:
     def push_many(self, recs):
         if not recs:
             return
-        recs = sorted(recs, key=_ts)     # stable: equal timestamps keep arrival order
+        recs = sorted(recs, key=by_ts)     # stable: equal timestamps keep arrival order
         if recs[0].ts_ns < self._released_ns:
-            self.late += bisect.bisect_left(recs, self._released_ns, key=_ts)
+            self.late += bisect.bisect_left(recs, self._released_ns, key=by_ts)
         held = self._held
         if len(held) == self._start or recs[0].ts_ns >= held[-1].ts_ns:
             held.extend(recs)
             return
-        pos = bisect.bisect_right(held, recs[0].ts_ns, lo=self._start, key=_ts)
+        pos = bisect.bisect_right(held, recs[0].ts_ns, lo=self._start, key=by_ts)
         tail = held[pos:]
         del held[pos:]
         tail.extend(recs)
-        tail.sort(key=_ts)
+        tail.sort(key=by_ts)
         held.extend(tail)
 
     def release(self, now_ns):
@@ -54,7 +54,7 @@ class Reorderer:
             self._released_ns = horizon
         if len(held) == start or held[start].ts_ns > horizon:
             return []
-        n = bisect.bisect_right(held, horizon, lo=start, key=_ts)
+        n = bisect.bisect_right(held, horizon, lo=start, key=by_ts)
         out = held[start:n]
         if n == len(held):
             held.clear()

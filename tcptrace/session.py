@@ -15,7 +15,7 @@ from tcptrace import errors, events
 from tcptrace.events import Lost, Kind, F_SCAN, F_SYSCALL
 from tcptrace.filters import Filter
 from tcptrace.lifecycle import Tracker
-from tcptrace.order import Reorderer
+from tcptrace.order import Reorderer, by_ts
 from tcptrace.report import Report
 from tcptrace.sinks import Closed, JsonSink, TextSink
 
@@ -42,10 +42,6 @@ class Options:
     window_ms: int = 20
     max_conns: int = 262_144
     seed: bool = True
-
-
-def _ts(r):
-    return r.ts_ns
 
 
 class _Stop:
@@ -113,21 +109,15 @@ class Pipeline:
         if not out:
             return
         self.emitted += len(out)
-        if hasattr(self.sink, "emit_many"):
-            self.sink.emit_many(out)
-            self.sink.flush()
-        else:
-            emit = self.sink.emit
-            for f in out:
-                emit(f)
-            self.sink.flush()
+        self.sink.emit_many(out)
+        self.sink.flush()
 
     def feed_scan(self, recs, now_ns):
         """Steps read from the kernel's `socks` map. Only those older than the ordering window
         are taken, in time order: by then every record before them has been processed."""
         horizon = now_ns - self.order.window_ns
         tr = self.tracker
-        for r in sorted((r for r in recs if r.ts_ns <= horizon), key=_ts):
+        for r in sorted((r for r in recs if r.ts_ns <= horizon), key=by_ts):
             tr.process(r)
         self.flush()
 

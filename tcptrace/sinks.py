@@ -101,6 +101,10 @@ class TextSink:
             self._write(line)
             self._write(f"    {detail}")
 
+    def emit_many(self, fs):
+        for f in fs:
+            self.emit(f)
+
     def _write(self, text):
         try:
             self.stream.write(text + "\n")

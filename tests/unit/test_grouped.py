@@ -124,7 +124,7 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch):
     monkeypatch.undo()
     for k, fn in list(lifecycle._FAST.items()):
         monkeypatch.setitem(lifecycle._FAST, k,
-                            lambda tr, ev, s, m, fn=fn: taken.append(fn) or fn(tr, ev, s, m))
+                            lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s))
     assert findings(recs, transitions=False) == want
     assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
 
