@@ -164,15 +164,16 @@ class MapScanner:
 
     def __init__(self, map_fd, key_size, value_size, chunk=1024):
         self.fd = map_fd
+        self.ksize = key_size
         self.vsize = value_size
-        self.chunk = chunk
-        self._alloc(chunk, key_size)
+        self._tok = (ctypes.c_uint64 * 2)()      # in_batch, out_batch: where to go on
+        self._alloc(chunk)
 
-    def _alloc(self, chunk, key_size=8):
+    def _alloc(self, chunk):
+        """Buffers for `chunk` entries (the continuation token is kept)."""
         self.chunk = chunk
-        self._keys = ctypes.create_string_buffer(chunk * key_size)
+        self._keys = ctypes.create_string_buffer(chunk * self.ksize)
         self._vals = ctypes.create_string_buffer(chunk * self.vsize)
-        self._tok = (ctypes.c_uint64 * 2)()
 
     def values(self):
         """Raw bytes of all values (a snapshot per chunk; entries may change meanwhile)."""
