@@ -11,12 +11,24 @@ from tcptrace import SCHEMA_VERSION, states
 from tcptrace.events import memo
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
-_json_str = memo(lambda v: "null" if v is None else _encode(v))
+# JSON of the strings, booleans and None that records carry (names, addresses, commands): a
+# handful of distinct ones. The hot loop in _extra_json reads the dict inline.
+_SCALARS = {None: "null", True: "true", False: "false"}
+
+
+def _scalar_json(v):
+    j = _SCALARS.get(v)
+    if j is None:
+        if len(_SCALARS) > 10_000:
+            _SCALARS.clear()
+            _SCALARS.update({None: "null", True: "true", False: "false"})
+        j = _SCALARS[v] = _encode(v)
+    return j
 
 
 def _who(key):
     pid, comm, family, laddr, lport, raddr, rport = key
-    js = _json_str
+    js = _scalar_json
     return (f'"pid":{"null" if pid is None else pid},"comm":{js(comm)},'
             f'"family":{js(states.FAMILY_NAMES.get(family))},"laddr":{js(laddr)},'
             f'"lport":{"null" if lport is None else lport},'
@@ -26,10 +38,9 @@ def _who(key):
 # Keyed by a connection end (ports included): only its own few findings hit it again, so a
 # small cache does (100,000 entries held over 10 MB for nothing).
 _who_json = memo(_who, limit=8192)
-# `"key":` and `"value"` for the extras' names and string values: a handful of distinct ones,
-# looked up inline (a dict.get, no call) since this runs for every member of every finding.
+# `"key":` for the extras' names: a handful of distinct ones, looked up inline (a dict.get, no
+# call) since this runs for every member of every finding.
 _KEYS = {}
-_STRS = {None: "null", True: "true", False: "false"}
 _LISTS = {}     # a path list is shared between findings and never modified: keyed by identity
 
 
@@ -48,12 +59,7 @@ def _extra_json(extra):
             out.append(f"{kj}{v}")
             continue
         if t is str or t is bool or v is None:
-            vj = _STRS.get(v)
-            if vj is None:
-                if len(_STRS) > 10_000:
-                    _STRS.clear()
-                    _STRS.update({None: "null", True: "true", False: "false"})
-                vj = _STRS[v] = _encode(v)
+            vj = _SCALARS.get(v) or _scalar_json(v)
         elif t is list:
             j = _LISTS.get(id(v))
             if j is None or j[0] is not v:
