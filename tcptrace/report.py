@@ -22,6 +22,7 @@ def percentile(sorted_vals, p):
 
 
 def log2_bucket(v_ns):
+    """Power-of-two microsecond bucket of a duration, like bcc's histograms."""
     return max(1, v_ns // 1000).bit_length() - 1
 
 
@@ -31,11 +32,6 @@ def log2_rows(buckets):
         return []
     lo, hi = min(buckets), max(buckets)
     return [(1 << b if b else 0, (1 << (b + 1)) - 1, buckets.get(b, 0)) for b in range(lo, hi + 1)]
-
-
-def log2_hist(values_ns):
-    """[(low_us, high_us, count)] in power-of-two microsecond buckets, like bcc's histograms."""
-    return log2_rows(collections.Counter(log2_bucket(v) for v in values_ns))
 
 
 class Sample:

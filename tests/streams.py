@@ -81,7 +81,7 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
     out, pending = [], {}
     scans = sorted(scan_at)
 
-    def send(sk, p, flags=0):
+    def send(p, flags=0):
         steps = p["steps"]
         last = steps[-1]
         pad = [(0, 0, 0, 0)] * (max_steps - len(steps))
@@ -93,7 +93,7 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
     for r in sorted(recs, key=lambda r: r.ts_ns):
         while scans and scans[0] < r.ts_ns:
             scans.pop(0)
-            out.extend(send(sk, p, events.F_SCAN)._replace() for sk, p in pending.items())
+            out.extend(send(p, events.F_SCAN) for p in pending.values())
         if isinstance(r, Lost) or r.kind not in (Kind.STATE, Kind.RECV_RESET, Kind.RETRANS):
             out.append(r)
             continue
@@ -109,7 +109,7 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
             continue
         pair = (r.oldstate, r.newstate)
         if p and pair in _FRESH:
-            out.append(send(r.skaddr, pending.pop(r.skaddr)))
+            out.append(send(pending.pop(r.skaddr)))
             p = None
         if p is None:
             p = pending[r.skaddr] = {"head": r, "steps": [], "retrans": 0, "rst": 0,
@@ -123,6 +123,6 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
                 p["flags"] |= events.F_OWNER
         p["steps"].append((r.ts_ns, r.pid, r.oldstate, r.newstate))
         if r.newstate in (S.ESTABLISHED, S.CLOSE, S.LISTEN) or len(p["steps"]) >= max_steps:
-            out.append(send(r.skaddr, pending.pop(r.skaddr)))
-    out.extend(send(sk, p) for sk, p in pending.items())
+            out.append(send(pending.pop(r.skaddr)))
+    out.extend(send(p) for p in pending.values())
     return out

@@ -1,4 +1,6 @@
-from tcptrace.report import log2_hist, percentile
+import collections
+
+from tcptrace.report import log2_bucket, log2_rows, percentile
 
 
 def test_percentile_nearest_rank():
@@ -9,7 +11,8 @@ def test_percentile_nearest_rank():
 
 
 def test_log2_histogram_buckets_in_microseconds():
-    hist = log2_hist([1_000, 1_500, 3_000, 1_000_000])   # 1us, 1us, 3us, 1000us
+    hist = log2_rows(collections.Counter(
+        log2_bucket(v) for v in [1_000, 1_500, 3_000, 1_000_000]))   # 1us, 1us, 3us, 1000us
     assert hist[0] == (0, 1, 2)
     assert hist[1] == (2, 3, 1)
     assert hist[-1] == (512, 1023, 1)
