@@ -91,13 +91,17 @@ static __always_inline void tt_emit(void *ctx, struct tt_event *ev)
 
 /* The current task. In softirq (every transition the network causes) this is whichever task was
  * interrupted, not the socket's owner: user space decides which transitions name the owner. */
-static __always_inline void tt_task(struct tt_event *ev)
+static __always_inline void tt_set_task(struct tt_event *ev, u64 id)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    ev->ts_ns = bpf_ktime_get_ns();
     ev->pid = id >> 32;
     ev->tid = (u32)id;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+}
+
+static __always_inline void tt_task(struct tt_event *ev)
+{
+    ev->ts_ns = bpf_ktime_get_ns();
+    tt_set_task(ev, bpf_get_current_pid_tgid());
 }
 
 #define TT_COPY_ADDRS(ev, args)                                                     \
@@ -177,9 +181,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct tt_event ev = {};
         ev.kind = TT_STATE;
         ev.skaddr = sk;
-        ev.pid = id >> 32;
-        ev.tid = (u32)id;
-        bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+        tt_set_task(&ev, id);
         if (owner)
             ev.flags = TT_F_OWNER;
         ev.ts_ns = ts;
@@ -196,11 +198,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         }
         if (!e) {
             /* Nothing pending and nothing to wait for (or the map is full): one step, now. */
-            ev.step_ts[0] = ts;
-            ev.step_pid[0] = id >> 32;
-            ev.step_old[0] = old;
-            ev.step_new[0] = new;
-            ev.nsteps = 1;
+            tt_put_step(&ev, 0, ts, id >> 32, old, new);
             tt_emit(args, &ev);
             return 0;
         }
@@ -214,9 +212,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             TT_COPY_ADDRS(e, args);
         }
         if (owner) {
-            e->pid = id >> 32;
-            e->tid = (u32)id;
-            bpf_get_current_comm(&e->comm, sizeof(e->comm));
+            tt_set_task(e, id);
             e->flags |= TT_F_OWNER;
         }
     }
