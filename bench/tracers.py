@@ -29,6 +29,7 @@ NCPU = os.cpu_count() or 1
 
 SUMMARY_RE = re.compile(r"(\d+) events, (\d+) findings, (\d+) lost(?: \((.*?)\))?")
 POSSIBLY_LOST_RE = re.compile(rb"Possibly lost (\d+) samples")
+RESCUED_RE = re.compile(r"(\d+) hits the kernel skipped \(BPF recursion\) were recovered")
 
 
 def clean_env():
@@ -252,6 +253,8 @@ def state_losses(where):
 def _with_summary(res, stderr):
     """Fold in tcptrace's final stderr line, which is authoritative: it includes what the last
     drain found after the final lost record was written."""
+    m = RESCUED_RE.search(stderr)
+    res["rescued"] = int(m.group(1)) if m else 0
     m = SUMMARY_RE.search(stderr)
     res["summary"] = None
     if m:

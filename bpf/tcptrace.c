@@ -11,6 +11,21 @@
  *   TT_SYSCALL_CONNECT=1    fallback: syscalls:sys_{enter,exit}_connect for pre-SYN failures
  *   TT_HOOK_*=1             each optional tracepoint the running kernel has (tcptrace/probes.py):
  *                           BCC fails to compile a probe whose tracepoint is missing
+ *   TT_RESCUE=1             the recursion rescue (below), with TT_OFF_* / TT_SZ_*: struct sock
+ *                           member offsets of the running kernel, from its BTF (tcptrace/btf.py)
+ *   TT_RESCUE_ONLY=1        tests only: the tracepoint programs step aside and the rescue
+ *                           programs handle every hit, so the rescue path is exercised for real
+ *
+ * Recursion rescue. A tracepoint program runs through trace_call_bpf(), which skips it (and
+ * counts a recursion miss) whenever the CPU's bpf_prog_active is taken: by any kprobe or
+ * tracepoint BPF program running there (ours or another tool's), and by every bpf(2) map
+ * operation user space makes (bpf_disable_instrumentation(); reading the `socks` map walks all
+ * its buckets that way). A softirq that interrupts one of those makes transitions that were
+ * lost. Raw tracepoint programs are not subject to that check. So each tracepoint program first
+ * writes a mark naming the hit (per CPU), and a raw tracepoint twin on the same hook, running
+ * after it, consumes the mark, or, finding none, knows the program was skipped and does its work.
+ * The twin has no tracepoint record, so it reads the socket's fields itself, at offsets from the
+ * running kernel's BTF (never from the compile-time headers, which may be another version's).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/socket.h>
@@ -28,6 +43,7 @@
 #define TT_LAST_ACK 9
 #define TT_LISTEN 10
 #define TT_EINPROGRESS 115
+#define TT_AF_INET 2
 
 #ifndef TT_SOCKS_MAX
 #define TT_SOCKS_MAX 65536
@@ -51,6 +67,35 @@ BPF_PERCPU_ARRAY(drops, u64, TT_KIND_MAX);
  * per read at 262,144 entries, 10 reads a second). An entry whose CLOSE was never seen (a
  * recursion miss) stays until its address is reused by a new socket. */
 BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
+
+#ifdef TT_RESCUE
+/* marks: per kind, per CPU, the hits the tracepoint program took, newest last: what its twin
+ * looks for. A ring, not one slot, because a softirq can interrupt a twin before it looks and
+ * make other hits (whose marks must not push this one out). */
+#define TT_MARKS 32
+struct tt_marks {
+    u64 id[TT_MARKS];
+    u32 head;
+    u32 _pad;
+};
+BPF_PERCPU_ARRAY(marks, struct tt_marks, 2 * TT_KIND_MAX);   /* the programs', the first twins' */
+/* rescued: per kind, per CPU, hits the twins handled because the tracepoint program was
+ * skipped. User space subtracts them from the programs' recursion misses. */
+BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
+
+static __always_inline void tt_mark(u32 kind, u64 id)
+{
+    struct tt_marks *m = marks.lookup(&kind);
+    if (m) {
+        u32 h = m->head;
+        m->id[h & (TT_MARKS - 1)] = id;
+        m->head = h + 1;
+    }
+}
+#define TT_MARK(kind, id) tt_mark(kind, id)
+#else
+#define TT_MARK(kind, id)
+#endif
 
 #ifdef TT_RINGBUF
 BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
@@ -104,16 +149,52 @@ static __always_inline void tt_task(struct tt_event *ev)
     tt_set_task(ev, bpf_get_current_pid_tgid());
 }
 
-#define TT_COPY_ADDRS(ev, args)                                                     \
+/* The socket fields the tracepoints report, in the record's layout: from the tracepoint record,
+ * or, in a rescue, read from the socket. */
+struct tt_sk {
+    u16 family;
+    u16 sport;        /* host byte order */
+    u16 dport;
+    u16 _pad;
+    u8  saddr[16];    /* IPv4 in the first 4 bytes */
+    u8  daddr[16];
+};
+
+#define TT_SK_FROM_ARGS(s, args)                                                    \
     do {                                                                            \
+        (s)->family = (args)->family;                                               \
+        (s)->sport = (args)->sport;                                                 \
+        (s)->dport = (args)->dport;                                                 \
         if ((args)->family == AF_INET) {                                            \
-            __builtin_memcpy((ev)->saddr, (args)->saddr, 4);                        \
-            __builtin_memcpy((ev)->daddr, (args)->daddr, 4);                        \
+            __builtin_memcpy((s)->saddr, (args)->saddr, 4);                         \
+            __builtin_memcpy((s)->daddr, (args)->daddr, 4);                         \
         } else {                                                                    \
-            __builtin_memcpy((ev)->saddr, (args)->saddr_v6, 16);                    \
-            __builtin_memcpy((ev)->daddr, (args)->daddr_v6, 16);                    \
+            __builtin_memcpy((s)->saddr, (args)->saddr_v6, 16);                     \
+            __builtin_memcpy((s)->daddr, (args)->daddr_v6, 16);                     \
         }                                                                           \
     } while (0)
+
+static __always_inline void tt_put_sk(struct tt_event *ev, struct tt_sk *s)
+{
+    ev->family = s->family;
+    ev->sport = s->sport;
+    ev->dport = s->dport;
+    __builtin_memcpy(ev->saddr, s->saddr, 16);
+    __builtin_memcpy(ev->daddr, s->daddr, 16);
+}
+
+#ifdef TT_RESCUE_ONLY
+#define TT_STEP_ASIDE() return 0
+#else
+#define TT_STEP_ASIDE()
+#endif
+
+/* What identifies a hit to both a tracepoint program and its twin. Sockets lie more than 256
+ * bytes apart, so the states can share the pointer's word; bit 63 keeps an id from being 0 (an
+ * empty mark). sock_error has no socket pointer in its record: ports and errno stand in. */
+#define TT_ID_STATE(sk, old, new) ((u64)(sk) ^ (((u64)(old) << 4) | (new)))
+#define TT_ID_ERROR(family, sport, dport, err)                                      \
+    ((1ULL << 63) | ((u64)(family) << 48) | ((u64)(u32)(err) << 32) | ((u32)(sport) << 16) | (dport))
 
 #ifdef TT_SYSCALL_CONNECT
 /* connecting: per thread, from sys_enter_connect to sys_exit_connect. Inserted on enter for
@@ -143,14 +224,11 @@ static __always_inline void tt_put_step(struct tt_event *e, u32 n, u64 ts, u32 p
     e->nsteps = n + 1;
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+/* sock:inet_sock_set_state, TCP only (the caller checked the protocol). */
+static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct tt_sk *s)
 {
-    if (args->protocol != TT_IPPROTO_TCP)
-        return 0;
-    if (!tt_wanted(args->family, args->sport, args->dport))
-        return 0;
-    u64 sk = (u64)args->skaddr;
-    u8 old = args->oldstate, new = args->newstate;
+    if (!tt_wanted(s->family, s->sport, s->dport))
+        return;
     u64 id = bpf_get_current_pid_tgid();
     u64 ts = bpf_ktime_get_ns();
     /* Steps a process makes itself name the socket's owner; the others run in softirq. */
@@ -173,7 +251,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (e && fresh) {
         /* A new socket at the address of one whose CLOSE we never saw (a recursion miss): send
          * the old one's steps; user space sees the gap. */
-        tt_emit(args, e);
+        tt_emit(ctx, e);
         socks.delete(&sk);
         e = 0;
     }
@@ -187,10 +265,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         ev.ts_ns = ts;
         ev.oldstate = old;
         ev.newstate = new;
-        ev.family = args->family;
-        ev.sport = args->sport;
-        ev.dport = args->dport;
-        TT_COPY_ADDRS(&ev, args);
+        tt_put_sk(&ev, s);
         if (!send) {
             ev.nsteps = 0;
             if (socks.insert(&sk, &ev) == 0)
@@ -199,18 +274,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         if (!e) {
             /* Nothing pending and nothing to wait for (or the map is full): one step, now. */
             tt_put_step(&ev, 0, ts, id >> 32, old, new);
-            tt_emit(args, &ev);
-            return 0;
+            tt_emit(ctx, &ev);
+            return;
         }
     } else {
         e->ts_ns = ts;
         e->oldstate = old;
         e->newstate = new;
-        if (args->sport) {          /* CLOSE->SYN_SENT has no local port yet */
-            e->sport = args->sport;
-            e->dport = args->dport;
-            TT_COPY_ADDRS(e, args);
-        }
+        if (s->sport)               /* CLOSE->SYN_SENT has no local port yet */
+            tt_put_sk(e, s);
         if (owner) {
             tt_set_task(e, id);
             e->flags |= TT_F_OWNER;
@@ -219,33 +291,49 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u32 n = e->nsteps;
     tt_put_step(e, n, ts, id >> 32, old, new);
     if (send || n + 1 >= TT_MAX_STEPS) {
-        tt_emit(args, e);
+        tt_emit(ctx, e);
         socks.delete(&sk);
+    }
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    TT_STEP_ASIDE();
+    TT_MARK(TT_STATE, TT_ID_STATE(args->skaddr, args->oldstate, args->newstate));
+    if (args->protocol == TT_IPPROTO_TCP) {
+        struct tt_sk s = {};
+        TT_SK_FROM_ARGS(&s, args);
+        tt_state(args, (u64)args->skaddr, args->oldstate, args->newstate, &s);
     }
     return 0;
 }
 
 #ifdef TT_HOOK_RECV_RESET
-TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+static __always_inline void tt_recv_reset(void *ctx, u64 sk, struct tt_sk *s)
 {
-    if (!tt_wanted(args->family, args->sport, args->dport))
-        return 0;
-    u64 sk = (u64)args->skaddr;
+    if (!tt_wanted(s->family, s->sport, s->dport))
+        return;
     struct tt_event *e = socks.lookup(&sk);
     if (e) {                        /* told with the socket's pending steps */
         if (!e->rst_ns)
             e->rst_ns = bpf_ktime_get_ns();
-        return 0;
+        return;
     }
     struct tt_event ev = {};
     ev.kind = TT_RECV_RESET;
     tt_task(&ev);
-    ev.skaddr = (u64)args->skaddr;
-    ev.family = args->family;
-    ev.sport = args->sport;
-    ev.dport = args->dport;
-    TT_COPY_ADDRS(&ev, args);
-    tt_emit(args, &ev);
+    ev.skaddr = sk;
+    tt_put_sk(&ev, s);
+    tt_emit(ctx, &ev);
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    TT_STEP_ASIDE();
+    TT_MARK(TT_RECV_RESET, (u64)args->skaddr);
+    struct tt_sk s = {};
+    TT_SK_FROM_ARGS(&s, args);
+    tt_recv_reset(args, (u64)args->skaddr, &s);
     return 0;
 }
 #endif
@@ -272,53 +360,213 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
 #endif
 
 #ifdef TT_HOOK_SOCK_ERROR
-TRACEPOINT_PROBE(sock, inet_sk_error_report)
+/* TCP only (the caller checked). The tracepoint carries no sock pointer. */
+static __always_inline void tt_sock_error(void *ctx, int err, struct tt_sk *s)
 {
-    if (args->protocol != TT_IPPROTO_TCP)
-        return 0;
-    if (!tt_wanted(args->family, args->sport, args->dport))
-        return 0;
+    if (!tt_wanted(s->family, s->sport, s->dport))
+        return;
     struct tt_event ev = {};
     ev.kind = TT_SOCK_ERROR;
     tt_task(&ev);
-    ev.err = args->error;
-    ev.family = args->family;
-    ev.sport = args->sport;
-    ev.dport = args->dport;
-    TT_COPY_ADDRS(&ev, args);
-    tt_emit(args, &ev);
+    ev.err = err;
+    tt_put_sk(&ev, s);
+    tt_emit(ctx, &ev);
+}
+
+TRACEPOINT_PROBE(sock, inet_sk_error_report)
+{
+    TT_STEP_ASIDE();
+    TT_MARK(TT_SOCK_ERROR, TT_ID_ERROR(args->family, args->sport, args->dport, args->error));
+    if (args->protocol == TT_IPPROTO_TCP) {
+        struct tt_sk s = {};
+        TT_SK_FROM_ARGS(&s, args);
+        tt_sock_error(args, args->error, &s);
+    }
     return 0;
 }
 #endif
 
 #ifdef TT_HOOK_RETRANS
-/* SYN retransmissions only: data retransmits are a different tool's business and can be
- * numerous enough to cost real overhead. */
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+/* SYN retransmissions only (the caller checked the state): data retransmits are a different
+ * tool's business and can be numerous enough to cost real overhead. */
+static __always_inline void tt_retrans(void *ctx, u64 sk, struct tt_sk *s)
 {
-    if (args->state != TT_SYN_SENT)
-        return 0;
-    if (!tt_wanted(args->family, args->sport, args->dport))
-        return 0;
-    u64 sk = (u64)args->skaddr;
+    if (!tt_wanted(s->family, s->sport, s->dport))
+        return;
     struct tt_event *e = socks.lookup(&sk);
     if (e) {                        /* counted with the socket's pending CLOSE->SYN_SENT */
         if (e->retrans < 255)
             e->retrans++;
-        return 0;
+        return;
     }
     struct tt_event ev = {};
     ev.kind = TT_RETRANS;
     tt_task(&ev);
-    ev.skaddr = (u64)args->skaddr;
-    ev.oldstate = args->state;
-    ev.family = args->family;
-    ev.sport = args->sport;
-    ev.dport = args->dport;
-    TT_COPY_ADDRS(&ev, args);
-    tt_emit(args, &ev);
+    ev.skaddr = sk;
+    ev.oldstate = TT_SYN_SENT;
+    tt_put_sk(&ev, s);
+    tt_emit(ctx, &ev);
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    TT_STEP_ASIDE();
+    TT_MARK(TT_RETRANS, (u64)args->skaddr);
+    if (args->state == TT_SYN_SENT) {
+        struct tt_sk s = {};
+        TT_SK_FROM_ARGS(&s, args);
+        tt_retrans(args, (u64)args->skaddr, &s);
+    }
     return 0;
 }
+#endif
+
+#ifdef TT_RESCUE
+/* The raw twins (attached by name from tcptrace/kernel.py, after the tracepoint programs, so on
+ * each hit they run second). */
+
+/* Both twins of a hook, attached in this order. */
+#define TT_TWINS(hook)                                                              \
+    int tt_rescue_##hook(struct bpf_raw_tracepoint_args *ctx)                       \
+    {                                                                               \
+        return tt_twin_##hook(ctx, 0);                                              \
+    }                                                                               \
+    int tt_rescue2_##hook(struct bpf_raw_tracepoint_args *ctx)                      \
+    {                                                                               \
+        return tt_twin_##hook(ctx, 1);                                              \
+    }
+
+static __always_inline int tt_find(struct tt_marks *m, u64 id, int consume)
+{
+    u32 h = m->head;
+#pragma unroll
+    for (int i = 1; i <= TT_MARKS; i++) {
+        u32 j = (h - i) & (TT_MARKS - 1);
+        if (m->id[j] == id) {
+            if (consume)
+                m->id[j] = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* 1 if this hit is already taken care of, 0 if this twin must do the work. Two twins, because a
+ * twin doing the work runs long enough to be interrupted itself, with the tracepoint program
+ * still blocked (a preempted bpf(2) call keeps bpf_prog_active taken): the second twin takes
+ * what the first one was skipped for. The first leaves the tracepoint program's mark for the
+ * second, which consumes marks; newest first, as the one sought is almost always the last. */
+static __always_inline int tt_taken(u32 kind, u64 id, int second)
+{
+    u32 k2 = kind + TT_KIND_MAX;
+    struct tt_marks *m = marks.lookup(&kind);
+    struct tt_marks *m2 = marks.lookup(&k2);
+    if (!m || !m2)
+        return 1;                   /* cannot tell: never risk a duplicate */
+    if (tt_find(m, id, second))
+        return 1;
+    if (second && tt_find(m2, id, 1))
+        return 1;
+    if (!second) {
+        u32 h = m2->head;
+        m2->id[h & (TT_MARKS - 1)] = id;
+        m2->head = h + 1;
+    }
+    u64 *n = rescued.lookup(&kind);
+    if (n)
+        (*n)++;
+    return 0;
+}
+
+/* What the tracepoints' TP_fast_assign reads: family and ports from sock_common and inet_sock,
+ * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. */
+static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
+{
+    u16 port = 0;
+    bpf_probe_read_kernel(&s->family, 2, (void *)(sk + TT_OFF_FAMILY));
+    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_SPORT));
+    s->sport = ntohs(port);
+    port = 0;
+    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_DPORT));
+    s->dport = ntohs(port);
+    if (s->family == AF_INET) {
+        bpf_probe_read_kernel(s->saddr, 4, (void *)(sk + TT_OFF_SADDR));
+        bpf_probe_read_kernel(s->daddr, 4, (void *)(sk + TT_OFF_DADDR));
+    } else {
+        bpf_probe_read_kernel(s->saddr, 16, (void *)(sk + TT_OFF_V6_SADDR));
+        bpf_probe_read_kernel(s->daddr, 16, (void *)(sk + TT_OFF_V6_DADDR));
+    }
+}
+
+static __always_inline u16 tt_read_protocol(u64 sk)
+{
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, 2, (void *)(sk + TT_OFF_PROTOCOL));
+    return proto;
+}
+
+static __always_inline int tt_twin_state(struct bpf_raw_tracepoint_args *ctx, int second)
+{
+    u64 sk = ctx->args[0];
+    u8 old = ctx->args[1], new = ctx->args[2];
+    if (tt_taken(TT_STATE, TT_ID_STATE(sk, old, new), second) || tt_read_protocol(sk) != TT_IPPROTO_TCP)
+        return 0;
+    struct tt_sk s = {};
+    tt_read_sk(sk, &s);
+    tt_state(ctx, sk, old, new, &s);
+    return 0;
+}
+TT_TWINS(state)
+
+#ifdef TT_HOOK_RECV_RESET
+static __always_inline int tt_twin_recv_reset(struct bpf_raw_tracepoint_args *ctx, int second)
+{
+    u64 sk = ctx->args[0];
+    if (tt_taken(TT_RECV_RESET, sk, second))
+        return 0;
+    struct tt_sk s = {};
+    tt_read_sk(sk, &s);
+    tt_recv_reset(ctx, sk, &s);
+    return 0;
+}
+TT_TWINS(recv_reset)
+#endif
+
+#ifdef TT_HOOK_SOCK_ERROR
+static __always_inline int tt_twin_sock_error(struct bpf_raw_tracepoint_args *ctx, int second)
+{
+    u64 sk = ctx->args[0];
+    int err = 0;
+    struct tt_sk s = {};
+    /* The id needs the fields, so they are read on every hit: error reports are rare. */
+    tt_read_sk(sk, &s);
+    bpf_probe_read_kernel(&err, 4, (void *)(sk + TT_OFF_ERR));
+    if (tt_taken(TT_SOCK_ERROR, TT_ID_ERROR(s.family, s.sport, s.dport, err), second) ||
+        tt_read_protocol(sk) != TT_IPPROTO_TCP)
+        return 0;
+    tt_sock_error(ctx, err, &s);
+    return 0;
+}
+TT_TWINS(sock_error)
+#endif
+
+#ifdef TT_HOOK_RETRANS
+static __always_inline int tt_twin_retrans(struct bpf_raw_tracepoint_args *ctx, int second)
+{
+    u64 sk = ctx->args[0];
+    u8 state = 0;
+    if (tt_taken(TT_RETRANS, sk, second))
+        return 0;
+    bpf_probe_read_kernel(&state, 1, (void *)(sk + TT_OFF_STATE));
+    if (state != TT_SYN_SENT)
+        return 0;
+    struct tt_sk s = {};
+    tt_read_sk(sk, &s);
+    tt_retrans(ctx, sk, &s);
+    return 0;
+}
+TT_TWINS(retrans)
+#endif
 #endif
 
 #ifdef TT_KPROBES

@@ -12,7 +12,8 @@ Loss accounting, all of it reported as `Lost` records:
   - perf's own loss records are kept only as a cross-check (`perf_lost_total`): they count the
     same drops as "bpf:" and arrive late (the kernel writes one only when a later record fits);
   - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
-    running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports.
+    running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the
+    ones the raw tracepoint twins recovered (the recursion rescue, bpf/tcptrace.c).
 """
 import contextlib
 import ctypes
@@ -275,6 +276,20 @@ class RingReader:
         self._cons.close()
 
 
+# The recursion rescue's raw tracepoint twins: (hook in bpf/tcptrace.c's tt_rescue_<hook> and
+# tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
+# `rescued` counter they keep, the plan's hook name or None when always attached).
+TWINS = (
+    ("state", "inet_sock_set_state", "tracepoint__sock__inet_sock_set_state", Kind.STATE, None),
+    ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
+     "tcp:tcp_receive_reset"),
+    ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
+     Kind.SOCK_ERROR, "sock:inet_sk_error_report"),
+    ("retrans", "tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb", Kind.RETRANS,
+     "tcp:tcp_retransmit_skb"),
+)
+
+
 @contextlib.contextmanager
 def _stdout_to_stderr():
     """BCC and clang may print to fd 1; the JSON stream must never see it."""
@@ -308,6 +323,10 @@ class KernelSource:
         src = os.path.join(bpf_dir(), "tcptrace.c")
         cflags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
                   "-Wno-macro-redefined", "-Wno-unused-function"] + plan.cflags()
+        if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
+            # Tests only: the twins handle every hit, so their field reads are checked against
+            # real sockets (tests/kernel/test_foundation.py).
+            cflags.append("-DTT_RESCUE_ONLY=1")
         t0 = time.monotonic()
         try:
             with _stdout_to_stderr():
@@ -315,11 +334,16 @@ class KernelSource:
         except Exception as e:   # BCC raises bare Exception for compile and attach failures
             raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
         self.compile_s = time.monotonic() - t0
+        self._twins = {}            # tracepoint program name -> Kind its twins rescue
+        self._twin_fds = []
+        if plan.rescue:
+            self._attach_twins(plan)
         release_compiler_memory()
         self._batch = []
         self.perf_lost_total = 0
         self._seen_drops = {}
         self._seen_misses = {}
+        self.rescued_total = 0
         table = self.b["events"]
         ctype = type(table.event(ctypes.create_string_buffer(512)))
         self.record_size = ctypes.sizeof(ctype)
@@ -354,6 +378,36 @@ class KernelSource:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
                                    wakeup_events=wakeup_events)
         self._configure(families, ports)
+
+    def _attach_twins(self, plan):
+        """Attach each hook's two twins after its tracepoint program (BCC attached those while
+        loading): a tracepoint calls its probes in the order they were attached, and a twin
+        decides by what ran before it on the same hit."""
+        import bcc
+        from bcc.libbcc import lib
+        hooks = set(plan.tracepoints)
+        for hook, raw, prog, kind, plan_name in TWINS:
+            if plan_name is not None and plan_name not in hooks:
+                continue
+            fds = []
+            try:
+                for twin in (f"tt_rescue_{hook}", f"tt_rescue2_{hook}"):
+                    with _stdout_to_stderr():
+                        fn = self.b.load_func(twin.encode(), bcc.BPF.RAW_TRACEPOINT)
+                    # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
+                    fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
+                    if fd < 0:
+                        raise OSError(ctypes.get_errno(), f"attaching {twin} failed")
+                    fds.append(fd)
+            except Exception as e:     # BCC raises bare Exception
+                # A hit both twins cannot take is counted as a miss either way; a lone twin
+                # would only make the accounting harder to state.
+                self.notes.append(f"recursion rescue off for {raw}: {e}")
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._twin_fds += fds
+            self._twins[prog] = kind
 
     def _configure(self, families, ports):
         pm = self.b["ports"]
@@ -422,9 +476,22 @@ class KernelSource:
             if total > prev:
                 out.append(Lost(now_ns, total - prev, f"bpf:{kind}"))
                 self._seen_drops[kind] = total
-        for name, (_cnt, _t, misses) in self.prog_stats().items():
-            if misses is None:
+        # Misses before rescues: a twin counts its rescue after the kernel counted the miss, so
+        # read in this order the difference can only fall short, never report a false loss.
+        stats = self.prog_stats()
+        rescued = {}
+        if self._twins:
+            for k, v in self.b["rescued"].items():
+                rescued[k.value] = sum(v)
+            self.rescued_total = sum(rescued.values())
+        for name, (_cnt, _t, misses) in stats.items():
+            if misses is None or name.startswith("tt_rescue"):
+                # A twin is skipped only when it re-enters itself on a CPU, and then the
+                # tracepoint program was not blocked: nothing is lost.
                 continue
+            kind = self._twins.get(name)
+            if kind is not None:
+                misses -= rescued.get(kind, 0)
             prev = self._seen_misses.get(name, 0)
             if misses > prev:
                 out.append(Lost(now_ns, misses - prev, f"recursion:{name}"))
@@ -440,6 +507,9 @@ class KernelSource:
         return out
 
     def close(self):
+        for fd in self._twin_fds:
+            os.close(fd)
+        self._twin_fds = []
         if self._ring is not None:
             self._ring.close()
         with contextlib.suppress(Exception):

@@ -5,6 +5,7 @@ Every probe answers supported / unsupported / unknown and names the minimum kern
 into the attach plan the tracer uses; nothing here imports bcc.
 """
 import ctypes
+import functools
 import importlib.util
 import os
 import platform
@@ -40,6 +41,21 @@ TRACEPOINTS = (
 )
 RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
+)
+
+# The struct sock members the recursion rescue reads (bpf/tcptrace.c), as the tracepoints' own
+# TP_fast_assign reads them: (macro suffix, struct, member path, size in bytes).
+RESCUE_FIELDS = (
+    ("FAMILY", "sock", "__sk_common.skc_family", 2),
+    ("STATE", "sock", "__sk_common.skc_state", 1),
+    ("DPORT", "sock", "__sk_common.skc_dport", 2),
+    ("DADDR", "sock", "__sk_common.skc_daddr", 4),
+    ("V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16),
+    ("V6_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16),
+    ("PROTOCOL", "sock", "sk_protocol", 2),
+    ("ERR", "sock", "sk_err", 4),
+    ("SPORT", "inet_sock", "inet_sport", 2),
+    ("SADDR", "inet_sock", "inet_saddr", 4),
 )
 
 
@@ -154,12 +170,35 @@ def _ringbuf():
     return Check("ringbuf", UNKNOWN, f"map creation failed: {os.strerror(err)}", "5.8")
 
 
+@functools.lru_cache(maxsize=4)
+def rescue_offsets(path=None):
+    """(Check, {macro: offset}) for the recursion rescue, from the running kernel's BTF."""
+    from tcptrace import btf
+    name, minver = "recursion rescue", "5.5"
+    try:
+        b = btf.BTF.load(path or btf.VMLINUX)
+        if b.offset("inet_sock", "sk")[0] != 0:
+            raise btf.BTFError("struct inet_sock does not begin with its sock")
+        offs = {}
+        for macro, struct_, member, size in RESCUE_FIELDS:
+            off, got = b.offset(struct_, member)
+            if got != size:
+                raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
+            offs[macro] = off
+    except btf.BTFError as e:
+        return Check(name, UNSUPPORTED, f"{e}: tracepoint hits the kernel skips while another "
+                     "BPF program runs on the CPU are reported as lost, not recovered", minver), {}
+    return Check(name, SUPPORTED, "struct sock offsets from BTF: hits the kernel skips while one "
+                 "of our programs runs on the CPU are handled by raw tracepoint twins", minver), offs
+
+
 @dataclass
 class Plan:
     """What the tracer will attach, and how events reach user space."""
     transport: str = "perf"
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
+    rescue: dict = field(default_factory=dict)           # struct sock offsets, or {}: no rescue
     notes: list = field(default_factory=list)
 
     def cflags(self):
@@ -177,13 +216,17 @@ class Plan:
             flags.append("-DTT_KPROBES=1")
         elif self.connect_hook == "syscall":
             flags.append("-DTT_SYSCALL_CONNECT=1")
+        if self.rescue:
+            flags.append("-DTT_RESCUE=1")
+            flags += [f"-DTT_OFF_{k}={v}" for k, v in sorted(self.rescue.items())]
         return flags
 
     def describe(self):
         hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
                 "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
                 "none": "none"}[self.connect_hook]
-        return f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; connect errors via {hook}"
+        return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
+                f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}")
 
 
 def checks():
@@ -217,6 +260,7 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
+    out.append(rescue_offsets()[0])
     out.append(_ringbuf())
     out.append(Check("perf buffer", SUPPORTED, "BPF_PERF_OUTPUT", "4.4"))
     return out
@@ -237,6 +281,11 @@ def plan(transport="auto", checks_=None):
             p.tracepoints.append(name)
         elif cs[name].status != SUPPORTED and not name.startswith("syscalls:"):
             p.notes.append(f"{name} {cs[name].status}: {cs[name].detail}")
+    if cs["recursion rescue"].status == SUPPORTED:
+        p.rescue = rescue_offsets()[1]
+    else:
+        p.notes.append("recursion rescue " + cs["recursion rescue"].status + ": "
+                       + cs["recursion rescue"].detail)
     if cs["kprobes"].status == SUPPORTED:
         p.connect_hook = "kprobe"
     elif cs["syscalls:sys_exit_connect"].status == SUPPORTED:

@@ -9,6 +9,7 @@ kernel tier is not a passing one.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -51,7 +52,7 @@ def _kernel_required():
 class Tracer:
     """A running `tcptrace watch --json` whose records tests wait for."""
 
-    def __init__(self, args, tmp_path):
+    def __init__(self, args, tmp_path, env=None):
         ready = tmp_path / "ready"
         self.stderr_path = tmp_path / "stderr"
         self.record_path = tmp_path / "record.jsonl"
@@ -59,7 +60,8 @@ class Tracer:
                     str(ready), "--record", str(self.record_path)] + list(args)
         self.bad_lines = []
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
-                                     stderr=open(self.stderr_path, "w"), text=True)
+                                     stderr=open(self.stderr_path, "w"), text=True,
+                                     env=dict(os.environ, **(env or {})))
         self.records = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -129,12 +131,30 @@ class Tracer:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def tracer(tmp_path_factory):
+def _session_tracer(tmp_path_factory, env=None):
     t = Tracer(["--transitions", "--stuck-after", str(STUCK_AFTER)],
-               tmp_path_factory.mktemp("tracer"))
+               tmp_path_factory.mktemp("tracer"), env)
     yield t
     rc = t.stop()
     assert rc == 0, t.stderr_path.read_text()
     assert t.bad_lines == [], "non-JSON on the tracer's stdout"
     assert "Traceback" not in t.stderr_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def tracer(tmp_path_factory):
+    yield from _session_tracer(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rescue_tracer(tmp_path_factory):
+    """A tracer whose tracepoint programs step aside, so the recursion rescue's raw twins do
+    all the work: their struct sock reads (offsets from BTF) meet real sockets."""
+    gen = _session_tracer(tmp_path_factory, {"TCPTRACE_TEST_RESCUE_ONLY": "1"})
+    t = next(gen)
+    yield t
+    next(gen, None)
+    # The twins did the work: they count every hit they handled.
+    m = re.search(r"(\d+) hits the kernel skipped \(BPF recursion\) were recovered",
+                  t.stderr_path.read_text())
+    assert m and int(m.group(1)) > 0, t.stderr_path.read_text()

@@ -1,13 +1,18 @@
 """Foundation, on the real kernel: the transition stream itself, the facts that explain a
 refused connect, completeness against /proc/net/snmp, and how the tool refuses to run."""
+import ctypes
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
+
+from conftest import Tracer
 
 
 pytestmark = pytest.mark.kernel
@@ -44,9 +49,24 @@ def lifecycle(tracer, first, lport, rport):
     return out
 
 
+# Each test below runs twice: through the tracepoint programs, and through the recursion
+# rescue's raw twins alone, which read the socket's fields themselves.
+BOTH_PATHS = pytest.mark.parametrize("path", ["tracer", "rescue_tracer"],
+                                     ids=["tracepoints", "rescue-twins"])
+
+
+def tracer_for(request, path):
+    t = request.getfixturevalue(path)
+    if path == "rescue_tracer":
+        assert "recursion rescue on" in t.stderr_path.read_text(), "no rescue on this kernel"
+    return t
+
+
+@BOTH_PATHS
 @pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")],
                          ids=["ipv4", "ipv6"])
-def test_loopback_connection_exact_transitions(tracer, family, host):
+def test_loopback_connection_exact_transitions(request, path, family, host):
+    tracer = tracer_for(request, path)
     srv = socket.socket(family)
     srv.bind((host, 0))
     srv.listen()
@@ -78,7 +98,9 @@ def test_loopback_connection_exact_transitions(tracer, family, host):
     assert acc_f["pid"] == os.getpid()
 
 
-def test_refused_connect_transitions_and_facts_tied_to_one_socket(tracer):
+@BOTH_PATHS
+def test_refused_connect_transitions_and_facts_tied_to_one_socket(request, path):
+    tracer = tracer_for(request, path)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]          # bound, never listening: a closed port
@@ -183,6 +205,98 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
     # No loss during the burst (loss counters are machine-wide, so an earlier test's recursion
     # miss on other traffic is not this burst's: only records since it started count).
     assert tracer.matching(lambda r: r["type"] == "lost")[len(lost_before):] == []
+
+
+CHURN = r"""
+import os, socket, sys
+n, addr, cpu = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+os.sched_setaffinity(0, {cpu})
+srv = socket.socket(); srv.bind((addr, 0)); srv.listen(512); port = srv.getsockname()[1]
+print(port, flush=True); sys.stdin.readline()
+for _ in range(n):
+    c = socket.create_connection((addr, port)); a, _ = srv.accept(); c.close(); a.close()
+print("done", flush=True)
+"""
+
+
+class _MapAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 108)]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
+    """Make the kernel skip our tracepoint programs for real, many times, and get every
+    transition anyway. A thread on CPU 0 keeps walking an empty hash map of 4M buckets with
+    BPF_MAP_LOOKUP_BATCH: the kernel holds bpf_prog_active for the walk
+    (bpf_disable_instrumentation), as it does for tcptrace's own reads of its map. RPS steers the
+    namespace's loopback receive work to CPU 0, where it runs in softirq over the walk, while
+    the connections are made from CPU 1. Every tracepoint program hit in that softirq is skipped
+    and counted as a recursion miss; the raw tracepoint twins must take each one, once."""
+    from tcptrace.kernel import MapScanner
+    from tcptrace.probes import bpf
+    subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
+                    "echo 1 > /sys/class/net/lo/queues/rx-0/rps_cpus"], check=True)
+    fd, err = bpf(0, _MapAttr(1, 8, 8, 1 << 22, 1))        # BPF_MAP_CREATE, hash, no prealloc
+    assert fd >= 0, os.strerror(err)
+    scanner = MapScanner(fd, 8, 8)
+    stop = threading.Event()
+
+    def walk():
+        os.sched_setaffinity(0, {0})                      # this thread only
+        while not stop.is_set():
+            scanner.values()
+    n, addr = 1000, "127.78.0.1"
+    t = Tracer(["--transitions"], tmp_path)
+    walker = threading.Thread(target=walk)
+    try:
+        assert "recursion rescue on" in t.stderr_path.read_text()
+        p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CHURN, str(n),
+                              addr, "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        port = int(p.stdout.readline())
+        walker.start()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "done"
+        assert p.wait(60) == 0
+        stop.set()
+        walker.join()
+        # Both ends' last transitions: the client's FIN_WAIT2 -> CLOSE, the server's
+        # LAST_ACK -> CLOSE, for every connection.
+        mine = lambda r: TRANSITION(r) and addr in (r["laddr"], r["raddr"]) and port in (
+            r["lport"], r["rport"])
+        t.wait_for(lambda r: mine(r) and r["newstate"] == "CLOSE", count=2 * n, timeout=60)
+    finally:
+        stop.set()
+        if walker.is_alive():
+            walker.join()
+        os.close(fd)
+        assert t.stop() == 0
+    err_text = t.stderr_path.read_text()
+    m = re.search(r"(\d+) hits the kernel skipped \(BPF recursion\) were recovered", err_text)
+    assert m and int(m.group(1)) > 0, err_text           # the kernel did skip programs
+    assert re.search(r"\b0 lost\b", err_text), err_text   # ... and nothing was lost
+    # Each socket's transitions, exactly once: a chain from its first state to CLOSE in which
+    # every step starts where the last one ended (a lost or doubled step breaks it). Which
+    # close path a connection takes varies (both ends close at once, over two CPUs).
+    listener = {("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")}
+    open_, done = {}, 0
+    for r in t.matching(mine):
+        step = (r["oldstate"], r["newstate"])
+        if step in listener:
+            continue
+        sk = r["skaddr"]
+        if sk not in open_:
+            assert step in (("CLOSE", "SYN_SENT"), ("LISTEN", "SYN_RECV")), (sk, step)
+        else:
+            assert step[0] == open_[sk], (sk, open_[sk], step)
+        open_[sk] = step[1]
+        if step[1] == "CLOSE":
+            del open_[sk]
+            done += 1
+    assert (done, open_) == (2 * n, {})
+    assert t.matching(lambda r: r["type"] == "lost") == []
 
 
 def test_connect_failing_before_any_syn_is_reported(tracer, netns):

@@ -1,0 +1,130 @@
+"""Struct member offsets of the running kernel, from its BTF (/sys/kernel/btf/vmlinux).
+
+BCC compiles against whatever kernel headers are installed, which may belong to another kernel
+version (on the development machine: 6.1 headers, a 6.18 kernel), so a BPF program must not take
+a struct layout from them. The one place tcptrace reads a kernel struct is the recursion rescue
+(bpf/tcptrace.c): its offsets come from here and are compiled in as constants.
+
+Only what that needs is parsed: the type section is walked once to find named structs, then the
+few members asked for are resolved. The format is the kernel's include/uapi/linux/btf.h (stable
+ABI): a header, then `struct btf_type` records, each followed by kind-specific data.
+"""
+import struct
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+
+_MAGIC = 0xEB9F
+# BTF_KIND_*: bytes of kind-specific data after each btf_type (per entry when vlen-sized).
+_INT, _PTR, _ARRAY, _STRUCT, _UNION, _ENUM, _FWD, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT = range(1, 12)
+_FUNC, _FUNC_PROTO, _VAR, _DATASEC, _FLOAT, _DECL_TAG, _TYPE_TAG, _ENUM64 = range(12, 20)
+_FIXED = {_INT: 4, _ARRAY: 12, _VAR: 4, _DECL_TAG: 4}
+_PER_VLEN = {_STRUCT: 12, _UNION: 12, _ENUM: 8, _FUNC_PROTO: 8, _DATASEC: 12, _ENUM64: 12}
+_MODIFIERS = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
+
+
+class BTFError(Exception):
+    """The BTF blob is missing, unreadable, or lacks what was asked for."""
+
+
+class BTF:
+    def __init__(self, data):
+        if len(data) < 24:
+            raise BTFError("BTF blob too short")
+        magic, _ver, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != _MAGIC:
+            raise BTFError("not a little-endian BTF blob")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._data = data
+        self._types_at = hdr_len + type_off
+        self._strs_at = hdr_len + str_off
+        self._strs_end = self._strs_at + str_len
+        # Type ids start at 1; [0] is void. Each entry: (kind, vlen, kind_flag, size_or_type,
+        # offset of its kind-specific data).
+        self._types = [None]
+        self._structs = {}
+        pos, end = self._types_at, self._types_at + type_len
+        unpack = struct.unpack_from
+        types, structs = self._types, self._structs
+        while pos < end:
+            name_off, info, size_type = unpack("<III", data, pos)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            pos += 12
+            types.append((kind, vlen, info >> 31, size_type, pos))
+            if kind == _STRUCT and name_off:
+                structs.setdefault(self._str(name_off), len(types) - 1)
+            pos += _FIXED.get(kind, 0) + vlen * _PER_VLEN.get(kind, 0)
+        if pos != end:
+            raise BTFError("BTF type section is malformed")
+
+    @classmethod
+    def load(cls, path=VMLINUX):
+        try:
+            with open(path, "rb") as f:
+                return cls(f.read())
+        except OSError as e:
+            raise BTFError(f"{path}: {e.strerror}") from e
+
+    def _str(self, off):
+        start = self._strs_at + off
+        end = self._data.index(b"\0", start, self._strs_end)
+        return self._data[start:end].decode("ascii", "replace")
+
+    def _resolve(self, tid):
+        """Skip typedefs and qualifiers."""
+        while self._types[tid][0] in _MODIFIERS:
+            tid = self._types[tid][3]
+        return tid
+
+    def size(self, tid):
+        tid = self._resolve(tid)
+        kind, _vlen, _kf, size_type, at = self._types[tid]
+        if kind == _ARRAY:
+            elem, _index, nelems = struct.unpack_from("<III", self._data, at)
+            return nelems * self.size(elem)
+        if kind == _PTR:
+            return 8
+        return size_type
+
+    def _members(self, tid):
+        kind, vlen, kind_flag, _size, at = self._types[tid]
+        for i in range(vlen):
+            name_off, mtype, off = struct.unpack_from("<III", self._data, at + 12 * i)
+            bitfield = (off >> 24) if kind_flag else 0
+            yield (self._str(name_off) if name_off else ""), mtype, (off & 0xFFFFFF if kind_flag else off), bitfield
+
+    def _find(self, tid, name):
+        """(bit offset, type id, bitfield size) of member `name` in struct/union `tid`, looking
+        through anonymous struct and union members as C does."""
+        for mname, mtype, bit_off, bitfield in self._members(tid):
+            if mname == name:
+                return bit_off, mtype, bitfield
+            if not mname:
+                inner = self._resolve(mtype)
+                if self._types[inner][0] in (_STRUCT, _UNION):
+                    hit = self._find(inner, name)
+                    if hit:
+                        return bit_off + hit[0], hit[1], hit[2]
+        return None
+
+    def offset(self, struct_name, path):
+        """(byte offset, byte size) of a member given as "a.b.c" from the start of struct
+        `struct_name`. Raises BTFError if absent, or if it is a bitfield or not byte-aligned
+        (a plain load could not read it)."""
+        tid = self._structs.get(struct_name)
+        if tid is None:
+            raise BTFError(f"struct {struct_name} not in BTF")
+        bits = 0
+        mtype = tid
+        for part in path.split("."):
+            cur = self._resolve(mtype)
+            if self._types[cur][0] not in (_STRUCT, _UNION):
+                raise BTFError(f"{struct_name}.{path}: {part} is not in a struct")
+            hit = self._find(cur, part)
+            if hit is None:
+                raise BTFError(f"struct {struct_name} has no member {path}")
+            bit_off, mtype, bitfield = hit
+            if bitfield or bit_off % 8:
+                raise BTFError(f"{struct_name}.{path} is a bitfield")
+            bits += bit_off
+        return bits // 8, self.size(mtype)
