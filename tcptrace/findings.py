@@ -26,18 +26,32 @@ def _scalar_json(v):
     return j
 
 
-def _who(key):
-    pid, comm, family, laddr, lport, raddr, rport = key
+def _cached(cache, key, make, limit=10_000):
+    """Fill-in for the formatting caches below, which the hot path reads inline (a dict.get, no
+    call) and calls this only on a miss. Emptied past `limit`: a busy host repeats few values."""
+    if len(cache) >= limit:
+        cache.clear()
+    j = cache[key] = make(key)
+    return j
+
+
+def _near(key):
+    pid, comm, family, laddr = key
     js = _scalar_json
-    return (f'"pid":{"null" if pid is None else pid},"comm":{js(comm)},'
-            f'"family":{js(states.FAMILY_NAMES.get(family))},"laddr":{js(laddr)},'
-            f'"lport":{"null" if lport is None else lport},'
-            f'"raddr":{js(raddr)},"rport":{"null" if rport is None else rport}')
+    return (f'","pid":{"null" if pid is None else pid},"comm":{js(comm)},'
+            f'"family":{js(states.FAMILY_NAMES.get(family))},"laddr":{js(laddr)},"lport":')
 
 
-# Keyed by a connection end (ports included): only its own few findings hit it again, so a
-# small cache does (100,000 entries held over 10 MB for nothing).
-_who_json = memo(_who, limit=8192)
+def _far(raddr):
+    return f',"raddr":{_scalar_json(raddr)},"rport":'
+
+
+# The endpoints as JSON in two pieces around the ports, cached apart: the local side with the
+# owner (few distinct on a host: its processes and addresses) and the remote address. Ports vary
+# by connection, so a cache keyed by the whole tuple missed for most findings.
+_NEAR = {}      # (pid, comm, family, laddr) -> from the time's closing quote to `"lport":`
+_FAR = {}       # raddr -> `,"raddr":...,"rport":`
+_HEADS = {}     # type -> up to the time's opening quote
 # `"key":` for the extras' names: a handful of distinct ones, looked up inline (a dict.get, no
 # call) since this runs for every member of every finding.
 _KEYS = {}
@@ -136,13 +150,16 @@ class Finding:
         return rec
 
     def _head(self, wall_offset_ns):
-        """The fixed fields as JSON, without the closing brace. The part after `time` repeats
-        for every record of a connection, so it is formatted once per distinct value and cached.
-        This runs for every record on stdout."""
-        return (f'{{"schema":{SCHEMA_VERSION},"type":"{self.type}",'
-                f'"time":"{rfc3339(self.ts_ns + wall_offset_ns)}",'
-                + _who_json((self.pid, self.comm, self.family, self.laddr, self.lport, self.raddr,
-                             self.rport)))
+        """The fixed fields as JSON, without the closing brace. This runs for every record on
+        stdout: the constant pieces come from caches, only the time and ports are formatted."""
+        near = _NEAR.get((self.pid, self.comm, self.family, self.laddr)) \
+            or _cached(_NEAR, (self.pid, self.comm, self.family, self.laddr), _near)
+        far = _FAR.get(self.raddr) or _cached(_FAR, self.raddr, _far)
+        head = _HEADS.get(self.type) or _cached(
+            _HEADS, self.type, lambda t: f'{{"schema":{SCHEMA_VERSION},"type":"{t}","time":"')
+        lport, rport = self.lport, self.rport
+        return (f'{head}{rfc3339(self.ts_ns + wall_offset_ns)}{near}'
+                f'{"null" if lport is None else lport}{far}{"null" if rport is None else rport}')
 
     def to_json(self, wall_offset_ns):
         """The same object as to_record(), serialized without building it."""
