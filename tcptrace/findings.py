@@ -52,57 +52,41 @@ def _far(raddr):
 _NEAR = {}      # (pid, comm, family, laddr) -> from the time's closing quote to `"lport":`
 _FAR = {}       # raddr -> `,"raddr":...,"rport":`
 _HEADS = {}     # type -> up to the time's opening quote
-# `"key":` for the extras' names: a handful of distinct ones, looked up inline (a dict.get, no
-# call) since this runs for every member of every finding.
-_KEYS = {}
+_KEYS = {}      # an extra's name -> `,"name":`
+# An extra's name and string, boolean or None value -> the whole member: those values are names
+# and flags (role, closed_by, reason, errno...), few distinct. Ints are never keys here: 1 would
+# find True's member.
+_MEMBERS = {}
 _LISTS = {}     # a path list is shared between findings and never modified: keyed by identity
 
 
-def _extra_json(extra):
-    """`extra` as JSON members, each led by a comma: the values findings carry (int, str, bool,
-    None, lists of names) formatted directly, anything else by the JSON encoder."""
-    out = []
-    for k, v in extra.items():
-        kj = _KEYS.get(k)
-        if kj is None:
-            if len(_KEYS) > 1000:
-                _KEYS.clear()
-            kj = _KEYS[k] = "," + _encode(k) + ":"
-        t = type(v)
-        if t is int:
-            out.append(f"{kj}{v}")
-            continue
-        if t is str or t is bool or v is None:
-            vj = _SCALARS.get(v) or _scalar_json(v)
-        elif t is list:
-            j = _LISTS.get(id(v))
-            if j is None or j[0] is not v:
-                if len(_LISTS) > 10_000:
-                    _LISTS.clear()
-                j = _LISTS[id(v)] = (v, _encode(v))
-            vj = j[1]
-        else:
-            vj = _encode(v)
-        out.append(kj + vj)
-    return "".join(out)
+def _key_json(k):
+    return "," + _encode(k) + ":"
+
+
+def _member_json(kv):
+    return _key_json(kv[0]) + _scalar_json(kv[1])
 
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")
 
 
-_SEC = [None, ""]
+_SEC = [None, ""]     # the second last formatted, and its text
+
+
+def _second(sec):
+    _SEC[0] = sec
+    _SEC[1] = datetime.datetime.fromtimestamp(sec, tz=datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S")
+    return _SEC[1]
 
 
 def rfc3339(wall_ns):
     """RFC 3339, UTC, microseconds. The seconds part is formatted once per second: this runs for
     every record."""
     sec, ns = divmod(wall_ns, 1_000_000_000)
-    if _SEC[0] != sec:
-        _SEC[0] = sec
-        _SEC[1] = datetime.datetime.fromtimestamp(sec, tz=datetime.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%S")
-    return f"{_SEC[1]}.{ns // 1000:06d}Z"
+    return f"{_SEC[1] if _SEC[0] == sec else _second(sec)}.{ns // 1000:06d}Z"
 
 
 class Finding:
@@ -149,22 +133,39 @@ class Finding:
         rec.update(self.extra)
         return rec
 
-    def _head(self, wall_offset_ns):
-        """The fixed fields as JSON, without the closing brace. This runs for every record on
-        stdout: the constant pieces come from caches, only the time and ports are formatted."""
+    def to_json(self, wall_offset_ns):
+        """The same object as to_record(), serialized without building it. This runs for every
+        record on stdout, in one piece (no calls but _members'): the constant parts come from
+        caches, only the time, the ports and the extras' values are formatted."""
+        sec, ns = divmod(self.ts_ns + wall_offset_ns, 1_000_000_000)
         near = _NEAR.get((self.pid, self.comm, self.family, self.laddr)) \
             or _cached(_NEAR, (self.pid, self.comm, self.family, self.laddr), _near)
         far = _FAR.get(self.raddr) or _cached(_FAR, self.raddr, _far)
         head = _HEADS.get(self.type) or _cached(
             _HEADS, self.type, lambda t: f'{{"schema":{SCHEMA_VERSION},"type":"{t}","time":"')
         lport, rport = self.lport, self.rport
-        return (f'{head}{rfc3339(self.ts_ns + wall_offset_ns)}{near}'
-                f'{"null" if lport is None else lport}{far}{"null" if rport is None else rport}')
+        return (f'{head}{_SEC[1] if _SEC[0] == sec else _second(sec)}.{ns // 1000:06d}Z{near}'
+                f'{"null" if lport is None else lport}{far}{"null" if rport is None else rport}'
+                f'{self._members()}}}')
 
-    def to_json(self, wall_offset_ns):
-        """The same object as to_record(), serialized without building it."""
-        head = self._head(wall_offset_ns)
-        return head + _extra_json(self.extra) + "}" if self.extra else head + "}"
+    def _members(self):
+        """`extra` as JSON members, each led by a comma: the values findings carry (int, str,
+        bool, None, lists of names) formatted directly, anything else by the JSON encoder."""
+        out = []
+        for k, v in self.extra.items():
+            t = type(v)
+            if t is int:
+                out.append(f"{_KEYS.get(k) or _cached(_KEYS, k, _key_json)}{v}")
+            elif t is str or t is bool or v is None:
+                out.append(_MEMBERS.get((k, v)) or _cached(_MEMBERS, (k, v), _member_json))
+            elif t is list:
+                j = _LISTS.get(id(v))
+                if j is None or j[0] is not v:
+                    j = _cached(_LISTS, id(v), lambda _: (v, _encode(v)))
+                out.append((_KEYS.get(k) or _cached(_KEYS, k, _key_json)) + j[1])
+            else:
+                out.append((_KEYS.get(k) or _cached(_KEYS, k, _key_json)) + _encode(v))
+        return "".join(out)
 
     def __repr__(self):
         return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"
@@ -186,9 +187,8 @@ class Transition(Finding):
         return {"oldstate": states.name(self._old), "newstate": states.name(self._new),
                 "skaddr": f"{self._sk:x}"}
 
-    def to_json(self, wall_offset_ns):
-        return (f'{self._head(wall_offset_ns)}{_pair_json(self._old << 8 | self._new)}'
-                f'"{self._sk:x}"}}')
+    def _members(self):
+        return f'{_pair_json(self._old << 8 | self._new)}"{self._sk:x}"'
 
 
 _pair_json = memo(lambda k: f',"oldstate":"{states.name(k >> 8)}",'
