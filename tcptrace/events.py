@@ -123,6 +123,14 @@ def addr_str(family, raw):
     return s
 
 
+def endpoints(ev):
+    """(laddr, lport, raddr, rport) of a record, in text. Runs for most records: the address
+    cache is read inline, addr_str called only on a miss."""
+    family = ev.family
+    return (_ADDRS.get((family, ev.saddr)) or addr_str(family, ev.saddr), ev.sport,
+            _ADDRS.get((family, ev.daddr)) or addr_str(family, ev.daddr), ev.dport)
+
+
 def addr_bytes(text):
     if text is None:
         return bytes(16)

@@ -113,8 +113,17 @@ class Finding:
     def of(cls, type, ts_ns, pid, comm, family, laddr, lport, raddr, rport, extra):
         """As the constructor, with `extra` a dict taken as it is (the tracker's hot path)."""
         f = cls.__new__(cls)
-        f.type, f.ts_ns, f.pid, f.comm, f.family = type, ts_ns, pid, comm, family
-        f.laddr, f.lport, f.raddr, f.rport, f.extra = laddr, lport, raddr, rport, extra
+        # One store per statement: the tuple assignment builds and unpacks a tuple (slower)
+        f.type = type
+        f.ts_ns = ts_ns
+        f.pid = pid
+        f.comm = comm
+        f.family = family
+        f.laddr = laddr
+        f.lport = lport
+        f.raddr = raddr
+        f.rport = rport
+        f.extra = extra
         return f
 
     def __getattr__(self, name):          # only called for names not in __slots__

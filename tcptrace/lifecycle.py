@@ -20,9 +20,11 @@ unless the kernel's own socket table confirms it (the `confirm` hook), and their
 """
 import collections
 import errno
+import operator
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Lost, F_KPROBE, F_SCAN, addr_str, intern_comm, iter_steps, memo
+from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, addr_str, endpoints, intern_comm,
+                             iter_steps, memo)
 from tcptrace.findings import Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -100,10 +102,6 @@ def path_states(path):
 # A packed path -> its state names. Thousands of connections share a handful of paths; the list
 # is shared between their findings and never modified.
 _path_names = memo(lambda path: [S.name(s) for s in path_states(path)], limit=10_000)
-
-
-def _endpoints(ev):
-    return addr_str(ev.family, ev.saddr), ev.sport, addr_str(ev.family, ev.daddr), ev.dport
 
 
 class Stats:
@@ -239,12 +237,20 @@ class Tracker:
         self.stats.events += 1
         k = rec.kind
         if k == STATE:
+            # Whole records of the common shapes (see _FAST), before any per-step work: this is
+            # most of the input.
+            n = rec.nsteps
+            if (n == 2 or n == 3) and not self.transitions and not rec.flags & F_SCAN:
+                s = rec.steps
+                fast = _FAST.get((_SHAPES.get(len(s) | n) or _shape_of(len(s), n))(s))
+                if fast is not None and fast(self, rec, s):
+                    return
             self._state(rec)
         elif k == Kind.RETRANS:
             c = self.conns.get(rec.skaddr)
             if c is not None and c.closed_ns is None:
                 c.syn_retrans += 1
-                self._set_tuple(c, *_endpoints(rec))
+                self._set_tuple(c, *endpoints(rec))
         elif k == Kind.RECV_RESET:
             c = self.conns.get(rec.skaddr)
             if c is not None and c.recv_reset_ns is None:
@@ -272,18 +278,7 @@ class Tracker:
     def _state(self, ev):
         """A STATE record: one transition, or several of one socket, oldest first (the kernel
         sends a socket's steps together; a scan of its map can deliver some of them early)."""
-        if ev.nsteps in (2, 3) and not self.transitions and not ev.flags & F_SCAN:
-            s = ev.steps
-            m = len(s) >> 2
-            if ev.nsteps == 2:
-                shape = (s[2 * m] << 12 | s[3 * m] << 8 | s[2 * m + 1] << 4 | s[3 * m + 1])
-            else:
-                shape = (s[2 * m] << 20 | s[3 * m] << 16 | s[2 * m + 1] << 12
-                         | s[3 * m + 1] << 8 | s[2 * m + 2] << 4 | s[3 * m + 2])
-            fast = _FAST.get(shape)
-            if fast is not None and fast(self, ev, s):
-                return
-        laddr, lport, raddr, rport = _endpoints(ev)
+        laddr, lport, raddr, rport = endpoints(ev)
         scan = ev.flags & F_SCAN
         sk = ev.skaddr
         conns = self.conns
@@ -418,7 +413,7 @@ class Tracker:
     def _sock_error(self, ev):
         if ev.err == 0:
             return          # the kernel also reports "no error" when a dead socket is torn down
-        laddr, lport, raddr, rport = _endpoints(ev)
+        laddr, lport, raddr, rport = endpoints(ev)
         c = self.by_tuple.get((ev.family, laddr, lport, raddr, rport))
         if c is None:
             # ICMP errors can arrive before we learnt the local port: match the one connect to
@@ -603,7 +598,7 @@ def _fast_open(active):
         c = tr.conns.get(ev.skaddr)
         if c is not None and c.closed_ns is None:
             return False
-        laddr, lport, raddr, rport = _endpoints(ev)
+        laddr, lport, raddr, rport = endpoints(ev)
         if active and not lport:
             return False
         t0, t1 = s[0], s[1]
@@ -635,7 +630,7 @@ def _fast_open(active):
 def _fast_close(first_fin, states):
     """ESTABLISHED -> ... -> CLOSE in three steps, one of which a process makes itself (close()
     or shutdown()): the record's task names the owner when it is not known yet."""
-    pairs = list(zip((ESTABLISHED,) + states[:-1], states))
+    m0, m1, m2 = (o << 4 | n for o, n in zip((ESTABLISHED,) + states[:-1], states))
     path_add = states[0] << 8 | states[1] << 4 | states[2]
 
     def close(tr, ev, s):
@@ -643,7 +638,7 @@ def _fast_close(first_fin, states):
         if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
                 or c.stuck_state is not None or c.scan_ts:
             return False
-        laddr, lport, raddr, rport = _endpoints(ev)
+        laddr, lport, raddr, rport = endpoints(ev)
         if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
             return False
         if not c.owner_sure:
@@ -654,8 +649,9 @@ def _fast_close(first_fin, states):
         c.state, c.since_ns, c.closed_ns = CLOSE, t, t
         c.path = c.path << 12 | path_add
         mx = tr.stats.mx
-        for o, n in pairs:
-            mx[o << 4 | n] += 1
+        mx[m0] += 1
+        mx[m1] += 1
+        mx[m2] += 1
         tr.stats.events += 2
         if ev.rst_ns and c.recv_reset_ns is None:
             c.recv_reset_ns = ev.rst_ns
@@ -665,10 +661,20 @@ def _fast_close(first_fin, states):
 
 
 def _key(*pairs):
-    k = 0
-    for o, n in pairs:
-        k = k << 8 | o << 4 | n
-    return k
+    return sum(pairs, ())
+
+
+# A record's shape, the key of _FAST: its steps' (old, new) pairs, read by an itemgetter for each
+# length of the step arrays (4 x MAX_STEPS, or less in a recording) and count of steps (2 or 3),
+# found by `length | count` (the length is a multiple of 4).
+_SHAPES = {}
+
+
+def _shape_of(length, n):
+    m = length >> 2
+    get = _SHAPES[length | n] = operator.itemgetter(
+        *(i for k in range(n) for i in (2 * m + k, 3 * m + k)))
+    return get
 
 
 _FAST = {
