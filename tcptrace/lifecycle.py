@@ -272,8 +272,8 @@ class Tracker:
         # by epoch, not by walking every connection: losses come in bursts, under load, when
         # the tracker holds the most connections.
         self.loss_epoch += 1
-        self._emit(Finding("lost", rec.ts_ns, count=rec.count, where=rec.where,
-                           lost_total=self.stats.lost_total))
+        self.out.append(Finding("lost", rec.ts_ns, count=rec.count, where=rec.where,
+                                lost_total=self.stats.lost_total))
 
     def _state(self, ev):
         """A STATE record: one transition, or several of one socket, oldest first (the kernel
@@ -370,8 +370,8 @@ class Tracker:
 
     def _advance(self, c, ev, ts, old, new):
         if c.stuck_state is not None and c.stuck_state != new:
-            self._emit(self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
-                                     duration_ns=ts - c.since_ns, newstate=S.name(new)))
+            self._finding(c, "unstuck", ts, state=S.name(c.stuck_state),
+                          duration_ns=ts - c.since_ns, newstate=S.name(new))
             c.stuck_state = None
         if old in HALF_CLOSED:
             self.halfclosed.pop(c.id, None)
@@ -387,13 +387,13 @@ class Tracker:
             if c.opened_ns is None:
                 return
             if old == SYN_SENT:
-                self._emit(self._finding(c, "connect", ts, handshake_ns=ts - c.opened_ns,
-                                         syn_retransmits=c.syn_retrans))
+                self._finding(c, "connect", ts, handshake_ns=ts - c.opened_ns,
+                              syn_retransmits=c.syn_retrans)
             elif old == SYN_RECV:
                 # No handshake time: the kernel creates the child socket (LISTEN -> SYN_RECV) only
                 # when the final ACK arrives, microseconds before ESTABLISHED; the SYN itself
                 # lives in a request sock that no tracepoint reports.
-                self._emit(self._finding(c, "accept", ts))
+                self._finding(c, "accept", ts)
         elif old == ESTABLISHED and c.first_fin is None:
             if new == FIN_WAIT1:
                 c.first_fin = "local"
@@ -444,10 +444,10 @@ class Tracker:
             return
         reason = PRE_SYN_REASONS.get(err, "error")
         kind = "refused" if reason == "refused" else "failed"
-        self._emit(Finding(kind, ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family, None, None,
-                           daddr, ev.dport, reason=reason, errno=S.errno_name(err),
-                           syn_retransmits=0, before_syn=True,
-                           source="kprobe" if ev.flags & F_KPROBE else "syscall"))
+        self.out.append(Finding(kind, ev.ts_ns, ev.pid, intern_comm(ev.comm), ev.family, None, None,
+                                daddr, ev.dport, reason=reason, errno=S.errno_name(err),
+                                syn_retransmits=0, before_syn=True,
+                                source="kprobe" if ev.flags & F_KPROBE else "syscall"))
 
     # -- time-driven work --------------------------------------------------------------------
     def tick(self, now_ns):
@@ -503,7 +503,6 @@ class Tracker:
                               age_is_lower_bound=c.preexisting and c.path == c.state,
                               blame=S.HALF_CLOSED[c.state])
             f.pid, f.comm = holder[0], holder[1]
-            self._emit(f)
 
     def stuck_now(self):
         """Connections currently reported stuck, oldest first."""
@@ -526,10 +525,9 @@ class Tracker:
                     self.stats.unmatched_errors -= 1
             err = c.error
             if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
-                self._emit(self._finding(c, "refused", ts, reason="refused",
-                                         errno="ECONNREFUSED", syn_retransmits=c.syn_retrans,
-                                         duration_ns=ts - c.opened_ns,
-                                         path=_path_names(c.path)))
+                self._finding(c, "refused", ts, reason="refused", errno="ECONNREFUSED",
+                              syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
+                              path=_path_names(c.path))
                 return
             if err == errno.ETIMEDOUT:
                 reason = "timeout"
@@ -539,10 +537,10 @@ class Tracker:
                 reason = "error"
             else:
                 reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
-            self._emit(self._finding(c, "failed", ts, reason=reason,
-                                     errno=S.errno_name(err) if err else None,
-                                     syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
-                                     path=_path_names(c.path)))
+            self._finding(c, "failed", ts, reason=reason,
+                          errno=S.errno_name(err) if err else None,
+                          syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
+                          path=_path_names(c.path))
             return
         if c.established_ns is None and not c.partial:
             return      # a passive open that never completed: the listener's business
@@ -555,28 +553,26 @@ class Tracker:
                 by = "remote"
             else:
                 by = "local"
-            self._emit(self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
-                                     state=path[-2] if len(path) > 1 else None,
-                                     path=path))
+            self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
+                          state=path[-2] if len(path) > 1 else None, path=path)
             return
-        self._emit(self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin,
-                                 path=path))
+        self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin, path=path)
 
     def incomplete(self, c):
         """Was c alive across a loss, or did it show a gap?"""
         return c.incomplete or c.epoch != self.loss_epoch
 
     def _finding(self, c, type_, ts, **extra):
+        """Make a finding about c and emit it (it is returned for the caller to adjust)."""
         if c.partial:
             extra["partial"] = True
         if self.incomplete(c):
             extra["incomplete"] = True
         extra["role"] = c.role
-        return Finding.of(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
-                          c.rport or None, extra)
-
-    def _emit(self, f):
+        f = Finding.of(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
+                       c.rport or None, extra)
         self.out.append(f)
+        return f
 
     def take(self):
         out, self.out = self.out, []
@@ -617,10 +613,9 @@ def _fast_open(active):
         mx[first << 4 | ESTABLISHED] += 1
         tr.stats.events += 1
         if active:
-            tr._emit(tr._finding(c, "connect", t1, handshake_ns=t1 - t0,
-                                 syn_retransmits=c.syn_retrans))
+            tr._finding(c, "connect", t1, handshake_ns=t1 - t0, syn_retransmits=c.syn_retrans)
         else:
-            tr._emit(tr._finding(c, "accept", t1))
+            tr._finding(c, "accept", t1)
         if ev.rst_ns:
             c.recv_reset_ns = ev.rst_ns
         return True

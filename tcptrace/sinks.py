@@ -132,9 +132,12 @@ class JsonSink:
             raise Closed() from None
 
     def emit_many(self, fs):
+        if not fs:
+            return
         w = self.wall_offset_ns
         try:
-            self.stream.write("".join([f.to_json(w) + "\n" for f in fs]))
+            # joined by newlines, not each line copied with its own: lines are ~300 bytes
+            self.stream.write("\n".join([f.to_json(w) for f in fs]) + "\n")
         except BrokenPipeError:
             raise Closed() from None
 
