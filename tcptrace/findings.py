@@ -68,6 +68,13 @@ def _member_json(kv):
     return _key_json(kv[0]) + _scalar_json(kv[1])
 
 
+def _list_json(v):
+    j = _LISTS.get(id(v))
+    if j is None or j[0] is not v:
+        j = _cached(_LISTS, id(v), lambda _: (v, _encode(v)))
+    return j[1]
+
+
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
          "transition", "lost")
 
@@ -168,16 +175,100 @@ class Finding:
             elif t is str or t is bool or v is None:
                 out.append(_MEMBERS.get((k, v)) or _cached(_MEMBERS, (k, v), _member_json))
             elif t is list:
-                j = _LISTS.get(id(v))
-                if j is None or j[0] is not v:
-                    j = _cached(_LISTS, id(v), lambda _: (v, _encode(v)))
-                out.append((_KEYS.get(k) or _cached(_KEYS, k, _key_json)) + j[1])
+                out.append((_KEYS.get(k) or _cached(_KEYS, k, _key_json)) + _list_json(v))
             else:
                 out.append((_KEYS.get(k) or _cached(_KEYS, k, _key_json)) + _encode(v))
         return "".join(out)
 
     def __repr__(self):
         return f"Finding({self.type}, {self.laddr}:{self.lport}->{self.raddr}:{self.rport}, {self.extra})"
+
+
+class Conclusion(Finding):
+    """connect, accept and close: the findings every connection yields, so made and formatted
+    without a dict of extras (on stdout, the dict and its keys' formatting were a third of a
+    finding's cost, and a close's, holding its path list, was one more object for the garbage
+    collector to track while findings wait for time order). The extras are slots, formatted by
+    a fixed template per type; `extra` builds them into a new dict on each read, as Transition
+    does. Their order is Tracker._finding's: the type's own, then partial and incomplete when
+    true, then role."""
+    __slots__ = ("_a", "_b", "_c", "_tail")
+    TYPE = None
+
+    def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, tail, a=None,
+                 b=None, c=None):
+        # stored here, not through _common: one call less for every connection
+        self.type = self.TYPE
+        self.ts_ns = ts_ns
+        self.pid = pid
+        self.comm = comm
+        self.family = family
+        self.laddr = laddr
+        self.lport = lport
+        self.raddr = raddr
+        self.rport = rport
+        self._tail = tail           # (partial, incomplete, role)
+        self._a = a
+        self._b = b
+        self._c = c
+
+    @property
+    def extra(self):
+        x = self._own()
+        partial, incomplete, role = self._tail
+        if partial:
+            x["partial"] = True
+        if incomplete:
+            x["incomplete"] = True
+        x["role"] = role
+        return x
+
+
+def _tail_json(tail):
+    partial, incomplete, role = tail
+    return ((_member_json(("partial", True)) if partial else "")
+            + (_member_json(("incomplete", True)) if incomplete else "")
+            + _member_json(("role", role)))
+
+
+_TAILS = {}     # (partial, incomplete, role) -> their members: a handful of distinct ones
+
+
+class Connect(Conclusion):
+    __slots__ = ()
+    TYPE = "connect"
+
+    def _own(self):
+        return {"handshake_ns": self._a, "syn_retransmits": self._b}     # both ints
+
+    def _members(self):
+        return (f',"handshake_ns":{self._a},"syn_retransmits":{self._b}'
+                f'{_TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)}')
+
+
+class Accept(Conclusion):
+    __slots__ = ()
+    TYPE = "accept"
+
+    def _own(self):
+        return {}
+
+    def _members(self):
+        return _TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)
+
+
+class Close(Conclusion):
+    __slots__ = ()
+    TYPE = "close"
+
+    def _own(self):     # int or None, name or None, list of names
+        return {"duration_ns": self._a, "closed_by": self._b, "path": self._c}
+
+    def _members(self):
+        d, by = self._a, self._b
+        return (f',"duration_ns":{"null" if d is None else d},'
+                f'"closed_by":{_SCALARS.get(by) or _scalar_json(by)},"path":{_list_json(self._c)}'
+                f'{_TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)}')
 
 
 class Transition(Finding):

@@ -25,7 +25,7 @@ import operator
 from tcptrace import states as S
 from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, addr_str, endpoints, intern_comm,
                              iter_steps, memo)
-from tcptrace.findings import Finding, Transition
+from tcptrace.findings import Accept, Close, Connect, Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
 # The hot path reads these per step: globals, not module attributes.
@@ -387,13 +387,12 @@ class Tracker:
             if c.opened_ns is None:
                 return
             if old == SYN_SENT:
-                self._finding(c, "connect", ts, handshake_ns=ts - c.opened_ns,
-                              syn_retransmits=c.syn_retrans)
+                self._conclude(Connect, c, ts, ts - c.opened_ns, c.syn_retrans)
             elif old == SYN_RECV:
                 # No handshake time: the kernel creates the child socket (LISTEN -> SYN_RECV) only
                 # when the final ACK arrives, microseconds before ESTABLISHED; the SYN itself
                 # lives in a request sock that no tracepoint reports.
-                self._finding(c, "accept", ts)
+                self._conclude(Accept, c, ts)
         elif old == ESTABLISHED and c.first_fin is None:
             if new == FIN_WAIT1:
                 c.first_fin = "local"
@@ -556,7 +555,7 @@ class Tracker:
             self._finding(c, "reset", ts, reset_by=by, duration_ns=duration,
                           state=path[-2] if len(path) > 1 else None, path=path)
             return
-        self._finding(c, "close", ts, duration_ns=duration, closed_by=c.first_fin, path=path)
+        self._conclude(Close, c, ts, duration, c.first_fin, path)
 
     def incomplete(self, c):
         """Was c alive across a loss, or did it show a gap?"""
@@ -573,6 +572,12 @@ class Tracker:
                        c.rport or None, extra)
         self.out.append(f)
         return f
+
+    def _conclude(self, cls, c, ts, a=None, b=None, d=None):
+        """As _finding, for the connect, accept and close findings (findings.Conclusion): their
+        own extras in order, then the same partial, incomplete and role."""
+        self.out.append(cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
+                            c.rport or None, (c.partial, self.incomplete(c), c.role), a, b, d))
 
     def take(self):
         out, self.out = self.out, []
@@ -613,9 +618,9 @@ def _fast_open(active):
         mx[first << 4 | ESTABLISHED] += 1
         tr.stats.events += 1
         if active:
-            tr._finding(c, "connect", t1, handshake_ns=t1 - t0, syn_retransmits=c.syn_retrans)
+            tr._conclude(Connect, c, t1, t1 - t0, c.syn_retrans)
         else:
-            tr._finding(c, "accept", t1)
+            tr._conclude(Accept, c, t1)
         if ev.rst_ns:
             c.recv_reset_ns = ev.rst_ns
         return True

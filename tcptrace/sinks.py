@@ -35,10 +35,12 @@ def endpoint(addr, port):
     return f"{addr}:{port if port is not None else '*'}"
 
 
-def describe(f):
-    """What happened, in words, without the time/process/endpoint columns."""
+def describe(f, x=None):
+    """What happened, in words, without the time/process/endpoint columns. x: f.extra, if the
+    caller has it already."""
     t = f.type
-    x = f.extra
+    if x is None:
+        x = f.extra
     if t == "connect":
         r = x.get("syn_retransmits", 0)
         return f"handshake {_ns(x['handshake_ns'])}" + (f", {r} SYN retransmit{'s' if r != 1 else ''}" if r else "")
@@ -91,10 +93,11 @@ class TextSink:
         pid = "-" if f.pid is None else str(f.pid)
         comm = (f.comm or "-")[: (16 if self.wide else 12)]
         conn = f"{endpoint(f.laddr, f.lport)} > {endpoint(f.raddr, f.rport)}" if f.type != "lost" else ""
+        x = f.extra
         flags = "".join(s for k, s in (("partial", " [partial]"), ("incomplete", " [incomplete]"))
-                        if f.extra.get(k))
+                        if x.get(k))
         line = f"{tm:<12} {pid:>7} {comm:<12} {f.type:<8} {conn}"
-        detail = describe(f) + flags
+        detail = describe(f, x) + flags
         if self.wide or len(line) + 2 + len(detail) <= 79:
             self._write((f"{line}  {detail}" if conn else f"{line}{detail}").rstrip())
         else:

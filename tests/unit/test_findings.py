@@ -3,7 +3,7 @@ import json
 import pytest
 
 from tcptrace import states as S
-from tcptrace.findings import Finding, Transition, rfc3339
+from tcptrace.findings import Accept, Close, Connect, Finding, Transition, rfc3339
 
 CASES = [
     Finding("connect", 5_000_123_456, 42, "curl", S.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443,
@@ -18,6 +18,16 @@ CASES = [
             duration_ns=None, closed_by=None, partial=True),
     Transition(11, 0, "swapper/1", S.AF_INET, "127.0.0.1", 0, "127.0.0.1", 80, S.CLOSE,
                S.SYN_SENT, 0xffff888103001280),
+    Connect(13, 42, "curl", S.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443,
+            (False, False, "active"), 1_020_000_000, 1),
+    Connect(14, 42, "curl", S.AF_INET6, "::1", 40000, "::1", 443, (True, True, "active"), 5, 0),
+    Accept(15, None, None, S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555,
+           (False, False, "passive")),
+    Accept(16, 7, "srv", S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555, (False, True, None)),
+    Close(17, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, False, "active"), 70,
+          "local", ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]),
+    Close(18, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (True, False, None), None, None,
+          ["ESTABLISHED", "CLOSE"]),
     Transition(12, 3, "x", S.AF_INET6, "::1", 9, "::1", 10, S.LAST_ACK, S.CLOSE, 0x10),
 ]
 
@@ -37,3 +47,24 @@ def test_rfc3339_microseconds_utc():
 def test_transition_attributes_read_as_names():
     t = CASES[-1]
     assert (t.extra["oldstate"], t.extra["newstate"], t.extra["skaddr"]) == ("LAST_ACK", "CLOSE", "10")
+
+
+def test_connection_findings_are_the_generic_ones():
+    # connect/accept/close keep their extras in slots: the same record, key order and
+    # attributes as a Finding built with the extras as keywords.
+    p = ["SYN_RECV", "ESTABLISHED", "CLOSE"]
+    for typed, generic in [
+            (Close(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (True, True, "passive"),
+                   None, "remote", p),
+             Finding("close", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, duration_ns=None,
+                     closed_by="remote", path=p, partial=True, incomplete=True, role="passive")),
+            (Connect(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, True, "active"),
+                     50, 2),
+             Finding("connect", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9,
+                     handshake_ns=50, syn_retransmits=2, incomplete=True, role="active")),
+            (Accept(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, False, "passive")),
+             Finding("accept", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9,
+                     role="passive"))]:
+        assert typed.to_json(0) == generic.to_json(0)
+        assert list(typed.extra.items()) == list(generic.extra.items())
+        assert typed.role == generic.role and typed.type == generic.type
