@@ -4,7 +4,7 @@ All sinks take `Finding`s and the wall-clock offset, write to a stream, and turn
 into `Closed`. The pipeline flushes after every batch, i.e. at least every poll (25 ms): a log
 shipper reading the pipe sees each line within that, without a write syscall per line.
 """
-
+from tcptrace.findings import rfc3339
 
 
 class Closed(Exception):
@@ -85,7 +85,6 @@ class TextSink:
         self._header = False
 
     def emit(self, f):
-        from tcptrace.findings import rfc3339
         if not self._header:
             self._write(f"{'TIME':<12} {'PID':>7} {'COMM':<12} {'EVENT':<8} CONNECTION / DETAIL")
             self._header = True
