@@ -192,11 +192,13 @@ class Conclusion(Finding):
     a fixed template per type; `extra` builds them into a new dict on each read, as Transition
     does. Their order is Tracker._finding's: the type's own, then partial and incomplete when
     true, then role."""
-    __slots__ = ("_a", "_b", "_c", "_tail")
+    # partial, incomplete and role apart, not as one tuple: a tuple held per finding would be
+    # one more object for the garbage collector to count
+    __slots__ = ("_a", "_b", "_c", "_partial", "_incomplete", "_role")
     TYPE = None
 
-    def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, tail, a=None,
-                 b=None, c=None):
+    def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, partial,
+                 incomplete, role, a=None, b=None, c=None):
         # stored here, not through _common: one call less for every connection
         self.type = self.TYPE
         self.ts_ns = ts_ns
@@ -207,7 +209,9 @@ class Conclusion(Finding):
         self.lport = lport
         self.raddr = raddr
         self.rport = rport
-        self._tail = tail           # (partial, incomplete, role)
+        self._partial = partial
+        self._incomplete = incomplete
+        self._role = role
         self._a = a
         self._b = b
         self._c = c
@@ -215,13 +219,16 @@ class Conclusion(Finding):
     @property
     def extra(self):
         x = self._own()
-        partial, incomplete, role = self._tail
-        if partial:
+        if self._partial:
             x["partial"] = True
-        if incomplete:
+        if self._incomplete:
             x["incomplete"] = True
-        x["role"] = role
+        x["role"] = self._role
         return x
+
+    def _tail(self):
+        k = (self._partial, self._incomplete, self._role)
+        return _TAILS.get(k) or _cached(_TAILS, k, _tail_json)
 
 
 def _tail_json(tail):
@@ -243,7 +250,7 @@ class Connect(Conclusion):
 
     def _members(self):
         return (f',"handshake_ns":{self._a},"syn_retransmits":{self._b}'
-                f'{_TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)}')
+                f'{self._tail()}')
 
 
 class Accept(Conclusion):
@@ -254,7 +261,7 @@ class Accept(Conclusion):
         return {}
 
     def _members(self):
-        return _TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)
+        return self._tail()
 
 
 class Close(Conclusion):
@@ -268,7 +275,7 @@ class Close(Conclusion):
         d, by = self._a, self._b
         return (f',"duration_ns":{"null" if d is None else d},'
                 f'"closed_by":{_SCALARS.get(by) or _scalar_json(by)},"path":{_list_json(self._c)}'
-                f'{_TAILS.get(self._tail) or _cached(_TAILS, self._tail, _tail_json)}')
+                f'{self._tail()}')
 
 
 class Transition(Finding):

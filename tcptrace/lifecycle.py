@@ -577,7 +577,7 @@ class Tracker:
         """As _finding, for the connect, accept and close findings (findings.Conclusion): their
         own extras in order, then the same partial, incomplete and role."""
         self.out.append(cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
-                            c.rport or None, (c.partial, self.incomplete(c), c.role), a, b, d))
+                            c.rport or None, c.partial, self.incomplete(c), c.role, a, b, d))
 
     def take(self):
         out, self.out = self.out, []

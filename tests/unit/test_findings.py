@@ -19,14 +19,14 @@ CASES = [
     Transition(11, 0, "swapper/1", S.AF_INET, "127.0.0.1", 0, "127.0.0.1", 80, S.CLOSE,
                S.SYN_SENT, 0xffff888103001280),
     Connect(13, 42, "curl", S.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443,
-            (False, False, "active"), 1_020_000_000, 1),
-    Connect(14, 42, "curl", S.AF_INET6, "::1", 40000, "::1", 443, (True, True, "active"), 5, 0),
+            False, False, "active", 1_020_000_000, 1),
+    Connect(14, 42, "curl", S.AF_INET6, "::1", 40000, "::1", 443, True, True, "active", 5, 0),
     Accept(15, None, None, S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555,
-           (False, False, "passive")),
-    Accept(16, 7, "srv", S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555, (False, True, None)),
-    Close(17, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, False, "active"), 70,
+           False, False, "passive"),
+    Accept(16, 7, "srv", S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555, False, True, None),
+    Close(17, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, False, False, "active", 70,
           "local", ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]),
-    Close(18, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (True, False, None), None, None,
+    Close(18, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, True, False, None, None, None,
           ["ESTABLISHED", "CLOSE"]),
     Transition(12, 3, "x", S.AF_INET6, "::1", 9, "::1", 10, S.LAST_ACK, S.CLOSE, 0x10),
 ]
@@ -54,15 +54,15 @@ def test_connection_findings_are_the_generic_ones():
     # attributes as a Finding built with the extras as keywords.
     p = ["SYN_RECV", "ESTABLISHED", "CLOSE"]
     for typed, generic in [
-            (Close(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (True, True, "passive"),
+            (Close(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, True, True, "passive",
                    None, "remote", p),
              Finding("close", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, duration_ns=None,
                      closed_by="remote", path=p, partial=True, incomplete=True, role="passive")),
-            (Connect(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, True, "active"),
+            (Connect(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, False, True, "active",
                      50, 2),
              Finding("connect", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9,
                      handshake_ns=50, syn_retransmits=2, incomplete=True, role="active")),
-            (Accept(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, (False, False, "passive")),
+            (Accept(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, False, False, "passive"),
              Finding("accept", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9,
                      role="passive"))]:
         assert typed.to_json(0) == generic.to_json(0)
