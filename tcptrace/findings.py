@@ -246,11 +246,10 @@ class Connect(Conclusion):
     TYPE = "connect"
 
     def _own(self):
-        return {"handshake_ns": self._a, "syn_retransmits": self._b}     # both ints
+        return {"handshake_ns": self._a, "syn_retransmits": self._b}
 
-    def _members(self):
-        return (f',"handshake_ns":{self._a},"syn_retransmits":{self._b}'
-                f'{self._tail()}')
+    def _members(self):     # both are ints: formatted as they are
+        return f',"handshake_ns":{self._a},"syn_retransmits":{self._b}{self._tail()}'
 
 
 class Accept(Conclusion):
@@ -268,10 +267,10 @@ class Close(Conclusion):
     __slots__ = ()
     TYPE = "close"
 
-    def _own(self):     # int or None, name or None, list of names
+    def _own(self):
         return {"duration_ns": self._a, "closed_by": self._b, "path": self._c}
 
-    def _members(self):
+    def _members(self):     # an int or None, a name or None, a list of names
         d, by = self._a, self._b
         return (f',"duration_ns":{"null" if d is None else d},'
                 f'"closed_by":{_SCALARS.get(by) or _scalar_json(by)},"path":{_list_json(self._c)}'

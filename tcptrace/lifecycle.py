@@ -574,8 +574,8 @@ class Tracker:
         return f
 
     def _conclude(self, cls, c, ts, a=None, b=None, d=None):
-        """As _finding, for the connect, accept and close findings (findings.Conclusion): their
-        own extras in order, then the same partial, incomplete and role."""
+        """As _finding, for the connect, accept and close findings (findings.Conclusion): a, b, d
+        are the type's own extras in order; partial, incomplete and role as _finding adds them."""
         self.out.append(cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
                             c.rport or None, c.partial, self.incomplete(c), c.role, a, b, d))
 

@@ -92,7 +92,7 @@ class TextSink:
         pid = "-" if f.pid is None else str(f.pid)
         comm = (f.comm or "-")[: (16 if self.wide else 12)]
         conn = f"{endpoint(f.laddr, f.lport)} > {endpoint(f.raddr, f.rport)}" if f.type != "lost" else ""
-        x = f.extra
+        x = f.extra         # once: connection findings build it anew on each read
         flags = "".join(s for k, s in (("partial", " [partial]"), ("incomplete", " [incomplete]"))
                         if x.get(k))
         line = f"{tm:<12} {pid:>7} {comm:<12} {f.type:<8} {conn}"
