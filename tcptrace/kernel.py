@@ -320,6 +320,8 @@ class KernelSource:
         except ImportError:
             raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
         self.plan = plan
+        # Tests only: a small ring, so that it overflows (tests/kernel/test_foundation.py).
+        ringbuf_pages = int(os.environ.get("TCPTRACE_TEST_RING_PAGES", ringbuf_pages))
         src = os.path.join(bpf_dir(), "tcptrace.c")
         cflags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
                   "-Wno-macro-redefined", "-Wno-unused-function"] + plan.cflags()
@@ -344,6 +346,7 @@ class KernelSource:
         self._seen_drops = {}
         self._seen_misses = {}
         self.rescued_total = 0
+        self.spilled_total = 0
         table = self.b["events"]
         ctype = type(table.event(ctypes.create_string_buffer(512)))
         self.record_size = ctypes.sizeof(ctype)
@@ -374,6 +377,9 @@ class KernelSource:
                     self.notes.append(f"ring buffer mmap failed ({e}): using BCC's reader")
             if self._ring is None:
                 table.open_ring_buffer(on_record)
+            # Records the ring refused (bpf/tcptrace.c: spill); rare, so BCC's reader will do.
+            self.b["spill"].open_perf_buffer(on_record, page_cnt=16, lost_cb=self._on_lost,
+                                             wakeup_events=wakeup_events)
         else:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
                                    wakeup_events=wakeup_events)
@@ -439,6 +445,7 @@ class KernelSource:
                 self._ring.read(self._batch)
             else:
                 self.b.ring_buffer_consume()
+            self.b.perf_buffer_consume()
         else:
             self.b.perf_buffer_poll(timeout_ms)
             self.read_ns = time.monotonic_ns()
@@ -468,6 +475,8 @@ class KernelSource:
     def losses(self, now_ns):
         """Lost records for what was lost since the last call (deltas of monotonic counters)."""
         out = []
+        if self.plan.transport == "ringbuf":
+            self.spilled_total = sum(sum(v) for _k, v in self.b["spilled"].items())
         drops = self.b["drops"]
         for k, v in drops.items():
             total = sum(v)

@@ -308,6 +308,9 @@ def run_live(opts, plan, diag):
         src.close()
         if src.perf_lost_total:
             diag(f"perf reported {src.perf_lost_total} lost (cross-check of the bpf: counts)")
+        if src.spilled_total:
+            diag(f"{src.spilled_total} records the ring buffer refused went through the "
+                 "spill buffer instead")
         if src.rescued_total:
             diag(f"{src.rescued_total} hits the kernel skipped (BPF recursion) were recovered "
                  "by the raw tracepoint twins")
