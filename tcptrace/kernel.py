@@ -378,7 +378,7 @@ class KernelSource:
             if self._ring is None:
                 table.open_ring_buffer(on_record)
             # Records the ring refused (bpf/tcptrace.c: spill); rare, so BCC's reader will do.
-            self.b["spill"].open_perf_buffer(on_record, page_cnt=16, lost_cb=self._on_lost,
+            self.b["spill"].open_perf_buffer(on_record, page_cnt=64, lost_cb=self._on_lost,
                                              wakeup_events=wakeup_events)
         else:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
