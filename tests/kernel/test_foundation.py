@@ -135,6 +135,19 @@ def test_refused_connect_transitions_and_facts_tied_to_one_socket(request, path)
     assert [e["err"] for e in errs] == [111]          # ECONNREFUSED
 
 
+def wait_past_marker(tracer, timeout=30):
+    """Make a connection on 127.0.0.1 and wait for its client's CLOSE: records leave the tracer
+    in time order, so once it is out, every record of what happened before it is."""
+    m = socket.socket()
+    m.bind(("127.0.0.1", 0))
+    m.listen()
+    socket.create_connection(m.getsockname()).close()
+    mport = m.getsockname()[1]
+    m.close()
+    tracer.wait_for(lambda r: TRANSITION(r) and r["rport"] == mport and r["newstate"] == "CLOSE",
+                    timeout=timeout)
+
+
 BURST = r"""
 import socket, sys, threading
 n, addr = int(sys.argv[1]), sys.argv[2]
@@ -180,16 +193,7 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
     assert p.stdout.readline().strip() == "done"
     assert p.wait(60) == 0
     after = ns_snmp(netns)
-    # A marker connection after the burst: records leave the tracer in time order, so once the
-    # marker is seen every burst record has been seen.
-    m = socket.socket()
-    m.bind(("127.0.0.1", 0))
-    m.listen()
-    mc = socket.create_connection(m.getsockname())
-    mport = m.getsockname()[1]
-    mc.close()
-    m.close()
-    tracer.wait_for(lambda r: r["type"] == "connect" and r["rport"] == mport, timeout=30)
+    wait_past_marker(tracer)
     syn_sent = tracer.matching(lambda r: TRANSITION(r) and r["newstate"] == "SYN_SENT"
                                and r["oldstate"] == "CLOSE" and r["raddr"] == addr
                                and r["rport"] == port)
@@ -290,16 +294,7 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
         n *= rounds
         mine = lambda r: TRANSITION(r) and addr in (r["laddr"], r["raddr"]) and port in (
             r["lport"], r["rport"])
-        # A marker connection after the churn: records leave the tracer in time order, so once
-        # its CLOSE is out, every record of the churn is.
-        m = socket.socket()
-        m.bind(("127.0.0.1", 0))
-        m.listen()
-        socket.create_connection(m.getsockname()).close()
-        mport = m.getsockname()[1]
-        m.close()
-        t.wait_for(lambda r: TRANSITION(r) and r["rport"] == mport and r["newstate"] == "CLOSE",
-                   timeout=300 if in_vm else 30)
+        wait_past_marker(t, timeout=300 if in_vm else 30)
     finally:
         stop.set()
         if walker.is_alive():
@@ -358,14 +353,7 @@ def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
         p.stdin.flush()
         assert p.stdout.readline().strip() == "done"
         assert p.wait(60) == 0
-        m = socket.socket()
-        m.bind(("127.0.0.1", 0))
-        m.listen()
-        socket.create_connection(m.getsockname()).close()
-        mport = m.getsockname()[1]
-        m.close()
-        t.wait_for(lambda r: r["type"] == "transition" and r["rport"] == mport
-                   and r["newstate"] == "CLOSE", timeout=30)
+        wait_past_marker(t)
     finally:
         assert t.stop() == 0
     err = t.stderr_path.read_text()
