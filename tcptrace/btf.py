@@ -26,8 +26,18 @@ class BTFError(Exception):
     """The BTF blob is missing, unreadable, or lacks what was asked for."""
 
 
+# What slicing and unpacking a blob that lies about its own sizes raises.
+_MALFORMED = (struct.error, ValueError, IndexError)
+
+
 class BTF:
     def __init__(self, data):
+        try:
+            self._parse(data)
+        except _MALFORMED as e:
+            raise BTFError(f"BTF blob is malformed: {e}") from e
+
+    def _parse(self, data):
         if len(data) < 24:
             raise BTFError("BTF blob too short")
         magic, _ver, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
@@ -111,6 +121,12 @@ class BTF:
         """(byte offset, byte size) of a member given as "a.b.c" from the start of struct
         `struct_name`. Raises BTFError if absent, or if it is a bitfield or not byte-aligned
         (a plain load could not read it)."""
+        try:
+            return self._offset(struct_name, path)
+        except _MALFORMED as e:
+            raise BTFError(f"BTF blob is malformed: {e}") from e
+
+    def _offset(self, struct_name, path):
         tid = self._structs.get(struct_name)
         if tid is None:
             raise BTFError(f"struct {struct_name} not in BTF")

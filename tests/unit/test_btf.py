@@ -91,6 +91,11 @@ def test_malformed_blobs_are_refused():
     struct.pack_into("<I", bad, 12, len(good.types) - 1)
     with pytest.raises(btf.BTFError, match="malformed"):
         btf.BTF(bytes(bad))
+    # type section said to run past the end of the blob: a clear error, not struct.error
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, 12, len(good.types) + 100)
+    with pytest.raises(btf.BTFError, match="malformed"):
+        btf.BTF(bytes(bad))
     with pytest.raises(btf.BTFError, match="No such file"):
         btf.BTF.load("/nonexistent/vmlinux")
 
