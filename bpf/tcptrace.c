@@ -11,8 +11,9 @@
  *   TT_SYSCALL_CONNECT=1    fallback: syscalls:sys_{enter,exit}_connect for pre-SYN failures
  *   TT_HOOK_*=1             each optional tracepoint the running kernel has (tcptrace/probes.py):
  *                           BCC fails to compile a probe whose tracepoint is missing
- *   TT_RESCUE=1             the recursion rescue (below), with TT_OFF_* / TT_SZ_*: struct sock
- *                           member offsets of the running kernel, from its BTF (tcptrace/btf.py)
+ *   TT_RESCUE=1             the recursion rescue (below), with TT_OFF_* (struct sock and
+ *                           task_struct member offsets) and TT_SZ_STACK (THREAD_SIZE) of the
+ *                           running kernel, from its BTF (tcptrace/btf.py)
  *   TT_RESCUE_ONLY=1        tests only: the tracepoint programs step aside and the rescue
  *                           programs handle every hit, so the rescue path is exercised for real
  *
@@ -22,8 +23,9 @@
  * operation user space makes (bpf_disable_instrumentation(); reading the `socks` map walks all
  * its buckets that way). A softirq that interrupts one of those makes transitions that were
  * lost. Raw tracepoint programs are not subject to that check. So each tracepoint program first
- * writes a mark naming the hit (per CPU), and a raw tracepoint twin on the same hook, running
- * after it, consumes the mark, or, finding none, knows the program was skipped and does its work.
+ * writes a mark naming the hit (per CPU and level, see `marks`), and a raw tracepoint twin on the
+ * same hook, running after it, finds the mark, or, finding none, knows the program was skipped and
+ * does its work.
  * The twin has no tracepoint record, so it reads the socket's fields itself, at offsets from the
  * running kernel's BTF (never from the compile-time headers, which may be another version's).
  */
@@ -69,30 +71,61 @@ BPF_PERCPU_ARRAY(drops, u64, TT_KIND_MAX);
 BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
 
 #ifdef TT_RESCUE
-/* marks: per kind, per CPU, the hits the tracepoint program took, newest last: what its twin
- * looks for. A ring, not one slot, because a softirq can interrupt a twin before it looks and
- * make other hits (whose marks must not push this one out). */
-#define TT_MARKS 32
+/* marks: per kind, per CPU, per level, the hit the tracepoint program took last and the hit the
+ * first twin took last: what the twins look for. Per level (task or interrupt), because hits
+ * nest only through interrupts: a softirq can run between a task-level hit's program and its
+ * twins, and its own hits (all three programs each) complete before the task level resumes.
+ * Within a level, a hit's programs run back to back with preemption off, so one slot each is
+ * exact. (A shared ring of recent marks was tried: a softirq making many hits pushed a waiting
+ * mark out, which made a duplicate, and a mark no twin consumed matched a later hit of the same
+ * socket address, which lost it.) */
 struct tt_marks {
-    u64 id[TT_MARKS];
-    u32 head;
-    u32 _pad;
+    u64 took[2];    /* tracepoint program */
+    u64 done[2];    /* first twin */
 };
-BPF_PERCPU_ARRAY(marks, struct tt_marks, 2 * TT_KIND_MAX);   /* the programs', the first twins' */
+BPF_PERCPU_ARRAY(marks, struct tt_marks, TT_KIND_MAX);
 /* rescued: per kind, per CPU, hits the twins handled because the tracepoint program was
  * skipped. User space subtracts them from the programs' recursion misses. */
 BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
 
-static __always_inline void tt_mark(u32 kind, u64 id)
+/* A pointer's value as a number (the verifier keeps a pointer a pointer). */
+static __always_inline u64 tt_addr(void *p)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), &p);
+    return v;
+}
+
+/* Which level a hit runs at, from an address on the kernel stack it runs on: 0 on the current
+ * task's stack (process context, or ksoftirqd, which nothing interrupts with hits), 1 on an
+ * interrupt stack (a softirq, run from an interrupt or from local_bh_enable(): both switch to the
+ * CPU's IRQ stack). Not the program's own frame: since 6.13 a BPF program may run on a private
+ * per-CPU stack. TT_OFF_TASK_STACK is task_struct.stack, TT_SZ_STACK THREAD_SIZE (from BTF). */
+static __always_inline u32 tt_level(u64 sp)
+{
+    u64 stack = 0;
+    bpf_probe_read_kernel(&stack, sizeof(stack), (void *)(bpf_get_current_task() + TT_OFF_TASK_STACK));
+    return sp - stack < TT_SZ_STACK ? 0 : 1;
+}
+
+/* A tracepoint program's stack address: the kernel stores the caller's registers (perf's
+ * per-context copy) in the first word of the record before running the program
+ * (perf_trace_run_bpf_submit), and regs->sp is the tracepoint caller's frame. */
+static __always_inline u64 tt_tp_sp(void *args)
+{
+    u64 regs = 0, sp = 0;
+    bpf_probe_read_kernel(&regs, sizeof(regs), args);
+    bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(regs + TT_OFF_REGS_SP));
+    return sp;
+}
+
+static __always_inline void tt_mark(void *args, u32 kind, u64 id)
 {
     struct tt_marks *m = marks.lookup(&kind);
-    if (m) {
-        u32 h = m->head;
-        m->id[h & (TT_MARKS - 1)] = id;
-        m->head = h + 1;
-    }
+    if (m)
+        m->took[tt_level(tt_tp_sp(args)) & 1] = id;
 }
-#define TT_MARK(kind, id) tt_mark(kind, id)
+#define TT_MARK(kind, id) tt_mark(args, kind, id)
 #else
 #define TT_MARK(kind, id)
 #endif
@@ -452,41 +485,29 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         return tt_twin_##hook(ctx, 1);                                              \
     }
 
-static __always_inline int tt_find(struct tt_marks *m, u64 id, int consume)
-{
-    u32 h = m->head;
-#pragma unroll
-    for (int i = 1; i <= TT_MARKS; i++) {
-        u32 j = (h - i) & (TT_MARKS - 1);
-        if (m->id[j] == id) {
-            if (consume)
-                m->id[j] = 0;
-            return 1;
-        }
-    }
-    return 0;
-}
-
 /* 1 if this hit is already taken care of, 0 if this twin must do the work. Two twins, because a
  * twin doing the work runs long enough to be interrupted itself, with the tracepoint program
- * still blocked (a preempted bpf(2) call keeps bpf_prog_active taken): the second twin takes
- * what the first one was skipped for. The first leaves the tracepoint program's mark for the
- * second, which consumes marks; newest first, as the one sought is almost always the last. */
-static __always_inline int tt_taken(u32 kind, u64 id, int second)
+ * still blocked (a preempted bpf(2) call keeps bpf_prog_active taken), and the kernel skips the
+ * first twin for hits in that interrupt: the second twin, finding neither the program's mark
+ * nor the first twin's, takes them. The second consumes the marks of its level. */
+static __always_inline int tt_taken(struct bpf_raw_tracepoint_args *ctx, u32 kind, u64 id, int second)
 {
-    u32 k2 = kind + TT_KIND_MAX;
     struct tt_marks *m = marks.lookup(&kind);
-    struct tt_marks *m2 = marks.lookup(&k2);
-    if (!m || !m2)
+    if (!m)
         return 1;                   /* cannot tell: never risk a duplicate */
-    if (tt_find(m, id, second))
+    u32 lvl = tt_level(tt_addr(ctx)) & 1;   /* ctx: the args array, on the kernel stack */
+    if (m->took[lvl] == id) {
+        if (second)
+            m->took[lvl] = 0;
         return 1;
-    if (second && tt_find(m2, id, 1))
-        return 1;
-    if (!second) {
-        u32 h = m2->head;
-        m2->id[h & (TT_MARKS - 1)] = id;
-        m2->head = h + 1;
+    }
+    if (second) {
+        if (m->done[lvl] == id) {
+            m->done[lvl] = 0;
+            return 1;
+        }
+    } else {
+        m->done[lvl] = id;
     }
     u64 *n = rescued.lookup(&kind);
     if (n)
@@ -525,7 +546,7 @@ static __always_inline int tt_twin_state(struct bpf_raw_tracepoint_args *ctx, in
 {
     u64 sk = ctx->args[0];
     u8 old = ctx->args[1], new = ctx->args[2];
-    if (tt_taken(TT_STATE, TT_ID_STATE(sk, old, new), second) || tt_read_protocol(sk) != TT_IPPROTO_TCP)
+    if (tt_taken(ctx, TT_STATE, TT_ID_STATE(sk, old, new), second) || tt_read_protocol(sk) != TT_IPPROTO_TCP)
         return 0;
     struct tt_sk s = {};
     tt_read_sk(sk, &s);
@@ -538,7 +559,7 @@ TT_TWINS(state)
 static __always_inline int tt_twin_recv_reset(struct bpf_raw_tracepoint_args *ctx, int second)
 {
     u64 sk = ctx->args[0];
-    if (tt_taken(TT_RECV_RESET, sk, second))
+    if (tt_taken(ctx, TT_RECV_RESET, sk, second))
         return 0;
     struct tt_sk s = {};
     tt_read_sk(sk, &s);
@@ -557,7 +578,7 @@ static __always_inline int tt_twin_sock_error(struct bpf_raw_tracepoint_args *ct
     /* The id needs the fields, so they are read on every hit: error reports are rare. */
     tt_read_sk(sk, &s);
     bpf_probe_read_kernel(&err, 4, (void *)(sk + TT_OFF_ERR));
-    if (tt_taken(TT_SOCK_ERROR, TT_ID_ERROR(s.family, s.sport, s.dport, err), second) ||
+    if (tt_taken(ctx, TT_SOCK_ERROR, TT_ID_ERROR(s.family, s.sport, s.dport, err), second) ||
         tt_read_protocol(sk) != TT_IPPROTO_TCP)
         return 0;
     tt_sock_error(ctx, err, &s);
@@ -571,7 +592,7 @@ static __always_inline int tt_twin_retrans(struct bpf_raw_tracepoint_args *ctx, 
 {
     u64 sk = ctx->args[0];
     u8 state = 0;
-    if (tt_taken(TT_RETRANS, sk, second))
+    if (tt_taken(ctx, TT_RETRANS, sk, second))
         return 0;
     bpf_probe_read_kernel(&state, 1, (void *)(sk + TT_OFF_STATE));
     if (state != TT_SYN_SENT)

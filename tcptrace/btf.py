@@ -96,6 +96,11 @@ class BTF:
             return 8
         return size_type
 
+    def struct_size(self, name):
+        """Size in bytes of struct `name`, or None if BTF has no such struct."""
+        tid = self._structs.get(name)
+        return None if tid is None else self.size(tid)
+
     def _members(self, tid):
         kind, vlen, kind_flag, _size, at = self._types[tid]
         for i in range(vlen):

@@ -56,6 +56,8 @@ RESCUE_FIELDS = (
     ("ERR", "sock", "sk_err", 4),
     ("SPORT", "inet_sock", "inet_sport", 2),
     ("SADDR", "inet_sock", "inet_saddr", 4),
+    ("TASK_STACK", "task_struct", "stack", 8),
+    ("REGS_SP", "pt_regs", "sp", 8),
 )
 
 
@@ -185,6 +187,10 @@ def rescue_offsets(path=None):
             if got != size:
                 raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
             offs[macro] = off
+        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/tcptrace.c:tt_level).
+        # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
+        # uses 16 KiB with 4 KiB pages.
+        offs["SZ_STACK"] = b.struct_size("irq_stack") or 16384
     except btf.BTFError as e:
         return Check(name, UNSUPPORTED, f"{e}: tracepoint hits the kernel skips while another "
                      "BPF program runs on the CPU are reported as lost, not recovered", minver), {}
@@ -218,7 +224,9 @@ class Plan:
             flags.append("-DTT_SYSCALL_CONNECT=1")
         if self.rescue:
             flags.append("-DTT_RESCUE=1")
-            flags += [f"-DTT_OFF_{k}={v}" for k, v in sorted(self.rescue.items())]
+            # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
+            flags += [f"-DTT_{'' if k.startswith('SZ_') else 'OFF_'}{k}={v}"
+                      for k, v in sorted(self.rescue.items())]
         return flags
 
     def describe(self):

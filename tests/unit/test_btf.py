@@ -65,6 +65,7 @@ def test_members_through_anonymous_unions_and_typedefs():
     assert b.offset("sock", "proto") == (16, 2)
     assert b.offset("sock", "addr") == (24, 16)          # array: 16 x u8
     assert b.offset("common", "family") == (8, 2)
+    assert b.struct_size("sock") == 48 and b.struct_size("nope") is None
 
 
 @pytest.mark.parametrize("struct_,path,why", [
@@ -104,7 +105,8 @@ def test_malformed_blobs_are_refused():
 def test_running_kernel_has_every_member_the_rescue_reads():
     check, offs = probes.rescue_offsets()
     assert check.status == probes.SUPPORTED, check.detail
-    assert set(offs) == {m for m, *_ in probes.RESCUE_FIELDS}
+    assert set(offs) == {m for m, *_ in probes.RESCUE_FIELDS} | {"SZ_STACK"}
+    assert offs["SZ_STACK"] in (16384, 32768, 65536)
     # sock_common comes first in struct sock, inet_sock's own members after struct sock
     b = btf.BTF.load()
     sock_size = b.size(b._structs["sock"])
@@ -112,3 +114,4 @@ def test_running_kernel_has_every_member_the_rescue_reads():
     assert offs["SPORT"] >= sock_size and offs["SADDR"] >= sock_size
     cf = probes.Plan(rescue=offs).cflags()
     assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['PROTOCOL']}" in cf
+    assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf
