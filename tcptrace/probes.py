@@ -43,8 +43,9 @@ RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
 )
 
-# The struct sock members the recursion rescue reads (bpf/tcptrace.c), as the tracepoints' own
-# TP_fast_assign reads them: (macro suffix, struct, member path, size in bytes).
+# The kernel struct members the recursion rescue reads (bpf/tcptrace.c): the struct sock ones as
+# the tracepoints' own TP_fast_assign reads them, then what tells a hit's level (task or
+# interrupt) apart, task_struct.stack and pt_regs.sp: (macro suffix, struct, member path, size).
 RESCUE_FIELDS = (
     ("FAMILY", "sock", "__sk_common.skc_family", 2),
     ("STATE", "sock", "__sk_common.skc_state", 1),
@@ -194,7 +195,7 @@ def rescue_offsets(path=None):
     except btf.BTFError as e:
         return Check(name, UNSUPPORTED, f"{e}: tracepoint hits the kernel skips while another "
                      "BPF program runs on the CPU are reported as lost, not recovered", minver), {}
-    return Check(name, SUPPORTED, "struct sock offsets from BTF: hits the kernel skips while one "
+    return Check(name, SUPPORTED, "struct offsets from BTF: hits the kernel skips while one "
                  "of our programs runs on the CPU are handled by raw tracepoint twins", minver), offs
 
 
@@ -204,7 +205,7 @@ class Plan:
     transport: str = "perf"
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
-    rescue: dict = field(default_factory=dict)           # struct sock offsets, or {}: no rescue
+    rescue: dict = field(default_factory=dict)           # BTF offsets and sizes, or {}: no rescue
     notes: list = field(default_factory=list)
 
     def cflags(self):
