@@ -23,7 +23,7 @@ import struct
 import time
 
 from tcptrace import errors
-from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, F_SCAN
+from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, STEP_BYTES, F_SCAN
 from tcptrace.probes import LIBC, NR_BPF, bpf
 
 try:
@@ -55,41 +55,45 @@ def decoder_for(ctype):
 
     Decoding with struct.unpack_from is several times cheaper than building a ctypes object per
     record, and the layout still comes from the compiled program, never from a copy. The step
-    arrays decode to one number per element; build_event() folds them into Event.steps.
-    Returns (struct, perm): perm is None when the unpacked tuple is already in the order
-    build_event() expects (Event's fields up to `rst_ns`, then the step arrays), else the index
-    of each wanted item in the unpacked tuple."""
+    arrays stay bytes (events.STEP_BYTES): one field when they lie back to back in the header's
+    order, as they do, else one per array, which build_event() joins.
+    Returns (struct, perm): perm is None when the unpacked tuple is Event's fields in order, else
+    the index of each wanted item in the unpacked tuple."""
     fields = dict(ctype._fields_)
-    spec = []
-    for name in HEAD_FIELDS + STEP_ARRAYS:
+    m = fields[STEP_ARRAYS[0]]._length_
+    pos = getattr(ctype, STEP_ARRAYS[0]).offset
+    blob = True
+    for name, width in zip(STEP_ARRAYS, (8, 4, 1, 1)):
         t = fields[name]
-        off = getattr(ctype, name).offset
-        count = 1
-        if name in STEP_ARRAYS:
-            count = t._length_
-            code = f"{count}{_CT_CODES[t._type_]}"
-        elif issubclass(t, ctypes.Array):
-            code = f"{ctypes.sizeof(t)}s"
+        if t._length_ != m or ctypes.sizeof(t._type_) != width:
+            raise ValueError(f"tt_event.{name}: {t._length_} x {ctypes.sizeof(t._type_)} bytes, "
+                             f"expected {m} x {width}")
+        blob = blob and getattr(ctype, name).offset == pos
+        pos += m * width
+    spec = []
+    names = HEAD_FIELDS + (("steps",) if blob else STEP_ARRAYS)
+    for name in names:
+        if name == "steps":
+            off, code = getattr(ctype, STEP_ARRAYS[0]).offset, f"{m * STEP_BYTES}s"
         else:
-            code = _CT_CODES[t]
-        spec.append((off, name, code, count))
+            t = fields[name]
+            off = getattr(ctype, name).offset
+            code = f"{ctypes.sizeof(t)}s" if issubclass(t, ctypes.Array) else _CT_CODES[t]
+        spec.append((off, name, code))
     spec.sort()
     fmt, pos, order = "<", 0, []
-    for off, name, code, count in spec:
+    for off, name, code in spec:
         if off > pos:
             fmt += f"{off - pos}x"
         fmt += code
         pos = off + struct.calcsize("<" + code)
-        order.extend((name, i) for i in range(count))
+        order.append(name)
     if ctypes.sizeof(ctype) > pos:
         fmt += f"{ctypes.sizeof(ctype) - pos}x"
     st = struct.Struct(fmt)
-    want = [(n, 0) for n in HEAD_FIELDS]
-    for n in STEP_ARRAYS:
-        want.extend((n, i) for i in range(fields[n]._length_))
-    if order == want:
+    if order == list(Event._fields):
         return st, None
-    return st, [order.index(w) for w in want]
+    return st, [order.index(w) for w in names]
 
 
 HEAD_FIELDS = Event._fields[:-1]          # everything but `steps`
@@ -98,9 +102,12 @@ _NHEAD = len(HEAD_FIELDS)
 
 def build_event(t, perm=None):
     """Event from an unpacked tt_event (see decoder_for)."""
-    if perm is not None:
-        t = [t[i] for i in perm]
-    return Event._make(tuple(t[:_NHEAD]) + (tuple(t[_NHEAD:]),))
+    if perm is None:
+        return Event._make(t)
+    v = [t[i] for i in perm]
+    if len(v) > _NHEAD + 1:                  # the step arrays apart: join them in order
+        v[_NHEAD:] = [b"".join(v[_NHEAD:])]
+    return Event._make(v)
 
 
 class _InfoAttr(ctypes.Structure):
@@ -241,11 +248,11 @@ class RingReader:
         prod = self._u64.unpack_from(self._prod, 0)[0]
         if cons >= prod:
             return 0
-        stride, base, mask, busy, discard = self.stride, self._base, self._mask, self.BUSY, self.DISCARD
+        stride, base, mask, busy = self.stride, self._base, self._mask, self.BUSY
         want = self.payload
         perm = self._perm
-        nh = _NHEAD
-        make = Event._make
+        new, E = tuple.__new__, Event     # Event._make less its length check: the struct's
+        append = out.append               # field count is Event's by construction
         n0 = len(out)
         while cons < prod:
             off = base + (cons & mask)
@@ -253,17 +260,20 @@ class RingReader:
             stop = False
             for t in self._st.iter_unpack(self._view[off: off + count * stride]):
                 hdr = t[0]
-                if hdr & busy:
-                    stop = True           # reserved, not yet committed: read it next time
-                    break
-                if (hdr & 0x3fffffff) != want:
-                    raise RuntimeError(f"ring buffer record of {hdr & 0x3fffffff} bytes, "
-                                       f"expected {want}")
-                if not hdr & discard:
-                    if perm is None:
-                        out.append(make(t[2:2 + nh] + (t[2 + nh:],)))
-                    else:
-                        out.append(build_event(t[2:], perm))
+                # Almost every header is the bare length (neither BUSY nor DISCARD): one compare
+                if hdr != want:
+                    if hdr & busy:
+                        stop = True           # reserved, not yet committed: read it next time
+                        break
+                    if (hdr & 0x3fffffff) != want:
+                        raise RuntimeError(f"ring buffer record of {hdr & 0x3fffffff} bytes, "
+                                           f"expected {want}")
+                    cons += stride            # discarded
+                    continue
+                if perm is None:
+                    append(new(E, t[2:]))
+                else:
+                    append(build_event(t[2:], perm))
                 cons += stride
             if stop or count == 0:
                 break

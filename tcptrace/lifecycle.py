@@ -20,11 +20,11 @@ unless the kernel's own socket table confirms it (the `confirm` hook), and their
 """
 import collections
 import errno
-import operator
+import struct
 
 from tcptrace import states as S
-from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, addr_str, endpoints, intern_comm,
-                             iter_steps, memo)
+from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, STEP_BYTES, addr_str, endpoints,
+                             intern_comm, iter_steps, memo)
 from tcptrace.findings import Accept, Close, Connect, Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -242,7 +242,8 @@ class Tracker:
             n = rec.nsteps
             if (n == 2 or n == 3) and not self.transitions and not rec.flags & F_SCAN:
                 s = rec.steps
-                fast = _FAST.get((_SHAPES.get(len(s) | n) or _shape_of(len(s), n))(s))
+                o, m = _AT.get(len(s)) or _at(len(s))
+                fast = _FAST.get(s[o:o + n] + s[o + m:o + m + n])
                 if fast is not None and fast(self, rec, s):
                     return
             self._state(rec)
@@ -602,7 +603,7 @@ def _fast_open(active):
         laddr, lport, raddr, rport = endpoints(ev)
         if active and not lport:
             return False
-        t0, t1 = s[0], s[1]
+        t0, t1 = _TS2(s)
         c = tr._new(ev.skaddr, ev.family, ACTIVE if active else PASSIVE, first, t0)
         c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
         if active:      # connect(): the record's task, in process context
@@ -645,7 +646,7 @@ def _fast_close(first_fin, states):
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:
             c.first_fin = first_fin
-        t = s[2]
+        t = _TS1(s, 16)[0]
         c.state, c.since_ns, c.closed_ns = CLOSE, t, t
         c.path = c.path << 12 | path_add
         mx = tr.stats.mx
@@ -661,21 +662,24 @@ def _fast_close(first_fin, states):
 
 
 def _key(*pairs):
-    return sum(pairs, ())
+    """A shape: the steps' old states, then their new states, as in Event.steps."""
+    return bytes([o for o, _ in pairs] + [n for _, n in pairs])
 
 
-# A record's shape, the key of _FAST: its steps' (old, new) pairs, read by an itemgetter for each
-# length of the step arrays (4 x MAX_STEPS, or less in a recording) and count of steps (2 or 3),
-# found by `length | count` (the length is a multiple of 4).
-_SHAPES = {}
+# A record's shape, the key of _FAST, is read from Event.steps (events.STEP_BYTES): the first n
+# bytes of the old states' array and of the new states'. _AT: len(steps) -> (where the old
+# states start, M).
+_AT = {}
 
 
-def _shape_of(length, n):
-    m = length >> 2
-    get = _SHAPES[length | n] = operator.itemgetter(
-        *(i for k in range(n) for i in (2 * m + k, 3 * m + k)))
-    return get
+def _at(length):
+    m = length // STEP_BYTES
+    v = _AT[length] = (12 * m, m)
+    return v
 
+
+_TS2 = struct.Struct("<2Q").unpack_from     # the first two steps' times
+_TS1 = struct.Struct("<Q").unpack_from
 
 _FAST = {
     _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_open(active=True),

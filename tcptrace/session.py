@@ -5,6 +5,7 @@ The poll loop owns time: the perf/ring callbacks only append records, and everyt
 (stuck detection, interval reports, loss counters) runs from here.
 """
 import json
+import operator
 import os
 import signal
 import sys
@@ -18,6 +19,9 @@ from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer, by_ts
 from tcptrace.report import Report
 from tcptrace.sinks import Closed, JsonSink, TextSink
+
+countOf = operator.countOf
+_kind = operator.attrgetter("kind")
 
 
 @dataclass
@@ -270,7 +274,9 @@ def run_live(opts, plan, diag):
             evs = src.poll(opts.tick_ms)
             now_ns = src.read_ns
             now = now_ns / 1e9
-            if plan.connect_hook == "syscall":
+            # connect() returns from the syscall hook include non-TCP sockets; they are rare, so
+            # the batch is first counted in C (a Python test per record cost 1.4% of the CPU).
+            if plan.connect_hook == "syscall" and countOf(map(_kind, evs), Kind.CONNECT_RET):
                 evs = [e for e in evs if not (e.kind == Kind.CONNECT_RET and e.flags & F_SYSCALL
                                               and owners.fd_is_tcp(e.pid, e.aux) is False)]
             if now >= next_loss:
