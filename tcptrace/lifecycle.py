@@ -23,7 +23,7 @@ import errno
 import struct
 
 from tcptrace import states as S
-from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, STEP_BYTES, addr_str, endpoints,
+from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, MAX_STEPS, addr_str, endpoints,
                              intern_comm, iter_steps, memo)
 from tcptrace.findings import Accept, Close, Connect, Finding, Transition
 
@@ -237,14 +237,13 @@ class Tracker:
         self.stats.events += 1
         k = rec.kind
         if k == STATE:
-            # Whole records of the common shapes (see _FAST), before any per-step work: this is
-            # most of the input.
+            # Whole records of the common shapes (see _FAST, _REGIONS), before any per-step
+            # work: this is most of the input.
             n = rec.nsteps
             if (n == 2 or n == 3) and not self.transitions and not rec.flags & F_SCAN:
                 s = rec.steps
-                o, m = _AT.get(len(s)) or _at(len(s))
-                fast = _FAST.get(s[o:o + n] + s[o + m:o + m + n])
-                if fast is not None and fast(self, rec, s):
+                fast = _REGIONS.get(s[(len(s) * 6) // 7:])
+                if fast is not None and fast[0] == n and fast[1](self, rec, s):
                     return
             self._state(rec)
         elif k == Kind.RETRANS:
@@ -578,7 +577,9 @@ class Tracker:
         """As _finding, for the connect, accept and close findings (findings.Conclusion): a, b, d
         are the type's own extras in order; partial, incomplete and role as _finding adds them."""
         self.out.append(cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
-                            c.rport or None, c.partial, self.incomplete(c), c.role, a, b, d))
+                            c.rport or None, c.partial,
+                            c.incomplete or c.epoch != self.loss_epoch,   # self.incomplete(c)
+                            c.role, a, b, d))
 
     def take(self):
         out, self.out = self.out, []
@@ -666,18 +667,6 @@ def _key(*pairs):
     return bytes([o for o, _ in pairs] + [n for _, n in pairs])
 
 
-# A record's shape, the key of _FAST, is read from Event.steps (events.STEP_BYTES): the first n
-# bytes of the old states' array and of the new states'. _AT: len(steps) -> (where the old
-# states start, M).
-_AT = {}
-
-
-def _at(length):
-    m = length // STEP_BYTES
-    v = _AT[length] = (12 * m, m)
-    return v
-
-
 _TS2 = struct.Struct("<2Q").unpack_from     # the first two steps' times
 _TS1 = struct.Struct("<Q").unpack_from
 
@@ -689,3 +678,20 @@ _FAST = {
     _key((ESTABLISHED, CLOSE_WAIT), (CLOSE_WAIT, LAST_ACK), (LAST_ACK, CLOSE)):
         _fast_close("remote", (CLOSE_WAIT, LAST_ACK, CLOSE)),
 }
+
+
+# What process() looks up: a record's state arrays (the last 2/7 of Event.steps: M old states, M
+# new states, unused ones zero) -> (steps, fast path), for every M a record may have: MAX_STEPS
+# from the kernel, fewer in recordings and hand-built streams. One slice of the record's bytes is
+# the whole key. A record whose nsteps disagrees with the arrays is left to the steps.
+def _regions(fast):
+    out = {}
+    for shape, fn in fast.items():
+        n = len(shape) // 2
+        for m in range(n, 2 * MAX_STEPS + 1):
+            pad = bytes(m - n)
+            out[shape[:n] + pad + shape[n:] + pad] = (n, fn)
+    return out
+
+
+_REGIONS = _regions(_FAST)

@@ -118,15 +118,33 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch):
     from tcptrace import lifecycle
     recs = grouped(loopback_connection())
     want = findings(recs, transitions=False)
-    monkeypatch.setattr(lifecycle, "_FAST", {})
+    monkeypatch.setattr(lifecycle, "_REGIONS", {})
     assert findings(recs, transitions=False) == want
     taken = []
     monkeypatch.undo()
-    for k, fn in list(lifecycle._FAST.items()):
-        monkeypatch.setitem(lifecycle._FAST, k,
-                            lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s))
+    for k, (n, fn) in list(lifecycle._REGIONS.items()):
+        monkeypatch.setitem(lifecycle._REGIONS, k,
+                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
     assert findings(recs, transitions=False) == want
     assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
+
+
+def test_a_record_whose_step_count_disagrees_with_its_arrays_takes_the_steps(monkeypatch):
+    """The fast paths are found by the state arrays alone; nsteps must agree with them."""
+    from tcptrace import lifecycle
+    from tcptrace.events import pack_steps
+    opens = [r for r in grouped(loopback_connection()) if r.nsteps == 2]
+    assert opens
+    r = opens[0]
+    bad = r._replace(steps=pack_steps(list(iter_steps(r)) + [(0, 0, 0, 0)] * 4), nsteps=3)
+    taken = []
+    for k, (n, fn) in list(lifecycle._REGIONS.items()):
+        monkeypatch.setitem(lifecycle._REGIONS, k,
+                            (n, lambda t, ev, s, fn=fn: taken.append(fn) or fn(t, ev, s)))
+    Tracker().process(bad)
+    assert not taken
+    Tracker().process(r)
+    assert len(taken) == 1
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
