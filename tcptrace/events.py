@@ -39,7 +39,9 @@ STEP_ARRAYS = ("step_ts", "step_pid", "step_old", "step_new")
 # bytes object rather than 4 x M numbers: decoding a record made 24 ints and two tuples that
 # almost no record needs (the whole-record fast paths read two or three of them), which cost
 # about 40% of decoding.
-STEP_BYTES = 14
+STEP_WIDTHS = (8, 4, 1, 1)          # bytes per element of each of STEP_ARRAYS
+STEP_BYTES = sum(STEP_WIDTHS)
+STATES_AT = STEP_BYTES - 2          # M steps' arrays: the state arrays start at STATES_AT * M
 
 
 class Event(NamedTuple):

@@ -23,7 +23,7 @@ import struct
 import time
 
 from tcptrace import errors
-from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, STEP_BYTES, F_SCAN
+from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, STEP_BYTES, STEP_WIDTHS, F_SCAN
 from tcptrace.probes import LIBC, NR_BPF, bpf
 
 try:
@@ -63,7 +63,7 @@ def decoder_for(ctype):
     m = fields[STEP_ARRAYS[0]]._length_
     pos = getattr(ctype, STEP_ARRAYS[0]).offset
     blob = True
-    for name, width in zip(STEP_ARRAYS, (8, 4, 1, 1)):
+    for name, width in zip(STEP_ARRAYS, STEP_WIDTHS):
         t = fields[name]
         if t._length_ != m or ctypes.sizeof(t._type_) != width:
             raise ValueError(f"tt_event.{name}: {t._length_} x {ctypes.sizeof(t._type_)} bytes, "

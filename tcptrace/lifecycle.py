@@ -23,8 +23,8 @@ import errno
 import struct
 
 from tcptrace import states as S
-from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, MAX_STEPS, addr_str, endpoints,
-                             intern_comm, iter_steps, memo)
+from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, MAX_STEPS, STATES_AT, STEP_BYTES,
+                             addr_str, endpoints, intern_comm, iter_steps, memo)
 from tcptrace.findings import Accept, Close, Connect, Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
@@ -242,7 +242,7 @@ class Tracker:
             n = rec.nsteps
             if (n == 2 or n == 3) and not self.transitions and not rec.flags & F_SCAN:
                 s = rec.steps
-                fast = _REGIONS.get(s[(len(s) * 6) // 7:])
+                fast = _REGIONS.get(s[len(s) // STEP_BYTES * STATES_AT:])
                 if fast is not None and fast[0] == n and fast[1](self, rec, s):
                     return
             self._state(rec)
@@ -647,7 +647,7 @@ def _fast_close(first_fin, states):
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:
             c.first_fin = first_fin
-        t = _TS1(s, 16)[0]
+        t = _TS3(s)[2]
         c.state, c.since_ns, c.closed_ns = CLOSE, t, t
         c.path = c.path << 12 | path_add
         mx = tr.stats.mx
@@ -668,7 +668,7 @@ def _key(*pairs):
 
 
 _TS2 = struct.Struct("<2Q").unpack_from     # the first two steps' times
-_TS1 = struct.Struct("<Q").unpack_from
+_TS3 = struct.Struct("<3Q").unpack_from     # the first three
 
 _FAST = {
     _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_open(active=True),
@@ -680,8 +680,8 @@ _FAST = {
 }
 
 
-# What process() looks up: a record's state arrays (the last 2/7 of Event.steps: M old states, M
-# new states, unused ones zero) -> (steps, fast path), for every M a record may have: MAX_STEPS
+# What process() looks up: a record's state arrays (Event.steps from STATES_AT * M: M old states,
+# M new states, unused ones zero) -> (steps, fast path), for every M a record may have: MAX_STEPS
 # from the kernel, fewer in recordings and hand-built streams. One slice of the record's bytes is
 # the whole key. A record whose nsteps disagrees with the arrays is left to the steps.
 def _regions(fast):

@@ -34,6 +34,18 @@ def test_event_fields_match_header_members():
     assert Event._fields[-1] == "steps"
 
 
+def test_step_layout_is_one_layout():
+    """Event.steps' widths, its struct and the header's arrays agree (events.STEP_WIDTHS)."""
+    S = header_struct()
+    widths = tuple(ctypes.sizeof(dict(S._fields_)[n]._type_) for n in events.STEP_ARRAYS)
+    assert widths == events.STEP_WIDTHS
+    assert events.steps_struct(3).size == 3 * events.STEP_BYTES
+    assert list(events.iter_steps(Event(0, 0, 0, 0, 0, 0, 0, 0, Kind.STATE, 2, 0, 0, 0, b"", b"",
+                                        b"", nsteps=2, steps=events.pack_steps(
+                                            [(5, 6, 7, 2), (8, 0, 2, 1), (0, 0, 0, 0)]))))[1] \
+        == (8, 0, 2, 1)
+
+
 def test_max_steps_matches_header():
     assert re.search(r"#define TT_MAX_STEPS\s+(\d+)", open(HEADER).read()).group(1) == \
         str(events.MAX_STEPS)
