@@ -212,6 +212,10 @@ def from_json_obj(d):
         if any(len(st) != 4 or not (0 <= st[2] < 16 and 0 <= st[3] < 16) for st in steps) \
                 or len(steps) > 255:
             raise ValueError("bad steps")
+        try:
+            packed = pack_steps(steps)
+        except struct.error as e:         # a time or pid outside what the kernel's arrays hold
+            raise ValueError(f"bad steps: {e}") from None
     if not (0 <= int(d.get("oldstate", 0)) < 16 and 0 <= int(d.get("newstate", 0)) < 16):
         raise ValueError("bad state")
     return Event(
@@ -222,4 +226,4 @@ def from_json_obj(d):
         flags=int(d.get("flags", 0)), nsteps=len(steps), retrans=int(d.get("retrans", 0)),
         saddr=addr_bytes(d.get("saddr")), daddr=addr_bytes(d.get("daddr")),
         comm=str(d.get("comm", "")).encode()[:16], rst_ns=int(d.get("rst_ns", 0)),
-        steps=pack_steps(steps) if steps else b"")
+        steps=packed if steps else b"")

@@ -159,6 +159,21 @@ def test_malformed_recording_names_the_line_and_keeps_what_came_before(tmp_path)
     assert any(x["type"] == "connect" for x in got)
 
 
+@pytest.mark.parametrize("step", [[-5, 1, 7, 2], [5, 1 << 32, 7, 2], [1 << 64, 1, 7, 2]])
+def test_step_values_the_kernel_cannot_hold_are_malformed(tmp_path, step):
+    """A step's time is a u64 and its pid a u32 in the kernel's record: anything else in a
+    recording is malformed input (exit 65), not an internal error."""
+    lines = open(RECORDED).read().splitlines()
+    rec = {"ts_ns": 5, "kind": "state", "skaddr": "ab", "family": 2, "saddr": "127.0.0.1",
+           "daddr": "127.0.0.1", "oldstate": 7, "newstate": 2, "steps": [step]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:30] + [json.dumps(rec)] + lines[30:]) + "\n")
+    r = invoke("replay", str(bad), "--json")
+    assert r.exit_code == errors.EXIT_DATAERR
+    assert "bad.jsonl:31: malformed record" in r.stderr and "bad steps" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_truncated_recording(tmp_path):
     text = open(RECORDED).read()
     cut = tmp_path / "cut.jsonl"
