@@ -38,10 +38,12 @@ class Options:
     wide: bool = False
     filter: Filter = field(default_factory=Filter)
     # How often the buffers are drained. Each drain has a fixed cost (a timer wake-up, the
-    # pipeline's bookkeeping: about 150 us here), so draining less often is cheaper per
-    # connection; 25 ms uses 2% of the 8 MB ring at 20k connections/s, and output is held
-    # longer than that for time order anyway.
-    tick_ms: int = 25
+    # pipeline's bookkeeping, and code and data gone cold in the CPU caches while asleep), so
+    # draining less often is cheaper per connection: at 5k connections/s, 100 ms took 10-15%
+    # less CPU than 25 ms. 100 ms of records is about a fifth of the 8 MB ring at 20k
+    # connections/s (kernel.Pacer keeps it to one period), and output is held about that
+    # long for time order anyway.
+    tick_ms: int = 100
     scan_ms: int = 100        # how often pending steps are read from the kernel's socks map
     window_ms: int = 20
     max_conns: int = 262_144
@@ -211,7 +213,7 @@ def _protect_stdout():
     sys.stdout.flush()
     fd = os.dup(1)
     os.dup2(2, 1)
-    # Block-buffered: the pipeline flushes after every batch (each poll, 25 ms), so readers see
+    # Block-buffered: the pipeline flushes after every batch (each poll, 100 ms), so readers see
     # every line within that, without a write(2) per line.
     return os.fdopen(fd, "w", buffering=1 << 16, encoding="utf-8", errors="replace")
 

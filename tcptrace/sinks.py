@@ -1,7 +1,7 @@
 """Where findings go. Sinks only format: every decision was made by the detectors.
 
 All sinks take `Finding`s and the wall-clock offset, write to a stream, and turn a closed pipe
-into `Closed`. The pipeline flushes after every batch, i.e. at least every poll (25 ms): a log
+into `Closed`. The pipeline flushes after every batch, i.e. at least every poll (100 ms): a log
 shipper reading the pipe sees each line within that, without a write syscall per line.
 """
 from tcptrace.findings import rfc3339

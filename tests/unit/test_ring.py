@@ -120,3 +120,39 @@ def test_wrong_record_size_is_an_error_not_garbage(ring):
     r.mark(0, 0, size=r.size + 8)          # a layout mismatch
     with pytest.raises(RuntimeError, match="record of"):
         reader.read([])
+
+
+class _Clock:
+    """A fake monotonic clock; sleeping advances it and is logged."""
+
+    def __init__(self):
+        self.now = 100.0
+        self.slept = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, s):
+        self.slept.append(round(s, 6))
+        self.now += s
+
+
+def test_reads_are_a_period_apart_whatever_the_batches_cost():
+    from tcptrace.kernel import Pacer
+    clock = _Clock()
+    p = Pacer(clock, clock.sleep)
+    p.wait(0.1)                     # the first read is at once
+    assert clock.slept == []
+    clock.now += 0.03               # the batch took 30 ms: 70 ms of the period are left
+    p.wait(0.1)
+    assert clock.slept == [0.07]
+    clock.now += 0.15               # longer than the period: read again at once
+    p.wait(0.1)
+    assert clock.slept == [0.07]
+    clock.now += 0.01
+    p.wait(0)                       # the final drain never waits
+    assert clock.slept == [0.07]
+    p.wait(0.1)                     # nothing to wait for after it either...
+    assert clock.slept == [0.07]
+    p.wait(0.1)                     # ...but a whole period after that read
+    assert clock.slept == [0.07, 0.1]
