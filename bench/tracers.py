@@ -244,10 +244,12 @@ class Tcptrace(Tracer):
 
 
 def state_losses(where):
-    """The losses that can hide a state transition: refused state outputs and recursion misses
-    of the inet_sock_set_state program (not lost resets, errors or connect() returns)."""
+    """The losses that can hide a state transition: refused state outputs, recursion misses of
+    the inet_sock_set_state program and its hits that ran no program at all (unseen:, counted
+    against a tracefs instance), not lost resets, errors or connect() returns."""
     return sum(v for k, v in where.items()
-               if k == "bpf:state" or (k.startswith("recursion:") and "inet_sock_set_state" in k))
+               if k == "bpf:state" or (k.startswith(("recursion:", "unseen:"))
+                                       and "inet_sock_set_state" in k))
 
 
 def _with_summary(res, stderr):

@@ -87,6 +87,8 @@ BPF_PERCPU_ARRAY(marks, struct tt_marks, TT_KIND_MAX);
 /* rescued: per kind, per CPU, hits the twins handled because the tracepoint program was
  * skipped. User space subtracts them from the programs' recursion misses. */
 BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
+/* state_hits: runs of the inet_sock_set_state program, per CPU (see kernel.Tally). */
+BPF_PERCPU_ARRAY(state_hits, u64, 1);
 
 /* A pointer's value as a number (the verifier keeps a pointer a pointer). */
 static __always_inline u64 tt_addr(void *p)
@@ -347,6 +349,12 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+    /* Every run, first thing: with the kernel's recursion misses of this program, what BPF was
+     * shown of the hook, set against a count the tracing ring keeps (kernel.Tally). */
+    int zero = 0;
+    u64 *hits = state_hits.lookup(&zero);
+    if (hits)
+        (*hits)++;
     TT_STEP_ASIDE();
     TT_MARK(TT_STATE, TT_ID_STATE(args->skaddr, args->oldstate, args->newstate));
     if (args->protocol == TT_IPPROTO_TCP) {

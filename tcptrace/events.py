@@ -99,7 +99,8 @@ class Lost(NamedTuple):
     """Events the kernel side could not deliver: `count` of them, noticed at `ts_ns`."""
     ts_ns: int
     count: int
-    where: str        # "ringbuf", "perf:cpuN", "bpf:<kind>" (output refused), "recursion:<prog>"
+    where: str        # "ringbuf", "perf:cpuN", "bpf:<kind>" (output refused), "recursion:<prog>",
+                      # "unseen:inet_sock_set_state" (no program ran; kernel.Tally)
 
 
 def memo(fn, limit=100_000):

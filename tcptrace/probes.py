@@ -270,6 +270,15 @@ def checks():
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
     out.append(rescue_offsets()[0])
+    if td is None:
+        out.append(Check("transition tally", UNKNOWN, "tracefs not mounted", "3.10"))
+    elif os.path.isdir(os.path.join(td, "instances")):
+        out.append(Check("transition tally", SUPPORTED, "a tracefs instance counts every "
+                         "inet_sock_set_state hit: transitions no BPF program ran for are "
+                         "reported lost (unseen:)", "3.10"))
+    else:
+        out.append(Check("transition tally", UNSUPPORTED, "no tracefs instances: transitions "
+                         "no BPF program ran for would go uncounted", "3.10"))
     out.append(_ringbuf())
     out.append(Check("perf buffer", SUPPORTED, "BPF_PERF_OUTPUT", "4.4"))
     return out

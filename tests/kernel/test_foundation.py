@@ -371,6 +371,55 @@ def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
     assert all(r["family"] == "ipv4" and r["oldstate"] != r["newstate"] for r in seen)
 
 
+def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
+    """Hits of inet_sock_set_state that ran no BPF program and counted no miss either are
+    found against a tracefs instance counting the same tracepoint (kernel.Tally). A burst's
+    transitions all reach BPF and none is reported unseen; then k hits are taken out of the
+    BPF program's own count, as if the kernel had not run it for them, and exactly k are
+    reported unseen. The instance is gone afterwards."""
+    from tcptrace import kernel, probes
+    # What a tcptrace killed with SIGKILL leaves: an instance named after a pid now gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tracefs, _ = probes.ensure_tracefs()
+    stale = os.path.join(tracefs, "instances", f"tcptrace-{dead.pid}")
+    try:
+        os.mkdir(stale)
+    except OSError as e:
+        pytest.skip(f"no tracefs instances here: {e}")
+    src = kernel.KernelSource(probes.plan())
+    inst = None
+    try:
+        if src._tally is None:
+            pytest.skip("; ".join(src.notes))
+        assert not os.path.exists(stale)
+        inst = src._tally.dir
+        assert os.path.isdir(inst)
+        n, addr = 200, "127.80.0.1"
+        t0 = src._tally.count()
+        p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", BURST, str(n),
+                              addr], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "done"
+        assert p.wait(60) == 0
+        assert src._tally.count() - t0 >= 10 * n         # machine-wide: other traffic adds
+        unseen = lambda: sum(l.count for l in src.losses(0) if l.where.startswith("unseen:"))
+        assert unseen() == 0
+        k = 37
+        hits, key = src.b[b"state_hits"], ctypes.c_int(0)
+        vals = list(hits.getvalue(key))
+        cpu = max(range(len(vals)), key=vals.__getitem__)
+        vals[cpu] -= k
+        hits[key] = hits.Leaf(*vals)
+        assert unseen() == k
+        assert unseen() == 0                  # reported once
+    finally:
+        src.close()
+    assert inst is None or not os.path.exists(inst)
+
+
 def test_connect_failing_before_any_syn_is_reported(tracer, netns):
     """No route at all (a namespace with only lo): connect() fails with ENETUNREACH inside
     tcp_v4_connect, before any state change. Seen through the tcp_v4_connect kretprobe where
@@ -421,6 +470,9 @@ def test_doctor_reports_hooks_and_plan():
         assert d["plan"]["connect_hook"] == "syscall"
         assert any("kprobes unsupported" in n for n in d["plan"]["notes"])
     assert "sock:inet_sock_set_state" in d["plan"]["tracepoints"]
+    tracefs = [c["detail"] for c in d["checks"] if c["name"] == "tracefs"][0]
+    assert checks["transition tally"]["status"] == (
+        "supported" if os.path.isdir(os.path.join(tracefs, "instances")) else "unsupported")
 
 
 @pytest.mark.parametrize("cmd", [["watch", "--duration", "1"], ["report"], ["doctor"]])
