@@ -375,8 +375,9 @@ class RingReader:
 # The recursion rescue's raw tracepoint twins: (hook in bpf/tcptrace.c's tt_rescue_<hook> and
 # tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
 # `rescued` counter they keep, the plan's hook name or None when always attached).
+STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's name for it
 TWINS = (
-    ("state", "inet_sock_set_state", "tracepoint__sock__inet_sock_set_state", Kind.STATE, None),
+    ("state", "inet_sock_set_state", STATE_PROG, Kind.STATE, None),
     ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
      "tcp:tcp_receive_reset"),
     ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
@@ -485,7 +486,7 @@ class KernelSource:
         self._tally = None
         self._state_fd = next((fn.fd for name, fn in self.b.funcs.items()
                                if (name.decode() if isinstance(name, bytes) else name)
-                               == "tracepoint__sock__inet_sock_set_state"), None)
+                               == STATE_PROG), None)
         try:
             self._tally = Tally(tdir)
         except (OSError, ValueError) as e:
@@ -495,10 +496,16 @@ class KernelSource:
             self._tally_base = self._tally_baseline()
 
     def _visible(self):
-        """Hits of inet_sock_set_state BPF was shown: the program's runs and its misses."""
+        """Hits of inet_sock_set_state BPF was shown: the program's runs, and the hits it was
+        skipped for, which the kernel counts as misses (since 6.7 on this path: earlier kernels
+        skip without counting) and the twins count as rescued. Where both count, the rescued
+        are some of the misses; where only the twins do, they are all we know of."""
         runs = sum(self.b[b"state_hits"][ctypes.c_int(0)])
         st = prog_stats(self._state_fd) if self._state_fd is not None else None
-        return runs + ((st[2] or 0) if st else 0)
+        misses = (st[2] or 0) if st else 0
+        kind = self._twins.get(STATE_PROG)
+        rescued = sum(self.b[b"rescued"][ctypes.c_int(kind)]) if kind is not None else 0
+        return runs + max(misses, rescued)
 
     def _tally_baseline(self):
         """Tally less BPF-visible hits at start, read as BPF, tally, BPF: the first difference

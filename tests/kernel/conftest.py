@@ -20,6 +20,14 @@ import pytest
 STUCK_AFTER = 2.0
 
 
+def delivery_loss(r):
+    """A `lost` record for something tcptrace was given and could not deliver or recover. Not
+    `unseen:` ones: hits the kernel ran no BPF program for at all, which tcptrace counts but no
+    tracer can prevent (on the 6.18 development guest, softirqs on a thread of its pid 1: about
+    one transition in a million under the storms of docs/bench.md, at any moment)."""
+    return r["type"] == "lost" and not r["where"].startswith("unseen:")
+
+
 def _cannot_run():
     if os.geteuid() != 0:
         return "kernel tests need root"

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import Tracer
+from conftest import Tracer, delivery_loss
 
 
 pytestmark = pytest.mark.kernel
@@ -187,7 +187,7 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline())
     before = ns_snmp(netns)
-    lost_before = tracer.matching(lambda r: r["type"] == "lost")
+    lost_before = tracer.matching(delivery_loss)
     p.stdin.write("go\n")
     p.stdin.flush()
     assert p.stdout.readline().strip() == "done"
@@ -208,7 +208,7 @@ def test_burst_of_1000_matches_active_opens_with_zero_loss(tracer, netns):
     assert len(accepts) == after["PassiveOpens"] - before["PassiveOpens"] == n
     # No loss during the burst (loss counters are machine-wide, so an earlier test's recursion
     # miss on other traffic is not this burst's: only records since it started count).
-    assert tracer.matching(lambda r: r["type"] == "lost")[len(lost_before):] == []
+    assert tracer.matching(delivery_loss)[len(lost_before):] == []
 
 
 CHURN = r"""
@@ -334,7 +334,7 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
     # that stopped working.
     assert len(broken) + len(open_) <= 2 * n // 10, (len(broken), broken[:20])
     assert done >= 2 * n - 2 * n // 10, (done, err_text)
-    assert t.matching(lambda r: r["type"] == "lost") == []
+    assert t.matching(delivery_loss) == []
 
 
 def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
