@@ -304,7 +304,7 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
     err_text = t.stderr_path.read_text()
     m = re.search(r"(\d+) hits the kernel skipped \(BPF recursion\) were recovered", err_text)
     assert m and int(m.group(1)) > 0, err_text           # the kernel did skip programs
-    assert re.search(r"\b0 lost\b", err_text), err_text   # ... and nothing was lost
+    assert t.matching(delivery_loss) == [], err_text     # ... and no skip went uncovered
     # Each socket's transitions, exactly once: a chain from its first state to CLOSE in which
     # every step starts where the last one ended (a lost or doubled step breaks it). Which
     # close path a connection takes varies (both ends close at once, over two CPUs).
@@ -326,15 +326,20 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
         if step[1] == "CLOSE":
             del open_[sk]
             done += 1
-    # Known residue (issue 4, docs/bench.md "Unexplained at 20k"): under thousands of forced
-    # skips some sockets show a step missing or told twice that no counter saw: none in most
-    # runs here, 2% of sockets in the worst fresh-clone run. Without the rescue nearly every
-    # socket breaks (each makes about 6 transitions in the steered softirq), so a bound of 10%
-    # (of breaks, each a socket generation's chain cut or a step after it) still fails a rescue
-    # that stopped working.
+    # Known residue: under thousands of forced skips some sockets show a step missing or told
+    # twice: none in most runs here, 2% of sockets in the worst fresh-clone run. Without the
+    # rescue nearly every socket breaks (each makes about 6 transitions in the steered
+    # softirq), so a bound of 10% (of breaks, each a socket generation's chain cut or a step
+    # after it) still fails a rescue that stopped working.
     assert len(broken) + len(open_) <= 2 * n // 10, (len(broken), broken[:20])
     assert done >= 2 * n - 2 * n // 10, (done, err_text)
-    assert t.matching(delivery_loss) == []
+    # The missing steps were hits neither our program nor a twin ran for: the tally counts
+    # them (`unseen:`, machine-wide, so other traffic can only add). Every transition of the
+    # churn, 10 per connection, is shown or counted.
+    seen = [r for r in t.matching(mine) if (r["oldstate"], r["newstate"]) not in listener]
+    unseen = sum(r["count"] for r in t.matching(lambda r: r["type"] == "lost"
+                                                 and r["where"].startswith("unseen:")))
+    assert len(seen) + unseen >= 10 * n, (len(seen), unseen, n, err_text)
 
 
 def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
