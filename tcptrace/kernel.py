@@ -215,9 +215,11 @@ class MapScanner:
 class Tally:
     """Counts every hit of sock:inet_sock_set_state without BPF, in a tracefs instance of our
     own, so that hits the kernel makes without running any BPF program for them (and without
-    counting them as recursion misses) are counted too. Such hits exist: on some kernels BPF
-    never runs in certain contexts (docs/bench.md, "Unexplained at 20k"), and the perf
-    tracepoint path drops a hit uncounted when perf's own recursion guard trips.
+    counting them as recursion misses) are counted too. Such hits exist: on the 6.18 guest this
+    was developed on, BPF never runs in softirqs that interrupt a thread of pid 1 (docs/bench.md,
+    "Sixth session"); before 6.7 the kernel skips a tracepoint program for recursion without
+    counting a miss; and the perf tracepoint path drops a hit uncounted when perf's own
+    recursion guard trips.
 
     The instance's ring buffer is one page per CPU and does not overwrite: once full, each hit
     is refused at once and counted in "dropped events", so entries + dropped is every hit, read
