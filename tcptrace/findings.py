@@ -226,6 +226,11 @@ class Conclusion(Finding):
         x["role"] = self._role
         return x
 
+    def parts(self):
+        """(a, b, partial, incomplete): the type's own values, in _own's order, and the flags,
+        for a sink that formats these types itself without building `extra`."""
+        return self._a, self._b, self._partial, self._incomplete
+
     def _tail(self):
         k = (self._partial, self._incomplete, self._role)
         return _TAILS.get(k) or _cached(_TAILS, k, _tail_json)
@@ -292,6 +297,10 @@ class Transition(Finding):
     def extra(self):
         return {"oldstate": states.name(self._old), "newstate": states.name(self._new),
                 "skaddr": f"{self._sk:x}"}
+
+    def pair(self):
+        """oldstate << 8 | newstate, for a sink that formats the pair itself."""
+        return self._old << 8 | self._new
 
     def _members(self):
         return f'{_pair_json(self._old << 8 | self._new)}"{self._sk:x}"'
