@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import tracers  # noqa: E402
 
-TOOLS = ("untraced", "tcptrace", "tcptrace-findings", "tcpstates", "tcplife")
+TOOLS = ("untraced", "tcptrace", "tcptrace-findings", "tcptrace-text", "tcpstates", "tcplife")
 # Also: tcptrace-report, and tcptrace@DIR / tcptrace-report@DIR for a tcptrace source tree at DIR
 # (A/B a patch against the exported commit in the same interleaved run).
 
@@ -113,6 +113,7 @@ def one_run(tool, rate, duration, mix, workers):
         # cannot tell our namespace's lost events from others'): other traffic can make
         # `unexplained` slightly negative.
         reported = counts["lost"]
+        seen = counts["seen"]       # None: the tool's output does not show transitions
         rec.update({
             "expected": exp, "seen": counts["seen"], "lost_reported": reported,
             "lost_reported_all_kinds": counts.get("lost_all", reported),
@@ -120,13 +121,13 @@ def one_run(tool, rate, duration, mix, workers):
             # tcptrace's raw tracepoint twins handle the hits its tracepoint programs were
             # skipped for (counted in recursion_misses all the same): not lost.
             "rescued": counts.get("rescued", 0),
-            "missing": exp - counts["seen"],
-            "unexplained": exp - counts["seen"] - reported,
+            "missing": None if seen is None else exp - seen,
+            "unexplained": None if seen is None else exp - seen - reported,
             "tracer_cpu_s": round(cpu, 3),
             "cpu_ms_per_1k": round(1000 * cpu / (conns / 1000), 2) if conns else None,
             # A saturated tracer drops events and so spends less per connection: per line it
             # printed is the cost that does not flatter dropping.
-            "cpu_us_per_seen": round(1e6 * cpu / counts["seen"], 2) if counts["seen"] else None,
+            "cpu_us_per_seen": round(1e6 * cpu / seen, 2) if seen else None,
             "settle_cpu_share": round(cpu / (storm["elapsed_s"] + rec["settle_s"]), 2),
             "bpf_run_cnt": run_cnt,
             "bpf_ns_per_conn": round(run_ns / conns) if conns and run_ns else None,
@@ -159,15 +160,16 @@ def aggregate(runs, rates):
                           "unexplained", "cpu_ms_per_1k", "cpu_us_per_seen", "tracer_cpu_s",
                           "bpf_ns_per_conn"):
                     row[k] = median([r.get(k) for r in rs])
-                row["seen_pct"] = round(100 * median([r["seen"] / r["expected"] for r in rs]), 3)
-                row["unexplained_max"] = max(r["unexplained"] for r in rs)
+                if all(r["seen"] is not None for r in rs):
+                    row["seen_pct"] = round(100 * median([r["seen"] / r["expected"] for r in rs]), 3)
+                    row["unexplained_max"] = max(r["unexplained"] for r in rs)
             row["machine_busy"] = median([r["machine_busy"] for r in rs])
             rows.append(row)
     ratios = []
     for rate in rates:
         get = {r["tool"]: r for r in rows if r["offered_rate"] == (rate or "max")}
         b = get.get("tcpstates")
-        for name in ("tcptrace", "tcptrace-findings"):
+        for name in ("tcptrace", "tcptrace-findings", "tcptrace-text"):
             a = get.get(name)
             if not (a and b):
                 continue
@@ -213,7 +215,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="storm seconds per run")
     ap.add_argument("--tools", default=",".join(TOOLS),
-                    help="comma separated: untraced, tcptrace, tcptrace-findings, tcptrace-report, tcpstates, "
+                    help="comma separated: untraced, tcptrace, tcptrace-findings, tcptrace-text, "
+                         "tcptrace-report, tcpstates, "
                          "tcplife; tcptrace@DIR runs the tcptrace source tree at DIR")
     ap.add_argument("--mix", default="ok=8,refused=1,half=1")
     ap.add_argument("--workers", type=int, default=0, help="storm workers (default: one per CPU)")

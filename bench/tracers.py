@@ -296,6 +296,18 @@ class TcptraceFindings(Tcptrace):
         return _with_summary({"seen": seen, "lost_where": lost_where}, self.stderr())
 
 
+class TcptraceText(Tcptrace):
+    """`tcptrace watch`: the default, human output (a line per finding, as tcptrace-findings).
+    Its lines name no path, so `seen` is not counted; what it lost is in its final summary."""
+    name = "tcptrace-text"
+
+    def argv(self):
+        return [a for a in super().argv() if a not in ("--json", "--transitions")]
+
+    def count(self, marker):
+        return _with_summary({"seen": None, "lost_where": {}}, self.stderr())
+
+
 class TcptraceReport(Tcptrace):
     """`tcptrace report --json`: the same pipeline without a line per finding. Not a target of the
     issue; run beside `watch` it splits tcptrace's cost into analysis and output. Its transition
@@ -372,5 +384,6 @@ def export_commit(rev):
 
 
 TRACERS = {"tcptrace": Tcptrace, "tcptrace-findings": TcptraceFindings,
+           "tcptrace-text": TcptraceText,
            "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
            "tcplife": Tcplife}
