@@ -212,6 +212,16 @@ class MapScanner:
             first = False
 
 
+def _start_time(pid):
+    """Field 22 of /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])    # fields from 3 on, after the comm
+
+
 class Tally:
     """Counts every hit of sock:inet_sock_set_state without BPF, in a tracefs instance of our
     own, so that hits the kernel makes without running any BPF program for them (and without
@@ -233,7 +243,7 @@ class Tally:
     def __init__(self, tracefs):
         base = os.path.join(tracefs, "instances")
         self._sweep(base)
-        self.dir = os.path.join(base, f"tcptrace-{os.getpid()}")
+        self.dir = os.path.join(base, self.name(os.getpid()))
         os.mkdir(self.dir)
         try:
             self._write("options/overwrite", "0")
@@ -247,15 +257,39 @@ class Tally:
             raise
 
     @staticmethod
+    def name(pid):
+        """tcptrace-<pid>-<start time>: with the process's start time (clock ticks since boot),
+        an instance left by a dead process is told from a live one's even after its pid has
+        been reused. None if the process is gone."""
+        start = _start_time(pid)
+        return None if start is None else f"tcptrace-{pid}-{start}"
+
+    @staticmethod
+    def stale(names):
+        """Which of these instance names a tcptrace that died without closing its instance
+        left: its process is gone, or its pid now belongs to a process started since. Names
+        without a start time (tcptrace-<pid>, before 2026-11-21) go by the pid alone."""
+        out = []
+        for name in names:
+            parts = name.split("-")
+            if parts[0] != "tcptrace" or not all(p.isdigit() for p in parts[1:]) \
+                    or len(parts) not in (2, 3):
+                continue
+            if len(parts) == 2:
+                if not os.path.exists(f"/proc/{parts[1]}"):
+                    out.append(name)
+            elif Tally.name(int(parts[1])) != name:
+                out.append(name)
+        return out
+
+    @staticmethod
     def _sweep(base):
         """Remove instances left by tcptrace processes that died without closing theirs."""
-        for name in os.listdir(base):
-            if name.startswith("tcptrace-") and name[9:].isdigit() \
-                    and not os.path.exists(f"/proc/{name[9:]}"):
-                with contextlib.suppress(OSError):
-                    with open(os.path.join(base, name, Tally.EVENT, "enable"), "w") as f:
-                        f.write("0")
-                    os.rmdir(os.path.join(base, name))
+        for name in Tally.stale(os.listdir(base)):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(base, name, Tally.EVENT, "enable"), "w") as f:
+                    f.write("0")
+                os.rmdir(os.path.join(base, name))
 
     def _write(self, rel, value):
         with open(os.path.join(self.dir, rel), "w") as f:
