@@ -8,7 +8,6 @@ import datetime
 import json
 
 from tcptrace import SCHEMA_VERSION, states
-from tcptrace.events import memo
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # JSON of the strings, booleans and None that records carry (names, addresses, commands): a
@@ -288,7 +287,16 @@ class Transition(Finding):
     __slots__ = ("_old", "_new", "_sk")     # f.oldstate etc. read as names, through extra
 
     def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
-        self._common("transition", ts_ns, pid, comm, family, laddr, lport, raddr, rport)
+        # stored here, not through _common: one call less for every transition
+        self.type = "transition"
+        self.ts_ns = ts_ns
+        self.pid = pid
+        self.comm = comm
+        self.family = family
+        self.laddr = laddr
+        self.lport = lport
+        self.raddr = raddr
+        self.rport = rport
         self._old = old
         self._new = new
         self._sk = skaddr
@@ -305,6 +313,28 @@ class Transition(Finding):
     def _members(self):
         return f'{_pair_json(self._old << 8 | self._new)}"{self._sk:x}"'
 
+    def to_json(self, wall_offset_ns):
+        """Finding.to_json with this type's head and members inlined: with --transitions this
+        runs for most lines."""
+        sec, ns = divmod(self.ts_ns + wall_offset_ns, 1_000_000_000)
+        near = _NEAR.get((self.pid, self.comm, self.family, self.laddr)) \
+            or _cached(_NEAR, (self.pid, self.comm, self.family, self.laddr), _near)
+        far = _FAR.get(self.raddr) or _cached(_FAR, self.raddr, _far)
+        k = self._old << 8 | self._new
+        lport, rport = self.lport, self.rport
+        return (f'{_TRANSITION_HEAD}{_SEC[1] if _SEC[0] == sec else _second(sec)}.'
+                f'{ns // 1000:06d}Z{near}{"null" if lport is None else lport}{far}'
+                f'{"null" if rport is None else rport}{_PAIRJ.get(k) or _pair_json(k)}'
+                f'"{self._sk:x}"}}')
 
-_pair_json = memo(lambda k: f',"oldstate":"{states.name(k >> 8)}",'
-                            f'"newstate":"{states.name(k & 0xff)}","skaddr":')
+
+_PAIRJ = {}      # oldstate << 8 | newstate -> its members, up to the skaddr value
+_TRANSITION_HEAD = f'{{"schema":{SCHEMA_VERSION},"type":"transition","time":"'
+
+
+def _pair_json(k):
+    j = _PAIRJ.get(k)
+    if j is None:
+        j = _PAIRJ[k] = (f',"oldstate":"{states.name(k >> 8)}",'
+                         f'"newstate":"{states.name(k & 0xff)}","skaddr":')
+    return j

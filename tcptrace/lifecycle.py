@@ -240,7 +240,7 @@ class Tracker:
             # Whole records of the common shapes (see _FAST, _REGIONS), before any per-step
             # work: this is most of the input.
             n = rec.nsteps
-            if (n == 2 or n == 3) and not self.transitions and not rec.flags & F_SCAN:
+            if (n == 2 or n == 3) and not rec.flags & F_SCAN:
                 s = rec.steps
                 fast = _REGIONS.get(s[len(s) // STEP_BYTES * STATES_AT:])
                 if fast is not None and fast[0] == n and fast[1](self, rec, s):
@@ -595,7 +595,8 @@ def _fast_open(active):
     """CLOSE -> SYN_SENT -> ESTABLISHED (a connect() that completed) or LISTEN -> SYN_RECV ->
     ESTABLISHED (an accepted child socket)."""
     first = SYN_SENT if active else SYN_RECV
-    opening = (CLOSE << 4 | SYN_SENT) if active else (LISTEN << 4 | SYN_RECV)
+    start = CLOSE if active else LISTEN
+    opening = start << 4 | first
 
     def open_(tr, ev, s):
         c = tr.conns.get(ev.skaddr)
@@ -613,6 +614,13 @@ def _fast_open(active):
             owner = tr.listeners.get((ev.family, lport))
             if owner:
                 c.pid, c.comm = owner
+        if tr.transitions:
+            # As the steps would show them: connect()'s step before the kernel chose a port
+            out = tr.out
+            out.append(Transition(t0, c.pid, c.comm, ev.family, laddr, 0 if active else lport,
+                                  raddr, rport, start, first, ev.skaddr))
+            out.append(Transition(t1, c.pid, c.comm, ev.family, laddr, lport, raddr, rport,
+                                  first, ESTABLISHED, ev.skaddr))
         c.syn_retrans = ev.retrans
         c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, first << 4 | ESTABLISHED, t1
         mx = tr.stats.mx
@@ -633,6 +641,8 @@ def _fast_close(first_fin, states):
     """ESTABLISHED -> ... -> CLOSE in three steps, one of which a process makes itself (close()
     or shutdown()): the record's task names the owner when it is not known yet."""
     m0, m1, m2 = (o << 4 | n for o, n in zip((ESTABLISHED,) + states[:-1], states))
+    owner_step = 0 if first_fin == "local" else 1     # close() / shutdown(), or close() after
+                                                       # the peer's FIN (CLOSE_WAIT -> LAST_ACK)
     path_add = states[0] << 8 | states[1] << 4 | states[2]
 
     def close(tr, ev, s):
@@ -643,7 +653,20 @@ def _fast_close(first_fin, states):
         laddr, lport, raddr, rport = endpoints(ev)
         if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
             return False
-        if not c.owner_sure:
+        if tr.transitions:
+            # Each step as the steps would show it, with the owner known at that step: the
+            # process's own step names it (the first locally, the second after the peer's FIN).
+            ts = _TS3(s)
+            out = tr.out
+            sk, fam = ev.skaddr, ev.family
+            prev = ESTABLISHED
+            for i in range(3):
+                if i == owner_step and not c.owner_sure:
+                    c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
+                out.append(Transition(ts[i], c.pid, c.comm, fam, laddr, lport, raddr, rport,
+                                      prev, states[i], sk))
+                prev = states[i]
+        elif not c.owner_sure:
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:
             c.first_fin = first_fin

@@ -104,8 +104,8 @@ def findings(recs, transitions=True):
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
 def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions):
     # (not close_wait_stuck: with no scan, a socket resting in CLOSE_WAIT is not seen there
-    # until it leaves; the scan test below covers it). Without --transitions, whole records
-    # of the common shapes take lifecycle.py's fast paths.
+    # until it leaves; the scan test below covers it). Whole records of the common shapes
+    # take lifecycle.py's fast paths, with --transitions or without.
     recs = SCENARIOS[name]()
     want = findings(recs, transitions)
     assert want                                   # the scenario concludes something
@@ -114,18 +114,20 @@ def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions):
     assert findings(got, transitions) == want
 
 
-def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch):
+@pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
+def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions):
     from tcptrace import lifecycle
     recs = grouped(loopback_connection())
-    want = findings(recs, transitions=False)
     monkeypatch.setattr(lifecycle, "_REGIONS", {})
-    assert findings(recs, transitions=False) == want
+    want = findings(recs, transitions)
+    steps = sum(len(list(iter_steps(r))) for r in recs if r.kind == Kind.STATE)
+    assert sum('"transition"' in f for f in want) == (steps if transitions else 0)
     taken = []
     monkeypatch.undo()
     for k, (n, fn) in list(lifecycle._REGIONS.items()):
         monkeypatch.setitem(lifecycle._REGIONS, k,
                             (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
-    assert findings(recs, transitions=False) == want
+    assert findings(recs, transitions) == want
     assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
 
 
