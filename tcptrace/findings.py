@@ -310,12 +310,9 @@ class Transition(Finding):
         """oldstate << 8 | newstate, for a sink that formats the pair itself."""
         return self._old << 8 | self._new
 
-    def _members(self):
-        return f'{_pair_json(self._old << 8 | self._new)}"{self._sk:x}"'
-
     def to_json(self, wall_offset_ns):
-        """Finding.to_json with this type's head and members inlined: with --transitions this
-        runs for most lines."""
+        """Finding.to_json with this type's head and members inlined (so it has no _members):
+        with --transitions this runs for most lines."""
         sec, ns = divmod(self.ts_ns + wall_offset_ns, 1_000_000_000)
         near = _NEAR.get((self.pid, self.comm, self.family, self.laddr)) \
             or _cached(_NEAR, (self.pid, self.comm, self.family, self.laddr), _near)

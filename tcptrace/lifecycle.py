@@ -653,10 +653,10 @@ def _fast_close(first_fin, states):
         laddr, lport, raddr, rport = endpoints(ev)
         if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
             return False
+        ts = _TS3(s)
         if tr.transitions:
             # Each step as the steps would show it, with the owner known at that step: the
             # process's own step names it (the first locally, the second after the peer's FIN).
-            ts = _TS3(s)
             out = tr.out
             sk, fam = ev.skaddr, ev.family
             prev = ESTABLISHED
@@ -670,7 +670,7 @@ def _fast_close(first_fin, states):
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:
             c.first_fin = first_fin
-        t = _TS3(s)[2]
+        t = ts[2]
         c.state, c.since_ns, c.closed_ns = CLOSE, t, t
         c.path = c.path << 12 | path_add
         mx = tr.stats.mx

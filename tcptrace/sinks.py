@@ -31,9 +31,7 @@ def _ns(v):
 def endpoint(addr, port):
     if addr is None:
         return "*"
-    if ":" in addr:
-        return f"[{addr}]:{port if port is not None else '*'}"
-    return f"{addr}:{port if port is not None else '*'}"
+    return f"{_ENDS.get(addr) or _end(addr)}{port if port is not None else '*'}"
 
 
 def describe(f, x=None):
@@ -101,13 +99,12 @@ class TextSink:
     def _lines(self, f):
         """The line(s) of any finding, through `describe`."""
         tm = rfc3339(f.ts_ns + self.wall_offset_ns)[11:23]
-        pid = "-" if f.pid is None else str(f.pid)
-        comm = (f.comm or "-")[: (16 if self.wide else 12)]
+        key = (f.pid, f.comm, f.type)
         conn = f"{endpoint(f.laddr, f.lport)} > {endpoint(f.raddr, f.rport)}" if f.type != "lost" else ""
         x = f.extra         # once: connection findings build it anew on each read
         flags = "".join(s for k, s in (("partial", " [partial]"), ("incomplete", " [incomplete]"))
                         if x.get(k))
-        line = f"{tm:<12} {pid:>7} {comm:<12} {f.type:<8} {conn}"
+        line = f"{tm:<12}{self._cols.get(key) or self._columns(key)}{conn}"
         detail = describe(f, x) + flags
         if self.wide or len(line) + 2 + len(detail) <= 79:
             return ((f"{line}  {detail}" if conn else f"{line}{detail}").rstrip(),)
@@ -119,6 +116,7 @@ class TextSink:
         return self._sec[1]
 
     def _columns(self, key):
+        """The PID, COMM and EVENT columns, with the spaces around them, as HEADER has them."""
         pid, comm, t = key
         if len(self._cols) >= 10_000:
             self._cols.clear()
