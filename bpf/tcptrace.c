@@ -9,6 +9,7 @@
  *   TT_RINGBUF_PAGES=n      ring size in pages (power of two)
  *   TT_KPROBES=1            also build the tcp_v{4,6}_connect kprobe pair (kernel has kprobes)
  *   TT_SYSCALL_CONNECT=1    fallback: syscalls:sys_{enter,exit}_connect for pre-SYN failures
+ *   TT_HOLD=1               hold ESTABLISHED sockets' steps (`held`; needs queue maps, 4.20)
  *   TT_HOOK_*=1             each optional tracepoint the running kernel has (tcptrace/probes.py):
  *                           BCC fails to compile a probe whose tracepoint is missing
  *   TT_RESCUE=1             the recursion rescue (below), with TT_OFF_* (struct sock and
@@ -69,6 +70,37 @@ BPF_PERCPU_ARRAY(drops, u64, TT_KIND_MAX);
  * per read at 262,144 entries, 10 reads a second). An entry whose CLOSE was never seen (a
  * recursion miss) stays until its address is reused by a new socket. */
 BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
+
+#ifdef TT_HOLD
+/* held: per socket, the steps up to ESTABLISHED, held back for config.hold_us in the hope that
+ * the socket's next transitions come soon: most connections are short, and their opening and
+ * closing steps then go out as one record instead of two, which halves what user space decodes
+ * and sorts. Moved here from `socks` at ESTABLISHED, and back into `socks` (carried, ahead of the
+ * new step) by the socket's next transition, which deletes the entry: only the socket's own
+ * transitions, serialised by its lock, ever write or delete it. A socket still here after
+ * hold_us is sent early by tt_flush (a copy, flagged TT_F_HELD; the entry stays until the next
+ * transition, which carries the steps again: user space takes them once). So the map holds every
+ * ESTABLISHED socket, up to its size; past that a socket's steps are sent at ESTABLISHED, as
+ * without holding. Not preallocated, like `socks`; user space never walks it. */
+#ifndef TT_HELD_MAX
+#define TT_HELD_MAX 65536
+#endif
+BPF_F_TABLE("hash", u64, struct tt_event, held, TT_HELD_MAX, BPF_F_NO_PREALLOC);
+/* held_q: the held sockets in the order they were held, as (socket, the ESTABLISHED step's
+ * time): what tt_flush finds due without walking `held`. Every hit of inet_sock_set_state takes
+ * what is due at the head; when no hit comes, user space does (kernel.KernelSource.scan). An
+ * entry whose socket has moved on, or whose address a newer socket holds, is dropped. */
+struct tt_hold {
+    u64 sk;
+    u64 ts;
+};
+BPF_QUEUE(held_q, struct tt_hold, TT_HELD_MAX);
+/* flushbuf: where tt_flush builds its copy (the stack has no room for a second record). Per CPU;
+ * only the tracepoint program uses it, and a hit interrupting that program on its CPU is skipped
+ * by the kernel (bpf_prog_active), so it is never used twice at once. */
+BPF_PERCPU_ARRAY(flushbuf, struct tt_event, 1);
+#define TT_FLUSH_PER_HIT 2   /* a connection holds two sockets and makes about ten hits */
+#endif
 
 #ifdef TT_RESCUE
 /* marks: per kind, per CPU, per level, the hit the tracepoint program took last and the hit the
@@ -158,7 +190,7 @@ static __always_inline int tt_wanted(u16 family, u16 sport, u16 dport)
     return 1;
 }
 
-static __always_inline void tt_emit(void *ctx, struct tt_event *ev)
+static __always_inline int tt_send(void *ctx, struct tt_event *ev)
 {
     int rc;
 #ifdef TT_RINGBUF
@@ -177,7 +209,12 @@ static __always_inline void tt_emit(void *ctx, struct tt_event *ev)
 #else
     rc = events.perf_submit(ctx, ev, sizeof(*ev));
 #endif
-    if (rc < 0) {
+    return rc;
+}
+
+static __always_inline void tt_emit(void *ctx, struct tt_event *ev)
+{
+    if (tt_send(ctx, ev) < 0) {
         u32 k = ev->kind;
         u64 *n = drops.lookup(&k);
         if (n)
@@ -275,6 +312,95 @@ static __always_inline void tt_put_step(struct tt_event *e, u32 n, u64 ts, u32 p
     e->nsteps = n + 1;
 }
 
+/* Is the current task another than the one record e names (pid, tid and comm)? */
+static __always_inline int tt_other_task(struct tt_event *e, u64 id)
+{
+    if (e->pid != (u32)(id >> 32) || e->tid != (u32)id)
+        return 1;
+    u64 comm[2] = {};
+    bpf_get_current_comm(comm, sizeof(comm));
+    u64 *had = (u64 *)e->comm;
+    return comm[0] != had[0] || comm[1] != had[1];
+}
+
+#ifdef TT_HOLD
+static __always_inline u32 tt_hold_us(void)
+{
+    int zero = 0;
+    struct tt_config *c = config.lookup(&zero);
+    return c ? c->hold_us : 0;
+}
+
+/* Hold an ESTABLISHED socket's steps (see `held`): 1 if held, 0 if they must go out now. */
+static __always_inline int tt_hold(u64 sk, u64 ts, struct tt_event *e)
+{
+    if (!tt_hold_us())
+        return 0;
+    if (held.insert(&sk, e) != 0)       /* full, or a stale entry (checked at fresh steps) */
+        return 0;
+    struct tt_hold q = {.sk = sk, .ts = ts};
+    if (held_q.push(&q, 0) != 0) {      /* nothing would send it early: not held */
+        held.delete(&sk);
+        return 0;
+    }
+    return 1;
+}
+
+/* A held socket's next transition: its steps go back into `socks`, ahead of this one (the
+ * entry returned), or out now, on their own, when a new socket took the address (the old one's
+ * CLOSE was missed) or another task makes the owner's step. */
+static __always_inline struct tt_event *tt_unhold(void *ctx, u64 sk, u64 id, u64 ts, int owner,
+                                                  int fresh)
+{
+    struct tt_event *h = held.lookup(&sk);
+    if (!h)
+        return 0;
+    struct tt_event *e = 0;
+    if (!fresh && !(owner && (h->flags & TT_F_OWNER) && tt_other_task(h, id))) {
+        if (socks.insert(&sk, h) == 0)
+            e = socks.lookup(&sk);
+    }
+    if (!e) {
+        /* Possibly sent early already: flagged so user space takes the steps once. */
+        h->flags |= TT_F_HELD;
+        h->ts_ns = ts;
+        tt_emit(ctx, h);
+    }
+    held.delete(&sk);
+    return e;
+}
+
+/* Send what is due at the head of held_q: sockets held hold_us ago and still ESTABLISHED. A copy
+ * goes out; the entry stays for the socket's own next transition (see `held`). A record the
+ * transport refuses is not counted lost: its steps come again with that transition. */
+static __always_inline void tt_flush(void *ctx)
+{
+    u32 hold_us = tt_hold_us();
+    if (!hold_us)
+        return;
+    int zero = 0;
+    struct tt_event *f = flushbuf.lookup(&zero);
+    if (!f)
+        return;
+    u64 now = bpf_ktime_get_ns();
+#pragma unroll
+    for (int i = 0; i < TT_FLUSH_PER_HIT; i++) {
+        struct tt_hold q = {};
+        if (held_q.peek(&q) != 0 || now - q.ts < (u64)hold_us * 1000)
+            return;
+        if (held_q.pop(&q) != 0)
+            return;
+        struct tt_event *h = held.lookup(&q.sk);
+        if (!h || h->ts_ns != q.ts)
+            continue;
+        __builtin_memcpy(f, h, sizeof(*f));
+        f->flags |= TT_F_HELD;
+        f->ts_ns = now;
+        tt_send(ctx, f);
+    }
+}
+#endif
+
 /* sock:inet_sock_set_state, TCP only (the caller checked the protocol). */
 static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct tt_sk *s)
 {
@@ -302,6 +428,17 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
     if (e && fresh) {
         /* A new socket at the address of one whose CLOSE we never saw (a recursion miss): send
          * the old one's steps; user space sees the gap. */
+        tt_emit(ctx, e);
+        socks.delete(&sk);
+        e = 0;
+    }
+#ifdef TT_HOLD
+    if (!e)
+        e = tt_unhold(ctx, sk, id, ts, owner, fresh);
+#endif
+    if (e && owner && (e->flags & TT_F_OWNER) && tt_other_task(e, id)) {
+        /* A record names one task: another task's own step (only a record that carries a held
+         * connect() can meet one) starts a new record. */
         tt_emit(ctx, e);
         socks.delete(&sk);
         e = 0;
@@ -342,6 +479,12 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
     u32 n = e->nsteps;
     tt_put_step(e, n, ts, id >> 32, old, new);
     if (send || n + 1 >= TT_MAX_STEPS) {
+#ifdef TT_HOLD
+        if (new == TT_ESTABLISHED && n + 1 < TT_MAX_STEPS && tt_hold(sk, ts, e)) {
+            socks.delete(&sk);
+            return;
+        }
+#endif
         tt_emit(ctx, e);
         socks.delete(&sk);
     }
@@ -361,6 +504,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct tt_sk s = {};
         TT_SK_FROM_ARGS(&s, args);
         tt_state(args, (u64)args->skaddr, args->oldstate, args->newstate, &s);
+#ifdef TT_HOLD
+        tt_flush(args);
+#endif
     }
     return 0;
 }
@@ -371,6 +517,10 @@ static __always_inline void tt_recv_reset(void *ctx, u64 sk, struct tt_sk *s)
     if (!tt_wanted(s->family, s->sport, s->dport))
         return;
     struct tt_event *e = socks.lookup(&sk);
+#ifdef TT_HOLD
+    if (!e)
+        e = held.lookup(&sk);       /* the transition the reset makes carries it out */
+#endif
     if (e) {                        /* told with the socket's pending steps */
         if (!e->rst_ns)
             e->rst_ns = bpf_ktime_get_ns();

@@ -22,12 +22,17 @@
 #define TT_F_SYSCALL    0x02  /* TT_CONNECT_RET came from syscalls:sys_exit_connect */
 #define TT_F_OWNER      0x04  /* TT_STATE: pid/tid/comm are the task of a step a process makes
                                * itself (connect, listen, close, shutdown): the owner */
+#define TT_F_HELD       0x08  /* TT_STATE: a held socket's steps sent early (bpf/tcptrace.c:
+                               * held); the same steps may come again in its next record, and
+                               * ts_ns is when this was sent, not the newest step's */
 
 /* A TT_STATE record carries up to TT_MAX_STEPS transitions of one socket, oldest first. The
  * kernel keeps a socket's transitions in the `socks` map and sends them as one record when the
  * socket reaches ESTABLISHED, LISTEN or CLOSE (or the record is full); user space also reads the
  * map on a timer, so a socket resting in between (SYN_SENT, CLOSE_WAIT, FIN_WAIT2...) is seen
- * without waiting for its next transition. The map's value is this same struct. */
+ * without waiting for its next transition. At ESTABLISHED the steps are held a short while
+ * instead (`held`), so that a connection closing soon is one record. The maps' values are this
+ * same struct. */
 #define TT_MAX_STEPS    6
 
 struct tt_event {
@@ -65,9 +70,10 @@ struct tt_event {
 struct tt_config {
     u16 family;       /* 0: any, else AF_INET / AF_INET6 */
     u8  port_filter;  /* 1: only sockets with sport or dport in the `ports` map */
-    u8  armed;        /* 0 until user space has written everything above: BCC attaches while
+    u8  armed;        /* 0 until user space has written everything else: BCC attaches while
                        * loading, and records from before then would ignore the filters */
-    u8  _pad[4];
+    u32 hold_us;      /* how long an ESTABLISHED socket's steps wait for its close (TT_HOLD);
+                       * 0: sent at once */
 };
 
 #endif

@@ -30,7 +30,10 @@ class Kind:
 F_KPROBE = 0x01
 F_SYSCALL = 0x02
 F_OWNER = 0x04      # STATE: pid/comm are the task of a step a process makes itself
+F_HELD = 0x08       # STATE: a held socket's steps sent early; they may come again, and ts_ns is
+                    #   when this was sent (bpf/tcptrace.h)
 F_SCAN = 0x80       # STATE: read from the kernel's `socks` map (set here, never by the kernel)
+EARLY = F_HELD | F_SCAN   # STATE: steps that may come again with the socket's next record
 
 MAX_STEPS = 6       # TT_MAX_STEPS
 STEP_ARRAYS = ("step_ts", "step_pid", "step_old", "step_new")

@@ -442,7 +442,7 @@ class KernelSource:
     # between two drains at 20k conn/s. Its pages count twice in RSS once it has wrapped (the
     # kernel maps the data area twice).
     def __init__(self, plan, families=(), ports=(), ringbuf_pages=2048, perf_pages=1024,
-                 wakeup_events=256):
+                 wakeup_events=256, hold_ms=50):
         from tcptrace import probes
         tdir, note = probes.ensure_tracefs()
         self.notes = [note] if note else []
@@ -517,6 +517,7 @@ class KernelSource:
         else:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
                                    wakeup_events=wakeup_events)
+        self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0
         self._configure(families, ports)
         self.unseen_total = 0
         self._tally = None
@@ -596,6 +597,7 @@ class KernelSource:
         v = cfg[ctypes.c_int(0)]
         v.family = families[0] if len(families) == 1 else 0
         v.port_filter = 1 if ports else 0
+        v.hold_us = self.hold_ns // 1000
         cfg[ctypes.c_int(0)] = v
         # Armed last, in its own update: the programs emit nothing until every filter is in.
         v.armed = 1
@@ -643,6 +645,32 @@ class KernelSource:
                 ev = build_event(t, perm)
                 if ev.nsteps:
                     out.append(ev._replace(flags=ev.flags | flag))
+        if self.hold_ns:
+            out += self._due_held()
+        return out
+
+    def _due_held(self, most=256):
+        """Held sockets (bpf/tcptrace.c: held) that no hit has sent early: on a quiet host
+        nothing runs tt_flush. Taken once they are twice hold_us old, which under traffic the
+        kernel has long done; read, not sent, so they come as scans (and again with their next
+        transition, which user space skips as already taken)."""
+        q, held = self.b["held_q"], self.b["held"]
+        due = time.monotonic_ns() - 2 * self.hold_ns
+        out = []
+        for _ in range(most):
+            try:
+                if q.peek().ts > due:
+                    break
+                head = q.pop()
+            except KeyError:        # empty, or tt_flush took the head meanwhile
+                break
+            try:
+                raw = bytes(held[held.Key(head.sk)])
+            except KeyError:        # the socket moved on
+                continue
+            ev = build_event(self._st.unpack(raw), self._perm)
+            if ev.ts_ns == head.ts:
+                out.append(ev._replace(flags=ev.flags | F_SCAN))
         return out
 
     def losses(self, now_ns):

@@ -23,7 +23,7 @@ import errno
 import struct
 
 from tcptrace import states as S
-from tcptrace.events import (Kind, Lost, F_KPROBE, F_SCAN, MAX_STEPS, STATES_AT, STEP_BYTES,
+from tcptrace.events import (Kind, Lost, F_KPROBE, EARLY, MAX_STEPS, STATES_AT, STEP_BYTES,
                              addr_str, endpoints, intern_comm, iter_steps, memo)
 from tcptrace.findings import Accept, Close, Connect, Finding, Transition
 
@@ -240,7 +240,7 @@ class Tracker:
             # Whole records of the common shapes (see _FAST, _REGIONS), before any per-step
             # work: this is most of the input.
             n = rec.nsteps
-            if (n == 2 or n == 3) and not rec.flags & F_SCAN:
+            if 2 <= n <= 5 and not rec.flags & EARLY:
                 s = rec.steps
                 fast = _REGIONS.get(s[len(s) // STEP_BYTES * STATES_AT:])
                 if fast is not None and fast[0] == n and fast[1](self, rec, s):
@@ -279,7 +279,7 @@ class Tracker:
         """A STATE record: one transition, or several of one socket, oldest first (the kernel
         sends a socket's steps together; a scan of its map can deliver some of them early)."""
         laddr, lport, raddr, rport = endpoints(ev)
-        scan = ev.flags & F_SCAN
+        scan = ev.flags & EARLY
         sk = ev.skaddr
         conns = self.conns
         mx = self.stats.mx
@@ -287,8 +287,11 @@ class Tracker:
         c = conns.get(sk)
         n = 0
         for ts, pid, old, new in iter_steps(ev):
-            if c is not None and ts <= c.scan_ts and c.closed_ns is None:
-                continue                              # already taken from a scan
+            if c is not None and ((ts <= c.scan_ts and c.closed_ns is None)
+                                  or (scan and ts <= c.since_ns)):
+                # Already taken early, or an early copy of steps already taken (a held socket
+                # sent early as it moved on: both copies can arrive, in either order)
+                continue
             n += 1
             mx[old << 4 | new] += 1
             if (old == CLOSE and (new == SYN_SENT or new == LISTEN)) \
@@ -593,19 +596,19 @@ class Tracker:
 
 def _fast_open(active):
     """CLOSE -> SYN_SENT -> ESTABLISHED (a connect() that completed) or LISTEN -> SYN_RECV ->
-    ESTABLISHED (an accepted child socket)."""
+    ESTABLISHED (an accepted child socket). Returns the part that does the work, given the two
+    steps' times, as a function returning the new Conn (or None: left to the steps)."""
     first = SYN_SENT if active else SYN_RECV
     start = CLOSE if active else LISTEN
     opening = start << 4 | first
 
-    def open_(tr, ev, s):
+    def open_(tr, ev, t0, t1):
         c = tr.conns.get(ev.skaddr)
         if c is not None and c.closed_ns is None:
-            return False
+            return None
         laddr, lport, raddr, rport = endpoints(ev)
         if active and not lport:
-            return False
-        t0, t1 = _TS2(s)
+            return None
         c = tr._new(ev.skaddr, ev.family, ACTIVE if active else PASSIVE, first, t0)
         c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
         if active:      # connect(): the record's task, in process context
@@ -631,29 +634,20 @@ def _fast_open(active):
             tr._conclude(Connect, c, t1, t1 - t0, c.syn_retrans)
         else:
             tr._conclude(Accept, c, t1)
-        if ev.rst_ns:
-            c.recv_reset_ns = ev.rst_ns
-        return True
+        return c
     return open_
 
 
 def _fast_close(first_fin, states):
     """ESTABLISHED -> ... -> CLOSE in three steps, one of which a process makes itself (close()
-    or shutdown()): the record's task names the owner when it is not known yet."""
+    or shutdown()): the record's task names the owner when it is not known yet. Returns the part
+    that does the work, given the connection and the three steps' times."""
     m0, m1, m2 = (o << 4 | n for o, n in zip((ESTABLISHED,) + states[:-1], states))
     owner_step = 0 if first_fin == "local" else 1     # close() / shutdown(), or close() after
                                                        # the peer's FIN (CLOSE_WAIT -> LAST_ACK)
     path_add = states[0] << 8 | states[1] << 4 | states[2]
 
-    def close(tr, ev, s):
-        c = tr.conns.get(ev.skaddr)
-        if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
-                or c.stuck_state is not None or c.scan_ts:
-            return False
-        laddr, lport, raddr, rport = endpoints(ev)
-        if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
-            return False
-        ts = _TS3(s)
+    def close(tr, ev, c, ts):
         if tr.transitions:
             # Each step as the steps would show it, with the owner known at that step: the
             # process's own step names it (the first locally, the second after the peer's FIN).
@@ -663,8 +657,8 @@ def _fast_close(first_fin, states):
             for i in range(3):
                 if i == owner_step and not c.owner_sure:
                     c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
-                out.append(Transition(ts[i], c.pid, c.comm, fam, laddr, lport, raddr, rport,
-                                      prev, states[i], sk))
+                out.append(Transition(ts[i], c.pid, c.comm, fam, c.laddr, c.lport, c.raddr,
+                                      c.rport, prev, states[i], sk))
                 prev = states[i]
         elif not c.owner_sure:
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
@@ -681,8 +675,61 @@ def _fast_close(first_fin, states):
         if ev.rst_ns and c.recv_reset_ns is None:
             c.recv_reset_ns = ev.rst_ns
         tr.pending.append(c)
-        return True
     return close
+
+
+def _closable(tr, ev):
+    """The open connection a close record continues, if the fast path may take it."""
+    c = tr.conns.get(ev.skaddr)
+    if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
+            or c.stuck_state is not None or c.scan_ts:
+        return None
+    laddr, lport, raddr, rport = endpoints(ev)
+    if lport != c.lport or laddr != c.laddr or raddr != c.raddr or rport != c.rport:
+        return None
+    return c
+
+
+def _opening(active):
+    open_ = _fast_open(active)
+
+    def record(tr, ev, s):
+        c = open_(tr, ev, *_TS2(s))
+        if c is None:
+            return False
+        if ev.rst_ns:
+            c.recv_reset_ns = ev.rst_ns
+        return True
+    return record
+
+
+def _closing(first_fin, states):
+    close = _fast_close(first_fin, states)
+
+    def record(tr, ev, s):
+        c = _closable(tr, ev)
+        if c is None:
+            return False
+        close(tr, ev, c, _TS3(s))
+        return True
+    return record
+
+
+def _whole(active, first_fin, states):
+    """A connection's whole life in one record: the kernel holds a socket's opening steps
+    briefly, and sends them with its close when that comes soon enough (bpf/tcptrace.c)."""
+    open_ = _fast_open(active)
+    close = _fast_close(first_fin, states)
+
+    def record(tr, ev, s):
+        t = _TS5(s)
+        c = open_(tr, ev, t[0], t[1])
+        if c is None:
+            return False
+        tr.stats.events += 1
+        close(tr, ev, c, t[2:])
+        return True
+    return record
 
 
 def _key(*pairs):
@@ -692,15 +739,27 @@ def _key(*pairs):
 
 _TS2 = struct.Struct("<2Q").unpack_from     # the first two steps' times
 _TS3 = struct.Struct("<3Q").unpack_from     # the first three
+_TS5 = struct.Struct("<5Q").unpack_from     # the first five
+
+_CONNECT = ((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED))
+_ACCEPT = ((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED))
+_LOCAL = ("local", (FIN_WAIT1, S.FIN_WAIT2, CLOSE))
+_REMOTE = ("remote", (CLOSE_WAIT, LAST_ACK, CLOSE))
+
+
+def _close_steps(states):
+    return tuple(zip((ESTABLISHED,) + states[:-1], states))
+
 
 _FAST = {
-    _key((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED)): _fast_open(active=True),
-    _key((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED)): _fast_open(active=False),
-    _key((ESTABLISHED, FIN_WAIT1), (FIN_WAIT1, S.FIN_WAIT2), (S.FIN_WAIT2, CLOSE)):
-        _fast_close("local", (FIN_WAIT1, S.FIN_WAIT2, CLOSE)),
-    _key((ESTABLISHED, CLOSE_WAIT), (CLOSE_WAIT, LAST_ACK), (LAST_ACK, CLOSE)):
-        _fast_close("remote", (CLOSE_WAIT, LAST_ACK, CLOSE)),
+    _key(*_CONNECT): _opening(active=True),
+    _key(*_ACCEPT): _opening(active=False),
+    _key(*_close_steps(_LOCAL[1])): _closing(*_LOCAL),
+    _key(*_close_steps(_REMOTE[1])): _closing(*_REMOTE),
 }
+for _active, _open_steps in ((True, _CONNECT), (False, _ACCEPT)):
+    for _fin, _states in (_LOCAL, _REMOTE):
+        _FAST[_key(*_open_steps, *_close_steps(_states))] = _whole(_active, _fin, _states)
 
 
 # What process() looks up: a record's state arrays (Event.steps from STATES_AT * M: M old states,

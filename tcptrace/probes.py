@@ -152,25 +152,34 @@ def bpf(cmd, attr):
     return r, (ctypes.get_errno() if r < 0 else 0)
 
 
-def _ringbuf():
-    """Create (and close) a BPF_MAP_TYPE_RINGBUF: the kernel's own answer."""
+def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
+    """Create (and close) a map of the given type: the kernel's own answer."""
     if NR_BPF is None:
-        return Check("ringbuf", UNKNOWN, f"no bpf() syscall number for {platform.machine()}", "5.8")
+        return Check(name, UNKNOWN, f"no bpf() syscall number for {platform.machine()}", minver)
     if os.geteuid() != 0:
-        return Check("ringbuf", UNKNOWN, "needs root to ask the kernel", "5.8")
+        return Check(name, UNKNOWN, "needs root to ask the kernel", minver)
 
     class MapAttr(ctypes.Structure):
         _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                     ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                     ("pad", ctypes.c_uint8 * 112)]
-    attr = MapAttr(27, 0, 0, os.sysconf("SC_PAGE_SIZE"))      # BPF_MAP_TYPE_RINGBUF = 27
-    fd, err = bpf(0, attr)                                    # BPF_MAP_CREATE
+    fd, err = bpf(0, MapAttr(map_type, key_size, value_size, max_entries))   # BPF_MAP_CREATE
     if fd >= 0:
         os.close(fd)
-        return Check("ringbuf", SUPPORTED, "BPF ring buffer maps can be created", "5.8")
+        return Check(name, SUPPORTED, works, minver)
     if err == 22:
-        return Check("ringbuf", UNSUPPORTED, "kernel rejects BPF_MAP_TYPE_RINGBUF", "5.8")
-    return Check("ringbuf", UNKNOWN, f"map creation failed: {os.strerror(err)}", "5.8")
+        return Check(name, UNSUPPORTED, f"kernel rejects map type {map_type}", minver)
+    return Check(name, UNKNOWN, f"map creation failed: {os.strerror(err)}", minver)
+
+
+def _ringbuf():
+    return _map_type("ringbuf", 27, 0, 0, os.sysconf("SC_PAGE_SIZE"),        # BPF_MAP_TYPE_RINGBUF
+                     "BPF ring buffer maps can be created", "5.8")
+
+
+def _queue():
+    return _map_type("queue map", 22, 0, 16, 1, "ESTABLISHED sockets' steps are held briefly, so "   # BPF_MAP_TYPE_QUEUE
+                     "a short connection is one record per socket", "4.20")
 
 
 @functools.lru_cache(maxsize=4)
@@ -206,6 +215,7 @@ class Plan:
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
     rescue: dict = field(default_factory=dict)           # BTF offsets and sizes, or {}: no rescue
+    hold: bool = False                                   # bpf/tcptrace.c: held (queue maps)
     notes: list = field(default_factory=list)
 
     def cflags(self):
@@ -223,6 +233,8 @@ class Plan:
             flags.append("-DTT_KPROBES=1")
         elif self.connect_hook == "syscall":
             flags.append("-DTT_SYSCALL_CONNECT=1")
+        if self.hold:
+            flags.append("-DTT_HOLD=1")
         if self.rescue:
             flags.append("-DTT_RESCUE=1")
             # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
@@ -235,7 +247,8 @@ class Plan:
                 "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
                 "none": "none"}[self.connect_hook]
         return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
-                f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}")
+                f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}; "
+                f"held opens {'on' if self.hold else 'off'}")
 
 
 def checks():
@@ -280,6 +293,7 @@ def checks():
         out.append(Check("transition tally", UNSUPPORTED, "no tracefs instances: transitions "
                          "no BPF program ran for would go uncounted", "3.10"))
     out.append(_ringbuf())
+    out.append(_queue())
     out.append(Check("perf buffer", SUPPORTED, "BPF_PERF_OUTPUT", "4.4"))
     return out
 
@@ -304,6 +318,12 @@ def plan(transport="auto", checks_=None):
     else:
         p.notes.append("recursion rescue " + cs["recursion rescue"].status + ": "
                        + cs["recursion rescue"].detail)
+    q = cs.get("queue map")
+    if q is not None and q.status == SUPPORTED:
+        p.hold = True
+    elif q is not None:
+        p.notes.append(f"queue map {q.status}: {q.detail}; each socket's opening steps are sent "
+                       "at ESTABLISHED (two records per connection end, not one)")
     if cs["kprobes"].status == SUPPORTED:
         p.connect_hook = "kprobe"
     elif cs["syscalls:sys_exit_connect"].status == SUPPORTED:

@@ -45,6 +45,9 @@ class Options:
     # long for time order anyway.
     tick_ms: int = 100
     scan_ms: int = 100        # how often pending steps are read from the kernel's socks map
+    # How long the kernel holds an ESTABLISHED socket's steps for its close to join them in one
+    # record (bpf/tcptrace.c: held). Findings are held for order longer than this anyway.
+    hold_ms: int = 50
     window_ms: int = 20
     max_conns: int = 262_144
     seed: bool = True
@@ -241,7 +244,7 @@ def run_live(opts, plan, diag):
     for n in plan.notes:
         diag(n)
     src = kernel.KernelSource(plan, families=opts.filter.kernel_families(),
-                              ports=sorted(opts.filter.ports))
+                              ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms)
     _tune_gc()
     for n in src.notes:
         diag(n)

@@ -73,22 +73,33 @@ _OWNER_STEPS = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FI
 _FRESH = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.LISTEN, S.SYN_RECV)}
 
 
-def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
+def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
     """What the kernel sends for a stream of one-transition events (bpf/tcptrace.c): each
     socket's steps together, sent at ESTABLISHED, LISTEN or CLOSE or when max_steps are pending;
     a reset or SYN retransmission while steps are pending rides in that record. scan_at: times at
-    which user space reads the pending steps (records flagged F_SCAN), as the live loop does."""
-    out, pending = [], {}
+    which user space reads the pending steps (records flagged F_SCAN), as the live loop does.
+    hold_ns: as the kernel with held opens (TT_HOLD): steps reaching ESTABLISHED wait for the
+    socket's next transition, which carries them, unless a new socket takes the address or
+    another task (pid, tid or comm) makes the owner's step (then they go out alone, flagged
+    F_HELD); a socket held
+    hold_ns is sent early (a copy flagged F_HELD, timed when sent) by the next hit after that."""
+    out, pending, held = [], {}, {}
+    due = []                # held sockets not sent early yet, oldest first: (held at, skaddr)
     scans = sorted(scan_at)
 
-    def send(p, flags=0):
+    def send(p, flags=0, ts=None):
         steps = p["steps"]
         last = steps[-1]
         pad = [(0, 0, 0, 0)] * (max_steps - len(steps))
         h = p["head"]
-        return h._replace(ts_ns=last[0], oldstate=last[2], newstate=last[3],
-                          flags=p["flags"] | flags, nsteps=len(steps), retrans=p["retrans"],
-                          rst_ns=p["rst"], steps=events.pack_steps(steps + pad))
+        return h._replace(ts_ns=last[0] if ts is None else ts, oldstate=last[2],
+                          newstate=last[3], flags=p["flags"] | flags, nsteps=len(steps),
+                          retrans=p["retrans"], rst_ns=p["rst"],
+                          steps=events.pack_steps(steps + pad))
+
+    def other_task(p, r):
+        h = p["head"]
+        return p["flags"] & events.F_OWNER and (h.pid, h.tid, h.comm) != (r.pid, r.tid, r.comm)
 
     for r in sorted(recs, key=lambda r: r.ts_ns):
         while scans and scans[0] < r.ts_ns:
@@ -98,7 +109,8 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
             out.append(r)
             continue
         p = pending.get(r.skaddr)
-        if r.kind == Kind.RECV_RESET and p:
+        if r.kind == Kind.RECV_RESET and (p or r.skaddr in held):
+            p = p or held[r.skaddr]
             p["rst"] = p["rst"] or r.ts_ns
             continue
         if r.kind == Kind.RETRANS and p:
@@ -109,6 +121,15 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
             continue
         pair = (r.oldstate, r.newstate)
         if p and pair in _FRESH:
+            out.append(send(pending.pop(r.skaddr)))
+            p = None
+        if p is None and r.skaddr in held:
+            h = held.pop(r.skaddr)
+            if pair in _FRESH or (pair in _OWNER_STEPS and other_task(h, r)):
+                out.append(send(h, events.F_HELD, ts=r.ts_ns))
+            else:
+                p = pending[r.skaddr] = h
+        if p is not None and pair in _OWNER_STEPS and other_task(p, r):
             out.append(send(pending.pop(r.skaddr)))
             p = None
         if p is None:
@@ -123,6 +144,17 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=()):
                 p["flags"] |= events.F_OWNER
         p["steps"].append((r.ts_ns, r.pid, r.oldstate, r.newstate))
         if r.newstate in (S.ESTABLISHED, S.CLOSE, S.LISTEN) or len(p["steps"]) >= max_steps:
-            out.append(send(pending.pop(r.skaddr)))
+            p = pending.pop(r.skaddr)
+            if hold_ns is not None and r.newstate == S.ESTABLISHED and len(p["steps"]) < max_steps:
+                held[r.skaddr] = p
+                due.append((r.ts_ns, r.skaddr, p))
+            else:
+                out.append(send(p))
+        # This hit sends what is due (tt_flush): a socket held hold_ns ago and still held.
+        while due and due[0][0] + (hold_ns or 0) <= r.ts_ns:
+            t, sk, p = due.pop(0)
+            if held.get(sk) is p:
+                out.append(send(p, events.F_HELD, ts=r.ts_ns))
     out.extend(send(p) for p in pending.values())
+    out.extend(send(p, events.F_HELD, ts=p["steps"][-1][0]) for p in held.values())
     return out

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tcptrace import states as S
-from tcptrace.events import Kind, F_SCAN, iter_steps
+from tcptrace.events import Kind, Lost, F_HELD, F_SCAN, iter_steps
 from tcptrace.lifecycle import Tracker
 from streams import (MS, SEC, active_close, active_open, ev, grouped, listen, lost,
                      passive_close, passive_open, state)
@@ -99,19 +99,54 @@ def findings(recs, transitions=True):
     return sorted(json.dumps(f.to_record(0), sort_keys=True) for f in out)
 
 
+# Held opens (bpf/tcptrace.c: held): off; sent early at the very next hit, so every held socket's
+# steps come twice; after 1 ms, so some do; never early, so every connection is one record per
+# socket.
+HOLDS = {"no_hold": None, "hold_0": 0, "hold_1ms": MS, "hold_long": 100 * SEC}
+
+
 @pytest.mark.parametrize("name", sorted(set(SCENARIOS) - {"close_wait_stuck"}))
 @pytest.mark.parametrize("max_steps", [6, 2])
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
-def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions):
+@pytest.mark.parametrize("hold", HOLDS)
+def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions, hold):
     # (not close_wait_stuck: with no scan, a socket resting in CLOSE_WAIT is not seen there
     # until it leaves; the scan test below covers it). Whole records of the common shapes
     # take lifecycle.py's fast paths, with --transitions or without.
     recs = SCENARIOS[name]()
     want = findings(recs, transitions)
     assert want                                   # the scenario concludes something
-    got = grouped(recs, max_steps=max_steps)
+    got = grouped(recs, max_steps=max_steps, hold_ns=HOLDS[hold])
     assert len(got) < len(recs) or name == "with_loss"
     assert findings(got, transitions) == want
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_held_steps_that_come_twice_are_taken_once(name):
+    """Sent early and carried again (hold_0): both copies reach the tracker; with scans, as
+    live, so that a socket resting in CLOSE_WAIT is seen there."""
+    recs = SCENARIOS[name]()
+    t0 = min(r.ts_ns for r in recs)
+    t1 = max(r.ts_ns for r in recs)
+    got = grouped(recs, hold_ns=0, scan_at=range(t0 + 50 * MS, t1, 100 * MS))
+    early = [r for r in got if not isinstance(r, Lost) and r.flags & F_HELD]
+    if any(r.kind == Kind.STATE and r.newstate == S.ESTABLISHED for r in recs):
+        assert early
+    assert findings(got) == findings(recs)
+
+
+def test_an_early_copy_arriving_after_the_record_that_carries_its_steps_again_is_skipped():
+    """tt_flush may copy a held socket while its next transition carries the steps into a record
+    that is sent at once (ESTABLISHED -> CLOSE on a reset): in time order, either comes first."""
+    recs = (active_open(SEC, CLIENT_SK, 40000, 8080)
+            + [state(SEC + MS, CLIENT_SK, S.ESTABLISHED, S.CLOSE, lport=40000, rport=8080)])
+    whole = grouped(recs, hold_ns=10 * SEC)
+    assert len(whole) == 1 and whole[0].nsteps == 3
+    copy = grouped(recs[:2], hold_ns=0)
+    copy = [r for r in copy if r.flags & F_HELD][0]._replace(ts_ns=SEC + MS + 500)
+    want = findings(recs)
+    assert findings(whole + [copy]) == want
+    assert findings([copy._replace(ts_ns=SEC + MS - 500)] + whole) == want
 
 
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
@@ -129,6 +164,47 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions)
                             (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
     assert findings(recs, transitions) == want
     assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
+
+
+@pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
+def test_whole_life_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions):
+    """Held opens: a connection's sockets are one record each, opening and close together."""
+    from tcptrace import lifecycle
+    recs = grouped(loopback_connection(), hold_ns=100 * SEC)
+    whole = [r for r in recs if r.kind == Kind.STATE and r.nsteps == 5]
+    assert len(whole) == 2
+    monkeypatch.setattr(lifecycle, "_REGIONS", {})
+    want = findings(recs, transitions)
+    assert want == findings(loopback_connection(), transitions)
+    taken = []
+    monkeypatch.undo()
+    for k, (n, fn) in list(lifecycle._REGIONS.items()):
+        monkeypatch.setitem(lifecycle._REGIONS, k,
+                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    assert findings(recs, transitions) == want
+    assert len(taken) == 2 and len(set(taken)) == 2     # both whole-life records
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["connect", "accept"])
+@pytest.mark.parametrize("closed_by", ["local", "remote"])
+def test_every_whole_life_shape_agrees_with_the_steps(monkeypatch, active, closed_by):
+    from tcptrace import lifecycle
+    sk = CLIENT_SK if active else SERVER_SK
+    opening = (active_open(SEC, sk, 40000, 8080) if active
+               else listen(SEC - MS, LISTEN_SK, 8080) + passive_open(SEC, sk, 8080, 40000))
+    lport, rport = (40000, 8080) if active else (8080, 40000)
+    owner = dict(pid=100, comm="client") if active else {}      # who connected, or accepted
+    closing = (active_close(SEC + MS, sk, lport, rport, **owner) if closed_by == "local"
+               else passive_close(SEC + MS, sk, lport, rport, **owner))
+    recs = grouped(opening + closing, hold_ns=100 * SEC)
+    assert [r.nsteps for r in recs if r.kind == Kind.STATE][-1] == 5
+    want = findings(opening + closing)
+    taken = []
+    for k, (n, fn) in list(lifecycle._REGIONS.items()):
+        monkeypatch.setitem(lifecycle._REGIONS, k,
+                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    assert findings(recs) == want
+    assert len(taken) == 1
 
 
 def test_a_record_whose_step_count_disagrees_with_its_arrays_takes_the_steps(monkeypatch):
