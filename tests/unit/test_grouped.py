@@ -149,6 +149,16 @@ def test_an_early_copy_arriving_after_the_record_that_carries_its_steps_again_is
     assert findings([copy._replace(ts_ns=SEC + MS - 500)] + whole) == want
 
 
+def spy_fast_paths(monkeypatch):
+    """The list each fast path taken is appended to, as records are processed."""
+    from tcptrace import lifecycle
+    taken = []
+    for k, (n, fn) in list(lifecycle._REGIONS.items()):
+        monkeypatch.setitem(lifecycle._REGIONS, k,
+                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    return taken
+
+
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
 def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions):
     from tcptrace import lifecycle
@@ -157,11 +167,8 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions)
     want = findings(recs, transitions)
     steps = sum(len(list(iter_steps(r))) for r in recs if r.kind == Kind.STATE)
     assert sum('"transition"' in f for f in want) == (steps if transitions else 0)
-    taken = []
     monkeypatch.undo()
-    for k, (n, fn) in list(lifecycle._REGIONS.items()):
-        monkeypatch.setitem(lifecycle._REGIONS, k,
-                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    taken = spy_fast_paths(monkeypatch)
     assert findings(recs, transitions) == want
     assert len(taken) == 4 and len(set(taken)) == 4     # every shape, every record
 
@@ -176,11 +183,8 @@ def test_whole_life_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, t
     monkeypatch.setattr(lifecycle, "_REGIONS", {})
     want = findings(recs, transitions)
     assert want == findings(loopback_connection(), transitions)
-    taken = []
     monkeypatch.undo()
-    for k, (n, fn) in list(lifecycle._REGIONS.items()):
-        monkeypatch.setitem(lifecycle._REGIONS, k,
-                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    taken = spy_fast_paths(monkeypatch)
     assert findings(recs, transitions) == want
     assert len(taken) == 2 and len(set(taken)) == 2     # both whole-life records
 
@@ -188,7 +192,6 @@ def test_whole_life_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, t
 @pytest.mark.parametrize("active", [True, False], ids=["connect", "accept"])
 @pytest.mark.parametrize("closed_by", ["local", "remote"])
 def test_every_whole_life_shape_agrees_with_the_steps(monkeypatch, active, closed_by):
-    from tcptrace import lifecycle
     sk = CLIENT_SK if active else SERVER_SK
     opening = (active_open(SEC, sk, 40000, 8080) if active
                else listen(SEC - MS, LISTEN_SK, 8080) + passive_open(SEC, sk, 8080, 40000))
@@ -199,26 +202,19 @@ def test_every_whole_life_shape_agrees_with_the_steps(monkeypatch, active, close
     recs = grouped(opening + closing, hold_ns=100 * SEC)
     assert [r.nsteps for r in recs if r.kind == Kind.STATE][-1] == 5
     want = findings(opening + closing)
-    taken = []
-    for k, (n, fn) in list(lifecycle._REGIONS.items()):
-        monkeypatch.setitem(lifecycle._REGIONS, k,
-                            (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
+    taken = spy_fast_paths(monkeypatch)
     assert findings(recs) == want
     assert len(taken) == 1
 
 
 def test_a_record_whose_step_count_disagrees_with_its_arrays_takes_the_steps(monkeypatch):
     """The fast paths are found by the state arrays alone; nsteps must agree with them."""
-    from tcptrace import lifecycle
     from tcptrace.events import pack_steps
     opens = [r for r in grouped(loopback_connection()) if r.nsteps == 2]
     assert opens
     r = opens[0]
     bad = r._replace(steps=pack_steps(list(iter_steps(r)) + [(0, 0, 0, 0)] * 4), nsteps=3)
-    taken = []
-    for k, (n, fn) in list(lifecycle._REGIONS.items()):
-        monkeypatch.setitem(lifecycle._REGIONS, k,
-                            (n, lambda t, ev, s, fn=fn: taken.append(fn) or fn(t, ev, s)))
+    taken = spy_fast_paths(monkeypatch)
     Tracker().process(bad)
     assert not taken
     Tracker().process(r)
