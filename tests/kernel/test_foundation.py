@@ -93,7 +93,9 @@ def test_loopback_connection_exact_transitions(request, path, family, host):
     assert {r["family"] for r in client + server} == {fam}
     assert client[1]["laddr"] == host and client[1]["raddr"] == host
     conn = tracer.wait_for(lambda r: r["type"] == "connect" and r["lport"] == cport)[0]
-    assert conn["pid"] == os.getpid() and 0 < conn["handshake_ns"] < 50_000_000
+    # A plausible handshake, not a step's time mixed up: microseconds on loopback, but the
+    # emulated CI guest (Debian 6.1) once took 61 ms; every wrong pairing is off by far more.
+    assert conn["pid"] == os.getpid() and 0 < conn["handshake_ns"] < 1_000_000_000
     acc_f = tracer.wait_for(lambda r: r["type"] == "accept" and r["rport"] == cport)[0]
     assert acc_f["pid"] == os.getpid()
 

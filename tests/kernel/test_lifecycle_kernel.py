@@ -64,7 +64,9 @@ def test_connect_and_accept(tracer, agents, family):
     assert (con["laddr"], con["raddr"]) == (addr, addr)
     assert con["role"] == "active"
     assert con["syn_retransmits"] == 0
-    assert 0 < con["handshake_ns"] < 50_000_000
+    # A plausible handshake, not a step's time mixed up: microseconds on loopback, but the
+    # emulated CI guest (Debian 6.1) once took 61 ms; every wrong pairing is off by far more.
+    assert 0 < con["handshake_ns"] < 1_000_000_000
 
     # The child socket is created in softirq: the accept is the listener owner's.
     [acc] = expect(tracer, where(new, "accept", lport=port, rport=cport))
