@@ -425,9 +425,11 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
     }
 #endif
     struct tt_event *e = socks.lookup(&sk);
-    if (e && fresh) {
-        /* A new socket at the address of one whose CLOSE we never saw (a recursion miss): send
-         * the old one's steps; user space sees the gap. */
+    /* Send what is pending and start a new record: at a new socket at the address of one whose
+     * CLOSE we never saw (a recursion miss; user space sees the gap), and at another task's own
+     * step, since a record names one task (only a record carrying a held connect() can meet
+     * one; tt_unhold checks the held steps alike). */
+    if (e && (fresh || (owner && (e->flags & TT_F_OWNER) && tt_other_task(e, id)))) {
         tt_emit(ctx, e);
         socks.delete(&sk);
         e = 0;
@@ -436,13 +438,6 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
     if (!e)
         e = tt_unhold(ctx, sk, id, ts, owner, fresh);
 #endif
-    if (e && owner && (e->flags & TT_F_OWNER) && tt_other_task(e, id)) {
-        /* A record names one task: another task's own step (only a record that carries a held
-         * connect() can meet one) starts a new record. */
-        tt_emit(ctx, e);
-        socks.delete(&sk);
-        e = 0;
-    }
     if (!e) {
         struct tt_event ev = {};
         ev.kind = TT_STATE;

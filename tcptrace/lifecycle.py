@@ -638,11 +638,17 @@ def _fast_open(active):
     return open_
 
 
+def _close_steps(states):
+    """The (old, new) steps of a close from ESTABLISHED through these states."""
+    return tuple(zip((ESTABLISHED,) + states[:-1], states))
+
+
 def _fast_close(first_fin, states):
     """ESTABLISHED -> ... -> CLOSE in three steps, one of which a process makes itself (close()
     or shutdown()): the record's task names the owner when it is not known yet. Returns the part
     that does the work, given the connection and the three steps' times."""
-    m0, m1, m2 = (o << 4 | n for o, n in zip((ESTABLISHED,) + states[:-1], states))
+    steps = _close_steps(states)
+    m0, m1, m2 = (o << 4 | n for o, n in steps)
     owner_step = 0 if first_fin == "local" else 1     # close() / shutdown(), or close() after
                                                        # the peer's FIN (CLOSE_WAIT -> LAST_ACK)
     path_add = states[0] << 8 | states[1] << 4 | states[2]
@@ -653,13 +659,11 @@ def _fast_close(first_fin, states):
             # process's own step names it (the first locally, the second after the peer's FIN).
             out = tr.out
             sk, fam = ev.skaddr, ev.family
-            prev = ESTABLISHED
-            for i in range(3):
+            for i, (old, new) in enumerate(steps):
                 if i == owner_step and not c.owner_sure:
                     c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
                 out.append(Transition(ts[i], c.pid, c.comm, fam, c.laddr, c.lport, c.raddr,
-                                      c.rport, prev, states[i], sk))
-                prev = states[i]
+                                      c.rport, old, new, sk))
         elif not c.owner_sure:
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:
@@ -726,6 +730,7 @@ def _whole(active, first_fin, states):
         c = open_(tr, ev, t[0], t[1])
         if c is None:
             return False
+        # Each part counts its steps but the one process() counts per record: one record here
         tr.stats.events += 1
         close(tr, ev, c, t[2:])
         return True
@@ -745,10 +750,6 @@ _CONNECT = ((CLOSE, SYN_SENT), (SYN_SENT, ESTABLISHED))
 _ACCEPT = ((LISTEN, SYN_RECV), (SYN_RECV, ESTABLISHED))
 _LOCAL = ("local", (FIN_WAIT1, S.FIN_WAIT2, CLOSE))
 _REMOTE = ("remote", (CLOSE_WAIT, LAST_ACK, CLOSE))
-
-
-def _close_steps(states):
-    return tuple(zip((ESTABLISHED,) + states[:-1], states))
 
 
 _FAST = {

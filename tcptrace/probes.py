@@ -173,13 +173,15 @@ def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
 
 
 def _ringbuf():
-    return _map_type("ringbuf", 27, 0, 0, os.sysconf("SC_PAGE_SIZE"),        # BPF_MAP_TYPE_RINGBUF
+    # BPF_MAP_TYPE_RINGBUF = 27
+    return _map_type("ringbuf", 27, 0, 0, os.sysconf("SC_PAGE_SIZE"),
                      "BPF ring buffer maps can be created", "5.8")
 
 
 def _queue():
-    return _map_type("queue map", 22, 0, 16, 1, "ESTABLISHED sockets' steps are held briefly, so "   # BPF_MAP_TYPE_QUEUE
-                     "a short connection is one record per socket", "4.20")
+    # BPF_MAP_TYPE_QUEUE = 22, a 16-byte value as held_q's (bpf/tcptrace.c)
+    return _map_type("queue map", 22, 0, 16, 1, "ESTABLISHED sockets' steps are held briefly, "
+                     "so a short connection is one record per socket", "4.20")
 
 
 @functools.lru_cache(maxsize=4)

@@ -120,18 +120,16 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
             out.append(r)
             continue
         pair = (r.oldstate, r.newstate)
-        if p and pair in _FRESH:
+        starts_anew = lambda p: pair in _FRESH or (pair in _OWNER_STEPS and other_task(p, r))
+        if p and starts_anew(p):
             out.append(send(pending.pop(r.skaddr)))
             p = None
         if p is None and r.skaddr in held:
             h = held.pop(r.skaddr)
-            if pair in _FRESH or (pair in _OWNER_STEPS and other_task(h, r)):
+            if starts_anew(h):
                 out.append(send(h, events.F_HELD, ts=r.ts_ns))
             else:
                 p = pending[r.skaddr] = h
-        if p is not None and pair in _OWNER_STEPS and other_task(p, r):
-            out.append(send(pending.pop(r.skaddr)))
-            p = None
         if p is None:
             p = pending[r.skaddr] = {"head": r, "steps": [], "retrans": 0, "rst": 0,
                                      "flags": events.F_OWNER if pair in _OWNER_STEPS else 0}
