@@ -85,10 +85,12 @@ class Pipeline:
         # Findings wait here until nothing earlier can still be concluded (a closed connection
         # waits out the tracker's grace), so output is in time order: the same hold-and-release
         # by timestamp as for the events, one grace period longer.
-        # Steps read from the kernel's socks map arrive up to one scan interval late: held that
-        # much longer too.
+        # Steps read from the kernel's socks map arrive up to one scan interval late (a scan
+        # runs after a poll, so up to a tick more), and a held socket's opening steps on a quiet
+        # host up to twice the hold time later still (kernel.KernelSource._due_held): held
+        # that much longer too. A finding later than this is still written, and counted.
         self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns
-                               + (opts.scan_ms + opts.tick_ms) * 1_000_000)
+                               + (2 * opts.hold_ms + opts.scan_ms + opts.tick_ms) * 1_000_000)
 
     def feed(self, recs, horizon_ns):
         self.order.push_many(recs)
@@ -161,6 +163,9 @@ class Pipeline:
         if self.order.late:
             parts.append(f"{self.order.late} events later than the {self.opts.window_ms} ms "
                          "ordering window")
+        if self._held.late:
+            parts.append(f"{self._held.late} findings written out of time order (later than "
+                         f"the {self._held.window_ns // 1_000_000} ms output window)")
         return ", ".join(parts)
 
 
