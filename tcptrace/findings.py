@@ -6,6 +6,7 @@ integer nanoseconds named *_ns.
 """
 import datetime
 import json
+import operator
 
 from tcptrace import SCHEMA_VERSION, states
 
@@ -281,15 +282,16 @@ class Close(Conclusion):
                 f'{self._tail()}')
 
 
-class Transition(Finding):
-    """A raw state transition (--transitions): one per kernel event, so built without an extra
-    dict and serialized with a per-state-pair suffix cached once."""
-    __slots__ = ("_old", "_new", "_sk")     # f.oldstate etc. read as names, through extra
+class Ends:
+    """A socket and its owner as its transitions show them. A connection's transitions share
+    one (a new one when the owner or the tuple changes: lifecycle.Tracker._ends), so it is made
+    once per connection rather than per transition, and formatted once: `json` and `text` are
+    the sinks' renderings of it, filled on first use. With --transitions, most lines are
+    transitions, and their owner and tuple had been most of their cost."""
+    __slots__ = ("pid", "comm", "family", "laddr", "lport", "raddr", "rport", "sk", "json",
+                 "jtail", "text")
 
-    def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
-        # stored here, not through _common: one call less for every transition
-        self.type = "transition"
-        self.ts_ns = ts_ns
+    def __init__(self, pid, comm, family, laddr, lport, raddr, rport, sk):
         self.pid = pid
         self.comm = comm
         self.family = family
@@ -297,32 +299,69 @@ class Transition(Finding):
         self.lport = lport
         self.raddr = raddr
         self.rport = rport
-        self._old = old
-        self._new = new
-        self._sk = skaddr
+        self.sk = sk
+        self.json = self.jtail = self.text = None
+
+    def render_json(self):
+        """From the time's closing quote to `"oldstate":`'s comma; jtail: the skaddr value on."""
+        lport, rport = self.lport, self.rport
+        key = (self.pid, self.comm, self.family, self.laddr)
+        self.jtail = f'"{self.sk:x}"}}'
+        j = self.json = (f'{_NEAR.get(key) or _cached(_NEAR, key, _near)}'
+                         f'{"null" if lport is None else lport}'
+                         f'{_FAR.get(self.raddr) or _cached(_FAR, self.raddr, _far)}'
+                         f'{"null" if rport is None else rport}')
+        return j
+
+
+def _ends_field(name):
+    get = operator.attrgetter(name)
+    return property(lambda self: get(self._e), doc=f"the transition's {name}, from its Ends")
+
+
+class Transition(Finding):
+    """A raw state transition (--transitions): one per kernel event, so made of its time, its
+    state pair and the connection's shared Ends, and serialized from their cached pieces."""
+    __slots__ = ("_e", "_k")       # Ends; oldstate << 8 | newstate
+    type = "transition"            # the base's slots below are not used: read through _e
+    pid = _ends_field("pid")
+    comm = _ends_field("comm")
+    family = _ends_field("family")
+    laddr = _ends_field("laddr")
+    lport = _ends_field("lport")
+    raddr = _ends_field("raddr")
+    rport = _ends_field("rport")
+
+    def __init__(self, ts_ns, ends, pair):
+        self.ts_ns = ts_ns
+        self._e = ends
+        self._k = pair
+
+    @classmethod
+    def of(cls, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
+        """One transition with Ends of its own (tests, and anything not on a hot path)."""
+        return cls(ts_ns, Ends(pid, comm, family, laddr, lport, raddr, rport, skaddr),
+                   old << 8 | new)
 
     @property
     def extra(self):
-        return {"oldstate": states.name(self._old), "newstate": states.name(self._new),
-                "skaddr": f"{self._sk:x}"}
+        k = self._k
+        return {"oldstate": states.name(k >> 8), "newstate": states.name(k & 0xff),
+                "skaddr": f"{self._e.sk:x}"}
 
     def pair(self):
         """oldstate << 8 | newstate, for a sink that formats the pair itself."""
-        return self._old << 8 | self._new
+        return self._k
 
     def to_json(self, wall_offset_ns):
         """Finding.to_json with this type's head and members inlined (so it has no _members):
         with --transitions this runs for most lines."""
         sec, ns = divmod(self.ts_ns + wall_offset_ns, 1_000_000_000)
-        near = _NEAR.get((self.pid, self.comm, self.family, self.laddr)) \
-            or _cached(_NEAR, (self.pid, self.comm, self.family, self.laddr), _near)
-        far = _FAR.get(self.raddr) or _cached(_FAR, self.raddr, _far)
-        k = self._old << 8 | self._new
-        lport, rport = self.lport, self.rport
+        e = self._e
+        k = self._k
         return (f'{_TRANSITION_HEAD}{_SEC[1] if _SEC[0] == sec else _second(sec)}.'
-                f'{ns // 1000:06d}Z{near}{"null" if lport is None else lport}{far}'
-                f'{"null" if rport is None else rport}{_PAIRJ.get(k) or _pair_json(k)}'
-                f'"{self._sk:x}"}}')
+                f'{ns // 1000:06d}Z{e.json or e.render_json()}{_PAIRJ.get(k) or _pair_json(k)}'
+                f'{e.jtail}')
 
 
 _PAIRJ = {}      # oldstate << 8 | newstate -> its members, up to the skaddr value

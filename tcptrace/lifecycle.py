@@ -25,7 +25,7 @@ import struct
 from tcptrace import states as S
 from tcptrace.events import (Kind, Lost, F_KPROBE, EARLY, MAX_STEPS, STATES_AT, STEP_BYTES,
                              addr_str, endpoints, intern_comm, iter_steps, memo)
-from tcptrace.findings import Accept, Close, Connect, Finding, Transition
+from tcptrace.findings import Accept, Close, Connect, Ends, Finding, Transition
 
 ACTIVE, PASSIVE, LISTENER = "active", "passive", "listener"
 # The hot path reads these per step: globals, not module attributes.
@@ -53,7 +53,7 @@ class Conn:
                  "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
                  "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
                  "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
-                 "fd", "epoch", "scan_ts", "tkey")
+                 "fd", "epoch", "scan_ts", "tkey", "ends")
 
     def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False, epoch=0):
         self.id = cid
@@ -84,6 +84,7 @@ class Conn:
         self.fd = None
         self.scan_ts = 0            # newest step taken from a scan of the kernel's `socks` map
         self.tkey = None            # the key it is filed under in Tracker.by_tuple, if it is
+        self.ends = None            # with --transitions: the Ends its latest transition showed
 
     def tuple_key(self):
         return (self.family, self.laddr, self.lport, self.raddr, self.rport)
@@ -348,10 +349,7 @@ class Tracker:
         return c
 
     def _transition(self, c, ev, ts, old, new):
-        # pid/comm: the owner as known at this step, not the task current in the kernel: most
-        # transitions run in softirq, where that is a bystander.
-        self.out.append(Transition(ts, c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr,
-                                   c.rport, old, new, ev.skaddr))
+        self.out.append(Transition(ts, _ends(c, ev), old << 8 | new))
 
     def _adopt(self, ev, oldstate, newstate, laddr, lport, raddr, rport, ts):
         """First event of a socket we have no generation for."""
@@ -589,6 +587,18 @@ class Tracker:
         return out
 
 
+def _ends(c, ev):
+    """The Ends c's transition shows now: the last one's, unless the owner or the tuple has
+    changed since. pid/comm: the owner as known at this step, not the task current in the
+    kernel: most transitions run in softirq, where that is a bystander."""
+    e = c.ends
+    if e is None or e.pid != c.pid or e.comm != c.comm or e.lport != c.lport \
+            or e.laddr != c.laddr or e.raddr != c.raddr or e.rport != c.rport:
+        e = c.ends = Ends(c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr, c.rport,
+                          ev.skaddr)
+    return e
+
+
 # -- whole-record fast paths ---------------------------------------------------------------------
 # The four records that make up almost every connection, handled without the per-step machinery.
 # Each does exactly what the steps one by one would (tests/unit/test_grouped.py compares the two
@@ -601,6 +611,7 @@ def _fast_open(active):
     first = SYN_SENT if active else SYN_RECV
     start = CLOSE if active else LISTEN
     opening = start << 4 | first
+    opening_k, established_k = start << 8 | first, first << 8 | ESTABLISHED
 
     def open_(tr, ev, t0, t1):
         c = tr.conns.get(ev.skaddr)
@@ -620,10 +631,10 @@ def _fast_open(active):
         if tr.transitions:
             # As the steps would show them: connect()'s step before the kernel chose a port
             out = tr.out
-            out.append(Transition(t0, c.pid, c.comm, ev.family, laddr, 0 if active else lport,
-                                  raddr, rport, start, first, ev.skaddr))
-            out.append(Transition(t1, c.pid, c.comm, ev.family, laddr, lport, raddr, rport,
-                                  first, ESTABLISHED, ev.skaddr))
+            e = c.ends = Ends(c.pid, c.comm, ev.family, laddr, lport, raddr, rport, ev.skaddr)
+            out.append(Transition(t0, Ends(c.pid, c.comm, ev.family, laddr, 0, raddr, rport,
+                                           ev.skaddr) if active else e, opening_k))
+            out.append(Transition(t1, e, established_k))
         c.syn_retrans = ev.retrans
         c.state, c.since_ns, c.path, c.established_ns = ESTABLISHED, t1, first << 4 | ESTABLISHED, t1
         mx = tr.stats.mx
@@ -649,6 +660,7 @@ def _fast_close(first_fin, states):
     that does the work, given the connection and the three steps' times."""
     steps = _close_steps(states)
     m0, m1, m2 = (o << 4 | n for o, n in steps)
+    pairs = tuple(o << 8 | n for o, n in steps)
     owner_step = 0 if first_fin == "local" else 1     # close() / shutdown(), or close() after
                                                        # the peer's FIN (CLOSE_WAIT -> LAST_ACK)
     path_add = states[0] << 8 | states[1] << 4 | states[2]
@@ -658,12 +670,12 @@ def _fast_close(first_fin, states):
             # Each step as the steps would show it, with the owner known at that step: the
             # process's own step names it (the first locally, the second after the peer's FIN).
             out = tr.out
-            sk, fam = ev.skaddr, ev.family
-            for i, (old, new) in enumerate(steps):
+            e = _ends(c, ev)
+            for i, k in enumerate(pairs):
                 if i == owner_step and not c.owner_sure:
                     c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
-                out.append(Transition(ts[i], c.pid, c.comm, fam, c.laddr, c.lport, c.raddr,
-                                      c.rport, old, new, sk))
+                    e = _ends(c, ev)
+                out.append(Transition(ts[i], e, k))
         elif not c.owner_sure:
             c.pid, c.comm, c.owner_sure = ev.pid, intern_comm(ev.comm), True
         if c.first_fin is None:

@@ -124,6 +124,12 @@ class TextSink:
                                f"{(comm or '-')[: (16 if self.wide else 12)]:<12} {t:<8} ")
         return c
 
+    def _ends_text(self, e):
+        """A transition's PID, COMM and EVENT columns and its connection, from its Ends."""
+        key = (e.pid, e.comm, "transition")
+        la, lp, ra, rp = e.laddr, e.lport, e.raddr, e.rport
+        return f"{self._cols.get(key) or self._columns(key)}{endpoint(la, lp)} > {endpoint(ra, rp)}"
+
     def emit_many(self, fs):
         if not fs:
             return
@@ -142,8 +148,21 @@ class TextSink:
                 a, by, partial, incomplete = f.parts()
                 detail = f"closed after {_ns(a)}" + (f", {by} closed first" if by else "")
             elif cls is Transition:
-                detail = _PAIRS.get(f.pair()) or _pair_text(f.pair())
-                partial = incomplete = False
+                # Its columns after the time come from its Ends, formatted once per connection
+                e = f._e
+                mid = e.text
+                if mid is None or mid[0] is not self:
+                    mid = e.text = (self, self._ends_text(e))
+                detail = _PAIRS.get(f._k) or _pair_text(f._k)
+                sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
+                line = (f"{sec_memo[1] if sec_memo[0] == sec else self._second(sec)}."
+                        f"{ns // 1_000_000:03d}{mid[1]}")
+                if wide or len(line) + 2 + len(detail) <= 79:
+                    out.append(f"{line}  {detail}")
+                else:
+                    out.append(line)
+                    out.append(f"    {detail}")
+                continue
             elif cls is Connect:
                 a, r, partial, incomplete = f.parts()
                 detail = f"handshake {_ns(a)}" + (
@@ -220,6 +239,12 @@ class JsonSink:
             self.stream.write(f.to_json(self.wall_offset_ns) + "\n")
         except BrokenPipeError:
             raise Closed() from None
+
+    def _ends_text(self, e):
+        """A transition's PID, COMM and EVENT columns and its connection, from its Ends."""
+        key = (e.pid, e.comm, "transition")
+        la, lp, ra, rp = e.laddr, e.lport, e.raddr, e.rport
+        return f"{self._cols.get(key) or self._columns(key)}{endpoint(la, lp)} > {endpoint(ra, rp)}"
 
     def emit_many(self, fs):
         if not fs:

@@ -16,7 +16,7 @@ CASES = [
             state="CLOSE_WAIT", age_ns=3, fd=None, blame="x", age_is_lower_bound=False),
     Finding("close", 10, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, path=["SYN_SENT", "CLOSE"],
             duration_ns=None, closed_by=None, partial=True),
-    Transition(11, 0, "swapper/1", S.AF_INET, "127.0.0.1", 0, "127.0.0.1", 80, S.CLOSE,
+    Transition.of(11, 0, "swapper/1", S.AF_INET, "127.0.0.1", 0, "127.0.0.1", 80, S.CLOSE,
                S.SYN_SENT, 0xffff888103001280),
     Connect(13, 42, "curl", S.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443,
             False, False, "active", 1_020_000_000, 1),
@@ -28,7 +28,7 @@ CASES = [
           "local", ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]),
     Close(18, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, True, False, None, None, None,
           ["ESTABLISHED", "CLOSE"]),
-    Transition(12, 3, "x", S.AF_INET6, "::1", 9, "::1", 10, S.LAST_ACK, S.CLOSE, 0x10),
+    Transition.of(12, 3, "x", S.AF_INET6, "::1", 9, "::1", 10, S.LAST_ACK, S.CLOSE, 0x10),
 ]
 
 

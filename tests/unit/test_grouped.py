@@ -189,6 +189,33 @@ def test_whole_life_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, t
     assert len(taken) == 2 and len(set(taken)) == 2     # both whole-life records
 
 
+@pytest.mark.parametrize("hold", HOLDS)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "steps"])
+def test_each_transition_shows_the_owner_and_tuple_known_at_its_step(monkeypatch, hold, fast):
+    """--transitions shares one Ends between a connection's transitions until its owner or tuple
+    changes: connect()'s step has no local port yet, and an accepted socket whose listener was
+    not seen has no owner until the process makes its own step (close() after the peer's FIN)."""
+    from tcptrace import lifecycle
+    if not fast:
+        monkeypatch.setattr(lifecycle, "_REGIONS", {})
+    recs = grouped(active_open(SEC, CLIENT_SK, 40000, 8080)
+                   + passive_open(SEC + 100, SERVER_SK, 8080, 40000)
+                   + active_close(SEC + 5 * MS, CLIENT_SK, 40000, 8080)
+                   + passive_close(SEC + 5 * MS + 500, SERVER_SK, 8080, 40000, pid=321,
+                                   comm="worker"),
+                   hold_ns=HOLDS[hold])
+    got = [json.loads(f) for f in findings(recs)]
+    shown = sorted((t["time"], t["lport"], t["oldstate"], t["pid"], t["comm"])
+                   for t in got if t["type"] == "transition")
+    # (local port, old state, pid, comm) in time order
+    assert [s[1:] for s in shown] == [
+        (0, "CLOSE", 100, "client"), (8080, "LISTEN", None, None),
+        (8080, "SYN_RECV", None, None), (40000, "SYN_SENT", 100, "client"),
+        (8080, "ESTABLISHED", None, None), (40000, "ESTABLISHED", 100, "client"),
+        (8080, "CLOSE_WAIT", 321, "worker"), (40000, "FIN_WAIT1", 100, "client"),
+        (8080, "LAST_ACK", 321, "worker"), (40000, "FIN_WAIT2", 100, "client")]
+
+
 @pytest.mark.parametrize("active", [True, False], ids=["connect", "accept"])
 @pytest.mark.parametrize("closed_by", ["local", "remote"])
 def test_every_whole_life_shape_agrees_with_the_steps(monkeypatch, active, closed_by):

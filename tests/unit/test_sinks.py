@@ -23,11 +23,11 @@ EXTRA = [c for c in CASES if c.type != "lost" or "count" in c.extra] + [
     Close(21, None, None, S.AF_INET6, LONG, 1, LONG, 2, True, True, "passive", 61_000_000_000,
           "remote", ["ESTABLISHED", "CLOSE"]),
     Accept(22, 9, "x", S.AF_INET6, LONG, 3, LONG, 4, True, False, "passive"),
-    Transition(23, None, None, S.AF_INET6, LONG, 5, LONG, 6, S.FIN_WAIT2, S.TIME_WAIT, 1),
+    Transition.of(23, None, None, S.AF_INET6, LONG, 5, LONG, 6, S.FIN_WAIT2, S.TIME_WAIT, 1),
     # endpoints not known yet: no address, no port
     Connect(24, 1, "c", S.AF_INET, "10.0.0.1", None, None, None, False, False, "active",
             None, None),
-    Transition(25, 1, "c", S.AF_INET, None, None, "10.0.0.2", None, S.CLOSE, S.SYN_SENT, 2),
+    Transition.of(25, 1, "c", S.AF_INET, None, None, "10.0.0.2", None, S.CLOSE, S.SYN_SENT, 2),
     Close(26, 1, "c", S.AF_INET, "10.0.0.1", 0, "10.0.0.2", 0, False, True, "active", 5,
           None, ["SYN_SENT", "CLOSE"]),
     Connect(27, 1, "c", S.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2, False, False, "active",
@@ -37,7 +37,7 @@ EXTRA = [c for c in CASES if c.type != "lost" or "count" in c.extra] + [
     Finding("reset", 29, 5, "curl", S.AF_INET, "127.0.0.1", 4, "127.0.0.1", 5,
             reset_by="remote", duration_ns=2_500_000, incomplete=True),
     # a second later, and a minute later: the clock's cached second must move on
-    Transition(1_000_000_030, 3, "x", S.AF_INET, "1.1.1.1", 9, "2.2.2.2", 10, S.LAST_ACK,
+    Transition.of(1_000_000_030, 3, "x", S.AF_INET, "1.1.1.1", 9, "2.2.2.2", 10, S.LAST_ACK,
                S.CLOSE, 0x10),
     Close(61_000_000_031, 3, "x", S.AF_INET, "1.1.1.1", 9, "2.2.2.2", 10, False, False,
           "passive", 1, "remote", ["CLOSE"]),
