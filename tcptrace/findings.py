@@ -316,14 +316,14 @@ class Ends:
 
 def _ends_field(name):
     get = operator.attrgetter(name)
-    return property(lambda self: get(self._e), doc=f"the transition's {name}, from its Ends")
+    return property(lambda self: get(self.ends), doc=f"the transition's {name}, from its Ends")
 
 
 class Transition(Finding):
     """A raw state transition (--transitions): one per kernel event, so made of its time, its
     state pair and the connection's shared Ends, and serialized from their cached pieces."""
-    __slots__ = ("_e", "_k")       # Ends; oldstate << 8 | newstate
-    type = "transition"            # the base's slots below are not used: read through _e
+    __slots__ = ("ends", "pair")   # its Ends; oldstate << 8 | newstate (for the sinks)
+    type = "transition"            # the base's slots below are not used: read through ends
     pid = _ends_field("pid")
     comm = _ends_field("comm")
     family = _ends_field("family")
@@ -334,8 +334,8 @@ class Transition(Finding):
 
     def __init__(self, ts_ns, ends, pair):
         self.ts_ns = ts_ns
-        self._e = ends
-        self._k = pair
+        self.ends = ends
+        self.pair = pair
 
     @classmethod
     def of(cls, ts_ns, pid, comm, family, laddr, lport, raddr, rport, old, new, skaddr):
@@ -345,20 +345,16 @@ class Transition(Finding):
 
     @property
     def extra(self):
-        k = self._k
+        k = self.pair
         return {"oldstate": states.name(k >> 8), "newstate": states.name(k & 0xff),
-                "skaddr": f"{self._e.sk:x}"}
-
-    def pair(self):
-        """oldstate << 8 | newstate, for a sink that formats the pair itself."""
-        return self._k
+                "skaddr": f"{self.ends.sk:x}"}
 
     def to_json(self, wall_offset_ns):
         """Finding.to_json with this type's head and members inlined (so it has no _members):
         with --transitions this runs for most lines."""
         sec, ns = divmod(self.ts_ns + wall_offset_ns, 1_000_000_000)
-        e = self._e
-        k = self._k
+        e = self.ends
+        k = self.pair
         return (f'{_TRANSITION_HEAD}{_SEC[1] if _SEC[0] == sec else _second(sec)}.'
                 f'{ns // 1000:06d}Z{e.json or e.render_json()}{_PAIRJ.get(k) or _pair_json(k)}'
                 f'{e.jtail}')

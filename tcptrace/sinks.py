@@ -144,48 +144,42 @@ class TextSink:
         ends = _ENDS
         for f in fs:
             cls = type(f)
-            if cls is Close:
-                a, by, partial, incomplete = f.parts()
-                detail = f"closed after {_ns(a)}" + (f", {by} closed first" if by else "")
-            elif cls is Transition:
+            if cls is Transition:
                 # Its columns after the time come from its Ends, formatted once per connection
-                e = f._e
+                e = f.ends
                 mid = e.text
                 if mid is None or mid[0] is not self:
                     mid = e.text = (self, self._ends_text(e))
-                detail = _PAIRS.get(f._k) or _pair_text(f._k)
-                sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
-                line = (f"{sec_memo[1] if sec_memo[0] == sec else self._second(sec)}."
-                        f"{ns // 1_000_000:03d}{mid[1]}")
-                if wide or len(line) + 2 + len(detail) <= 79:
-                    out.append(f"{line}  {detail}")
+                head, conn = mid[1], ""
+                detail = _PAIRS.get(f.pair) or _pair_text(f.pair)
+            else:
+                if cls is Close:
+                    a, by, partial, incomplete = f.parts()
+                    detail = f"closed after {_ns(a)}" + (f", {by} closed first" if by else "")
+                elif cls is Connect:
+                    a, r, partial, incomplete = f.parts()
+                    detail = f"handshake {_ns(a)}" + (
+                        f", {r} SYN retransmit{'s' if r != 1 else ''}" if r else "")
+                elif cls is Accept:
+                    _, _, partial, incomplete = f.parts()
+                    detail = ""
                 else:
-                    out.append(line)
-                    out.append(f"    {detail}")
-                continue
-            elif cls is Connect:
-                a, r, partial, incomplete = f.parts()
-                detail = f"handshake {_ns(a)}" + (
-                    f", {r} SYN retransmit{'s' if r != 1 else ''}" if r else "")
-            elif cls is Accept:
-                _, _, partial, incomplete = f.parts()
-                detail = ""
-            else:
-                out.extend(self._lines(f))
-                continue
-            la, lp, ra, rp = f.laddr, f.lport, f.raddr, f.rport
-            if la is None or lp is None or ra is None or rp is None:
-                conn = f"{endpoint(la, lp)} > {endpoint(ra, rp)}"
-            else:
-                conn = f"{ends.get(la) or _end(la)}{lp} > {ends.get(ra) or _end(ra)}{rp}"
-            if partial:
-                detail += " [partial]"
-            if incomplete:
-                detail += " [incomplete]"
+                    out.extend(self._lines(f))
+                    continue
+                la, lp, ra, rp = f.laddr, f.lport, f.raddr, f.rport
+                if la is None or lp is None or ra is None or rp is None:
+                    conn = f"{endpoint(la, lp)} > {endpoint(ra, rp)}"
+                else:
+                    conn = f"{ends.get(la) or _end(la)}{lp} > {ends.get(ra) or _end(ra)}{rp}"
+                if partial:
+                    detail += " [partial]"
+                if incomplete:
+                    detail += " [incomplete]"
+                key = (f.pid, f.comm, f.type)
+                head = cols.get(key) or self._columns(key)
             sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
-            key = (f.pid, f.comm, f.type)
             line = (f"{sec_memo[1] if sec_memo[0] == sec else self._second(sec)}."
-                    f"{ns // 1_000_000:03d}{cols.get(key) or self._columns(key)}{conn}")
+                    f"{ns // 1_000_000:03d}{head}{conn}")
             if not detail:
                 out.append(line)
             elif wide or len(line) + 2 + len(detail) <= 79:
@@ -239,12 +233,6 @@ class JsonSink:
             self.stream.write(f.to_json(self.wall_offset_ns) + "\n")
         except BrokenPipeError:
             raise Closed() from None
-
-    def _ends_text(self, e):
-        """A transition's PID, COMM and EVENT columns and its connection, from its Ends."""
-        key = (e.pid, e.comm, "transition")
-        la, lp, ra, rp = e.laddr, e.lport, e.raddr, e.rport
-        return f"{self._cols.get(key) or self._columns(key)}{endpoint(la, lp)} > {endpoint(ra, rp)}"
 
     def emit_many(self, fs):
         if not fs:
