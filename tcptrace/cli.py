@@ -76,7 +76,7 @@ def _diag(msg):
 
 def _build_options(kw, report=False):
     from tcptrace import filters
-    from tcptrace.session import Options
+    from tcptrace.options import Options
     try:
         laddr = [filters.parse_net(a) for a in kw.get("laddr", ())]
         raddr = [filters.parse_net(a) for a in kw.get("raddr", ())]
@@ -95,7 +95,8 @@ def _build_options(kw, report=False):
 
 
 def _live(opts):
-    from tcptrace import probes, session
+    from tcptrace import session
+    from tcptrace.kernel import probes
     cs = probes.checks()
     probes.require(cs)
     plan = probes.plan(opts.transport, cs)
@@ -148,7 +149,7 @@ def doctor(as_json, transport):
     """Check this machine: privileges, BCC, headers, tracefs, each hook, and the attach plan.
 
     Exits 0 when the tracer can run here, else with the code `watch` would exit with."""
-    from tcptrace import probes
+    from tcptrace.kernel import probes
     cs = probes.checks()
     plan = probes.plan(transport, cs)
     failure = None

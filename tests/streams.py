@@ -2,8 +2,8 @@
 (tests/data/*.jsonl are recorded from the real kernel)."""
 import json
 
-from tcptrace import events, states as S
-from tcptrace.events import Event, Kind, Lost
+from tcptrace import recording, wire, states as S
+from tcptrace.wire import Event, Kind, Lost
 
 MS = 1_000_000
 SEC = 1_000_000_000
@@ -13,7 +13,7 @@ def ev(kind, ts, sk=0, old=0, new=0, pid=100, comm="app", family=S.AF_INET,
        laddr="127.0.0.1", lport=0, raddr="127.0.0.1", rport=0, err=0, aux=0, flags=0):
     return Event(ts_ns=ts, skaddr=sk, pid=pid, tid=pid, err=err, aux=aux, sport=lport,
                  dport=rport, kind=kind, family=family, oldstate=old, newstate=new, flags=flags,
-                 saddr=events.addr_bytes(laddr), daddr=events.addr_bytes(raddr),
+                 saddr=recording.addr_bytes(laddr), daddr=recording.addr_bytes(raddr),
                  comm=comm.encode())
 
 
@@ -58,14 +58,14 @@ def write_recording(path, recs, wall_offset_ns=1_700_000_000 * SEC, ticks=()):
     """A recording file as `--record` writes it; ticks: extra clock ticks (ts_ns)."""
     items = [(r.ts_ns, 0, r) for r in recs] + [(t, 1, None) for t in ticks]
     with open(path, "w") as f:
-        f.write(json.dumps(events.recording_header(wall_offset_ns)) + "\n")
+        f.write(json.dumps(recording.recording_header(wall_offset_ns)) + "\n")
         for ts, is_tick, r in sorted(items, key=lambda x: (x[0], x[1])):
             if is_tick:
                 f.write(json.dumps({"kind": "tick", "ts_ns": ts}) + "\n")
             elif isinstance(r, Lost):
-                f.write(events.lost_to_json(r) + "\n")
+                f.write(recording.lost_to_json(r) + "\n")
             else:
-                f.write(events.event_to_json(r) + "\n")
+                f.write(recording.event_to_json(r) + "\n")
 
 
 _OWNER_STEPS = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAIT1),
@@ -73,7 +73,7 @@ _OWNER_STEPS = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FI
 _FRESH = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.LISTEN, S.SYN_RECV)}
 
 
-def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
+def grouped(recs, max_steps=wire.MAX_STEPS, scan_at=(), hold_ns=None):
     """What the kernel sends for a stream of one-transition events (bpf/tcptrace.c): each
     socket's steps together, sent at ESTABLISHED, LISTEN or CLOSE or when max_steps are pending;
     a reset or SYN retransmission while steps are pending rides in that record. scan_at: times at
@@ -95,16 +95,16 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
         return h._replace(ts_ns=last[0] if ts is None else ts, oldstate=last[2],
                           newstate=last[3], flags=p["flags"] | flags, nsteps=len(steps),
                           retrans=p["retrans"], rst_ns=p["rst"],
-                          steps=events.pack_steps(steps + pad))
+                          steps=wire.pack_steps(steps + pad))
 
     def other_task(p, r):
         h = p["head"]
-        return p["flags"] & events.F_OWNER and (h.pid, h.tid, h.comm) != (r.pid, r.tid, r.comm)
+        return p["flags"] & wire.F_OWNER and (h.pid, h.tid, h.comm) != (r.pid, r.tid, r.comm)
 
     for r in sorted(recs, key=lambda r: r.ts_ns):
         while scans and scans[0] < r.ts_ns:
             scans.pop(0)
-            out.extend(send(p, events.F_SCAN) for p in pending.values())
+            out.extend(send(p, wire.F_SCAN) for p in pending.values())
         if isinstance(r, Lost) or r.kind not in (Kind.STATE, Kind.RECV_RESET, Kind.RETRANS):
             out.append(r)
             continue
@@ -127,19 +127,19 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
         if p is None and r.skaddr in held:
             h = held.pop(r.skaddr)
             if starts_anew(h):
-                out.append(send(h, events.F_HELD, ts=r.ts_ns))
+                out.append(send(h, wire.F_HELD, ts=r.ts_ns))
             else:
                 p = pending[r.skaddr] = h
         if p is None:
             p = pending[r.skaddr] = {"head": r, "steps": [], "retrans": 0, "rst": 0,
-                                     "flags": events.F_OWNER if pair in _OWNER_STEPS else 0}
+                                     "flags": wire.F_OWNER if pair in _OWNER_STEPS else 0}
         else:
             if r.sport:
                 p["head"] = p["head"]._replace(sport=r.sport, dport=r.dport, saddr=r.saddr,
                                                daddr=r.daddr)
             if pair in _OWNER_STEPS:
                 p["head"] = p["head"]._replace(pid=r.pid, tid=r.tid, comm=r.comm)
-                p["flags"] |= events.F_OWNER
+                p["flags"] |= wire.F_OWNER
         p["steps"].append((r.ts_ns, r.pid, r.oldstate, r.newstate))
         if r.newstate in (S.ESTABLISHED, S.CLOSE, S.LISTEN) or len(p["steps"]) >= max_steps:
             p = pending.pop(r.skaddr)
@@ -152,7 +152,7 @@ def grouped(recs, max_steps=events.MAX_STEPS, scan_at=(), hold_ns=None):
         while due and due[0][0] + (hold_ns or 0) <= r.ts_ns:
             t, sk, p = due.pop(0)
             if held.get(sk) is p:
-                out.append(send(p, events.F_HELD, ts=r.ts_ns))
+                out.append(send(p, wire.F_HELD, ts=r.ts_ns))
     out.extend(send(p) for p in pending.values())
-    out.extend(send(p, events.F_HELD, ts=p["steps"][-1][0]) for p in held.values())
+    out.extend(send(p, wire.F_HELD, ts=p["steps"][-1][0]) for p in held.values())
     return out

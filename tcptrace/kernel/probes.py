@@ -187,7 +187,7 @@ def _queue():
 @functools.lru_cache(maxsize=4)
 def rescue_offsets(path=None):
     """(Check, {macro: offset}) for the recursion rescue, from the running kernel's BTF."""
-    from tcptrace import btf
+    from tcptrace.kernel import btf
     name, minver = "recursion rescue", "5.5"
     try:
         b = btf.BTF.load(path or btf.VMLINUX)

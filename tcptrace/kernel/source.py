@@ -1,7 +1,7 @@
 """The kernel side from user space: compile, attach, drain, count what was lost.
 
 The only module that imports bcc. Everything it hands out is plain Python: `Event` records and
-`Lost` records (tcptrace/events.py).
+`Lost` records (tcptrace/wire.py).
 
 Delivery: the BPF side never wakes the reader (BPF_RB_NO_WAKEUP on the ring buffer, a high
 wakeup_events on perf buffers): waking per event costs 8-10 us of the traced workload's time on
@@ -25,92 +25,23 @@ import platform
 import struct
 import time
 
-from tcptrace import errors
-from tcptrace.events import Event, Lost, Kind, STEP_ARRAYS, STEP_BYTES, STEP_WIDTHS, F_SCAN
-from tcptrace.probes import LIBC, NR_BPF, bpf
+from importlib.resources import files as _res_files
 
-try:
-    from importlib.resources import files as _res_files
-except ImportError:       # Python < 3.9
-    _res_files = None
+from tcptrace import errors
+from tcptrace.kernel.probes import LIBC, NR_BPF, bpf
+from tcptrace.wire import F_SCAN, Event, Kind, Lost, build_event, decoder_for
 
 
 def bpf_dir():
     """Where bpf/*.c lives: inside the installed package, or bpf/ of a source checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
-    checkout = os.path.join(os.path.dirname(here), "bpf")
+    checkout = os.path.join(os.path.dirname(os.path.dirname(here)), "bpf")
     if os.path.exists(os.path.join(checkout, "tcptrace.c")):
         return checkout
-    if _res_files is not None:
-        p = str(_res_files("tcptrace.bpf"))
-        if os.path.exists(os.path.join(p, "tcptrace.c")):
-            return p
+    p = str(_res_files("tcptrace.bpf"))
+    if os.path.exists(os.path.join(p, "tcptrace.c")):
+        return p
     raise errors.Unavailable("BPF sources not found (a broken install: bpf/tcptrace.c missing)")
-
-
-_CT_CODES = {ctypes.c_ulonglong: "Q", ctypes.c_longlong: "q", ctypes.c_uint: "I",
-             ctypes.c_int: "i", ctypes.c_ushort: "H", ctypes.c_short: "h",
-             ctypes.c_ubyte: "B", ctypes.c_char: "c", ctypes.c_byte: "b"}
-
-
-def decoder_for(ctype):
-    """A struct.Struct plus field order for Event, derived from BCC's ctypes view of tt_event.
-
-    Decoding with struct.unpack_from is several times cheaper than building a ctypes object per
-    record, and the layout still comes from the compiled program, never from a copy. The step
-    arrays stay bytes (events.STEP_BYTES): one field when they lie back to back in the header's
-    order, as they do, else one per array, which build_event() joins.
-    Returns (struct, perm): perm is None when the unpacked tuple is Event's fields in order, else
-    the index of each wanted item in the unpacked tuple."""
-    fields = dict(ctype._fields_)
-    m = fields[STEP_ARRAYS[0]]._length_
-    pos = getattr(ctype, STEP_ARRAYS[0]).offset
-    blob = True
-    for name, width in zip(STEP_ARRAYS, STEP_WIDTHS):
-        t = fields[name]
-        if t._length_ != m or ctypes.sizeof(t._type_) != width:
-            raise ValueError(f"tt_event.{name}: {t._length_} x {ctypes.sizeof(t._type_)} bytes, "
-                             f"expected {m} x {width}")
-        blob = blob and getattr(ctype, name).offset == pos
-        pos += m * width
-    spec = []
-    names = HEAD_FIELDS + (("steps",) if blob else STEP_ARRAYS)
-    for name in names:
-        if name == "steps":
-            off, code = getattr(ctype, STEP_ARRAYS[0]).offset, f"{m * STEP_BYTES}s"
-        else:
-            t = fields[name]
-            off = getattr(ctype, name).offset
-            code = f"{ctypes.sizeof(t)}s" if issubclass(t, ctypes.Array) else _CT_CODES[t]
-        spec.append((off, name, code))
-    spec.sort()
-    fmt, pos, order = "<", 0, []
-    for off, name, code in spec:
-        if off > pos:
-            fmt += f"{off - pos}x"
-        fmt += code
-        pos = off + struct.calcsize("<" + code)
-        order.append(name)
-    if ctypes.sizeof(ctype) > pos:
-        fmt += f"{ctypes.sizeof(ctype) - pos}x"
-    st = struct.Struct(fmt)
-    if order == list(Event._fields):
-        return st, None
-    return st, [order.index(w) for w in names]
-
-
-HEAD_FIELDS = Event._fields[:-1]          # everything but `steps`
-_NHEAD = len(HEAD_FIELDS)
-
-
-def build_event(t, perm=None):
-    """Event from an unpacked tt_event (see decoder_for)."""
-    if perm is None:
-        return Event._make(t)
-    v = [t[i] for i in perm]
-    if len(v) > _NHEAD + 1:                  # the step arrays apart: join them in order
-        v[_NHEAD:] = [b"".join(v[_NHEAD:])]
-    return Event._make(v)
 
 
 class _InfoAttr(ctypes.Structure):
@@ -443,7 +374,7 @@ class KernelSource:
     # kernel maps the data area twice).
     def __init__(self, plan, families=(), ports=(), ringbuf_pages=2048, perf_pages=1024,
                  wakeup_events=256, hold_ms=50):
-        from tcptrace import probes
+        from tcptrace.kernel import probes
         tdir, note = probes.ensure_tracefs()
         self.notes = [note] if note else []
         if tdir is None:

@@ -1,16 +1,19 @@
 """`tcptrace report`: aggregate findings into the tables an SRE asks for.
 
 A Report only reads findings and the tracker's counters; `tables()` and `summary()` are two
-formats of the same numbers.
+formats of the same numbers. ReportSink is the sink that feeds one and prints it.
 """
 import collections
+import json
 import random
 
 from tabulate import tabulate
 
+
 from tcptrace import SCHEMA_VERSION, states
 from tcptrace.findings import rfc3339
-from tcptrace.sinks import _ns, endpoint
+from tcptrace.output import Sink
+from tcptrace.output.text import endpoint, ns_text as _ns
 
 
 def percentile(sorted_vals, p):
@@ -216,3 +219,28 @@ def _matrix_rows(tracker):
     olds, news = _used(tracker)
     m = tracker.stats.matrix if tracker else {}
     return [[_ABBR[o]] + [m.get((o, n), "") for n in news] for o in olds]
+
+
+class ReportSink(Sink):
+    """Aggregates findings into a Report, printed as tables or one JSON summary object."""
+    ordered = False     # aggregates do not depend on the order findings arrive in
+
+    def __init__(self, stream, wall_offset_ns, as_json=False):
+        super().__init__(stream, wall_offset_ns)
+        self.as_json = as_json
+        self.report = Report()
+
+    def emit_many(self, findings):
+        add = self.report.add
+        for f in findings:
+            add(f)
+
+    def print(self, tracker, interval=None):
+        r = self.report
+        if self.as_json:
+            text = json.dumps(r.summary(tracker, self.wall_offset_ns, interval),
+                              separators=(",", ":"))
+        else:
+            text = r.tables(tracker, self.wall_offset_ns, interval)
+        self.write(text + "\n")
+        self.flush()

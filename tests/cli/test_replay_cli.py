@@ -210,7 +210,7 @@ def test_bad_options_exit_2_with_one_clear_message(args):
 
 def test_not_root_exits_77_without_traceback(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr("tcptrace.probes.privileged", lambda: False)
+    monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: False)
     r = invoke("watch")
     assert r.exit_code == errors.EXIT_NOPERM
     assert r.stderr.startswith("tcptrace: tracing needs root")
@@ -218,17 +218,17 @@ def test_not_root_exits_77_without_traceback(monkeypatch):
 
 
 def test_no_bcc_exits_69_with_install_command(monkeypatch):
-    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
-    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: False)
+    monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: False)
     r = invoke("watch")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "apt-get install python3-bpfcc" in r.stderr
 
 
 def test_no_headers_exits_69(monkeypatch):
-    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
-    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: True)
-    monkeypatch.setattr("tcptrace.probes.headers_dir", lambda: None)
+    monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: True)
+    monkeypatch.setattr("tcptrace.kernel.probes.headers_dir", lambda: None)
     r = invoke("report")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "no kernel headers" in r.stderr and "setup.sh" in r.stderr
@@ -236,10 +236,10 @@ def test_no_headers_exits_69(monkeypatch):
 
 def test_missing_required_tracepoint_exits_69(monkeypatch, tmp_path):
     (tmp_path / "events" / "tcp" / "tcp_receive_reset").mkdir(parents=True)
-    monkeypatch.setattr("tcptrace.probes.privileged", lambda: True)
-    monkeypatch.setattr("tcptrace.probes.bcc_available", lambda: True)
-    monkeypatch.setattr("tcptrace.probes.headers_dir", lambda: "/x")
-    monkeypatch.setattr("tcptrace.probes.TRACEFS_DIRS", (str(tmp_path),))
+    monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: True)
+    monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: True)
+    monkeypatch.setattr("tcptrace.kernel.probes.headers_dir", lambda: "/x")
+    monkeypatch.setattr("tcptrace.kernel.probes.TRACEFS_DIRS", (str(tmp_path),))
     r = invoke("watch")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "sock:inet_sock_set_state unsupported" in r.stderr and "4.16" in r.stderr
@@ -257,20 +257,20 @@ def test_steps_read_from_the_kernel_map_replay_as_they_ran_live(tmp_path):
     pending-steps map (its record would come at CLOSE): replay takes the recorded scan records
     at their place in the stream, after the tick written before them, as the live loop did."""
     from streams import grouped, passive_close
-    from tcptrace import events
+    from tcptrace import recording, wire
     recs = (listen(SEC - MS, 0xC1, 8080) + passive_open(SEC, 0xB1, 8080, 40000)
             + passive_close(SEC + MS, 0xB1, 8080, 40000, wait=5 * SEC))
     scans = [SEC + i * 100 * MS for i in range(1, 60)]
     got = grouped(recs, scan_at=scans)
-    assert any(r.flags & events.F_SCAN for r in got)
+    assert any(r.flags & wire.F_SCAN for r in got)
     f = tmp_path / "scan.jsonl"
     with open(f, "w") as out:
-        out.write(json.dumps(events.recording_header(1_700_000_000 * SEC)) + "\n")
+        out.write(json.dumps(recording.recording_header(1_700_000_000 * SEC)) + "\n")
         scan_times = iter(scans)
         for r in got:
-            if r.flags & events.F_SCAN:       # written by the live loop at scan time
+            if r.flags & wire.F_SCAN:       # written by the live loop at scan time
                 out.write(json.dumps({"kind": "tick", "ts_ns": next(scan_times)}) + "\n")
-            out.write(events.event_to_json(r) + "\n")
+            out.write(recording.event_to_json(r) + "\n")
     r = invoke("replay", str(f), "--json", "--stuck-after", "2", "--transitions")
     assert r.exit_code == 0, r.stderr
     out = jsonl(r.stdout)

@@ -254,8 +254,8 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
     namespace's loopback receive work to CPU 0, where it runs in softirq over the walk, while
     the connections are made from CPU 1. Every tracepoint program hit in that softirq is skipped
     and counted as a recursion miss; the raw tracepoint twins must take each one, once."""
-    from tcptrace.kernel import MapScanner
-    from tcptrace.probes import bpf
+    from tcptrace.kernel.source import MapScanner
+    from tcptrace.kernel.probes import bpf
     subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
                     "echo 1 > /sys/class/net/lo/queues/rx-0/rps_cpus"], check=True)
     fd, err = bpf(0, _MapAttr(1, 8, 8, 1 << 22, 1))        # BPF_MAP_CREATE, hash, no prealloc
@@ -384,7 +384,7 @@ def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
     transitions all reach BPF and none is reported unseen; then k hits are taken out of the
     BPF program's own count, as if the kernel had not run it for them, and exactly k are
     reported unseen. The instance is gone afterwards."""
-    from tcptrace import kernel, probes
+    from tcptrace.kernel import probes, source as kernel
     # What a tcptrace killed with SIGKILL leaves: an instance named after a pid now gone
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -501,7 +501,7 @@ def test_map_scanner_reads_every_entry_of_a_large_hash_map():
     entry may be missed or doubled. Checked against BCC's own iteration of the same map."""
     import ctypes
     import bcc
-    from tcptrace.kernel import MapScanner
+    from tcptrace.kernel.source import MapScanner
     b = bcc.BPF(text=b'BPF_F_TABLE("hash", u64, u64, m, 8192, BPF_F_NO_PREALLOC);')
     try:
         m = b[b"m"]

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from tcptrace import btf, probes
+from tcptrace.kernel import btf, probes
 
 INT, ARRAY, STRUCT, UNION, TYPEDEF = 1, 3, 4, 5, 8
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tcptrace import states as S
-from tcptrace.events import Kind, Lost, F_HELD, F_SCAN, iter_steps
+from tcptrace.wire import Kind, Lost, F_HELD, F_SCAN, iter_steps
 from tcptrace.lifecycle import Tracker
 from streams import (MS, SEC, active_close, active_open, ev, grouped, listen, lost,
                      passive_close, passive_open, state)
@@ -112,7 +112,7 @@ HOLDS = {"no_hold": None, "hold_0": 0, "hold_1ms": MS, "hold_long": 100 * SEC}
 def test_grouped_stream_gives_the_same_findings(name, max_steps, transitions, hold):
     # (not close_wait_stuck: with no scan, a socket resting in CLOSE_WAIT is not seen there
     # until it leaves; the scan test below covers it). Whole records of the common shapes
-    # take lifecycle.py's fast paths, with --transitions or without.
+    # take lifecycle/fast.py's paths, with --transitions or without.
     recs = SCENARIOS[name]()
     want = findings(recs, transitions)
     assert want                                   # the scenario concludes something
@@ -151,19 +151,19 @@ def test_an_early_copy_arriving_after_the_record_that_carries_its_steps_again_is
 
 def spy_fast_paths(monkeypatch):
     """The list each fast path taken is appended to, as records are processed."""
-    from tcptrace import lifecycle
+    from tcptrace.lifecycle import fast
     taken = []
-    for k, (n, fn) in list(lifecycle._REGIONS.items()):
-        monkeypatch.setitem(lifecycle._REGIONS, k,
+    for k, (n, fn) in list(fast.REGIONS.items()):
+        monkeypatch.setitem(fast.REGIONS, k,
                             (n, lambda tr, ev, s, fn=fn: taken.append(fn) or fn(tr, ev, s)))
     return taken
 
 
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
 def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions):
-    from tcptrace import lifecycle
+    from tcptrace.lifecycle import fast
     recs = grouped(loopback_connection())
-    monkeypatch.setattr(lifecycle, "_REGIONS", {})
+    monkeypatch.setattr(fast, "REGIONS", {})
     want = findings(recs, transitions)
     steps = sum(len(list(iter_steps(r))) for r in recs if r.kind == Kind.STATE)
     assert sum('"transition"' in f for f in want) == (steps if transitions else 0)
@@ -176,11 +176,11 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions)
 @pytest.mark.parametrize("transitions", [True, False], ids=["transitions", "findings"])
 def test_whole_life_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions):
     """Held opens: a connection's sockets are one record each, opening and close together."""
-    from tcptrace import lifecycle
+    from tcptrace.lifecycle import fast
     recs = grouped(loopback_connection(), hold_ns=100 * SEC)
     whole = [r for r in recs if r.kind == Kind.STATE and r.nsteps == 5]
     assert len(whole) == 2
-    monkeypatch.setattr(lifecycle, "_REGIONS", {})
+    monkeypatch.setattr(fast, "REGIONS", {})
     want = findings(recs, transitions)
     assert want == findings(loopback_connection(), transitions)
     monkeypatch.undo()
@@ -195,9 +195,9 @@ def test_each_transition_shows_the_owner_and_tuple_known_at_its_step(monkeypatch
     """--transitions shares one Ends between a connection's transitions until its owner or tuple
     changes: connect()'s step has no local port yet, and an accepted socket whose listener was
     not seen has no owner until the process makes its own step (close() after the peer's FIN)."""
-    from tcptrace import lifecycle
+    from tcptrace.lifecycle import fast
     if not fast:
-        monkeypatch.setattr(lifecycle, "_REGIONS", {})
+        monkeypatch.setattr(fast, "REGIONS", {})
     recs = grouped(active_open(SEC, CLIENT_SK, 40000, 8080)
                    + passive_open(SEC + 100, SERVER_SK, 8080, 40000)
                    + active_close(SEC + 5 * MS, CLIENT_SK, 40000, 8080)
@@ -236,7 +236,7 @@ def test_every_whole_life_shape_agrees_with_the_steps(monkeypatch, active, close
 
 def test_a_record_whose_step_count_disagrees_with_its_arrays_takes_the_steps(monkeypatch):
     """The fast paths are found by the state arrays alone; nsteps must agree with them."""
-    from tcptrace.events import pack_steps
+    from tcptrace.wire import pack_steps
     opens = [r for r in grouped(loopback_connection()) if r.nsteps == 2]
     assert opens
     r = opens[0]

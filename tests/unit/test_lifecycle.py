@@ -5,7 +5,7 @@ import errno
 import pytest
 
 from tcptrace import states as S
-from tcptrace.events import Kind, F_KPROBE
+from tcptrace.wire import Kind, F_KPROBE
 from tcptrace.lifecycle import Tracker
 from streams import (MS, SEC, active_close, active_open, ev, listen, lost, passive_close,
                      passive_open, state)
@@ -281,7 +281,7 @@ def test_eviction_is_bounded_and_counted():
     for i in range(20):
         recs += [state(SEC + i * MS, 0x1000 + i, S.CLOSE, S.SYN_SENT, rport=80)]
     tr, _ = run(recs, max_conns=16)
-    assert len(tr.conns) == 16 and tr.stats.evicted == 4
+    assert len(tr.conns) == 16 and tr.table.evicted == 4
 
 
 def test_connect_failing_before_any_state_change():

@@ -4,8 +4,10 @@ import io
 import json
 
 from tcptrace import states as S
-from tcptrace.events import F_SCAN, Kind
-from tcptrace.session import Options, Pipeline
+from tcptrace.output.jsonl import JsonSink
+from tcptrace.wire import F_SCAN, Batch, Kind
+from tcptrace.options import Options
+from tcptrace.session import Pipeline
 from streams import MS, SEC, active_open, ev, grouped, state
 
 WALL = 1_700_000_000 * SEC
@@ -13,7 +15,7 @@ WALL = 1_700_000_000 * SEC
 
 def _run(opts, scan_delay_ns):
     """A connection opened at 1 s and left open, whose opening steps the tracer takes from the
-    kernel's held map (a quiet host: kernel.KernelSource._due_held) scan_delay_ns later, and a
+    kernel's held map (a quiet host: kernel/source.py: KernelSource._due_held) scan_delay_ns later, and a
     refused connect 10 ms after it, whose record comes through the buffer at once. Fed in 100 ms
     ticks, as the live loop does. Returns the pipeline and the findings' (time, type)."""
     t0 = SEC
@@ -25,14 +27,13 @@ def _run(opts, scan_delay_ns):
                        state(t0 + 11 * MS, 0x2000, S.SYN_SENT, S.CLOSE, pid=0, comm="swapper/0",
                              lport=40001, rport=81)])
     out = io.StringIO()
-    pipe = Pipeline(opts, out, WALL)
+    pipe = Pipeline(opts, JsonSink(out, WALL))
     queue = sorted(refused, key=lambda r: r.ts_ns)
     scan_at = opening.ts_ns + scan_delay_ns
     for now in sorted({t0 + i * opts.tick_ms * MS for i in range(1, 21)} | {scan_at}):
-        pipe.feed([r for r in queue if r.ts_ns <= now], now)
+        pipe.feed(Batch([r for r in queue if r.ts_ns <= now], now,
+                        [early] if now == scan_at else ()))
         queue = [r for r in queue if r.ts_ns > now]
-        if now == scan_at:
-            pipe.feed_scan([early], now)
     pipe.finish()
     found = [json.loads(line) for line in out.getvalue().splitlines()]
     return pipe, [(f["time"], f["type"]) for f in found]

@@ -1,6 +1,6 @@
 import collections
 
-from tcptrace.report import log2_bucket, log2_rows, percentile
+from tcptrace.output.report import log2_bucket, log2_rows, percentile
 
 
 def test_percentile_nearest_rank():
@@ -21,7 +21,7 @@ def test_log2_histogram_buckets_in_microseconds():
 
 def test_sample_is_exact_up_to_its_cap_then_bounded_and_unbiased():
     import random
-    from tcptrace.report import Sample
+    from tcptrace.output.report import Sample
     s = Sample(random.Random(1))
     for v in (5, 3, 9):
         s.add(v)
@@ -39,7 +39,7 @@ def test_sample_is_exact_up_to_its_cap_then_bounded_and_unbiased():
 
 def test_report_counts_and_histogram_stay_exact_past_the_sample_cap():
     from tcptrace.findings import Finding
-    from tcptrace.report import Report
+    from tcptrace.output.report import Report
     r = Report()
     n = 25_000
     for i in range(n):

@@ -8,9 +8,10 @@ import struct
 
 import pytest
 
-from tcptrace import events
-from tcptrace.events import Kind
-from tcptrace.kernel import RingReader, decoder_for
+from tcptrace import wire
+from tcptrace.wire import Kind
+from tcptrace.kernel.source import RingReader
+from tcptrace.wire import decoder_for
 from test_wire import header_struct
 
 PG = mmap.PAGESIZE
@@ -80,8 +81,8 @@ def test_reads_committed_records_and_skips_discarded(ring):
     out = []
     assert reader.read(out) == 4
     assert [e.sport for e in out] == [40000, 40001, 40003, 40004]
-    assert list(events.iter_steps(out[0])) == [(900, 7, 7, 2), (1000, 0, 2, 1)]
-    assert events.comm_str(out[3].comm) == "curl"
+    assert list(wire.iter_steps(out[0])) == [(900, 7, 7, 2), (1000, 0, 2, 1)]
+    assert wire.comm_str(out[3].comm) == "curl"
     assert r.consumer() == 5 * r.stride          # the discarded one is consumed too
 
 
@@ -138,7 +139,7 @@ class _Clock:
 
 
 def test_reads_are_a_period_apart_whatever_the_batches_cost():
-    from tcptrace.kernel import Pacer
+    from tcptrace.kernel.source import Pacer
     clock = _Clock()
     p = Pacer(clock, clock.sleep)
     p.wait(0.1)                     # the first read is at once

@@ -2,7 +2,7 @@
 import os
 import subprocess
 
-from tcptrace.kernel import Tally
+from tcptrace.kernel.source import Tally
 
 
 def test_tally_instances_of_dead_or_reused_pids_are_stale():

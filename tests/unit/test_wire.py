@@ -4,9 +4,9 @@ import ctypes
 import os
 import re
 
-from tcptrace import events
-from tcptrace.events import Event, Kind
-from tcptrace.kernel import build_event, decoder_for
+from tcptrace import recording, wire
+from tcptrace.wire import Event, Kind
+from tcptrace.wire import build_event, decoder_for
 
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tcptrace.h")
 CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "s32": ctypes.c_int,
@@ -29,26 +29,26 @@ def header_struct():
 def test_event_fields_match_header_members():
     names = [n for n, _ in header_struct()._fields_ if not n.startswith("_")]
     steps = [n for n in names if n.startswith("step_")]
-    assert tuple(steps) == events.STEP_ARRAYS
+    assert tuple(steps) == wire.STEP_ARRAYS
     assert sorted(n for n in names if n not in steps) == sorted(Event._fields[:-1])
     assert Event._fields[-1] == "steps"
 
 
 def test_step_layout_is_one_layout():
-    """Event.steps' widths, its struct and the header's arrays agree (events.STEP_WIDTHS)."""
+    """Event.steps' widths, its struct and the header's arrays agree (wire.STEP_WIDTHS)."""
     S = header_struct()
-    widths = tuple(ctypes.sizeof(dict(S._fields_)[n]._type_) for n in events.STEP_ARRAYS)
-    assert widths == events.STEP_WIDTHS
-    assert events.steps_struct(3).size == 3 * events.STEP_BYTES
-    assert list(events.iter_steps(Event(0, 0, 0, 0, 0, 0, 0, 0, Kind.STATE, 2, 0, 0, 0, b"", b"",
-                                        b"", nsteps=2, steps=events.pack_steps(
+    widths = tuple(ctypes.sizeof(dict(S._fields_)[n]._type_) for n in wire.STEP_ARRAYS)
+    assert widths == wire.STEP_WIDTHS
+    assert wire.steps_struct[3].size == 3 * wire.STEP_BYTES
+    assert list(wire.iter_steps(Event(0, 0, 0, 0, 0, 0, 0, 0, Kind.STATE, 2, 0, 0, 0, b"", b"",
+                                        b"", nsteps=2, steps=wire.pack_steps(
                                             [(5, 6, 7, 2), (8, 0, 2, 1), (0, 0, 0, 0)]))))[1] \
         == (8, 0, 2, 1)
 
 
 def test_max_steps_matches_header():
     assert re.search(r"#define TT_MAX_STEPS\s+(\d+)", open(HEADER).read()).group(1) == \
-        str(events.MAX_STEPS)
+        str(wire.MAX_STEPS)
 
 
 def test_kind_constants_match_header():
@@ -63,8 +63,8 @@ def test_decoder_reads_what_the_kernel_writes():
     assert ctypes.sizeof(S) % 8 == 0
     raw = S(ts_ns=123456789, skaddr=0xffff888103001280, pid=4321, tid=4322, err=-111, aux=5,
             sport=40000, dport=443, kind=1, family=10, oldstate=7, newstate=2, flags=2)
-    raw.saddr[:] = list(events.addr_bytes("fd77::1"))
-    raw.daddr[:] = list(events.addr_bytes("fd77::2"))
+    raw.saddr[:] = list(recording.addr_bytes("fd77::1"))
+    raw.daddr[:] = list(recording.addr_bytes("fd77::2"))
     raw.comm = b"curl"
     raw.nsteps = 2
     raw.retrans = 1
@@ -79,9 +79,9 @@ def test_decoder_reads_what_the_kernel_writes():
     assert (ev.ts_ns, ev.skaddr, ev.pid, ev.err, ev.sport, ev.dport) == \
         (123456789, 0xffff888103001280, 4321, -111, 40000, 443)
     assert (ev.nsteps, ev.retrans, ev.rst_ns) == (2, 1, 77)
-    assert list(events.iter_steps(ev)) == [(100, 4321, 7, 2), (200, 0, 2, 1)]
-    assert events.addr_str(ev.family, ev.daddr) == "fd77::2"
-    assert events.comm_str(ev.comm) == "curl"
+    assert list(wire.iter_steps(ev)) == [(100, 4321, 7, 2), (200, 0, 2, 1)]
+    assert wire.addr_str(ev.family, ev.daddr) == "fd77::2"
+    assert wire.comm_str(ev.comm) == "curl"
 
 
 def test_decoder_reorders_when_layout_order_differs():
@@ -97,27 +97,27 @@ def test_decoder_reorders_when_layout_order_differs():
     st, perm = decoder_for(S)
     assert perm is not None
     ev = build_event(st.unpack(bytes(raw)), perm)
-    assert (ev.ts_ns, ev.pid, events.comm_str(ev.comm)) == (5, 9, "x")
-    assert list(events.iter_steps(ev)) == [(5, 0, 2, 1)]
+    assert (ev.ts_ns, ev.pid, wire.comm_str(ev.comm)) == (5, 9, "x")
+    assert list(wire.iter_steps(ev)) == [(5, 0, 2, 1)]
 
 
 def test_recording_round_trip():
     e = Event(1, 0xabc, 2, 3, -110, 4, 5, 6, Kind.SOCK_ERROR, 2, 0, 0, 0,
-              events.addr_bytes("10.0.0.1"), events.addr_bytes("10.0.0.2"), b"app")
+              recording.addr_bytes("10.0.0.1"), recording.addr_bytes("10.0.0.2"), b"app")
     import json
-    back = events.from_json_obj(json.loads(events.event_to_json(e)))
+    back = recording.from_json_obj(json.loads(recording.event_to_json(e)))
     assert back == e._replace(comm=b"app")
     st = Event(9, 0xabc, 2, 3, 0, 0, 5, 6, Kind.STATE, 2, 2, 1, 4,
-               events.addr_bytes("10.0.0.1"), events.addr_bytes("10.0.0.2"), b"app",
+               recording.addr_bytes("10.0.0.1"), recording.addr_bytes("10.0.0.2"), b"app",
                nsteps=2, retrans=1, rst_ns=0,
-               steps=events.pack_steps([(1, 2, 7, 2), (9, 0, 2, 1)] + [(0, 0, 0, 0)] * 4))
-    back = events.from_json_obj(json.loads(events.event_to_json(st)))
-    assert list(events.iter_steps(back)) == [(1, 2, 7, 2), (9, 0, 2, 1)]
+               steps=wire.pack_steps([(1, 2, 7, 2), (9, 0, 2, 1)] + [(0, 0, 0, 0)] * 4))
+    back = recording.from_json_obj(json.loads(recording.event_to_json(st)))
+    assert list(wire.iter_steps(back)) == [(1, 2, 7, 2), (9, 0, 2, 1)]
     assert (back.nsteps, back.retrans) == (2, 1)
 
 
 def test_map_scanner_says_none_when_the_kernel_cannot_batch():
     """Anything but ENOENT on the first call (EINVAL before 5.6, EBADF, EPERM) means "no batch
     lookup": KernelSource then falls back to BCC's iteration, and says so."""
-    from tcptrace.kernel import MapScanner
+    from tcptrace.kernel.source import MapScanner
     assert MapScanner(-1, 8, 8).values() is None

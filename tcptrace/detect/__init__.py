@@ -1,0 +1,26 @@
+"""Detectors: each turns what happens to connections into findings of one concern.
+
+detect/base.py describes the hooks; each module here is one small detector. `standard()` is the
+set the tracer runs, in the order they are asked to conclude a connection.
+"""
+import functools
+
+from tcptrace.detect.close import Closes
+from tcptrace.detect.connect import Handshakes
+from tcptrace.detect.failure import FailedConnects
+from tcptrace.detect.lost import Losses
+from tcptrace.detect.reset import Resets
+from tcptrace.detect.stuck import Stuck
+from tcptrace.detect.transitions import Transitions
+
+
+def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None):
+    """Detector factories (each called with the tracker). A closed connection is offered to
+    FailedConnects, Resets and Closes in this order; the first that concludes it wins."""
+    out = [Handshakes, FailedConnects, Resets, Closes,
+           functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
+                             resolve_owner=resolve_owner),
+           Losses]
+    if transitions:
+        out.append(Transitions)
+    return out

@@ -1,0 +1,87 @@
+"""refused and failed: connects that never completed, and why.
+
+  refused:     a reset answered our SYN (tcp_receive_reset), or the kernel reported ECONNREFUSED
+  timeout:     SYN retransmitted until the kernel gave up (ETIMEDOUT)
+  unreachable: an ICMP error (EHOSTUNREACH, ENETUNREACH...), matched by 4-tuple
+  cancelled:   the application closed the socket in SYN_SENT: nothing came from the network
+and connects that failed before any SYN (no route, no local port, denied), seen as connect()'s
+return (kprobe or syscall tracepoint), when no transition tells them.
+"""
+import collections
+import errno
+
+from tcptrace import states as S
+from tcptrace.detect.base import Detector
+from tcptrace.findings import Finding
+from tcptrace.lifecycle.conn import ACTIVE, path_names
+from tcptrace.wire import COMM_TEXT, F_KPROBE, Kind, addr_str
+
+UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+# Errors seen from connect() before the kernel sent a SYN, and what to call them.
+PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
+                   errno.EACCES: "denied", errno.EPERM: "denied",
+                   errno.EADDRNOTAVAIL: "no_local_address", errno.ECONNREFUSED: "refused"}
+# What connect() answers when called again on a socket whose attempt is under way or over (event
+# loops do this to learn a non-blocking connect's outcome; __inet_stream_connect answers before
+# any new SYN): EALREADY, success as EISCONN, or the earlier attempt's error. The last four come
+# only from the network, so they always mean such a re-report; the transitions already tell it.
+NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNREFUSED,
+                  errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
+REREPORT_NS = 10_000_000_000
+
+
+class FailedConnects(Detector):
+    def __init__(self, tracker):
+        super().__init__(tracker)
+        # (pid, family, raddr, rport) -> ts of an attempt that died in SYN_SENT: an unreachable
+        # error connect() may still re-report, told from a route failure before a SYN
+        self.failed_syn = collections.OrderedDict()
+
+    def closing(self, c, ts, old):
+        if old == S.SYN_SENT:
+            key = (c.pid, c.family, c.raddr, c.rport)
+            self.failed_syn[key] = ts
+            self.failed_syn.move_to_end(key)
+            if len(self.failed_syn) > 4096:
+                self.failed_syn.popitem(last=False)
+
+    def closed(self, c):
+        if c.established_ns is not None or c.role != ACTIVE or c.partial:
+            return False
+        ts, err = c.closed_ns, c.error
+        if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
+            self.tr.finding(c, "refused", ts, reason="refused", errno="ECONNREFUSED",
+                            syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
+                            path=path_names[c.path])
+            return True
+        if err == errno.ETIMEDOUT:
+            reason = "timeout"
+        elif err in UNREACHABLE:
+            reason = "unreachable"
+        elif err:
+            reason = "error"
+        else:
+            reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
+        self.tr.finding(c, "failed", ts, reason=reason, errno=S.errno_name(err) if err else None,
+                        syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
+                        path=path_names[c.path])
+        return True
+
+    def fact(self, ev):
+        """connect() returned an error before any transition (tcp_v{4,6}_connect's return, or
+        the syscall's)."""
+        if ev.kind != Kind.CONNECT_RET:
+            return
+        err = -ev.err if ev.err < 0 else ev.err
+        daddr = addr_str(ev.family, ev.daddr)
+        if err in NOT_AN_ATTEMPT:
+            return
+        died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
+        if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:
+            return
+        reason = PRE_SYN_REASONS.get(err, "error")
+        kind = "refused" if reason == "refused" else "failed"
+        self.tr.emit(Finding(kind, ev.ts_ns, ev.pid, COMM_TEXT[ev.comm], ev.family, None, None,
+                             daddr, ev.dport, reason=reason, errno=S.errno_name(err),
+                             syn_retransmits=0, before_syn=True,
+                             source="kprobe" if ev.flags & F_KPROBE else "syscall"))

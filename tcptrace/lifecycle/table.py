@@ -1,0 +1,102 @@
+"""The connections the lifecycle knows, and how to find one.
+
+A socket's address is reused as soon as the socket is freed, and the local port is still 0 at
+CLOSE -> SYN_SENT, so a connection is keyed by its socket address and lives for one generation
+of it (from CLOSE -> SYN_SENT, LISTEN -> SYN_RECV or CLOSE -> LISTEN to its -> CLOSE), never by
+its 4-tuple. Two secondary indexes: by 4-tuple, only while a connect is unresolved (error
+reports carry no socket address), and the sockets seeded from /proc that no event has claimed.
+"""
+from tcptrace import states as S
+from tcptrace.lifecycle.conn import Conn
+
+
+class ConnTable:
+    def __init__(self, max_conns):
+        self.max_conns = max_conns
+        self.by_sk = {}             # skaddr -> Conn, oldest generation first
+        # (family, laddr, lport, raddr, rport) -> Conn, only while a handshake is unresolved:
+        # error reports (no skaddr) matter only for connects that fail. Kept small on purpose.
+        self.by_tuple = {}
+        self.seeded = {}            # tuple -> Conn seeded from /proc, no skaddr yet
+        self.listeners = {}         # (family, lport) -> (pid, comm) of its listening socket
+        self.evicted = 0
+        self._next_id = 1
+
+    def __len__(self):
+        return len(self.by_sk)
+
+    def get(self, skaddr):
+        return self.by_sk.get(skaddr)
+
+    def _make(self, skaddr, family, role, state, ts_ns, partial, epoch):
+        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial, epoch)
+        self._next_id += 1
+        return c
+
+    def add(self, skaddr, family, role, state, ts_ns, partial, epoch):
+        """A new generation at skaddr. Returns (conn, victim): victim is the oldest connection,
+        dropped to stay within max_conns (already forgotten), or None."""
+        c = self._make(skaddr, family, role, state, ts_ns, partial, epoch)
+        self.by_sk[skaddr] = c
+        victim = None
+        if len(self.by_sk) > self.max_conns:
+            victim = self.by_sk[next(iter(self.by_sk))]
+            self.evicted += 1
+            self.forget(victim)
+        return c, victim
+
+    def forget(self, c):
+        if c.tkey is not None:
+            self.unfile(c)
+        if self.by_sk.get(c.skaddr) is c:
+            del self.by_sk[c.skaddr]
+
+    def unfile(self, c):
+        if self.by_tuple.get(c.tkey) is c:
+            del self.by_tuple[c.tkey]
+        c.tkey = None
+
+    def set_tuple(self, c, laddr, lport, raddr, rport):
+        """What a record says of c's endpoints. The first local port (the kernel picks it at
+        connect()) files an unresolved connect by 4-tuple."""
+        if lport and (c.lport != lport or c.laddr != laddr):
+            if c.tkey is not None:
+                self.unfile(c)
+            c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+            if c.established_ns is None:
+                c.tkey = c.tuple_key()
+                self.by_tuple[c.tkey] = c
+        elif not c.rport and rport:
+            c.raddr, c.rport = raddr, rport
+        if c.laddr is None:
+            c.laddr = laddr
+
+    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner, epoch):
+        """A socket that existed before tracing started (from /proc/net/tcp). Claimed by the
+        first event whose 4-tuple matches (`claim`); its start is unknown. A listener only
+        names the owner of the connections it will accept."""
+        if state == S.LISTEN:
+            if owner:
+                self.listeners[(family, lport)] = owner[:2]
+            return None
+        c = self._make(0, family, None, state, now_ns, True, epoch)
+        c.preexisting = True
+        c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
+        if owner:
+            c.pid, c.comm, c.fd = owner
+            c.owner_sure = True
+        self.seeded[c.tuple_key()] = c
+        return c
+
+    def claim(self, skaddr, key):
+        """(the seeded connection with this 4-tuple, now known by its socket address, or None;
+        the connection it displaced at that address, forgotten, or None)."""
+        c = self.seeded.pop(key, None)
+        old = None
+        if c is not None:
+            c.skaddr = skaddr
+            old = self.by_sk.pop(skaddr, None)
+            if old is not None:
+                self.forget(old)
+            self.by_sk[skaddr] = c
+        return c, old
