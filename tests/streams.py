@@ -3,6 +3,7 @@
 import json
 
 from tcptrace import recording, wire, states as S
+from tcptrace.lifecycle import rules
 from tcptrace.wire import Event, Kind, Lost
 
 MS = 1_000_000
@@ -68,9 +69,8 @@ def write_recording(path, recs, wall_offset_ns=1_700_000_000 * SEC, ticks=()):
                 f.write(recording.event_to_json(r) + "\n")
 
 
-_OWNER_STEPS = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAIT1),
-                (S.CLOSE_WAIT, S.LAST_ACK)}
-_FRESH = {(S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.LISTEN, S.SYN_RECV)}
+_OWNER_STEPS = set(rules.OWNER_STEPS)
+_FRESH = set(rules.OPENING_STEPS)
 
 
 def grouped(recs, max_steps=wire.MAX_STEPS, scan_at=(), hold_ns=None):
@@ -141,7 +141,7 @@ def grouped(recs, max_steps=wire.MAX_STEPS, scan_at=(), hold_ns=None):
                 p["head"] = p["head"]._replace(pid=r.pid, tid=r.tid, comm=r.comm)
                 p["flags"] |= wire.F_OWNER
         p["steps"].append((r.ts_ns, r.pid, r.oldstate, r.newstate))
-        if r.newstate in (S.ESTABLISHED, S.CLOSE, S.LISTEN) or len(p["steps"]) >= max_steps:
+        if r.newstate in rules.SEND_AT or len(p["steps"]) >= max_steps:
             p = pending.pop(r.skaddr)
             if hold_ns is not None and r.newstate == S.ESTABLISHED and len(p["steps"]) < max_steps:
                 held[r.skaddr] = p

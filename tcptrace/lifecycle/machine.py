@@ -27,6 +27,7 @@ from tcptrace.detect import base as hooks
 from tcptrace.findings import Finding
 from tcptrace.lifecycle import fast
 from tcptrace.lifecycle.conn import ACTIVE, LISTENER, PASSIVE
+from tcptrace.lifecycle.rules import OPENING_CELLS, OWNER_CELLS
 from tcptrace.lifecycle.table import ConnTable
 from tcptrace.wire import COMM_TEXT, EARLY, Kind, Lost, endpoints, iter_steps
 
@@ -217,9 +218,9 @@ class Tracker:
                 # sent early as it moved on: both copies can arrive, in either order)
                 continue
             n += 1
-            mx[old << 4 | new] += 1
-            if (old == CLOSE and (new == SYN_SENT or new == LISTEN)) \
-                    or (old == LISTEN and new == SYN_RECV):
+            cell = old << 4 | new
+            mx[cell] += 1
+            if cell in OPENING_CELLS:
                 c = self._open(ev, ts, old, new, laddr, lport, raddr, rport)
             else:
                 # A step of a generation: the one we know, or one first seen now.
@@ -232,8 +233,7 @@ class Tracker:
                     self.table.set_tuple(c, laddr, lport, raddr, rport)
                 if ev.retrans > c.syn_retrans:
                     c.syn_retrans = ev.retrans
-                if not c.owner_sure and ((old == ESTABLISHED and new == FIN_WAIT1)
-                                         or (old == CLOSE_WAIT and new == LAST_ACK)):
+                if not c.owner_sure and cell in OWNER_CELLS:
                     c.pid, c.comm, c.owner_sure = ev.pid, COMM_TEXT[ev.comm], True
                 if stepping:
                     self.step(c, ev, ts, old, new)
