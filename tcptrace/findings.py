@@ -12,7 +12,7 @@ import operator
 from tcptrace import SCHEMA_VERSION, states
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
-         "transition", "lost")
+         "transition", "lost", "evicted")
 COMMON = ("pid", "comm", "family", "laddr", "lport", "raddr", "rport")
 
 _SEC = [None, ""]     # the second last formatted, and its text
@@ -71,9 +71,9 @@ class Finding:
 
 class Conclusion(Finding):
     """connect, accept and close: the findings every connection yields. Their members are slots,
-    named in OWN, then the flags every connection finding carries: partial and incomplete (only
-    when true) and role. `extra` builds them into a new dict on each read."""
-    __slots__ = ("partial", "incomplete", "role")
+    named in OWN, then the flags every connection finding carries: partial, incomplete and
+    evicted (only when true) and role. `extra` builds them into a new dict on each read."""
+    __slots__ = ("partial", "incomplete", "evicted", "role")
     TYPE = None
     OWN = ()
 
@@ -83,7 +83,7 @@ class Conclusion(Finding):
         super().__init_subclass__(**kw)
         params = ", ".join(cls.OWN)
         body = "".join(f"    self.{n} = {n}\n" for n in ("ts_ns",) + COMMON
-                       + ("partial", "incomplete", "role") + cls.OWN)
+                       + ("partial", "incomplete", "role") + cls.OWN) + "    self.evicted = False\n"
         src = (f"def __init__(self, ts_ns, pid, comm, family, laddr, lport, raddr, rport, "
                f"partial, incomplete, role{', ' if params else ''}{params}):\n"
                f"    self.type = {cls.TYPE!r}\n{body}")
@@ -98,6 +98,8 @@ class Conclusion(Finding):
             x["partial"] = True
         if self.incomplete:
             x["incomplete"] = True
+        if self.evicted:
+            x["evicted"] = True
         x["role"] = self.role
         return x
 

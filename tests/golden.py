@@ -114,7 +114,9 @@ def main():
                         old[i].decode(errors="replace").splitlines(),
                         new[i].decode(errors="replace").splitlines(),
                         f"{a.against} {stream}", f"this tree {stream}", lineterm="", n=1))
-                    print("\n".join(lines[:40]))
+                    # lines can be one long JSON object: show where they start to differ
+                    print("\n".join(line[:300] + ("..." if len(line) > 300 else "")
+                                    for line in lines[:40]))
     print(f"{differ} of {len(RECORDINGS) * len(MODES)} outputs differ")
     return 1 if differ else 0
 

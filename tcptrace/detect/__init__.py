@@ -15,9 +15,10 @@ from tcptrace.detect.transitions import Transitions
 
 
 def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None):
-    """Detector factories (each called with the tracker). A closed connection is offered to
-    FailedConnects, Resets and Closes in this order; the first that concludes it wins."""
-    out = [Handshakes, FailedConnects, Resets, Closes,
+    """Detector factories (each called with the tracker). Closes, FailedConnects and Resets
+    each conclude connections the others do not (a normal close, an opening that failed, a
+    reset), so each connection gets one conclusion; the commonest is asked first."""
+    out = [Handshakes, Closes, FailedConnects, Resets,
            functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
                              resolve_owner=resolve_owner),
            Losses]

@@ -34,7 +34,7 @@ def _open(active):
 
     def open_(tr, ev, t0, t1):
         c = tr.table.get(ev.skaddr)
-        if c is not None and c.closed_ns is None:
+        if (c is not None and c.closed_ns is None) or (tr.table.tombs and ev.skaddr in tr.table.tombs):
             return None
         laddr, lport, raddr, rport = endpoints(ev)
         if active and not lport:

@@ -108,6 +108,8 @@ class Tracker:
             extra["partial"] = True
         if self.incomplete(c):
             extra["incomplete"] = True
+        if c.evicted:
+            extra["evicted"] = True
         extra["role"] = c.role
         f = Finding(type_, ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
                     c.rport or None, **extra)
@@ -116,10 +118,12 @@ class Tracker:
 
     def conclude(self, cls, c, ts, *own):
         """As finding(), for the types with slots (findings.Conclusion): own is their OWN."""
-        self.out.append(cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr,
-                            c.rport or None, c.partial,
-                            c.incomplete or c.epoch != self.loss_epoch,   # self.incomplete(c)
-                            c.role, *own))
+        f = cls(ts, c.pid, c.comm, c.family, c.laddr, c.lport or None, c.raddr, c.rport or None,
+                c.partial, c.incomplete or c.epoch != self.loss_epoch,   # self.incomplete(c)
+                c.role, *own)
+        if c.evicted:
+            f.evicted = True
+        self.out.append(f)
 
     def incomplete(self, c):
         """Was c alive across a loss, or did it show a gap?"""
@@ -210,10 +214,14 @@ class Tracker:
         mx = self.stats.mx
         stepping = self.transitions
         c = conns.get(ev.skaddr)
+        # A connection the table dropped (--max-conns): the steps it had are not taken again
+        taken = self.table.tombs.pop(ev.skaddr, 0) if c is None and self.table.tombs else 0
         n = 0
         for ts, pid, old, new in iter_steps(ev):
-            if c is not None and ((ts <= c.scan_ts and c.closed_ns is None)
-                                  or (early and ts <= c.since_ns)):
+            if c is None:
+                if ts <= taken:
+                    continue
+            elif (ts <= c.scan_ts and c.closed_ns is None) or (early and ts <= c.since_ns):
                 # Already taken early, or an early copy of steps already taken (a held socket
                 # sent early as it moved on: both copies can arrive, in either order)
                 continue
@@ -226,6 +234,8 @@ class Tracker:
                 # A step of a generation: the one we know, or one first seen now.
                 if c is None or (c.closed_ns is not None and old == CLOSE):
                     c = self._adopt(ev, old, new, laddr, lport, raddr, rport, ts)
+                    if taken:
+                        c.evicted = True
                 elif c.state != old:
                     self.stats.gaps += 1
                     c.incomplete = True
@@ -280,6 +290,13 @@ class Tracker:
                 c.incomplete = True
             c.state = oldstate        # seeded state may be before or after this transition
             self.gone(c)              # back by advance() if it stays half-closed
+            return c
+        if oldstate == LISTEN:
+            # A listener closing that we never saw open (it existed before start): the task
+            # closing it is its owner (LISTEN -> CLOSE runs in close() or the process's exit)
+            c = self.new(ev.skaddr, ev.family, LISTENER, oldstate, ts, partial=True)
+            c.pid, c.comm = ev.pid, COMM_TEXT[ev.comm]
+            c.laddr, c.lport = laddr, lport
             return c
         role = PASSIVE if oldstate == S.SYN_RECV else (ACTIVE if oldstate == S.SYN_SENT else None)
         return self.new(ev.skaddr, ev.family, role, oldstate, ts, partial=True)

@@ -7,7 +7,7 @@ its 4-tuple. Two secondary indexes: by 4-tuple, only while a connect is unresolv
 reports carry no socket address), and the sockets seeded from /proc that no event has claimed.
 """
 from tcptrace import states as S
-from tcptrace.lifecycle.conn import Conn
+from tcptrace.lifecycle.conn import LISTENER, Conn
 
 
 class ConnTable:
@@ -19,7 +19,15 @@ class ConnTable:
         self.by_tuple = {}
         self.seeded = {}            # tuple -> Conn seeded from /proc, no skaddr yet
         self.listeners = {}         # (family, lport) -> (pid, comm) of its listening socket
+        # skaddr -> the newest step taken of a connection dropped to stay within max_conns:
+        # its socket's later records may carry those steps again (a held opening, sent early
+        # and again with its close), and they must not be taken twice. About 100 bytes each
+        # against a connection's 350, so kept for more of them (max_tombs); past that the
+        # oldest go (tombs_dropped), and such a socket is seen anew at its next record.
+        self.tombs = {}
+        self.max_tombs = max(max_conns, 65_536)
         self.evicted = 0
+        self.tombs_dropped = 0
         self._next_id = 1
 
     def __len__(self):
@@ -37,13 +45,36 @@ class ConnTable:
         """A new generation at skaddr. Returns (conn, victim): victim is the oldest connection,
         dropped to stay within max_conns (already forgotten), or None."""
         c = self._make(skaddr, family, role, state, ts_ns, partial, epoch)
-        self.by_sk[skaddr] = c
+        by_sk = self.by_sk
+        by_sk[skaddr] = c
         victim = None
-        if len(self.by_sk) > self.max_conns:
-            victim = self.by_sk[next(iter(self.by_sk))]
-            self.evicted += 1
-            self.forget(victim)
+        if len(by_sk) > self.max_conns:
+            victim = self._oldest()
+            if victim is not None:
+                self.evict(victim)
         return c, victim
+
+    def _oldest(self):
+        """The oldest connection that is not a listener (listeners are few, and name the owner
+        of every connection they accept): listeners met at the front move to the back."""
+        by_sk = self.by_sk
+        for _ in range(len(by_sk)):
+            sk = next(iter(by_sk))
+            c = by_sk[sk]
+            if c.role != LISTENER:
+                return c
+            by_sk[sk] = by_sk.pop(sk)
+        return None
+
+    def evict(self, c):
+        self.evicted += 1
+        self.forget(c)
+        tombs = self.tombs
+        tombs.pop(c.skaddr, None)
+        tombs[c.skaddr] = c.since_ns
+        if len(tombs) > self.max_tombs:
+            del tombs[next(iter(tombs))]
+            self.tombs_dropped += 1
 
     def forget(self, c):
         if c.tkey is not None:

@@ -35,12 +35,13 @@ FAR = Memo(lambda raddr: f',"raddr":{SCALAR[raddr]},"rport":')
 
 
 def _flags(key):
-    partial, incomplete, role = key
+    partial, incomplete, evicted, role = key
     return ((MEMBER[("partial", True)] if partial else "")
-            + (MEMBER[("incomplete", True)] if incomplete else "") + MEMBER[("role", role)])
+            + (MEMBER[("incomplete", True)] if incomplete else "")
+            + (MEMBER[("evicted", True)] if evicted else "") + MEMBER[("role", role)])
 
 
-FLAGS = Memo(_flags)     # a Conclusion's (partial, incomplete, role) -> their members
+FLAGS = Memo(_flags)     # a Conclusion's (partial, incomplete, evicted, role) -> their members
 
 
 def member(k, v):
@@ -93,7 +94,7 @@ def encode(f, wall_offset_ns):
     if isinstance(f, Conclusion):
         names, get = OWN[cls]
         return (head + "".join([member(k, v) for k, v in zip(names, get(f))])
-                + FLAGS[(f.partial, f.incomplete, f.role)] + "}")
+                + FLAGS[(f.partial, f.incomplete, f.evicted, f.role)] + "}")
     return head + "".join([member(k, v) for k, v in f.extra.items()]) + "}"
 
 

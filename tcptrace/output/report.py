@@ -9,7 +9,6 @@ import random
 
 from tabulate import tabulate
 
-
 from tcptrace import SCHEMA_VERSION, states
 from tcptrace.findings import rfc3339
 from tcptrace.output import Sink
@@ -77,34 +76,37 @@ class Report:
         self.closes = collections.Counter()               # closed_by -> n
         self.counts = collections.Counter()               # finding type -> n
         self.lost = collections.Counter()
+        self.evicted = 0                                  # connections dropped (--max-conns)
         self.first_ns = self.last_ns = None
 
     def add(self, f):
-        self.counts[f.type] += 1
+        t = f.type
+        self.counts[t] += 1
         ts = f.ts_ns
         if self.first_ns is None or ts < self.first_ns:
             self.first_ns = ts
         if self.last_ns is None or ts > self.last_ns:
             self.last_ns = ts
-        x = f.extra
-        if f.type == "connect":
-            v = x["handshake_ns"]
+        if t == "connect":
+            v = f.handshake_ns
             key = (f.raddr, f.rport, f.comm)
             smp = self.handshakes.get(key)
             if smp is None:
                 smp = self.handshakes[key] = Sample(self._rng)
             smp.add(v)
             self.hist[log2_bucket(v)] += 1
-        elif f.type == "accept":
+        elif t == "accept":
             self.accepts[(f.lport, f.comm)] += 1
-        elif f.type in ("refused", "failed"):
-            self.failures[(f.raddr, f.rport, f.comm, x["reason"])] += 1
-        elif f.type == "reset":
-            self.resets[(f.raddr, f.rport, f.comm, x["reset_by"])] += 1
-        elif f.type == "close":
-            self.closes[x.get("closed_by") or "unknown"] += 1
-        elif f.type == "lost":
-            self.lost[x["where"]] += x["count"]
+        elif t == "refused" or t == "failed":
+            self.failures[(f.raddr, f.rport, f.comm, f.reason)] += 1
+        elif t == "reset":
+            self.resets[(f.raddr, f.rport, f.comm, f.reset_by)] += 1
+        elif t == "close":
+            self.closes[getattr(f, "closed_by", None) or "unknown"] += 1
+        elif t == "lost":
+            self.lost[f.where] += f.count
+        elif t == "evicted":
+            self.evicted += f.count
 
     # -- numbers -----------------------------------------------------------------------------
     def _latency_rows(self, groups):
@@ -142,6 +144,7 @@ class Report:
             "handshake_histogram_us": [{"low": lo, "high": hi, "count": n}
                                        for lo, hi, n in log2_rows(self.hist)],
             "lost": {"total": sum(self.lost.values()), "by_source": dict(self.lost)},
+            "evicted": self.evicted,
         }
 
     def tables(self, tracker, wall_offset_ns, interval=None):
@@ -179,6 +182,10 @@ class Report:
         lost = s["lost"]
         out.append(f"\nLOST EVENTS: {lost['total']}" +
                    ("".join(f"\n  {k}: {v}" for k, v in sorted(lost["by_source"].items()))))
+        if s["evicted"]:
+            out.append(f"EVICTED CONNECTIONS: {s['evicted']} (over --max-conns "
+                       f"{tracker.max_conns if tracker else '?'}; their later findings are "
+                       "marked [evicted])")
         return "\n".join(out).lstrip("\n")
 
 

@@ -78,6 +78,11 @@ def _lost(f):
     return f"LOST {f.count} events ({f.where}), {f.lost_total} so far"
 
 
+def _evicted(f):
+    return (f"EVICTED {f.count} connections over --max-conns {f.max_conns}, "
+            f"{f.evicted_total} so far")
+
+
 PAIR = Memo(lambda k: f"{states.name(k >> 8)} -> {states.name(k & 0xff)}")
 
 # What happened, in words, without the time, process and endpoint columns: one per type.
@@ -92,6 +97,7 @@ DESCRIBE = {
     "unstuck": lambda f: f"left {f.state} after {ns_text(f.duration_ns)}",
     "transition": lambda f: PAIR[f.pair],
     "lost": _lost,
+    "evicted": _evicted,
 }
 
 
@@ -100,7 +106,8 @@ def flags(f):
     if type(f) is Transition:
         return ""
     return ((" [partial]" if getattr(f, "partial", False) else "")
-            + (" [incomplete]" if getattr(f, "incomplete", False) else ""))
+            + (" [incomplete]" if getattr(f, "incomplete", False) else "")
+            + (" [evicted]" if getattr(f, "evicted", False) else ""))
 
 
 def describe(f):
@@ -135,7 +142,7 @@ class TextSink(Sink):
         t = f.type
         if t == "transition":
             line = tm + self._ends.of(f.ends)
-        elif t == "lost":
+        elif t == "lost" or t == "evicted":
             line = tm + self._cols[(f.pid, f.comm, t)]
         else:
             line = (f"{tm}{self._cols[(f.pid, f.comm, t)]}{endpoint(f.laddr, f.lport)} > "
@@ -144,7 +151,8 @@ class TextSink(Sink):
         if not detail:
             return line.rstrip() + "\n"
         if self.wide or len(line) + 2 + len(detail) <= 79:
-            return (f"{line}{detail}" if t == "lost" else f"{line}  {detail}").rstrip() + "\n"
+            return (f"{line}{detail}" if t == "lost" or t == "evicted"
+                    else f"{line}  {detail}").rstrip() + "\n"
         return f"{line}\n    {detail}\n"
 
     def format(self, findings):
