@@ -1,6 +1,9 @@
 """tcptrace command line. Options are declared once, as data, and shared by every command that
 takes them; docs/tcptrace.8.md is generated from these definitions (tcptrace/manpage.py)."""
+import contextlib
 import json
+import math
+import os
 import sys
 import textwrap
 import traceback
@@ -9,11 +12,65 @@ import click
 
 from tcptrace import __version__, errors
 
+TASK_COMM_LEN = 16      # include/linux/sched.h: command names are at most 15 characters
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds above a minimum: nan and inf are no time a run can mean."""
+    name = "seconds"
+
+    def __init__(self, minimum=0.0, open_min=True):
+        self.minimum, self.open_min = minimum, open_min
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            v = value
+        else:
+            try:
+                v = float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if v < self.minimum or (self.open_min and v == self.minimum):
+            self.fail(f"{value} is not {'above' if self.open_min else 'at least'} "
+                      f"{self.minimum:g} seconds", param, ctx)
+        return v
+
+
+def _comm(ctx, param, values):
+    for v in values:
+        if not v:
+            raise click.BadParameter("an empty command name matches nothing", ctx, param)
+        if len(v.encode()) >= TASK_COMM_LEN:
+            raise click.BadParameter(
+                f"{v!r} is longer than the kernel's command names ({TASK_COMM_LEN - 1} bytes: "
+                f"it would match nothing); give its first {TASK_COMM_LEN - 1}: "
+                f"{v.encode()[:TASK_COMM_LEN - 1].decode(errors='ignore')!r}", ctx, param)
+    return values
+
+
+def _ready_file(ctx, param, path):
+    """A path tcptrace may create and remove: a regular file or nothing yet, in a directory
+    that exists. Checked before anything is compiled."""
+    if path is None:
+        return None
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise click.BadParameter(f"{path} exists and is not a regular file", ctx, param)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise click.BadParameter(f"directory {d} does not exist", ctx, param)
+    if not os.access(d, os.W_OK):
+        raise click.BadParameter(f"directory {d} is not writable", ctx, param)
+    return path
+
+
 FILTER_OPTIONS = (
-    (("--pid",), dict(type=int, multiple=True, metavar="PID",
+    (("--pid",), dict(type=click.IntRange(min=1), multiple=True, metavar="PID",
                       help="Only connections owned by this process (repeatable).")),
-    (("--comm",), dict(multiple=True, metavar="NAME",
-                       help="Only connections owned by processes with this name (repeatable).")),
+    (("--comm",), dict(multiple=True, metavar="NAME", callback=_comm,
+                       help="Only connections owned by processes with this name (repeatable; "
+                            "at most 15 characters, as the kernel keeps them).")),
     (("--port",), dict(type=click.IntRange(1, 65535), multiple=True, metavar="PORT",
                        help="Only connections with this local or remote port (repeatable; "
                             "applied in the kernel).")),
@@ -26,7 +83,8 @@ FILTER_OPTIONS = (
 )
 
 ANALYSIS_OPTIONS = (
-    (("--stuck-after",), dict(type=click.FloatRange(min=0.001), default=30.0, show_default=True,
+    (("--stuck-after",), dict(type=Seconds(0.001, open_min=False), default=30.0,
+                              show_default=True,
                               metavar="SECONDS",
                               help="Report a socket lingering this long in CLOSE_WAIT, FIN_WAIT1, "
                                    "FIN_WAIT2, LAST_ACK or CLOSING.")),
@@ -37,10 +95,11 @@ ANALYSIS_OPTIONS = (
 )
 
 LIVE_OPTIONS = (
-    (("--duration",), dict(type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+    (("--duration",), dict(type=Seconds(), metavar="SECONDS",
                            help="Stop after this long (default: until Ctrl-C or SIGTERM).")),
-    (("--ready-file",), dict(type=click.Path(dir_okay=False), metavar="PATH",
-                             help="Write this file (JSON: pid, plan) once the probes are attached.")),
+    (("--ready-file",), dict(callback=_ready_file, metavar="PATH",
+                             help="Write this file (JSON: pid, plan) once the probes are "
+                                  "attached; removed at exit.")),
     (("--record",), dict(type=click.Path(dir_okay=False), metavar="FILE",
                          help="Also write the raw event stream to FILE, for `tcptrace replay`.")),
     (("--transport",), dict(type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
@@ -56,7 +115,7 @@ WATCH_OPTIONS = (
 )
 
 REPORT_OPTIONS = (
-    (("--interval",), dict(type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+    (("--interval",), dict(type=Seconds(), metavar="SECONDS",
                            help="Print the tables every SECONDS (and reset them).")),
 )
 
@@ -70,8 +129,32 @@ def options(*groups):
     return deco
 
 
-def _diag(msg):
-    click.echo(f"tcptrace: {msg}", err=True)
+_diag = errors.say
+
+
+def _silence_stdout():
+    """After an output error: point fd 1 at /dev/null, so what is still buffered for it cannot
+    fail again when the interpreter exits."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _check_std_fds():
+    """A closed stderr becomes /dev/null (diagnostics are not worth failing for, and a file
+    opened later must not land on fd 2, where BCC and clang write). A closed stdout is an
+    error: there is nowhere to put the output, and it must not land in a file we open."""
+    for fd in (2, 1):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            if fd == 1:
+                raise errors.OutputError("standard output is closed")
+            sys.stderr = open(os.devnull, "w")
 
 
 def _build_options(kw, report=False):
@@ -105,10 +188,26 @@ def _live(opts):
     session.run_live(opts, plan, _diag)
 
 
+@contextlib.contextmanager
+def _stdout_errors():
+    """Output to stdout as the sinks treat it: a reader that went away ends the command
+    quietly, any other failure is an OutputError (exit 74)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as e:
+        raise errors.OutputError(f"cannot write output: {e.strerror}") from None
+
+
 class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except errors.OutputError:
+            _silence_stdout()
+            raise
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -136,9 +235,13 @@ def main(ctx, debug):
       66  recording missing or unreadable
       69  a required kernel or BCC feature is missing
       70  internal error
+      74  output cannot be written (stdout or the recording full, closed or failing)
       77  not privileged
+      130 interrupted before tracing began
     """
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand and "--help" not in sys.argv[1:] and "-h" not in sys.argv[1:]:
+        _check_std_fds()
 
 
 @main.command()
@@ -157,6 +260,14 @@ def doctor(as_json, transport):
         probes.require(cs)
     except errors.TcptraceError as e:
         failure = e
+    with _stdout_errors():
+        _doctor_print(cs, plan, failure, as_json)
+    if failure:
+        sys.exit(failure.exit_code)
+
+
+def _doctor_print(cs, plan, failure, as_json):
+    from tcptrace.kernel import probes
     if as_json:
         d = probes.as_dict(cs, plan)
         d["ready"] = failure is None
@@ -173,8 +284,6 @@ def doctor(as_json, transport):
         for n in plan.notes:
             click.echo(textwrap.fill(f"note: {n}", 79, subsequent_indent="  "))
         click.echo("ready: yes" if failure is None else f"ready: no: {failure.format_message()}")
-    if failure:
-        sys.exit(failure.exit_code)
 
 
 @main.command()
@@ -194,14 +303,16 @@ def report(**kw):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", metavar="FILE|-")
 @click.option("--report", "as_report", is_flag=True, help="Print report tables instead of lines.")
 @options(WATCH_OPTIONS, ANALYSIS_OPTIONS, FILTER_OPTIONS)
 def replay(file, as_report, **kw):
-    """Re-run the analysis on a recording made with --record: no root, no BCC needed."""
+    """Re-run the analysis on a recording made with --record (- reads standard input): no
+    root, no BCC needed."""
     from tcptrace import session
     opts = _build_options(kw, report=as_report)
-    session.replay(file, opts, sys.stdout, _diag)
+    with _stdout_errors():
+        session.replay(file, opts, sys.stdout, _diag)
 
 
 if __name__ == "__main__":

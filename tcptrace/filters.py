@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from tcptrace import states
 
 
+# Findings about the tracer itself rather than a connection: they pass every filter, since
+# what was lost or evicted may have been a wanted connection.
+ABOUT_THE_TRACER = ("lost", "evicted")
+
+
 @dataclass
 class Filter:
     pids: frozenset = frozenset()
@@ -30,7 +35,7 @@ class Filter:
         return self.families
 
     def match(self, f):
-        if f.type == "lost":
+        if f.type in ABOUT_THE_TRACER:
             return True
         if self.families and f.family not in self.families:
             return False

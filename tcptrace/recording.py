@@ -9,6 +9,7 @@ seeded at start. Human-readable on purpose: recordings get attached to tickets a
 import ipaddress
 import json
 import struct
+import sys
 
 from tcptrace import errors
 from tcptrace.wire import (F_SCAN, Batch, Event, Kind, Lost, addr_str, comm_str, iter_steps,
@@ -49,34 +50,71 @@ def addr_bytes(text):
     return ipaddress.ip_address(text).packed.ljust(16, b"\0")
 
 
+def _int(d, key, default=None):
+    """d[key] as an int: recordings hold integers only (a float, 1e999 or true is damage)."""
+    v = d.get(key, default)
+    if v is None:
+        raise ValueError(f"no {key}")
+    if type(v) is not int:
+        raise ValueError(f"{key} is not an integer: {str(v)[:40]}")
+    return v
+
+
+FAMILIES = (0, 2, 10)     # none (a reset sent for a bare socket pointer), AF_INET, AF_INET6
+
+
 def from_json_obj(d):
-    """One recording line (already parsed) -> Event or Lost. Raises ValueError/KeyError/TypeError."""
-    kind = d["kind"]
+    """One recording line (already parsed) -> Event or Lost. Raises ValueError saying what is
+    wrong, in words."""
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    kind = d.get("kind")
     if kind == "lost":
-        return Lost(int(d["ts_ns"]), int(d["count"]), str(d["where"]))
-    k = Kind.BY_NAME[kind] if isinstance(kind, str) else int(kind)
-    fam = int(d.get("family", 0))
+        count, where = _int(d, "count"), d.get("where")
+        if not isinstance(where, str):
+            raise ValueError("no where")
+        return Lost(_int(d, "ts_ns"), count, where)
+    if isinstance(kind, str) and kind in Kind.BY_NAME:
+        k = Kind.BY_NAME[kind]
+    elif type(kind) is int and kind in Kind.NAMES:
+        k = kind
+    else:
+        raise ValueError(f"unknown kind {str(kind)[:40]!r}" if kind is not None else "no kind")
+    fam = _int(d, "family", 0)
+    if fam not in FAMILIES:
+        raise ValueError(f"family {fam} is neither AF_INET (2) nor AF_INET6 (10)")
     steps = d.get("steps") or ()
     if steps:
-        steps = [tuple(int(x) for x in st) for st in steps]
-        if any(len(st) != 4 or not (0 <= st[2] < 16 and 0 <= st[3] < 16) for st in steps) \
-                or len(steps) > 255:
+        if not isinstance(steps, list) or len(steps) > 255 or \
+                any(not isinstance(st, list) or len(st) != 4 for st in steps):
+            raise ValueError("bad steps")
+        steps = [tuple(_int({"step": x}, "step") for x in st) for st in steps]
+        if any(not (0 <= st[2] < 16 and 0 <= st[3] < 16) for st in steps):
             raise ValueError("bad steps")
         try:
             packed = pack_steps(steps)
         except struct.error as e:         # a time or pid outside what the kernel's arrays hold
             raise ValueError(f"bad steps: {e}") from None
-    if not (0 <= int(d.get("oldstate", 0)) < 16 and 0 <= int(d.get("newstate", 0)) < 16):
+    old, new = _int(d, "oldstate", 0), _int(d, "newstate", 0)
+    if not (0 <= old < 16 and 0 <= new < 16):
         raise ValueError("bad state")
+    saddr, daddr = d.get("saddr"), d.get("daddr")
+    if fam == 0 and (saddr or daddr):
+        raise ValueError("addresses without a family")
+    comm = d.get("comm", "")
+    if not isinstance(comm, str) or not isinstance(d.get("skaddr", "0"), str):
+        raise ValueError("comm and skaddr are strings")
+    try:
+        saddr, daddr = addr_bytes(saddr), addr_bytes(daddr)
+    except (ValueError, TypeError):
+        raise ValueError("bad address") from None
     return Event(
-        ts_ns=int(d["ts_ns"]), skaddr=int(str(d.get("skaddr", "0")), 16), pid=int(d.get("pid", 0)),
-        tid=int(d.get("tid", 0)), err=int(d.get("err", 0)), aux=int(d.get("aux", 0)),
-        sport=int(d.get("sport", 0)), dport=int(d.get("dport", 0)), kind=k, family=fam,
-        oldstate=int(d.get("oldstate", 0)), newstate=int(d.get("newstate", 0)),
-        flags=int(d.get("flags", 0)), nsteps=len(steps), retrans=int(d.get("retrans", 0)),
-        saddr=addr_bytes(d.get("saddr")), daddr=addr_bytes(d.get("daddr")),
-        comm=str(d.get("comm", "")).encode()[:16], rst_ns=int(d.get("rst_ns", 0)),
-        steps=packed if steps else b"")
+        ts_ns=_int(d, "ts_ns"), skaddr=int(d.get("skaddr", "0"), 16), pid=_int(d, "pid", 0),
+        tid=_int(d, "tid", 0), err=_int(d, "err", 0), aux=_int(d, "aux", 0),
+        sport=_int(d, "sport", 0), dport=_int(d, "dport", 0), kind=k, family=fam,
+        oldstate=old, newstate=new, flags=_int(d, "flags", 0), nsteps=len(steps),
+        retrans=_int(d, "retrans", 0), saddr=saddr, daddr=daddr, comm=comm.encode()[:16],
+        rst_ns=_int(d, "rst_ns", 0), steps=packed if steps else b"")
 
 
 class Recorder:
@@ -84,16 +122,24 @@ class Recorder:
     same batches (RecordingSource)."""
 
     def __init__(self, path, wall_offset_ns, plan_summary):
+        self.path = path
         try:
             self.f = open(path, "w")
         except OSError as e:
-            raise errors.NoInput(f"cannot write recording {path}: {e.strerror}") from None
+            raise errors.OutputError(f"cannot write recording {path}: {e.strerror}") from None
         self._line(json.dumps(recording_header(wall_offset_ns, plan=plan_summary)))
 
     def _line(self, s):
         self.f.write(s + "\n")
 
     def write(self, batch):
+        try:
+            self._write(batch)
+        except OSError as e:
+            raise errors.OutputError(f"cannot write recording {self.path}: {e.strerror}") \
+                from None
+
+    def _write(self, batch):
         for fam, la, lp, ra, rp, st, ts, owner in batch.seeds:
             pid, comm, fd = owner or (None, None, None)
             self._line(json.dumps({"kind": "seed", "ts_ns": ts, "family": fam, "laddr": la,
@@ -108,7 +154,34 @@ class Recorder:
         self.f.flush()
 
     def close(self):
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as e:
+            raise errors.OutputError(f"cannot write recording {self.path}: {e.strerror}") \
+                from None
+
+
+def _seed(d):
+    """A seed line -> (family, laddr, lport, raddr, rport, state, ts_ns, owner or None)."""
+    fam = _int(d, "family")
+    if fam not in FAMILIES[1:]:
+        raise ValueError(f"family {fam} is neither AF_INET (2) nor AF_INET6 (10)")
+    la, ra = d.get("laddr"), d.get("raddr")
+    try:
+        addr_bytes(la), addr_bytes(ra)
+    except (ValueError, TypeError):
+        raise ValueError("bad address") from None
+    pid, comm, fd = d.get("pid"), d.get("comm"), d.get("fd")
+    owner = None
+    if pid:
+        if type(pid) is not int or not isinstance(comm, (str, type(None))) \
+                or type(fd) not in (int, type(None)):
+            raise ValueError("bad owner")
+        owner = (pid, comm, fd)
+    state = _int(d, "state")
+    if not 1 <= state <= 12:
+        raise ValueError("bad state")
+    return (fam, la, _int(d, "lport"), ra, _int(d, "rport"), state, _int(d, "ts_ns"), owner)
 
 
 class RecordingSource:
@@ -117,50 +190,71 @@ class RecordingSource:
     BATCH = 1000        # records fed at most at a time between ticks
 
     def __init__(self, path):
-        try:
-            self.f = open(path)
-        except OSError as e:
-            raise errors.NoInput(f"cannot read recording {path}: {e.strerror}") from None
-        self.path = path
+        if path == "-":
+            self.f, self.path = sys.stdin.buffer, "<stdin>"
+        else:
+            try:
+                self.f = open(path, "rb")
+            except OSError as e:
+                raise errors.NoInput(f"cannot read recording {path}: {e.strerror}") from None
+            self.path = path
         self.error = None
-        first = self.f.readline()
         try:
-            head = json.loads(first)
-            if head.get("format") != RECORDING_MAGIC:
+            head = self._parse(self.f.readline(), header=True)
+            if not isinstance(head, dict) or head.get("format") != RECORDING_MAGIC:
                 raise ValueError("not a tcptrace recording")
             if head.get("version") not in RECORDING_VERSIONS:
-                raise ValueError(f"recording version {head.get('version')} is not one of "
-                                 f"{', '.join(map(str, RECORDING_VERSIONS))}")
-            self.wall_offset_ns = int(head["wall_offset_ns"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            self.f.close()
-            raise errors.DataError(f"{path}:1: {e if str(e) else 'bad header'}") from None
+                raise ValueError(f"recording version {str(head.get('version'))[:20]} is not one "
+                                 f"of {', '.join(map(str, RECORDING_VERSIONS))}")
+            if "wall_offset_ns" not in head:
+                raise ValueError("the header has no wall_offset_ns")
+            self.wall_offset_ns = _int(head, "wall_offset_ns")
+        except ValueError as e:
+            self.close()
+            raise errors.DataError(f"{self.path}:1: {e}") from None
+        except OSError as e:
+            self.close()
+            raise errors.NoInput(f"cannot read recording {self.path}: {e.strerror}") from None
+
+    @staticmethod
+    def _parse(raw, header=False):
+        """A line's JSON, or ValueError in words."""
+        if header and not raw:
+            raise ValueError("empty: not a tcptrace recording")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not a tcptrace recording (not UTF-8 text)" if header
+                             else "not UTF-8 text") from None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError("not a tcptrace recording (not JSON)" if header
+                             else "not JSON") from None
 
     def batches(self):
         newest = 0
         batch, seeds = [], []
-        with self.f:
-            for lineno, line in enumerate(self.f, start=2):
-                if not line.strip():
+        lineno = 1
+        try:
+            for lineno, raw in enumerate(self.f, start=2):
+                if not raw.strip():
                     continue
                 try:
-                    d = json.loads(line)
-                    kind = d["kind"]
-                    ts = int(d["ts_ns"])
+                    d = self._parse(raw)
+                    kind = d.get("kind") if isinstance(d, dict) else None
                     if kind == "tick":
-                        newest = max(newest, ts)
+                        newest = max(newest, _int(d, "ts_ns"))
                         yield Batch(batch, newest, seeds=seeds)
                         batch, seeds = [], []
                         continue
                     if kind == "seed":
-                        seeds.append((int(d["family"]), d["laddr"], int(d["lport"]), d["raddr"],
-                                      int(d["rport"]), int(d["state"]), ts,
-                                      (d["pid"], d["comm"], d["fd"]) if d.get("pid") else None))
+                        seeds.append(_seed(d))
                         continue
                     rec = from_json_obj(d)
-                    if not line.endswith("\n"):
+                    if not raw.endswith(b"\n"):
                         raise ValueError("truncated line")
-                except (ValueError, KeyError, TypeError) as e:
+                except ValueError as e:
                     self.error = f"{self.path}:{lineno}: malformed record ({e})"
                     break
                 if type(rec) is not Lost and rec.flags & F_SCAN:
@@ -173,7 +267,10 @@ class RecordingSource:
                 if len(batch) >= self.BATCH:
                     yield Batch(batch, newest, seeds=seeds)
                     batch, seeds = [], []
+        except OSError as e:
+            self.error = f"{self.path}:{lineno}: read failed ({e.strerror})"
         yield Batch(batch, newest, seeds=seeds)
 
     def close(self):
-        self.f.close()
+        if self.f is not sys.stdin.buffer:
+            self.f.close()

@@ -8,10 +8,12 @@ pipeline owns time from there: records wait in the Reorderer until nothing earli
 the tracker concludes what the horizon allows, and findings wait again until nothing earlier
 can still be concluded, so sinks see them in time order.
 """
+import contextlib
 import json
 import os
 import signal
 import sys
+import tempfile
 
 from tcptrace import errors
 from tcptrace.lifecycle import Tracker
@@ -160,11 +162,38 @@ def _tune_gc():
     gc.set_threshold(20_000, 20, 20)
 
 
-def _write_ready(path, src, plan):
-    with open(path + ".tmp", "w") as f:
-        json.dump({"pid": os.getpid(), "plan": plan.describe(), "transport": plan.transport,
-                   "compile_s": round(src.compile_s, 3)}, f)
-    os.rename(path + ".tmp", path)
+class ReadyFile:
+    """--ready-file: written once tracing runs (the option's check made sure PATH is a regular
+    file or nothing yet), through a temporary file in the same directory so a reader never
+    sees half of it, and removed at exit."""
+
+    def __init__(self, path):
+        self.path = path
+        self.written = False
+
+    def write(self, content):
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tcptrace-ready-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(content, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.written = True
+
+    def remove(self):
+        if self.written:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _silence(fd):
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def run_live(opts, plan, diag):
@@ -185,26 +214,44 @@ def run_live(opts, plan, diag):
     view = owners.KernelView()
     pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns), confirm=view.confirm,
                     resolve_owner=view.resolve)
-    rec = Recorder(opts.record, src.wall_offset_ns, plan.describe()) if opts.record else None
+    ready = ReadyFile(opts.ready_file) if opts.ready_file else None
+    rec = None
 
-    def ready():
-        if opts.ready_file:
-            _write_ready(opts.ready_file, src, plan)
+    def on_ready():
+        if ready:
+            try:
+                ready.write({"pid": os.getpid(), "plan": plan.describe(),
+                             "transport": plan.transport, "compile_s": round(src.compile_s, 3)})
+            except OSError as e:
+                raise errors.OutputError(f"cannot write --ready-file {ready.path}: "
+                                         f"{e.strerror}") from None
         diag(f"tracing (compiled in {src.compile_s:.1f}s); Ctrl-C to stop")
-    src.on_ready = ready
+    src.on_ready = on_ready
     try:
+        if stop.flag:       # stopped while compiling: nothing began, nothing is written
+            raise errors.Interrupted("interrupted before tracing began")
+        rec = Recorder(opts.record, src.wall_offset_ns, plan.describe()) if opts.record else None
         run(src, pipe, rec, opts.interval)
+        if src.started_ns is None:
+            raise errors.Interrupted("interrupted before tracing began")
     except Closed:
         # The reader went away: nothing more can be written there. Point fd 1 at /dev/null so
         # the interpreter's final flush cannot fail either.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
+        _silence(out.fileno())
+    except errors.OutputError:
+        _silence(out.fileno())
+        raise
     finally:
-        if rec:
-            rec.close()
-        for n in src.close():
-            diag(n)
-        diag(pipe.summary_line())
+        if ready:
+            ready.remove()
+        try:
+            if rec:
+                rec.close()
+        finally:
+            for n in src.close():
+                diag(n)
+            if src.started_ns is not None:
+                diag(pipe.summary_line())
     return pipe
 
 
@@ -219,7 +266,8 @@ def replay(path, opts, out, diag):
         pass
     finally:
         src.close()
-    diag(pipe.summary_line())
     if src.error:
-        raise errors.DataError(src.error + "; everything before it was analysed")
+        raise errors.DataError(f"{src.error}; everything before it was analysed "
+                               f"({pipe.summary_line()})")
+    diag(pipe.summary_line())
     return pipe

@@ -49,6 +49,8 @@ class LiveSource:
     def batches(self):
         src, opts, stop = self.src, self.opts, self.stop
         seeds = self._seeds() if opts.seed else []
+        if stop.flag:
+            return
         if self.on_ready:
             self.on_ready()
         self.started_ns = time.monotonic_ns()

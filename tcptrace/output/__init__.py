@@ -7,6 +7,9 @@ that, without a write syscall per line.
 """
 
 
+from tcptrace.errors import OutputError
+
+
 class Closed(Exception):
     """The reader went away (EPIPE): stop quietly."""
 
@@ -31,12 +34,16 @@ class Sink:
             self.stream.write(text)
         except BrokenPipeError:
             raise Closed() from None
+        except OSError as e:
+            raise OutputError(f"cannot write output: {e.strerror}") from None
 
     def flush(self):
         try:
             self.stream.flush()
         except BrokenPipeError:
             raise Closed() from None
+        except OSError as e:
+            raise OutputError(f"cannot write output: {e.strerror}") from None
 
     def close(self, tracker):
         """End of the run: whatever a sink prints last (the report's tables)."""

@@ -153,7 +153,8 @@ def test_malformed_recording_names_the_line_and_keeps_what_came_before(tmp_path)
     r = invoke("replay", str(bad), "--json")
     assert r.exit_code == errors.EXIT_DATAERR
     assert "bad.jsonl:31: malformed record" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 2      # the summary line, then the error
+    assert len(r.stderr.strip().splitlines()) == 1      # the error, with the summary in it
+    assert "everything before it was analysed (" in r.stderr
     assert "Traceback" not in r.stderr
     got = jsonl(r.stdout)
     assert any(x["type"] == "connect" for x in got)

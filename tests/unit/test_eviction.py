@@ -106,3 +106,11 @@ def test_a_listener_that_existed_before_start_closes_without_a_finding():
                      lport=8080, raddr="0.0.0.0"))
     tr.finish()
     assert tr.take() == []
+
+
+def test_the_evicted_record_passes_every_filter():
+    from tcptrace import filters
+    from tcptrace.findings import Finding
+    f = filters.build(pid=[5], comm=["x"], port=[81], ipv4=True)
+    assert f.match(Finding("evicted", 1, count=1, evicted_total=1, max_conns=16))
+    assert not f.match(Finding("connect", 1, 6, "y", S.AF_INET6, "::1", 1, "::1", 2))
