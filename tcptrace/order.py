@@ -74,5 +74,10 @@ class Reorderer:
             self._released_ns = max(self._released_ns, out[-1].ts_ns)
         return out
 
+    @property
+    def released_ns(self):
+        """Every record at or before this time has left."""
+        return self._released_ns
+
     def __len__(self):
         return len(self._held) - self._start

@@ -33,6 +33,7 @@ class Pipeline:
                                transitions=opts.transitions, max_conns=opts.max_conns,
                                confirm=confirm, resolve_owner=resolve_owner)
         self.emitted = 0
+        sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection
         # waits out the tracker's grace), so output is in time order: the same hold-and-release
         # by timestamp as for the events, longer. Steps read from the kernel's socks map arrive
@@ -72,11 +73,12 @@ class Pipeline:
             return
         self._held.push_many(found)
         out = self._held.drain() if final else self._held.release(self.tracker.now_ns)
-        if not out:
-            return
-        self.emitted += len(out)
-        self.sink.emit_many(out)
-        self.sink.flush()
+        if out:
+            self.emitted += len(out)
+            self.sink.emit_many(out)
+        self.sink.advance(self._held.released_ns)
+        if out:
+            self.sink.flush()
 
     def finish(self):
         tr = self.tracker
@@ -84,6 +86,7 @@ class Pipeline:
             tr.process(r)
         tr.finish()
         self.flush(final=True)
+        self.sink.close(tr.now_ns)
 
     def summary_line(self):
         st = self.tracker.stats
@@ -102,25 +105,13 @@ class Pipeline:
         return ", ".join(parts)
 
 
-def run(source, pipe, recorder=None, interval=None):
-    """Feed the pipeline every batch the source yields, then finish it. With `interval`
-    (seconds), a report sink prints and restarts its tables that often."""
-    report = getattr(pipe.sink, "report", None)
-    next_ns = None
+def run(source, pipe, recorder=None):
+    """Feed the pipeline every batch the source yields, then finish it."""
     for batch in source.batches():
         if recorder:
             recorder.write(batch)
         pipe.feed(batch)
-        if interval and report is not None:
-            if next_ns is None:
-                next_ns = source.started_ns + int(interval * 1e9)
-            if batch.horizon_ns >= next_ns:
-                pipe.sink.print(pipe.tracker, interval)
-                report.reset()
-                next_ns += int(interval * 1e9)
     pipe.finish()
-    if report is not None and (not interval or report.counts):
-        pipe.sink.print(pipe.tracker, interval)
 
 
 class _Stop:
@@ -212,8 +203,8 @@ def run_live(opts, plan, diag):
     for n in src.notes:
         diag(n)
     view = owners.KernelView()
-    pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns), confirm=view.confirm,
-                    resolve_owner=view.resolve)
+    pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
+                    confirm=view.confirm, resolve_owner=view.resolve)
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None
 
@@ -231,7 +222,7 @@ def run_live(opts, plan, diag):
         if stop.flag:       # stopped while compiling: nothing began, nothing is written
             raise errors.Interrupted("interrupted before tracing began")
         rec = Recorder(opts.record, src.wall_offset_ns, plan.describe()) if opts.record else None
-        run(src, pipe, rec, opts.interval)
+        run(src, pipe, rec)
         if src.started_ns is None:
             raise errors.Interrupted("interrupted before tracing began")
     except Closed:

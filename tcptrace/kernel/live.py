@@ -23,6 +23,7 @@ class LiveSource:
         self.stop = stop
         self.src = KernelSource(plan, families=opts.filter.kernel_families(),
                                 ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms)
+        self.armed_ns = time.monotonic_ns()     # records can exist from here on
         self.notes = self.src.notes
         self.compile_s = self.src.compile_s
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()

@@ -45,16 +45,24 @@ class Sink:
         except OSError as e:
             raise OutputError(f"cannot write output: {e.strerror}") from None
 
-    def close(self, tracker):
-        """End of the run: whatever a sink prints last (the report's tables)."""
+    def bind(self, tracker):
+        """The tracker whose findings it will get (a report reads its counters too)."""
+
+    def advance(self, released_ns):
+        """Every finding up to released_ns has been delivered (a report closes its windows)."""
+
+    def close(self, end_ns):
+        """End of the run at end_ns: whatever a sink prints last (the report's tables)."""
         self.flush()
 
 
-def make_sink(opts, stream, wall_offset_ns):
-    """The sink the options ask for."""
+def make_sink(opts, stream, wall_offset_ns, start_ns=None):
+    """The sink the options ask for. start_ns: when the stream began (a report's first window
+    starts there; without it, at its first finding)."""
     if opts.report:
         from tcptrace.output.report import ReportSink
-        return ReportSink(stream, wall_offset_ns, as_json=opts.json)
+        return ReportSink(stream, wall_offset_ns, as_json=opts.json, interval=opts.interval,
+                          start_ns=start_ns)
     if opts.json:
         from tcptrace.output.jsonl import JsonSink
         return JsonSink(stream, wall_offset_ns)

@@ -118,12 +118,21 @@ class Report:
         rows.sort(key=lambda r: -r[1])
         return rows
 
-    def summary(self, tracker, wall_offset_ns, interval=None):
+    def summary(self, tracker, wall_offset_ns, interval=None, start_ns=None, end_ns=None,
+                matrix=None):
+        """The numbers of the window [start_ns, end_ns) (default: the first finding's time, and
+        the newest time the tracker has seen); matrix: the transitions of that window."""
         stuck = tracker.stuck_now() if tracker else []
-        now = tracker.now_ns if tracker else (self.last_ns or 0)
+        now = end_ns if end_ns is not None else (tracker.now_ns if tracker else (self.last_ns or 0))
+        start = start_ns if start_ns is not None else (self.first_ns if self.first_ns is not None
+                                                       else now)
+        if matrix is None:
+            matrix = tracker.stats.matrix if tracker else {}
         return {
             "schema": SCHEMA_VERSION, "type": "summary",
             "time": rfc3339(now + wall_offset_ns),
+            "start": rfc3339(start + wall_offset_ns),
+            "duration_ns": max(0, now - start),
             "interval_s": interval,
             "counts": dict(self.counts),
             "connects": [{"raddr": k[0], "rport": k[1], "comm": k[2], "count": n,
@@ -140,16 +149,18 @@ class Report:
                        "raddr": c.raddr, "rport": c.rport, "state": states.name(c.state),
                        "age_ns": now - c.since_ns} for c in stuck],
             "transitions": [{"old": states.name(o), "new": states.name(n), "count": k}
-                            for (o, n), k in sorted(tracker.stats.matrix.items())] if tracker else [],
+                            for (o, n), k in sorted(matrix.items())],
             "handshake_histogram_us": [{"low": lo, "high": hi, "count": n}
                                        for lo, hi, n in log2_rows(self.hist)],
             "lost": {"total": sum(self.lost.values()), "by_source": dict(self.lost)},
             "evicted": self.evicted,
         }
 
-    def tables(self, tracker, wall_offset_ns, interval=None):
-        s = self.summary(tracker, wall_offset_ns, interval)
-        out = []
+    def tables(self, tracker, wall_offset_ns, interval=None, start_ns=None, end_ns=None,
+               matrix=None):
+        s = self.summary(tracker, wall_offset_ns, interval, start_ns, end_ns, matrix)
+        out = [f"REPORT {s['start'][:10]} {s['start'][11:23]} .. {s['time'][11:23]} UTC "
+               f"({_ns(s['duration_ns'])})"]
 
         def section(title, rows, headers):
             out.append(f"\n{title}")
@@ -175,9 +186,11 @@ class Report:
                  for r in s["resets"]], ["PEER", "COMM", "RESET BY", "COUNT"])
         section("HANDSHAKE LATENCY (log2 histogram)", _hist_rows(s["handshake_histogram_us"]),
                 ["USECS", "COUNT", "DISTRIBUTION"])
-        section("TRANSITIONS (row: old state, column: new state)", _matrix_rows(tracker),
-                ["OLD"] + _matrix_cols(tracker))
-        if tracker and tracker.stats.matrix:
+        m = {(STATE_BY_NAME[t["old"]], STATE_BY_NAME[t["new"]]): t["count"]
+             for t in s["transitions"]}
+        section("TRANSITIONS (row: old state, column: new state)", _matrix_rows(m),
+                ["OLD"] + _matrix_cols(m))
+        if m:
             out.append(LEGEND)
         lost = s["lost"]
         out.append(f"\nLOST EVENTS: {lost['total']}" +
@@ -209,45 +222,82 @@ LEGEND = ("LSTN LISTEN, SYNS SYN_SENT, SYNR SYN_RECV, ESTB ESTABLISHED, FW1/FW2 
           "CLWT CLOSE_WAIT, LACK LAST_ACK, CLSG CLOSING, TW TIME_WAIT")
 
 
-def _used(tracker):
-    if not tracker:
-        return [], []
-    m = tracker.stats.matrix
+STATE_BY_NAME = states.BY_NAME
+
+
+def _used(m):
     olds = [s for s in _ORDER if any(o == s for o, _ in m)]
     news = [s for s in _ORDER if any(n == s for _, n in m)]
     return olds, news
 
 
-def _matrix_cols(tracker):
-    return [_ABBR[s] for s in _used(tracker)[1]]
+def _matrix_cols(m):
+    return [_ABBR[s] for s in _used(m)[1]]
 
 
-def _matrix_rows(tracker):
-    olds, news = _used(tracker)
-    m = tracker.stats.matrix if tracker else {}
+def _matrix_rows(m):
+    olds, news = _used(m)
     return [[_ABBR[o]] + [m.get((o, n), "") for n in news] for o in olds]
 
 
 class ReportSink(Sink):
-    """Aggregates findings into a Report, printed as tables or one JSON summary object."""
-    ordered = False     # aggregates do not depend on the order findings arrive in
+    """Aggregates findings into a Report, printed as tables or one JSON summary object: once
+    at the end, or, with `interval`, for every window of that length, each saying when it
+    began and how long it really was (the last one is usually shorter). Windows are cut by
+    the findings' own times, so a backlog read late still lands in the window it happened in;
+    with an interval the pipeline therefore delivers findings in time order."""
 
-    def __init__(self, stream, wall_offset_ns, as_json=False):
+    def __init__(self, stream, wall_offset_ns, as_json=False, interval=None, start_ns=None):
         super().__init__(stream, wall_offset_ns)
         self.as_json = as_json
+        self.interval = interval
+        self.interval_ns = int(interval * 1e9) if interval else None
+        self.ordered = self.interval_ns is not None
         self.report = Report()
+        self.start_ns = start_ns      # the window's start (None: its first finding's time)
+        self.tracker = None
+        self._mx0 = None              # the tracker's transition counts at the window's start
+
+    def bind(self, tracker):
+        self.tracker = tracker
+        self._mx0 = list(tracker.stats.mx)
 
     def emit_many(self, findings):
         add = self.report.add
         for f in findings:
+            if self.interval_ns is not None:
+                self._roll(f.ts_ns)
             add(f)
 
-    def print(self, tracker, interval=None):
-        r = self.report
+    def advance(self, released_ns):
+        if self.interval_ns is not None:
+            self._roll(released_ns)
+
+    def _roll(self, t):
+        """Print and restart every window that ended at or before t."""
+        if self.start_ns is None:
+            self.start_ns = t
+            return
+        while t >= self.start_ns + self.interval_ns:
+            end = self.start_ns + self.interval_ns
+            self.print(end)
+            self.report.reset()
+            self.start_ns = end
+            self._mx0 = list(self.tracker.stats.mx)
+
+    def close(self, end_ns):
+        """The last window (or the whole run): printed even when nothing happened in it."""
+        self.print(max(end_ns, self.start_ns or end_ns))
+
+    def print(self, end_ns):
+        r, tr = self.report, self.tracker
+        mx = tr.stats.mx
+        matrix = {(i >> 4, i & 15): n - self._mx0[i] for i, n in enumerate(mx)
+                  if n - self._mx0[i]}
+        args = (tr, self.wall_offset_ns, self.interval, self.start_ns, end_ns, matrix)
         if self.as_json:
-            text = json.dumps(r.summary(tracker, self.wall_offset_ns, interval),
-                              separators=(",", ":"))
+            text = json.dumps(r.summary(*args), separators=(",", ":"))
         else:
-            text = r.tables(tracker, self.wall_offset_ns, interval)
+            text = r.tables(*args) + "\n"
         self.write(text + "\n")
         self.flush()

@@ -122,6 +122,11 @@ def test_report_interval_json_summaries(tmp_path):
     for s in [first] + later:
         jsonschema.validate(s, schema)
         assert s["interval_s"] == 1
+    # back to back, each as long as it really was: 1 s, but the last (ended by SIGTERM)
+    windows = [first] + later
+    assert all(a["time"] == b["start"] for a, b in zip(windows, windows[1:]))
+    assert all(w["duration_ns"] == 1_000_000_000 for w in windows[:-1])
+    assert 0 <= windows[-1]["duration_ns"] <= 1_000_000_000
     dests = lambda s: {(c["raddr"], c["rport"]): c["count"] for c in s["connects"]}
     everything = [first] + later
     # each connection is counted in exactly one interval
