@@ -12,8 +12,8 @@ import struct
 import sys
 
 from tcptrace import errors
-from tcptrace.wire import (F_SCAN, Batch, Event, Kind, Lost, addr_str, comm_str, iter_steps,
-                           pack_steps)
+from tcptrace.wire import (F_SCAN, Batch, Event, Kind, Lost, Sample, addr_str, comm_str,
+                           iter_steps, pack_steps)
 
 RECORDING_MAGIC = "tcptrace-recording"
 RECORDING_VERSION = 2       # 2: STATE records may carry several steps
@@ -44,6 +44,17 @@ def lost_to_json(lost):
                        "where": lost.where}, separators=(",", ":"))
 
 
+def sample_to_json(s):
+    return json.dumps({"ts_ns": s.ts_ns, "kind": "sample", "what": s.what, "netns": s.netns,
+                       "data": s.data}, separators=(",", ":"))
+
+
+def record_to_json(r):
+    """Any record a source yields, as its recording line."""
+    t = type(r)
+    return lost_to_json(r) if t is Lost else sample_to_json(r) if t is Sample else event_to_json(r)
+
+
 def addr_bytes(text):
     if text is None:
         return bytes(16)
@@ -64,11 +75,16 @@ FAMILIES = (0, 2, 10)     # none (a reset sent for a bare socket pointer), AF_IN
 
 
 def from_json_obj(d):
-    """One recording line (already parsed) -> Event or Lost. Raises ValueError saying what is
-    wrong, in words."""
+    """One recording line (already parsed) -> Event, Lost or Sample. Raises ValueError saying
+    what is wrong, in words."""
     if not isinstance(d, dict):
         raise ValueError("not a JSON object")
     kind = d.get("kind")
+    if kind == "sample":
+        what, data = d.get("what"), d.get("data")
+        if not isinstance(what, str) or not isinstance(data, dict):
+            raise ValueError("a sample needs what (a name) and data (an object)")
+        return Sample(_int(d, "ts_ns"), what, _int(d, "netns"), data)
     if kind == "lost":
         count, where = _int(d, "count"), d.get("where")
         if not isinstance(where, str):
@@ -146,7 +162,7 @@ class Recorder:
                                    "lport": lp, "raddr": ra, "rport": rp, "state": st,
                                    "pid": pid, "comm": comm, "fd": fd}))
         for r in batch.records:
-            self._line(lost_to_json(r) if type(r) is Lost else event_to_json(r))
+            self._line(record_to_json(r))
         # replay feeds what came before a tick against it, as the live loop did
         self._line(json.dumps({"kind": "tick", "ts_ns": batch.horizon_ns}))
         for r in batch.scanned:
@@ -257,7 +273,7 @@ class RecordingSource:
                 except ValueError as e:
                     self.error = f"{self.path}:{lineno}: malformed record ({e})"
                     break
-                if type(rec) is not Lost and rec.flags & F_SCAN:
+                if type(rec) is Event and rec.flags & F_SCAN:
                     # read from the kernel's map after everything before it: as live
                     yield Batch(batch, newest, scanned=[rec], seeds=seeds)
                     batch, seeds = [], []

@@ -105,6 +105,15 @@ class Pipeline:
         return ", ".join(parts)
 
 
+def samplers_for(detectors):
+    """One of each sampler the detectors ask for (their SAMPLERS)."""
+    wanted = {}
+    for d in detectors:
+        for make in getattr(d, "SAMPLERS", ()):
+            wanted.setdefault(make, None)
+    return [make() for make in wanted]
+
+
 def run(source, pipe, recorder=None):
     """Feed the pipeline every batch the source yields, then finish it."""
     for batch in source.batches():
@@ -205,6 +214,7 @@ def run_live(opts, plan, diag):
     view = owners.KernelView()
     pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
+    src.samplers = samplers_for(pipe.tracker.detectors)
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None
 

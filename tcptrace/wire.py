@@ -201,10 +201,21 @@ def comm_str(raw):
 COMM_TEXT = Memo(comm_str)
 
 
+class Sample(NamedTuple):
+    """What the kernel's own tables and counters said at ts_ns, read by a sampler on the tick
+    (tcptrace/host/samplers.py): `what` names the sampler, `netns` the network namespace (its
+    inode), `data` the reading as plain JSON values. Recorded and replayed as they are, so a
+    replay sees what the live run saw."""
+    ts_ns: int
+    what: str
+    netns: int
+    data: dict
+
+
 class Batch(NamedTuple):
     """What a source hands the pipeline at a time: the live kernel every poll, a recording
     every tick it recorded. Both sources yield the same thing, so one loop runs either."""
-    records: list             # Events and Losts, in delivery order
+    records: list             # Events, Losts and Samples, in delivery order
     horizon_ns: int           # the stream is complete up to this time (the clock at the read)
     scanned: list = ()        # STATE records read from the kernel's maps (F_SCAN), after those
     seeds: list = ()          # sockets that existed before start: (family, laddr, lport, raddr,

@@ -16,13 +16,14 @@ the ones it defines) and makes findings with `self.tr.finding()` / `self.tr.conc
   step(c, ev, ts, old, new) every transition (asking for it costs a call per transition)
   fact(ev)                  a record that belongs to no connection (connect() failing early)
   lost(rec)                 the kernel side lost records
+  sample(rec)               a sampler's reading of the kernel's tables or counters (wire.Sample)
   clock(now_ns)             the clock moved on (every poll)
 
 tests/unit/test_detectors.py shows each in isolation; docs/design.md walks through adding one.
 """
 
 HOOKS = ("established", "closing", "closed", "resting", "moved", "gone", "step", "fact", "lost",
-         "clock")
+         "sample", "clock")
 
 
 class Detector:

@@ -16,7 +16,7 @@ _kind = operator.attrgetter("kind")
 
 
 class LiveSource:
-    def __init__(self, plan, opts, stop):
+    def __init__(self, plan, opts, stop, samplers=()):
         from tcptrace.kernel.source import KernelSource
         self.plan = plan
         self.opts = opts
@@ -29,6 +29,7 @@ class LiveSource:
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self.started_ns = None
         self.on_ready = None        # called once the sockets that existed before are seeded
+        self.samplers = list(samplers)      # host/samplers.py: what the detectors asked for
 
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
@@ -64,6 +65,10 @@ class LiveSource:
             if now >= next_loss:
                 evs.extend(src.losses(now))
                 next_loss = now + 100_000_000
+            for s in self.samplers:
+                if now >= s.next_ns:
+                    evs.extend(s.sample(now))
+                    s.next_ns = now + s.period_ns
             scanned = ()
             if now >= next_scan:
                 scanned = src.scan()

@@ -29,7 +29,7 @@ from tcptrace.lifecycle import fast
 from tcptrace.lifecycle.conn import ACTIVE, LISTENER, PASSIVE
 from tcptrace.lifecycle.rules import OPENING_CELLS, OWNER_CELLS
 from tcptrace.lifecycle.table import ConnTable
-from tcptrace.wire import COMM_TEXT, EARLY, Kind, Lost, endpoints, iter_steps
+from tcptrace.wire import COMM_TEXT, EARLY, Kind, Lost, Sample, endpoints, iter_steps
 
 # The hot path reads these per step: globals, not module attributes.
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1 = S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1
@@ -171,8 +171,12 @@ class Tracker:
             self._conclude_due(ts)
         if ts > self.now_ns:
             self.now_ns = ts
-        if type(rec) is Lost:
+        t = type(rec)
+        if t is Lost:
             self._lost(rec)
+            return
+        if t is Sample:
+            self.sample(rec)
             return
         self.stats.events += 1
         k = rec.kind

@@ -1,0 +1,132 @@
+"""sock_diag (NETLINK_SOCK_DIAG, inet_diag): the kernel's socket table, as `ss` reads it, with
+the filtering done in the kernel: by state (the request's state mask) and by port (a bytecode
+program, INET_DIAG_REQ_BYTECODE), so a dump costs what it returns rather than the whole table.
+
+Measured on this project's machine kind (docs/bench.md): 30,000 TIME_WAIT sockets dump in about
+0.05 s this way, against 0.1 s for `ss` or /proc/net/tcp and 2.5 s for pyroute2's parser.
+
+Layouts are the uapi's (linux/inet_diag.h, linux/netlink.h): stable ABI, not kernel structs.
+"""
+import socket
+import struct
+from typing import NamedTuple
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP = 1
+INET_DIAG_BC_S_EQ, INET_DIAG_BC_D_EQ = 11, 12      # since 4.16 (ss uses S_GE/S_LE before)
+
+_NLMSG = struct.Struct("=IHHII")                      # nlmsghdr
+_REQ = struct.Struct("=BBBxI" "HH16s16sI8s")          # inet_diag_req_v2 (ports big-endian)
+_MSG = struct.Struct("=BBBB" "2s2s16s16sI8s" "IIIII")  # inet_diag_msg
+_RTA = struct.Struct("=HH")
+_OP = struct.Struct("=BBH")                           # inet_diag_bc_op
+
+# TCP states (include/net/tcp_states.h) as a dump's state mask wants them
+STATES = {"ESTABLISHED": 1, "SYN_SENT": 2, "SYN_RECV": 3, "FIN_WAIT1": 4, "FIN_WAIT2": 5,
+          "TIME_WAIT": 6, "CLOSE": 7, "CLOSE_WAIT": 8, "LAST_ACK": 9, "LISTEN": 10,
+          "CLOSING": 11}
+
+
+class DiagSock(NamedTuple):
+    family: int
+    state: int
+    timer: int
+    retrans: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    expires_ms: int       # TIME_WAIT: time left; SYN_RECV: until the next SYN-ACK
+    rqueue: int           # LISTEN: accept queue now
+    wqueue: int           # LISTEN: its backlog (listen()'s, capped by somaxconn)
+    uid: int
+    inode: int            # 0 for request and timewait socks (no file)
+    cookie: int
+
+
+def _addr(family, raw):
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def port_filter(ports):
+    """Bytecode accepting a socket whose local or remote port is one of `ports`, laid out as
+    ss lays out an OR: each test is followed by a jump to the end (accept) that its true branch
+    reaches; its false branch skips that jump to the next test, and the last test's goes past
+    the end (reject). The kernel's audit (inet_diag_bc_audit) wants every op on the chain of
+    true branches, which this keeps."""
+    tests = [(code, p) for p in sorted(set(ports)) for code in (INET_DIAG_BC_S_EQ,
+                                                                INET_DIAG_BC_D_EQ)]
+    total = 12 * len(tests) - 4
+    out = b""
+    for i, (code, p) in enumerate(tests):
+        out += _OP.pack(code, 8, 12) + _OP.pack(0, 0, p)
+        if i < len(tests) - 1:
+            out += _OP.pack(INET_DIAG_BC_JMP, 4, total - len(out))
+    return out
+
+
+class Diag:
+    """One netlink socket, in the network namespace it was opened in (open it there: see
+    netns.run_in)."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._buf = bytearray(1 << 20)
+
+    def close(self):
+        self.sock.close()
+
+    def dump(self, states, families=(socket.AF_INET, socket.AF_INET6), ports=()):
+        """[DiagSock] of the TCP sockets in these states (names), optionally only those with a
+        local or remote port in `ports`."""
+        mask = 0
+        for s in states:
+            mask |= 1 << STATES[s]
+        out = []
+        for fam in families:
+            self._request(fam, mask, port_filter(ports) if ports else b"")
+            self._collect(out)
+        return out
+
+    def _request(self, family, mask, bytecode):
+        self._seq += 1
+        body = _REQ.pack(family, socket.IPPROTO_TCP, 0, mask, 0, 0, b"", b"", 0, b"")
+        if bytecode:
+            attr = _RTA.pack(_RTA.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+            body += attr + b"\0" * (-len(attr) % 4)
+        head = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY,
+                           NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
+        self.sock.sendall(head + body)
+
+    def _collect(self, out):
+        buf, view = self._buf, memoryview(self._buf)
+        unpack_msg, unpack_nl = _MSG.unpack_from, _NLMSG.unpack_from
+        while True:
+            n = self.sock.recv_into(buf)
+            off = 0
+            while off + _NLMSG.size <= n:
+                length, typ, _flags, seq, _pid = unpack_nl(buf, off)
+                if length < _NLMSG.size:
+                    raise OSError("sock_diag: a malformed netlink message")
+                if seq == self._seq:
+                    if typ == NLMSG_DONE:
+                        return
+                    if typ == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", buf, off + _NLMSG.size)[0]
+                        raise OSError(err, f"sock_diag: {socket.errno.errorcode.get(err, err)}")
+                    if typ == SOCK_DIAG_BY_FAMILY:
+                        (fam, st, timer, retrans, sp, dp, src, dst, _if, cookie, expires, rq,
+                         wq, uid, inode) = unpack_msg(view, off + _NLMSG.size)
+                        out.append(DiagSock(fam, st, timer, retrans, _addr(fam, src),
+                                            int.from_bytes(sp, "big"), _addr(fam, dst),
+                                            int.from_bytes(dp, "big"), expires, rq, wq, uid,
+                                            inode, int.from_bytes(cookie, "little")))
+                off += (length + 3) & ~3
