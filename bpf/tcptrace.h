@@ -1,7 +1,7 @@
 /* tcptrace wire contract: the one record every BPF program emits, and the runtime config.
  *
  * Python never keeps a copy of this layout: it asks BCC for the compiled struct and derives its
- * decoder from that (tcptrace/kernel.py), so this file is the single source of truth.
+ * decoder from that (tcptrace/wire.py: decoder_for), so this file is the single source of truth.
  * Fixed-width fields only, spelled with BCC's u8..u64 names (the ones its event decoder knows); one layout for IPv4 and IPv6 (16-byte addresses plus family).
  */
 #ifndef TCPTRACE_H

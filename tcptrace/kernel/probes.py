@@ -12,6 +12,7 @@ import platform
 from dataclasses import dataclass, field, asdict
 
 from tcptrace import errors
+from tcptrace.kernel.bpfsys import BPF_MAP_CREATE, NR_BPF, bpf
 
 SUPPORTED, UNSUPPORTED, UNKNOWN = "supported", "unsupported", "unknown"
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -141,17 +142,6 @@ def _kprobes():
                  "kernel built without CONFIG_KPROBES (no kprobe PMU, no kprobe_events)", "any")
 
 
-LIBC = ctypes.CDLL(None, use_errno=True)
-NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-
-
-def bpf(cmd, attr):
-    """bpf(2) with a ctypes attr struct: (result, errno). Used without BCC (doctor asks the
-    kernel before anything is compiled) and for what BCC does not expose (program info)."""
-    r = LIBC.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    return r, (ctypes.get_errno() if r < 0 else 0)
-
-
 def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
     """Create (and close) a map of the given type: the kernel's own answer."""
     if NR_BPF is None:
@@ -163,7 +153,7 @@ def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
         _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                     ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                     ("pad", ctypes.c_uint8 * 112)]
-    fd, err = bpf(0, MapAttr(map_type, key_size, value_size, max_entries))   # BPF_MAP_CREATE
+    fd, err = bpf(BPF_MAP_CREATE, MapAttr(map_type, key_size, value_size, max_entries))
     if fd >= 0:
         os.close(fd)
         return Check(name, SUPPORTED, works, minver)
