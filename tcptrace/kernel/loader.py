@@ -10,6 +10,7 @@ import time
 from importlib.resources import files as _res_files
 
 from tcptrace import errors
+from tcptrace.kernel import probes
 from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.wire import Kind
 
@@ -41,9 +42,15 @@ def bpf_dir():
 
 
 def cflags(plan, ringbuf_pages):
-    """The compiler flags for a plan: its -D switches and the fixed sizes."""
+    """The compiler flags for a plan: the -D switches of the options it took (probes.SWITCHES),
+    the rescue's struct offsets, and the fixed sizes."""
     flags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
-             "-Wno-macro-redefined", "-Wno-unused-function"] + plan.cflags()
+             "-Wno-macro-redefined", "-Wno-unused-function"]
+    for sw in probes.SWITCHES:
+        flags += sw.option(plan.choice(sw)).cflags
+    # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
+    flags += [f"-DTT_{'' if k.startswith('SZ_') else 'OFF_'}{k}={v}"
+              for k, v in sorted(plan.rescue.items())]
     if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
         # Tests only: the twins handle every hit, so their field reads are checked against
         # real sockets (tests/kernel/test_foundation.py).
