@@ -60,6 +60,10 @@ BPF_HASH(ports, u16, u8, 64);
 /* drops: records the transport refused (buffer full), per kind, per CPU. Counted here because
  * the perf "lost" record arrives only when a later record fits, and the ring buffer has none. */
 BPF_PERCPU_ARRAY(drops, u64, TT_KIND_MAX);
+/* state_hits: runs of the inet_sock_set_state program, per CPU, with or without the rescue:
+ * incremented first thing on every run, never reset; user space sets it against a count of the
+ * tracepoint's hits that needs no BPF (tcptrace/kernel/tally.py). */
+BPF_PERCPU_ARRAY(state_hits, u64, 1);
 /* socks: per socket, the transitions not sent yet: a TT_STATE record being filled. Created at a
  * socket's first unsent transition, deleted when the record is sent (ESTABLISHED, LISTEN, CLOSE,
  * or full), so it holds only sockets between those states: in a handshake, in a close, or resting
@@ -119,8 +123,6 @@ BPF_PERCPU_ARRAY(marks, struct tt_marks, TT_KIND_MAX);
 /* rescued: per kind, per CPU, hits the twins handled because the tracepoint program was
  * skipped. User space subtracts them from the programs' recursion misses. */
 BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
-/* state_hits: runs of the inet_sock_set_state program, per CPU (see kernel.Tally). */
-BPF_PERCPU_ARRAY(state_hits, u64, 1);
 
 /* A pointer's value as a number (the verifier keeps a pointer a pointer). */
 static __always_inline u64 tt_addr(void *p)
