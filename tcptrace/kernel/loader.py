@@ -5,6 +5,7 @@ loaded), so `--help`, `replay` and the unit tests run without it.
 import contextlib
 import ctypes
 import os
+import re
 import time
 
 from importlib.resources import files as _res_files
@@ -39,6 +40,31 @@ def bpf_dir():
     if os.path.exists(os.path.join(p, "tcptrace.c")):
         return p
     raise errors.Unavailable("BPF sources not found (a broken install: bpf/tcptrace.c missing)")
+
+
+_PART = re.compile(r'#include "(\w+\.c)"\s*$')
+
+
+def source():
+    """bpf/tcptrace.c with each part it #includes ("x.c") put in place: one text for BCC. BCC
+    rewrites map calls (`socks.lookup(&k)`) and tracepoint arguments only in the main text it
+    is given; in a file the compiler includes, a map call stays an indirect call the verifier
+    refuses. #line markers keep the compiler's messages naming each part's own file and line.
+    The text is the same for every plan: options reach the program as -D switches and maps."""
+    d = bpf_dir()
+    main = os.path.join(d, "tcptrace.c")
+    out = [f'#line 1 "{main}"\n']
+    with open(main) as f:
+        for n, line in enumerate(f, 1):
+            m = _PART.match(line)
+            if m is None:
+                out.append(line)
+                continue
+            part = os.path.join(d, m.group(1))
+            with open(part) as p:
+                out += [f'#line 1 "{part}"\n'] + p.readlines()
+            out.append(f'\n#line {n + 1} "{main}"\n')
+    return "".join(out)
 
 
 def cflags(plan, ringbuf_pages):
@@ -110,12 +136,12 @@ class Programs:
             import bcc
         except ImportError:
             raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
-        src = os.path.join(bpf_dir(), "tcptrace.c")
+        text = source()
         flags = cflags(plan, ringbuf_pages)
         t0 = time.monotonic()
         try:
             with _stdout_to_stderr():
-                self.b = bcc.BPF(src_file=src.encode(), cflags=flags)
+                self.b = bcc.BPF(text=text.encode(), cflags=flags)
         except Exception as e:   # BCC raises bare Exception for compile and attach failures
             raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
         self.compile_s = time.monotonic() - t0

@@ -355,8 +355,8 @@ def plan(transport="auto", checks_=None, offsets=None):
         taken = next(o for o in sw.options if not o.needs or _passed(cs, o.needs))
         best = sw.options[0]
         if taken is not best and taken.note:
-            p.notes.append(taken.note.format(**asdict(cs.get(best.needs)
-                                                      or Check(best.needs, UNKNOWN, "not checked"))))
+            check = cs.get(best.needs) or Check(best.needs, UNKNOWN, "not checked")
+            p.notes.append(taken.note.format(**asdict(check)))
         if sw.name == "rescue" and taken.value and offsets is None:
             offsets = rescue_offsets()[1]
         p.take(sw, taken.value, offsets)
