@@ -1,6 +1,13 @@
 /* TCP state transitions, grouped: the kernel keeps a socket's steps in `socks` and sends them as
  * one record when the socket reaches a state where it may rest for long or is gone (or the
- * record is full); at ESTABLISHED they are held for the close (hold.c). Part of tcptrace.c. */
+ * record is full); at ESTABLISHED they are held for the close (hold.c). Which transitions send,
+ * name the owner or start a new socket is not decided here: the loader passes the rules of
+ * tcptrace/lifecycle/rules.py as macros, so user space reads the records by the same rules.
+ * Part of tcptrace.c. */
+
+#if !defined(TT_OWNER_STEP) || !defined(TT_OPENING_STEP) || !defined(TT_SEND_AT)
+#error "TT_OWNER_STEP, TT_OPENING_STEP and TT_SEND_AT come from tcptrace/lifecycle/rules.py"
+#endif
 
 #ifndef TT_SOCKS_MAX
 #define TT_SOCKS_MAX 65536
@@ -137,13 +144,8 @@ static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct t
         return;
     struct tt_hit h = {
         .sk = sk, .id = bpf_get_current_pid_tgid(), .ts = bpf_ktime_get_ns(),
-        .old = old, .new = new,
-        .owner = (old == TT_CLOSE && (new == TT_SYN_SENT || new == TT_LISTEN)) ||
-                 (old == TT_ESTABLISHED && new == TT_FIN_WAIT1) ||
-                 (old == TT_CLOSE_WAIT && new == TT_LAST_ACK),
-        .opening = (old == TT_CLOSE && (new == TT_SYN_SENT || new == TT_LISTEN)) ||
-                   (old == TT_LISTEN && new == TT_SYN_RECV),
-        .send = new == TT_ESTABLISHED || new == TT_CLOSE || new == TT_LISTEN,
+        .old = old, .new = new, .owner = TT_OWNER_STEP(old, new),
+        .opening = TT_OPENING_STEP(old, new), .send = TT_SEND_AT(new),
     };
     if (new == TT_SYN_SENT)
         tt_connect_syn_sent(h.id, sk);

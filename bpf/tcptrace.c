@@ -31,6 +31,9 @@
  *                           from its BTF (tcptrace/kernel/btf.py)
  * Every plan's, from tcptrace/kernel/loader.py:
  *   TT_RINGBUF_PAGES=n      ring size in pages (power of two)
+ *   TT_OWNER_STEP(o,n), TT_OPENING_STEP(o,n), TT_SEND_AT(n)
+ *                           which transitions name the owner, start a new socket, send what is
+ *                           pending: tcptrace/lifecycle/rules.py, as user space reads them
  * Tests only: TT_RESCUE_ONLY=1 (rescue.c).
  */
 #include <uapi/linux/ptrace.h>
@@ -39,15 +42,9 @@
 #include <linux/in6.h>
 #include "tcptrace.h"
 
-/* TCP states (include/net/tcp_states.h) and uapi numbers. */
+/* The states and numbers the programs name themselves (include/net/tcp_states.h, uapi). */
 #define TT_ESTABLISHED 1
 #define TT_SYN_SENT 2
-#define TT_SYN_RECV 3
-#define TT_FIN_WAIT1 4
-#define TT_CLOSE 7
-#define TT_CLOSE_WAIT 8
-#define TT_LAST_ACK 9
-#define TT_LISTEN 10
 #define TT_IPPROTO_TCP 6
 #define TT_EINPROGRESS 115
 

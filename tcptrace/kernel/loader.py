@@ -13,6 +13,7 @@ from importlib.resources import files as _res_files
 from tcptrace import errors
 from tcptrace.kernel import probes
 from tcptrace.kernel.bpfsys import LIBC, prog_stats
+from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
 
 # The recursion rescue's raw tracepoint twins: (hook in bpf/tcptrace.c's tt_rescue_<hook> and
@@ -69,9 +70,10 @@ def source():
 
 def cflags(plan, ringbuf_pages):
     """The compiler flags for a plan: the -D switches of the options it took (probes.SWITCHES),
-    the rescue's struct offsets, and the fixed sizes."""
+    the rescue's struct offsets, the fixed sizes, and the grouping rules (lifecycle/rules.py,
+    as function-like macros, which BCC's clang takes as -D like any other)."""
     flags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
-             "-Wno-macro-redefined", "-Wno-unused-function"]
+             "-Wno-macro-redefined", "-Wno-unused-function"] + rules.cflags()
     for sw in probes.SWITCHES:
         flags += sw.option(plan.choice(sw)).cflags
     # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
