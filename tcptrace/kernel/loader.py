@@ -16,7 +16,7 @@ from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
 
-# The recursion rescue's raw tracepoint twins: (hook in bpf/tcptrace.c's tt_rescue_<hook> and
+# The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
 # tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
 # `rescued` counter they keep, the plan's hook name or None when always attached).
 STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's name for it
@@ -189,7 +189,7 @@ class Programs:
         return type(self.b["events"].event(ctypes.create_string_buffer(512)))
 
     def configure(self, families, ports, hold_us):
-        """The runtime options, into the `config` and `ports` maps (bpf/tcptrace.c)."""
+        """The runtime options, into the `config` and `ports` maps (bpf/config.c)."""
         pm = self.b["ports"]
         for p in ports:
             pm[pm.Key(p)] = pm.Leaf(1)

@@ -4,7 +4,7 @@
     own loss records count the same drops but arrive late, so they are only a cross-check);
   - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
     running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the
-    ones the raw tracepoint twins recovered (the recursion rescue, bpf/tcptrace.c);
+    ones the raw tracepoint twins recovered (the recursion rescue, bpf/rescue.c);
   - "unseen:inet_sock_set_state": state transitions the kernel made without running the BPF
     program and without counting a miss either, found by counting the same tracepoint in a
     tracefs instance (kernel/tally.py).
@@ -22,7 +22,7 @@ from tcptrace.wire import Kind, Lost
 
 class Losses:
     """Deltas of the loss counters of loaded programs (`progs`: loader.Programs) since the last
-    read. `spill`: the plan has the ring buffer's spill buffer (bpf/tcptrace.c: spilled counts
+    read. `spill`: the plan has the ring buffer's spill buffer (bpf/transport.c: spilled counts
     what it took). `notes` gets what cannot be counted here."""
 
     def __init__(self, progs, tracefs, notes, spill):

@@ -44,7 +44,7 @@ RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
 )
 
-# The kernel struct members the recursion rescue reads (bpf/tcptrace.c): the struct sock ones as
+# The kernel struct members the recursion rescue reads (bpf/rescue.c): the struct sock ones as
 # the tracepoints' own TP_fast_assign reads them, then what tells a hit's level (task or
 # interrupt) apart, task_struct.stack and pt_regs.sp: (macro suffix, struct, member path, size).
 RESCUE_FIELDS = (
@@ -169,7 +169,7 @@ def _ringbuf():
 
 
 def _queue():
-    # BPF_MAP_TYPE_QUEUE = 22, a 16-byte value as held_q's (bpf/tcptrace.c)
+    # BPF_MAP_TYPE_QUEUE = 22, a 16-byte value as held_q's (bpf/hold.c)
     return _map_type("queue map", 22, 0, 16, 1, "ESTABLISHED sockets' steps are held briefly, "
                      "so a short connection is one record per socket", "4.20")
 
@@ -189,7 +189,7 @@ def rescue_offsets(path=None):
             if got != size:
                 raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
             offs[macro] = off
-        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/tcptrace.c:tt_level).
+        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/rescue.c: tt_level).
         # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
         # uses 16 KiB with 4 KiB pages.
         offs["SZ_STACK"] = b.struct_size("irq_stack") or 16384
@@ -262,7 +262,7 @@ class Plan:
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
     rescue: dict = field(default_factory=dict)           # BTF offsets and sizes, or {}: no rescue
-    hold: bool = False                                   # bpf/tcptrace.c: held (queue maps)
+    hold: bool = False                                   # bpf/hold.c (queue maps)
     notes: list = field(default_factory=list)
 
     def choice(self, switch):

@@ -86,7 +86,7 @@ class KernelSource:
         return out
 
     def _due_held(self, most=256):
-        """Held sockets (bpf/tcptrace.c: held) that no hit has sent early: on a quiet host
+        """Held sockets (bpf/hold.c: held) that no hit has sent early: on a quiet host
         nothing runs tt_flush. Taken once they are twice hold_us old, which under traffic the
         kernel has long done; read, not sent, so they come as scans (and again with their next
         transition, which user space skips as already taken)."""
