@@ -3,15 +3,66 @@
  * watched. With kprobes, tcp_v{4,6}_connect's return (TT_KPROBES); without, the connect()
  * syscall's (TT_SYSCALL_CONNECT). Part of tcptrace.c. */
 
+/* Where a connect() goes, from the sockaddr it was given (uapi layout: the same on every
+ * kernel). */
+struct tt_dest {
+    u16 family;
+    u16 dport;        /* host byte order */
+    u8 daddr[16];
+};
+
+static __always_inline int tt_read(void *dst, u32 size, const void *src, int user)
+{
+    return user ? bpf_probe_read_user(dst, size, src) : bpf_probe_read_kernel(dst, size, src);
+}
+
+/* The destination at sa, read from user memory (the syscall's argument) or kernel memory (the
+ * kernel's copy); 0 if it is not AF_INET or AF_INET6. */
+static __always_inline int tt_read_dest(struct tt_dest *d, struct sockaddr *sa, int user)
+{
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)sa;
+    tt_read(&d->family, sizeof(d->family), &sa->sa_family, user);
+    if (d->family == AF_INET) {
+        tt_read(&d->dport, 2, &in->sin_port, user);
+        tt_read(d->daddr, 4, &in->sin_addr, user);
+    } else if (d->family == AF_INET6) {
+        tt_read(&d->dport, 2, &in6->sin6_port, user);
+        tt_read(d->daddr, 16, &in6->sin6_addr, user);
+    } else {
+        return 0;
+    }
+    d->dport = ntohs(d->dport);
+    return 1;
+}
+
+/* A connect that failed before its SYN: err is the return code, fd the descriptor (0 where the
+ * hook cannot tell), flag which hook saw it. */
+static __always_inline void tt_connect_failed(void *ctx, struct tt_dest *d, u64 sk, s32 err,
+                                              u32 fd, u8 flag)
+{
+    if (!tt_wanted(d->family, 0, d->dport))
+        return;
+    struct tt_event ev = {};
+    ev.kind = TT_CONNECT_RET;
+    tt_task(&ev);
+    ev.skaddr = sk;
+    ev.err = err;
+    ev.aux = fd;
+    ev.flags = flag;
+    ev.family = d->family;
+    ev.dport = d->dport;
+    __builtin_memcpy(ev.daddr, d->daddr, 16);
+    tt_emit(ctx, &ev);
+}
+
 #ifdef TT_KPROBES
 /* connect_sk: per thread, tcp_v{4,6}_connect entry to return. Inserted at entry, deleted at
  * return; LRU so a lost return cannot leak. Value: the sock pointer (a key, never read) and the
- * destination, copied from the kernel's own copy of the user's sockaddr (uapi layout). */
+ * destination, from the kernel's own copy of the user's sockaddr. */
 struct tt_csk {
     u64 skaddr;
-    u16 family;
-    u16 dport;
-    u8 daddr[16];
+    struct tt_dest dest;
 };
 BPF_TABLE("lru_hash", u32, struct tt_csk, connect_sk, 4096);
 
@@ -20,17 +71,7 @@ static __always_inline int tt_connect_entry(struct pt_regs *ctx, void *sk, struc
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct tt_csk c = {};
     c.skaddr = (u64)sk;
-    bpf_probe_read_kernel(&c.family, sizeof(c.family), &uaddr->sa_family);
-    if (c.family == AF_INET) {
-        struct sockaddr_in *in = (struct sockaddr_in *)uaddr;
-        bpf_probe_read_kernel(&c.dport, 2, &in->sin_port);
-        bpf_probe_read_kernel(c.daddr, 4, &in->sin_addr);
-    } else if (c.family == AF_INET6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)uaddr;
-        bpf_probe_read_kernel(&c.dport, 2, &in6->sin6_port);
-        bpf_probe_read_kernel(c.daddr, 16, &in6->sin6_addr);
-    }
-    c.dport = ntohs(c.dport);
+    tt_read_dest(&c.dest, uaddr, 0);
     connect_sk.update(&tid, &c);
     return 0;
 }
@@ -53,18 +94,8 @@ static __always_inline int tt_connect_return(struct pt_regs *ctx)
         return 0;
     int ret = PT_REGS_RC(ctx);
     /* Success (0) is told by the CLOSE->SYN_SENT transition; a failure here came before it. */
-    if (ret != 0 && tt_wanted(c->family, 0, c->dport)) {
-        struct tt_event ev = {};
-        ev.kind = TT_CONNECT_RET;
-        tt_task(&ev);
-        ev.skaddr = c->skaddr;
-        ev.err = ret;
-        ev.flags = TT_F_KPROBE;
-        ev.family = c->family;
-        ev.dport = c->dport;
-        __builtin_memcpy(ev.daddr, c->daddr, 16);
-        tt_emit(ctx, &ev);
-    }
+    if (ret != 0)
+        tt_connect_failed(ctx, &c->dest, c->skaddr, ret, 0, TT_F_KPROBE);
     connect_sk.delete(&tid);
     return 0;
 }
@@ -88,9 +119,7 @@ int kretprobe__tcp_v6_connect(struct pt_regs *ctx)
 struct tt_connecting {
     u64 skaddr;
     u32 fd;
-    u16 family;
-    u16 dport;
-    u8 daddr[16];
+    struct tt_dest dest;
 };
 BPF_TABLE("lru_hash", u32, struct tt_connecting, connecting, 4096);
 
@@ -106,21 +135,8 @@ static __always_inline void tt_connect_syn_sent(u64 id, u64 sk)
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
     struct tt_connecting c = {};
-    struct sockaddr *sa = (struct sockaddr *)args->uservaddr;
-    /* The user's sockaddr: uapi layout, read from user memory, so no kernel-version risk. */
-    bpf_probe_read_user(&c.family, sizeof(c.family), &sa->sa_family);
-    if (c.family == AF_INET) {
-        struct sockaddr_in *in = (struct sockaddr_in *)sa;
-        bpf_probe_read_user(&c.dport, 2, &in->sin_port);
-        bpf_probe_read_user(c.daddr, 4, &in->sin_addr);
-    } else if (c.family == AF_INET6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)sa;
-        bpf_probe_read_user(&c.dport, 2, &in6->sin6_port);
-        bpf_probe_read_user(c.daddr, 16, &in6->sin6_addr);
-    } else {
+    if (!tt_read_dest(&c.dest, (struct sockaddr *)args->uservaddr, 1))
         return 0;
-    }
-    c.dport = ntohs(c.dport);
     c.fd = args->fd;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     connecting.update(&tid, &c);
@@ -137,18 +153,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     /* Only failures that happened before a SYN went out (no SYN_SENT seen in this call): the
      * others are told by the transitions, resets and error reports. The socket's protocol is not
      * visible here; user space checks the fd (tcptrace/owners.py). */
-    if (ret < 0 && ret != -TT_EINPROGRESS && c->skaddr == 0 && tt_wanted(c->family, 0, c->dport)) {
-        struct tt_event ev = {};
-        ev.kind = TT_CONNECT_RET;
-        tt_task(&ev);
-        ev.err = ret;
-        ev.aux = c->fd;
-        ev.flags |= TT_F_SYSCALL;
-        ev.family = c->family;
-        ev.dport = c->dport;
-        __builtin_memcpy(ev.daddr, c->daddr, 16);
-        tt_emit(args, &ev);
-    }
+    if (ret < 0 && ret != -TT_EINPROGRESS && c->skaddr == 0)
+        tt_connect_failed(args, &c->dest, 0, ret, c->fd, TT_F_SYSCALL);
     connecting.delete(&tid);
     return 0;
 }

@@ -18,10 +18,7 @@ static __always_inline void tt_recv_reset(void *ctx, u64 sk, struct tt_sk *s)
         return;
     }
     struct tt_event ev = {};
-    ev.kind = TT_RECV_RESET;
-    tt_task(&ev);
-    ev.skaddr = sk;
-    tt_put_sk(&ev, s);
+    tt_fact(&ev, TT_RECV_RESET, sk, s);
     tt_emit(ctx, &ev);
 }
 #endif
@@ -34,10 +31,8 @@ static __always_inline void tt_sock_error(void *ctx, int err, struct tt_sk *s)
     if (!tt_wanted(s->family, s->sport, s->dport))
         return;
     struct tt_event ev = {};
-    ev.kind = TT_SOCK_ERROR;
-    tt_task(&ev);
+    tt_fact(&ev, TT_SOCK_ERROR, 0, s);
     ev.err = err;
-    tt_put_sk(&ev, s);
     tt_emit(ctx, &ev);
 }
 #endif
@@ -56,11 +51,8 @@ static __always_inline void tt_retrans(void *ctx, u64 sk, struct tt_sk *s)
         return;
     }
     struct tt_event ev = {};
-    ev.kind = TT_RETRANS;
-    tt_task(&ev);
-    ev.skaddr = sk;
+    tt_fact(&ev, TT_RETRANS, sk, s);
     ev.oldstate = TT_SYN_SENT;
-    tt_put_sk(&ev, s);
     tt_emit(ctx, &ev);
 }
 #endif

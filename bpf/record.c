@@ -46,3 +46,13 @@ static __always_inline int tt_other_task(struct tt_event *e, u64 id)
     u64 *had = (u64 *)e->comm;
     return comm[0] != had[0] || comm[1] != had[1];
 }
+
+/* A record of one fact (not TT_STATE) about socket sk (0 when the hook names none), told by the
+ * current task. */
+static __always_inline void tt_fact(struct tt_event *ev, u8 kind, u64 sk, struct tt_sk *s)
+{
+    ev->kind = kind;
+    tt_task(ev);
+    ev->skaddr = sk;
+    tt_put_sk(ev, s);
+}
