@@ -113,18 +113,20 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
     assert {sw.name: plan.choice(sw) for sw in probes.SWITCHES} == row
     progs_before = bpf_prog_fds()
     traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"])
-    src = KernelSource(plan, ports=traffic.ports)
     try:
-        assert not [n for n in src.notes if "rescue off" in n], src.notes
-        twins = {prog for _h, _raw, prog, _k, hook in loader.TWINS
-                 if hook is None or hook in plan.tracepoints} if plan.rescue else set()
-        assert set(src.progs.twins) == twins
-        assert bpf_prog_fds() > progs_before
-        traffic.run()
-        evs, seen = collect(src, traffic, expect(row))
-        losses = src.losses(time.monotonic_ns())
+        src = KernelSource(plan, ports=traffic.ports)
+        try:
+            assert not [n for n in src.notes if "rescue off" in n], src.notes
+            twins = {prog for _h, _raw, prog, _k, hook in loader.TWINS
+                     if hook is None or hook in plan.tracepoints} if plan.rescue else set()
+            assert set(src.progs.twins) == twins
+            assert bpf_prog_fds() > progs_before
+            traffic.run()
+            evs, seen = collect(src, traffic, expect(row))
+            losses = src.losses(time.monotonic_ns())
+        finally:
+            src.close()
     finally:
-        src.close()
         traffic.close()
     assert bpf_prog_fds() == progs_before, "programs still loaded after close()"
     if seen != expect(row) and [l for l in losses if not l.where.startswith("bpf:")]:
