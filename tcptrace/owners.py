@@ -169,7 +169,7 @@ def fd_is_tcp(pid, fd):
     except (OSError, AttributeError):
         return None
     try:
-        from tcptrace.kernel.probes import LIBC
+        from tcptrace.kernel.bpfsys import LIBC
         newfd = LIBC.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
         if newfd < 0:
             return None
