@@ -129,7 +129,7 @@ class Ends:
     """A socket and its owner as its transitions show them. A connection's transitions share
     one (a new one when the owner or the tuple changes: lifecycle's Transitions), so sinks can
     format it once per connection rather than once per transition."""
-    __slots__ = COMMON + ("sk",)
+    __slots__ = COMMON + ("sk", "key")
 
     def __init__(self, pid, comm, family, laddr, lport, raddr, rport, sk):
         self.pid = pid
@@ -140,6 +140,7 @@ class Ends:
         self.raddr = raddr
         self.rport = rport
         self.sk = sk
+        self.key = (pid, comm, laddr, lport, raddr, rport)    # what may change mid-life
 
 
 def _ends_field(name):

@@ -5,12 +5,15 @@ from tcptrace.findings import Ends, Transition
 
 
 class Transitions(Detector):
+    def __init__(self, tracker):
+        super().__init__(tracker)
+        self.emit = tracker.out.append      # one per transition: the list's own method
+
     def step(self, c, ev, ts, old, new):
         # A connection's transitions share one Ends, made anew only when the owner or the tuple
         # has changed since its last transition: sinks format it once per connection.
         e = c.ends
-        if e is None or e.pid != c.pid or e.comm != c.comm or e.lport != c.lport \
-                or e.laddr != c.laddr or e.raddr != c.raddr or e.rport != c.rport:
+        if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
             e = c.ends = Ends(c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr, c.rport,
                               ev.skaddr)
-        self.tr.emit(Transition(ts, e, old << 8 | new))
+        self.emit(Transition(ts, e, old << 8 | new))

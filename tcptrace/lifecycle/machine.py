@@ -130,7 +130,10 @@ class Tracker:
         return c.incomplete or c.epoch != self.loss_epoch
 
     def take(self):
-        out, self.out = self.out, []
+        """The findings made since the last take. `out` stays the same list (detectors may
+        hold its append), emptied here."""
+        out = self.out[:]
+        self.out.clear()
         return out
 
     # -- the connection table ----------------------------------------------------------------

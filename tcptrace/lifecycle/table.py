@@ -36,15 +36,11 @@ class ConnTable:
     def get(self, skaddr):
         return self.by_sk.get(skaddr)
 
-    def _make(self, skaddr, family, role, state, ts_ns, partial, epoch):
-        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial, epoch)
-        self._next_id += 1
-        return c
-
     def add(self, skaddr, family, role, state, ts_ns, partial, epoch):
         """A new generation at skaddr. Returns (conn, victim): victim is the oldest connection,
         dropped to stay within max_conns (already forgotten), or None."""
-        c = self._make(skaddr, family, role, state, ts_ns, partial, epoch)
+        c = Conn(self._next_id, skaddr, family, role, state, ts_ns, partial, epoch)
+        self._next_id += 1
         by_sk = self.by_sk
         by_sk[skaddr] = c
         victim = None
@@ -110,7 +106,8 @@ class ConnTable:
             if owner:
                 self.listeners[(family, lport)] = owner[:2]
             return None
-        c = self._make(0, family, None, state, now_ns, True, epoch)
+        c = Conn(self._next_id, 0, family, None, state, now_ns, True, epoch)
+        self._next_id += 1
         c.preexisting = True
         c.laddr, c.lport, c.raddr, c.rport = laddr, lport, raddr, rport
         if owner:

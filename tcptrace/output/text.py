@@ -6,8 +6,8 @@ A line whose detail does not fit continues on an indented line of its own (unles
 Every finding goes through the same `line()`; what repeats (the owner's columns, an address's
 text, a transition's endpoints, the clock's second) is formatted once and looked up after.
 """
-from tcptrace.cache import Memo, ObjectMemo
-from tcptrace.findings import Transition, rfc3339
+from tcptrace.cache import Memo
+from tcptrace.findings import Conclusion, Transition, rfc3339
 from tcptrace.output import Sink
 from tcptrace import states
 
@@ -101,17 +101,26 @@ DESCRIBE = {
 }
 
 
+FLAGS = Memo(lambda k: "".join(text for on, text in zip(k, (" [partial]", " [incomplete]",
+                                                               " [evicted]")) if on))
+
+
 def flags(f):
     """The marks a connection finding may carry, as the detail's suffix."""
+    if isinstance(f, Conclusion):
+        return FLAGS[(f.partial, f.incomplete, f.evicted)]
     if type(f) is Transition:
         return ""
-    return ((" [partial]" if getattr(f, "partial", False) else "")
-            + (" [incomplete]" if getattr(f, "incomplete", False) else "")
-            + (" [evicted]" if getattr(f, "evicted", False) else ""))
+    x = f.extra
+    return FLAGS[(x.get("partial", False), x.get("incomplete", False), x.get("evicted", False))]
 
 
 def describe(f):
-    return DESCRIBE.get(f.type, lambda f: f.type)(f) + flags(f)
+    return DESCRIBE.get(f.type, _type)(f) + flags(f)
+
+
+def _type(f):
+    return f.type
 
 
 class TextSink(Sink):
@@ -123,7 +132,8 @@ class TextSink(Sink):
         # (pid, comm, type) -> the PID, COMM and EVENT columns, with the spaces around them
         self._cols = Memo(lambda k: (f" {'-' if k[0] is None else str(k[0]):>7} "
                                      f"{(k[1] or '-')[:width]:<12} {k[2]:<8} "))
-        self._ends = ObjectMemo(self._ends_text)    # a transition's columns and connection
+        # a transition's columns and connection, per Ends (which hashes by identity)
+        self._ends = Memo(self._ends_text)
         self._sec = [None, ""]                      # the second last formatted, as HH:MM:SS
 
     def _ends_text(self, e):
@@ -135,29 +145,44 @@ class TextSink(Sink):
         self._sec[1] = rfc3339(sec * 1_000_000_000)[11:19]
         return self._sec[1]
 
-    def line(self, f):
-        """The line (or two) of a finding, ending in a newline."""
-        sec, ns = divmod(f.ts_ns + self.wall_offset_ns, 1_000_000_000)
-        tm = f"{self._sec[1] if self._sec[0] == sec else self._second(sec)}.{ns // 1_000_000:03d}"
-        t = f.type
-        if t == "transition":
-            line = tm + self._ends.of(f.ends)
-        elif t == "lost" or t == "evicted":
-            line = tm + self._cols[(f.pid, f.comm, t)]
-        else:
-            line = (f"{tm}{self._cols[(f.pid, f.comm, t)]}{endpoint(f.laddr, f.lport)} > "
-                    f"{endpoint(f.raddr, f.rport)}")
-        detail = describe(f)
-        if not detail:
-            return line.rstrip() + "\n"
-        if self.wide or len(line) + 2 + len(detail) <= 79:
-            return (f"{line}{detail}" if t == "lost" or t == "evicted"
-                    else f"{line}  {detail}").rstrip() + "\n"
-        return f"{line}\n    {detail}\n"
-
     def format(self, findings):
-        head = ""
+        out = []
         if not self._header:
-            head = HEADER + "\n"
+            out.append(HEADER)
             self._header = True
-        return head + "".join([self.line(f) for f in findings])
+        w, wide, sec_memo, cols = self.wall_offset_ns, self.wide, self._sec, self._cols
+        ends, append = self._ends, out.append
+        for f in findings:
+            sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
+            tm = sec_memo[1] if sec_memo[0] == sec else self._second(sec)
+            cls = type(f)
+            if cls is Transition:
+                line = f"{tm}.{ns // 1_000_000:03d}{ends[f.ends]}"
+                sep, detail = "  ", PAIR[f.pair]
+            else:
+                t = f.type
+                if t == "lost" or t == "evicted":
+                    # no connection: the detail follows the EVENT column
+                    line = f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, t)]}"
+                    sep = ""
+                else:
+                    la, lp, ra, rp = f.laddr, f.lport, f.raddr, f.rport
+                    if la is None or lp is None or ra is None or rp is None:
+                        conn = f"{endpoint(la, lp)} > {endpoint(ra, rp)}"
+                    else:
+                        conn = f"{ADDR[la]}{lp} > {ADDR[ra]}{rp}"
+                    line = f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, t)]}{conn}"
+                    sep = "  "
+                detail = DESCRIBE.get(t, _type)(f) + (
+                    FLAGS[(f.partial, f.incomplete, f.evicted)] if isinstance(f, Conclusion)
+                    else flags(f))
+            # the detail on the line when it fits in 80 columns (or --wide), else indented below
+            if not detail:
+                append(line.rstrip())
+            elif wide or len(line) + 2 + len(detail) <= 79:
+                append(f"{line}{sep}{detail}")
+            else:
+                append(line)
+                append("    " + detail)
+        out.append("")
+        return "\n".join(out)
