@@ -24,7 +24,8 @@ EXIT_CODES = {
     EXIT_UNAVAILABLE: "a required kernel or BCC feature is missing (BCC, headers, tracefs, tracepoint)",
     EXIT_SOFTWARE: "internal error",
     EXIT_IOERR: "output cannot be written: standard output or the recording is full, closed or failing",
-    EXIT_NOPERM: "not privileged (root, or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)",
+    EXIT_NOPERM: "not privileged (root, or CAP_BPF, CAP_PERFMON and CAP_DAC_OVERRIDE), or "
+                 "tracefs not readable",
     EXIT_INTERRUPTED: "interrupted before tracing began (while compiling)",
 }
 

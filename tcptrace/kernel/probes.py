@@ -70,6 +70,21 @@ def tracefs_dir():
     return None
 
 
+def tracefs_mounts(mountinfo="/proc/self/mountinfo"):
+    """Where tracefs is mounted, as the kernel says (a mount this user cannot look into is
+    still a mount: mode 0700, the default, hides its events from everyone but root)."""
+    out = []
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "tracefs":
+                    out.append(left.split()[4])
+    except OSError:
+        pass
+    return out
+
+
 def ensure_tracefs():
     """Mount tracefs when it is missing (root only). Returns (dir or None, note or None)."""
     d = tracefs_dir()
@@ -82,19 +97,46 @@ def ensure_tracefs():
     return d, ("mounted tracefs on /sys/kernel/tracing" if d and rc == 0 else None)
 
 
-def privileged():
-    if os.geteuid() == 0:
-        return True
+# Capability bits (include/uapi/linux/capability.h) and what tcptrace needs them for.
+CAPS = {"CAP_DAC_OVERRIDE": 1, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
+        "CAP_BPF": 39}
+# Without root: load BPF programs and maps (CAP_BPF), attach them to tracepoints and read
+# kernel memory in them (CAP_PERFMON), read and write tracefs, which is root's, mode 0700, by
+# default (CAP_DAC_OVERRIDE). Measured on 6.18 as uid 65534 with exactly these three.
+NEEDED = ("CAP_BPF", "CAP_PERFMON", "CAP_DAC_OVERRIDE")
+
+
+def capabilities(status="/proc/self/status"):
+    """The names of CAPS this process has in effect."""
     try:
-        with open("/proc/self/status") as f:
+        with open(status) as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    # CAP_SYS_ADMIN (21), or CAP_BPF (39) + CAP_PERFMON (38)
-                    return bool(caps >> 21 & 1) or (bool(caps >> 39 & 1) and bool(caps >> 38 & 1))
+                    eff = int(line.split()[1], 16)
+                    return {n for n, bit in CAPS.items() if eff >> bit & 1}
     except OSError:
         pass
-    return False
+    return set()
+
+
+def missing_privileges():
+    """What this process lacks to trace: [] as root, else the NEEDED capabilities it does not
+    have. CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON (kernels before 5.8 have only
+    it)."""
+    if os.geteuid() == 0:
+        return []
+    have = capabilities()
+    if "CAP_SYS_ADMIN" in have:
+        have |= {"CAP_BPF", "CAP_PERFMON"}
+    return [c for c in NEEDED if c not in have]
+
+
+def privileged():
+    return not missing_privileges()
+
+
+def can_use_bpf():
+    return os.geteuid() == 0 or bool(capabilities() & {"CAP_BPF", "CAP_SYS_ADMIN"})
 
 
 def bcc_available():
@@ -137,7 +179,8 @@ def _kprobes():
             return Check("kprobes", UNSUPPORTED, f"no symbol {', '.join(sorted(missing))}", "any")
         return Check("kprobes", SUPPORTED, "tcp_v4_connect and tcp_v6_connect can be probed", "any")
     if td is None:
-        return Check("kprobes", UNKNOWN, "tracefs not mounted", "any")
+        return Check("kprobes", UNKNOWN, "tracefs not readable" if tracefs_mounts()
+                     else "tracefs not mounted", "any")
     return Check("kprobes", UNSUPPORTED,
                  "kernel built without CONFIG_KPROBES (no kprobe PMU, no kprobe_events)", "any")
 
@@ -146,8 +189,8 @@ def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
     """Create (and close) a map of the given type: the kernel's own answer."""
     if NR_BPF is None:
         return Check(name, UNKNOWN, f"no bpf() syscall number for {platform.machine()}", minver)
-    if os.geteuid() != 0:
-        return Check(name, UNKNOWN, "needs root to ask the kernel", minver)
+    if not can_use_bpf():
+        return Check(name, UNKNOWN, "needs root or CAP_BPF to ask the kernel", minver)
 
     class MapAttr(ctypes.Structure):
         _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
@@ -291,8 +334,13 @@ class Plan:
 
 
 def checks():
-    out = [Check("privileges", SUPPORTED if privileged() else UNSUPPORTED,
-                 "root" if os.geteuid() == 0 else "not root: need root or CAP_BPF+CAP_PERFMON",
+    lacking = missing_privileges()
+    out = [Check("privileges", UNSUPPORTED if lacking else SUPPORTED,
+                 "root" if os.geteuid() == 0 else
+                 f"not root; lacking {', '.join(lacking)}" if lacking else
+                 f"not root, with {', '.join(NEEDED)}" + (
+                     "" if "CAP_SYS_PTRACE" in capabilities() else
+                     "; without CAP_SYS_PTRACE the owners of other users' sockets are unknown"),
                  required=True)]
     out.append(Check("bcc", SUPPORTED if bcc_available() else UNSUPPORTED,
                      "python3 module 'bcc' found" if bcc_available() else
@@ -310,11 +358,19 @@ def checks():
                          f"none for {kver}: run scripts/setup.sh or apt-get install linux-headers-{kver}",
                          required=True))
     td = tracefs_dir()
-    out.append(Check("tracefs", SUPPORTED if td else UNSUPPORTED,
-                     td or "not mounted: mount -t tracefs tracefs /sys/kernel/tracing", required=True))
+    mounted = tracefs_mounts()
+    if td:
+        out.append(Check("tracefs", SUPPORTED, td, required=True))
+    elif mounted:
+        out.append(Check("tracefs", UNSUPPORTED, f"mounted on {mounted[0]} but not readable by "
+                         f"uid {os.geteuid()} (tracefs is root's, mode 0700, by default): run "
+                         "as root, or with CAP_DAC_OVERRIDE", required=True))
+    else:
+        out.append(Check("tracefs", UNSUPPORTED, "not mounted: mount -t tracefs tracefs "
+                         "/sys/kernel/tracing", required=True))
     for name, path, minver, required, why in TRACEPOINTS + RAW_TRACEPOINTS:
         if td is None:
-            st, detail = UNKNOWN, "tracefs not mounted"
+            st, detail = UNKNOWN, "tracefs not readable" if mounted else "tracefs not mounted"
         elif os.path.isdir(os.path.join(td, "events", path)):
             st, detail = SUPPORTED, why
         else:
@@ -323,7 +379,8 @@ def checks():
     out.append(_kprobes())
     out.append(rescue_offsets()[0])
     if td is None:
-        out.append(Check("transition tally", UNKNOWN, "tracefs not mounted", "3.10"))
+        out.append(Check("transition tally", UNKNOWN,
+                         "tracefs not readable" if mounted else "tracefs not mounted", "3.10"))
     elif os.path.isdir(os.path.join(td, "instances")):
         out.append(Check("transition tally", SUPPORTED, "a tracefs instance counts every "
                          "inet_sock_set_state hit: transitions no BPF program ran for are "
@@ -371,8 +428,10 @@ def require(checks_):
     """Raise the documented error for the first required check that fails."""
     cs = {c.name: c for c in checks_}
     if cs["privileges"].status != SUPPORTED:
-        raise errors.NotPrivileged("tracing needs root (or CAP_BPF and CAP_PERFMON); "
-                                   "try: sudo tcptrace ...")
+        raise errors.NotPrivileged(f"tracing needs root, or {', '.join(NEEDED)} "
+                                   f"({cs['privileges'].detail}); try: sudo tcptrace ...")
+    if cs["tracefs"].status != SUPPORTED and "not readable" in cs["tracefs"].detail:
+        raise errors.NotPrivileged("tracefs " + cs["tracefs"].detail)
     if cs["bcc"].status != SUPPORTED:
         raise errors.Unavailable(cs["bcc"].detail)
     if cs["kernel headers"].status != SUPPORTED:

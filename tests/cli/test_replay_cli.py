@@ -211,17 +211,18 @@ def test_bad_options_exit_2_with_one_clear_message(args):
 
 def test_not_root_exits_77_without_traceback(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: False)
-    r = invoke("watch")
+    monkeypatch.setattr("tcptrace.kernel.probes.capabilities", lambda: {"CAP_BPF"})
+    r = invoke("watch", "--duration", "1")     # (were it let through, as root it would trace)
     assert r.exit_code == errors.EXIT_NOPERM
     assert r.stderr.startswith("tcptrace: tracing needs root")
+    assert "lacking CAP_PERFMON, CAP_DAC_OVERRIDE" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_no_bcc_exits_69_with_install_command(monkeypatch):
     monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: True)
     monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: False)
-    r = invoke("watch")
+    r = invoke("watch", "--duration", "1")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "apt-get install python3-bpfcc" in r.stderr
 
@@ -230,7 +231,7 @@ def test_no_headers_exits_69(monkeypatch):
     monkeypatch.setattr("tcptrace.kernel.probes.privileged", lambda: True)
     monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: True)
     monkeypatch.setattr("tcptrace.kernel.probes.headers_dir", lambda: None)
-    r = invoke("report")
+    r = invoke("report", "--duration", "1")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "no kernel headers" in r.stderr and "setup.sh" in r.stderr
 
@@ -241,7 +242,7 @@ def test_missing_required_tracepoint_exits_69(monkeypatch, tmp_path):
     monkeypatch.setattr("tcptrace.kernel.probes.bcc_available", lambda: True)
     monkeypatch.setattr("tcptrace.kernel.probes.headers_dir", lambda: "/x")
     monkeypatch.setattr("tcptrace.kernel.probes.TRACEFS_DIRS", (str(tmp_path),))
-    r = invoke("watch")
+    r = invoke("watch", "--duration", "1")
     assert r.exit_code == errors.EXIT_UNAVAILABLE
     assert "sock:inet_sock_set_state unsupported" in r.stderr and "4.16" in r.stderr
 
