@@ -248,11 +248,18 @@ def main(ctx, debug):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
               help="Plan for this transport instead of the automatic choice.")
-def doctor(as_json, transport):
+@click.option("--fix", is_flag=True,
+              help="Remove what a killed tcptrace left behind (its tracefs instance).")
+def doctor(as_json, transport, fix):
     """Check this machine: privileges, BCC, headers, tracefs, each hook, and the attach plan.
 
     Exits 0 when the tracer can run here, else with the code `watch` would exit with."""
     from tcptrace.kernel import probes
+    if fix:
+        from tcptrace.kernel.tally import Tally
+        td = probes.tracefs_dir()
+        for name in Tally.sweep(td) if td else ():
+            _diag(f"removed stale tracefs instance {name}")
     cs = probes.checks()
     plan = probes.plan(transport, cs)
     failure = None

@@ -333,6 +333,11 @@ class Plan:
                 f"held opens {'on' if self.hold else 'off'}")
 
 
+def _leftovers(td):
+    from tcptrace.kernel.tally import Tally
+    return Tally.leftovers(td)
+
+
 def checks():
     lacking = missing_privileges()
     out = [Check("privileges", UNSUPPORTED if lacking else SUPPORTED,
@@ -381,6 +386,12 @@ def checks():
     if td is None:
         out.append(Check("transition tally", UNKNOWN,
                          "tracefs not readable" if mounted else "tracefs not mounted", "3.10"))
+    elif os.path.isdir(os.path.join(td, "instances")) and _leftovers(td):
+        names = _leftovers(td)
+        out.append(Check("transition tally", SUPPORTED, f"{len(names)} stale instance(s) left by "
+                         f"a tcptrace that was killed ({', '.join(names[:3])}) still count "
+                         "every transition: `tcptrace doctor --fix` (or the next start) "
+                         "removes them", "3.10"))
     elif os.path.isdir(os.path.join(td, "instances")):
         out.append(Check("transition tally", SUPPORTED, "a tracefs instance counts every "
                          "inet_sock_set_state hit: transitions no BPF program ran for are "

@@ -76,13 +76,30 @@ class Tally:
         return out
 
     @staticmethod
+    def leftovers(tracefs):
+        """Instances left by tcptrace processes that died without closing theirs (SIGKILL):
+        each still counts every transition into its buffer until removed."""
+        try:
+            return Tally.stale(os.listdir(os.path.join(tracefs, "instances")))
+        except OSError:
+            return []
+
+    @staticmethod
     def _sweep(base):
-        """Remove instances left by tcptrace processes that died without closing theirs."""
+        """Remove instances left by tcptrace processes that died without closing theirs.
+        Returns the names removed."""
+        gone = []
         for name in Tally.stale(os.listdir(base)):
             with contextlib.suppress(OSError):
                 with open(os.path.join(base, name, Tally.EVENT, "enable"), "w") as f:
                     f.write("0")
                 os.rmdir(os.path.join(base, name))
+                gone.append(name)
+        return gone
+
+    @staticmethod
+    def sweep(tracefs):
+        return Tally._sweep(os.path.join(tracefs, "instances"))
 
     def _write(self, rel, value):
         with open(os.path.join(self.dir, rel), "w") as f:

@@ -57,3 +57,28 @@ def test_with_what_it_needs_it_traces():
     rc, _, err = as_nobody(("bpf", "perfmon", "dac_override"), "watch", "--duration", "1")
     assert rc == 0, err
     assert "tracing (compiled in" in err
+
+
+def test_doctor_names_a_killed_tracers_instance_and_fix_removes_it(tmp_path):
+    """Issue 17 item 10: after SIGKILL the tracefs instance keeps counting."""
+    import signal
+    import time
+    ready = tmp_path / "ready"
+    p = subprocess.Popen([sys.executable, "-m", "tcptrace", "watch", "--ready-file", str(ready)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ready.exists():
+        assert p.poll() is None
+        time.sleep(0.05)        # polling the readiness file itself
+    name = [n for n in os.listdir("/sys/kernel/tracing/instances")
+            if n.startswith(f"tcptrace-{p.pid}-")]
+    assert len(name) == 1
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    doc = json.loads(subprocess.run([sys.executable, "-m", "tcptrace", "doctor", "--json"],
+                                    cwd=ROOT, capture_output=True, text=True).stdout)
+    tally = {c["name"]: c for c in doc["checks"]}["transition tally"]
+    assert name[0] in tally["detail"] and "stale" in tally["detail"]
+    r = subprocess.run([sys.executable, "-m", "tcptrace", "doctor", "--fix"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert f"removed stale tracefs instance {name[0]}" in r.stderr
+    assert not os.path.exists(f"/sys/kernel/tracing/instances/{name[0]}")
