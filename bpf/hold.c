@@ -32,6 +32,11 @@ BPF_QUEUE(held_q, struct tt_hold, TT_HELD_MAX);
  * twice at once. */
 BPF_PERCPU_ARRAY(flushbuf, struct tt_event, 1);
 #define TT_FLUSH_PER_HIT 2   /* a connection holds two sockets and makes about ten hits */
+/* requeued: per CPU, early copies the transport refused (both buffers full) and that went back
+ * into held_q to be tried again; lost: those the full queue did not take back either, which
+ * are then reported only with the socket's next transition. Incremented here, never deleted;
+ * user space reads them at exit (tcptrace/kernel/source.py). */
+BPF_PERCPU_ARRAY(requeued, u64, 2);
 
 /* Hold an ESTABLISHED socket's steps: 1 if held, 0 if they must go out now. */
 static __always_inline int tt_hold(u64 sk, u64 ts, struct tt_event *e)
@@ -68,8 +73,10 @@ static __always_inline void tt_unhold(void *ctx, u64 sk, struct tt_event *h, u64
 }
 
 /* Send what is due at the head of held_q: sockets held hold_us ago and still ESTABLISHED. A copy
- * goes out; the entry stays for the socket's own next transition (see `held`). A record the
- * transport refuses is not counted lost: its steps come again with that transition. */
+ * goes out; the entry stays for the socket's own next transition (see `held`). A copy the
+ * transport refuses goes back into the queue (at its tail, with its own time, so it is due at
+ * once) and this hit stops: dropping it would leave a long-lived connection unreported until
+ * it closes, which under a burst of thousands of opens is what happened. */
 static __always_inline void tt_flush(void *ctx)
 {
     u32 hold_us = tt_hold_us();
@@ -93,7 +100,13 @@ static __always_inline void tt_flush(void *ctx)
         __builtin_memcpy(f, h, sizeof(*f));
         f->flags |= TT_F_HELD;
         f->ts_ns = now;
-        tt_send(ctx, f);
+        if (tt_send(ctx, f) < 0) {
+            u32 k = held_q.push(&q, 0) == 0 ? 0 : 1;
+            u64 *n = requeued.lookup(&k);
+            if (n)
+                (*n)++;
+            return;
+        }
     }
 }
 

@@ -94,6 +94,12 @@ class LiveSource:
         if src.spilled_total:
             notes.append(f"{src.spilled_total} records the ring buffer refused went through "
                          "the spill buffer instead")
+        again, dropped = src.requeued_at_close
+        if again or dropped:
+            notes.append(f"{again + dropped} early copies of held openings were refused by full "
+                         f"buffers: {again} went back in the queue to be sent again"
+                         + (f", {dropped} could not (their connections were reported with "
+                            "their next transition)" if dropped else ""))
         if src.rescued_total:
             notes.append(f"{src.rescued_total} hits the kernel skipped (BPF recursion) were "
                          "recovered by the raw tracepoint twins")

@@ -59,6 +59,13 @@ class KernelSource:
     def rescued_total(self):
         return self._losses.rescued_total
 
+    def requeued(self):
+        """(early copies refused and requeued, refused and not requeued) (bpf/hold.c)."""
+        if not self.hold_ns:
+            return 0, 0
+        m = self.progs.b["requeued"]
+        return tuple(sum(m[m.Key(i)]) for i in (0, 1))
+
     def poll(self, timeout_ms):
         """Wait up to timeout_ms, then drain everything buffered. Returns [Event]; `read_ns` is
         then the time up to which the stream is complete (transport.Drain.poll)."""
@@ -117,6 +124,7 @@ class KernelSource:
         return self.progs.prog_stats()
 
     def close(self):
+        self.requeued_at_close = self.requeued()
         self._losses.close()
         self._drain.close()
         self.progs.close()
