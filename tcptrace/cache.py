@@ -24,16 +24,12 @@ class Memo(dict):
         return v
 
 
-class ObjectMemo(dict):
+class ObjectMemo(Memo):
     """`memo.of(obj)` is `fn(obj)`, computed once per object while it lives: keyed by identity,
-    for objects that are shared rather than equal (a connection's Ends). An id reused by a new
-    object after the old one died is told apart by keeping the object with its value."""
-    __slots__ = ("fn", "limit")
-
-    def __init__(self, fn, limit=10_000):
-        super().__init__()
-        self.fn = fn
-        self.limit = limit
+    for objects that are shared rather than equal and cannot be keys themselves (a path list).
+    An id reused by a new object after the old one died is told apart by keeping the object
+    with its value."""
+    __slots__ = ()
 
     def of(self, obj):
         got = self.get(id(obj))

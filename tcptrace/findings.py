@@ -32,13 +32,11 @@ def rfc3339(wall_ns):
     return f"{_SEC[1] if _SEC[0] == sec else _second(sec)}.{ns // 1000:06d}Z"
 
 
-class Finding:
-    __slots__ = ("type", "ts_ns") + COMMON + ("extra",)
+class Endpoints:
+    """A socket's owner and both ends: what every finding, and a transition's Ends, names."""
+    __slots__ = COMMON
 
-    def __init__(self, type, ts_ns, pid=None, comm=None, family=None, laddr=None, lport=None,
-                 raddr=None, rport=None, **extra):
-        self.type = type
-        self.ts_ns = ts_ns
+    def _set_endpoints(self, pid, comm, family, laddr, lport, raddr, rport):
         self.pid = pid
         self.comm = comm
         self.family = family
@@ -46,6 +44,16 @@ class Finding:
         self.lport = lport
         self.raddr = raddr
         self.rport = rport
+
+
+class Finding(Endpoints):
+    __slots__ = ("type", "ts_ns", "extra")
+
+    def __init__(self, type, ts_ns, pid=None, comm=None, family=None, laddr=None, lport=None,
+                 raddr=None, rport=None, **extra):
+        self.type = type
+        self.ts_ns = ts_ns
+        self._set_endpoints(pid, comm, family, laddr, lport, raddr, rport)
         self.extra = extra
 
     def __getattr__(self, name):          # only called for names not in __slots__
@@ -125,20 +133,14 @@ class Close(Conclusion):
     OWN = __slots__
 
 
-class Ends:
+class Ends(Endpoints):
     """A socket and its owner as its transitions show them. A connection's transitions share
-    one (a new one when the owner or the tuple changes: lifecycle's Transitions), so sinks can
+    one (a new one when the owner or the tuple changes: detect/transitions.py), so sinks can
     format it once per connection rather than once per transition."""
-    __slots__ = COMMON + ("sk", "key")
+    __slots__ = ("sk", "key")
 
     def __init__(self, pid, comm, family, laddr, lport, raddr, rport, sk):
-        self.pid = pid
-        self.comm = comm
-        self.family = family
-        self.laddr = laddr
-        self.lport = lport
-        self.raddr = raddr
-        self.rport = rport
+        self._set_endpoints(pid, comm, family, laddr, lport, raddr, rport)
         self.sk = sk
         self.key = (pid, comm, laddr, lport, raddr, rport)    # what may change mid-life
 
