@@ -120,6 +120,35 @@ REPORT_OPTIONS = (
 )
 
 
+def _listen(ctx, param, value):
+    """ADDR:PORT (an IPv6 address in brackets) -> (addr, port)."""
+    addr, sep, port = value.rpartition(":")
+    addr = addr.strip("[]")
+    try:
+        import ipaddress
+        ipaddress.ip_address(addr)
+        port = int(port)
+        if not sep or not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not ADDR:PORT (e.g. 127.0.0.1:9977)", ctx,
+                                 param) from None
+    return addr, port
+
+
+METRICS_OPTIONS = (
+    (("--listen",), dict(default="127.0.0.1:9977", show_default=True, callback=_listen,
+                         metavar="ADDR:PORT",
+                         help="Serve /metrics there. Loopback by default: the metrics name the "
+                              "hosts and services this one talks to, and an exporter has no "
+                              "authentication; give 0.0.0.0:PORT for a Prometheus elsewhere.")),
+    (("--by",), dict(type=click.Choice(["dest", "port", "comm"]), default="dest",
+                     show_default=True,
+                     help="What labels connects: the destination (addr:port; accepts by local "
+                          "port), the port alone, or the command name.")),
+)
+
+
 def options(*groups):
     def deco(f):
         for group in reversed(groups):
@@ -157,7 +186,7 @@ def _check_std_fds():
             sys.stderr = open(os.devnull, "w")
 
 
-def _build_options(kw, report=False):
+def _build_options(kw, report=False, metrics=False):
     from tcptrace import filters
     from tcptrace.options import Options
     try:
@@ -174,7 +203,8 @@ def _build_options(kw, report=False):
                    stuck_after=kw.get("stuck_after", 30.0), ready_file=kw.get("ready_file"),
                    record=kw.get("record"), transport=kw.get("transport", "auto"),
                    wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
-                   seed=not kw.get("no_seed", False))
+                   seed=not kw.get("no_seed", False), metrics=metrics,
+                   listen=kw.get("listen", ("127.0.0.1", 9977)), by=kw.get("by", "dest"))
 
 
 def _live(opts):
@@ -307,6 +337,15 @@ def report(**kw):
     """Trace until Ctrl-C or --duration, then print tables: connects with handshake
     percentiles, failed connects by cause, stuck half-closes, resets, transitions, histogram."""
     _live(_build_options(kw, report=True))
+
+
+@main.command()
+@options(METRICS_OPTIONS, ANALYSIS_OPTIONS[:1] + ANALYSIS_OPTIONS[2:], LIVE_OPTIONS,
+         FILTER_OPTIONS)
+def metrics(**kw):
+    """Serve Prometheus metrics on /metrics while tracing: connects, accepts, handshake time
+    histograms, failed connects by cause, resets, closes, stuck sockets, losses."""
+    _live(_build_options(kw, metrics=True))
 
 
 @main.command()

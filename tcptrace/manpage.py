@@ -64,7 +64,8 @@ def render():
                 out.append(_opt_line(p))
         out.append("")
     out += ["Global: `--debug` shows the traceback of an error; `--version`; `-h`, `--help`.", "",
-            "# EXAMPLES", "", _prose("examples"), "", "# FIELDS", "",
+            "# EXAMPLES", "", _prose("examples"), "", "# METRICS", "", _prose("metrics"), "",
+            "# FIELDS", "",
             "JSON Lines on stdout (`--json`): one object per finding, flushed per line. The "
             "contract is docs/tcptrace.schema.json; `report --json` prints one object described by "
             "docs/tcptrace-summary.schema.json.", ""]

@@ -17,6 +17,9 @@ class Options:
     record: str = None
     transport: str = "auto"
     wide: bool = False
+    metrics: bool = False     # `tcptrace metrics`: serve /metrics (output/metrics.py)
+    listen: tuple = ("127.0.0.1", 9977)
+    by: str = "dest"
     filter: Filter = field(default_factory=Filter)
     # How often the buffers are drained. Each drain has a fixed cost (a timer wake-up, the
     # pipeline's bookkeeping, and code and data gone cold in the CPU caches while asleep), so

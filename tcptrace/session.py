@@ -70,6 +70,7 @@ class Pipeline:
         if not self.sink.ordered:
             self.emitted += len(found)
             self.sink.emit_many(found)
+            self.sink.advance(self.tracker.now_ns)
             return
         self._held.push_many(found)
         out = self._held.drain() if final else self._held.release(self.tracker.now_ns)
@@ -204,6 +205,17 @@ def run_live(opts, plan, diag):
     stop = _Stop()
     _install_signals(stop)
     out = _protect_stdout()
+    sink = None
+    if opts.metrics:
+        # Listening first: a port in use fails before anything is compiled
+        from tcptrace.output.metrics import MetricsSink, serve
+        sink = MetricsSink(out, 0, by=opts.by)
+        try:
+            serve(sink.metrics, *opts.listen)
+        except OSError as e:
+            raise errors.OutputError(f"cannot serve metrics on {opts.listen[0]}:"
+                                     f"{opts.listen[1]}: {e.strerror}") from None
+        diag(f"serving /metrics on http://{opts.listen[0]}:{opts.listen[1]}/metrics")
     diag(f"compiling and attaching BPF programs ({plan.describe()})")
     for n in plan.notes:
         diag(n)
@@ -212,7 +224,9 @@ def run_live(opts, plan, diag):
     for n in src.notes:
         diag(n)
     view = owners.KernelView()
-    pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
+    if sink is not None:
+        sink.wall_offset_ns = src.wall_offset_ns
+    pipe = Pipeline(opts, sink or make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
     src.samplers = samplers_for(pipe.tracker.detectors)
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None

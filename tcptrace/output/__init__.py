@@ -59,6 +59,9 @@ class Sink:
 def make_sink(opts, stream, wall_offset_ns, start_ns=None):
     """The sink the options ask for. start_ns: when the stream began (a report's first window
     starts there; without it, at its first finding)."""
+    if opts.metrics:
+        from tcptrace.output.metrics import MetricsSink
+        return MetricsSink(stream, wall_offset_ns, by=opts.by)
     if opts.report:
         from tcptrace.output.report import ReportSink
         return ReportSink(stream, wall_offset_ns, as_json=opts.json, interval=opts.interval,

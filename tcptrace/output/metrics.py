@@ -1,0 +1,200 @@
+"""Metrics for fleets: findings folded into Prometheus counters, gauges and histograms and
+served on /metrics in the text exposition format (prometheus_client).
+
+Labels are bounded by design: no pid and no ephemeral port; a destination only as --by asks
+(dest: "addr:port" of connects and the local port of accepts; port: the service port alone;
+comm: the command name), at most MAX_SERIES values per metric, the rest counted under "other"
+and in tcptrace_label_overflow_total. Served on 127.0.0.1 unless told otherwise: the numbers
+name the hosts and services this one talks to, and an exporter has no authentication.
+
+The sink runs on the pipeline's thread and only increments plain dicts; the HTTP server's thread
+copies them when scraped (a dict copy is one step under the GIL, so no lock is needed).
+"""
+import bisect
+
+from tcptrace.output import Sink
+
+MAX_SERIES = 1000
+# Handshake times: log-linear buckets, 8 per power of two from 1 us to 64 s. Adjacent bounds
+# differ by 9%, so a quantile interpolated within a bucket is off by at most that much.
+BUCKETS_S = tuple(1e-6 * 2 ** (k / 8) for k in range(8 * 26 + 1))
+
+
+class _Labels:
+    """Label values of one metric: at most MAX_SERIES, then "other" (counted)."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.seen = set()
+
+    def __call__(self, value):
+        if value in self.seen:
+            return value
+        if len(self.seen) >= MAX_SERIES:
+            self.owner.overflow += 1
+            return "other"
+        self.seen.add(value)
+        return value
+
+
+class Metrics:
+    """The numbers /metrics shows, kept as plain dicts."""
+
+    def __init__(self, by="dest"):
+        self.by = by
+        self.overflow = 0
+        self.connects = {}            # label -> count
+        self.handshakes = {}          # label -> [bucket counts..., sum in seconds]
+        self.accepts = {}
+        self.failures = {}            # (cause, label) -> count
+        self.resets = {}              # reset_by -> count
+        self.closes = {}              # closed_by -> count
+        self.lost = {}                # source -> events
+        self.evicted = 0
+        self.stuck = {}               # state -> sockets now (set by the sink on its tick)
+        self._dest = _Labels(self)
+        self._svc = _Labels(self)
+
+    def dest(self, f):
+        """The label of a connect's (or failed connect's) other end, as --by asks."""
+        if self.by == "comm":
+            return self._dest(f.comm or "")
+        if self.by == "port":
+            return self._dest(str(f.rport))
+        return self._dest(f"[{f.raddr}]:{f.rport}" if f.raddr and ":" in f.raddr
+                          else f"{f.raddr}:{f.rport}")
+
+    def service(self, f):
+        """The label of an accepted connection: its listener's port, or the command."""
+        return self._svc(f.comm or "" if self.by == "comm" else str(f.lport))
+
+    def add(self, f):
+        t = f.type
+        if t == "connect":
+            key = self.dest(f)
+            self.connects[key] = self.connects.get(key, 0) + 1
+            h = self.handshakes.get(key)
+            if h is None:
+                h = self.handshakes[key] = [0] * (len(BUCKETS_S) + 2)
+            s = f.handshake_ns / 1e9
+            h[bisect.bisect_left(BUCKETS_S, s)] += 1
+            h[-1] += s
+        elif t == "accept":
+            key = self.service(f)
+            self.accepts[key] = self.accepts.get(key, 0) + 1
+        elif t == "refused" or t == "failed":
+            key = (f.reason, self.dest(f))
+            self.failures[key] = self.failures.get(key, 0) + 1
+        elif t == "reset":
+            self.resets[f.reset_by] = self.resets.get(f.reset_by, 0) + 1
+        elif t == "close":
+            by = getattr(f, "closed_by", None) or "unknown"
+            self.closes[by] = self.closes.get(by, 0) + 1
+        elif t == "lost":
+            self.lost[f.where] = self.lost.get(f.where, 0) + f.count
+        elif t == "evicted":
+            self.evicted += f.count
+
+
+class Collector:
+    """prometheus_client's view of a Metrics, made at each scrape from copies."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+        m = self.m
+        label = {"dest": "dest", "port": "port", "comm": "comm"}[m.by]
+        svc = "comm" if m.by == "comm" else "port"
+        c = CounterMetricFamily("tcptrace_connects", "Connects that completed (SYN_SENT to "
+                                "ESTABLISHED).", labels=[label])
+        for k, n in dict(m.connects).items():
+            c.add_metric([k], n)
+        yield c
+        h = HistogramMetricFamily("tcptrace_handshake_seconds", "Handshake time of completed "
+                                  "connects (SYN_SENT to ESTABLISHED).", labels=[label])
+        for k, counts in dict(m.handshakes).items():
+            counts = list(counts)
+            cum, buckets = 0, []
+            for le, n in zip(BUCKETS_S + (float("inf"),), counts[:-1]):
+                cum += n
+                buckets.append((repr(le) if le != float("inf") else "+Inf", cum))
+            h.add_metric([k], buckets, counts[-1])
+        yield h
+        c = CounterMetricFamily("tcptrace_accepts", "Accepted connections.", labels=[svc])
+        for k, n in dict(m.accepts).items():
+            c.add_metric([k], n)
+        yield c
+        c = CounterMetricFamily("tcptrace_connect_failures", "Connects that failed, by cause "
+                                "(refused, timeout, unreachable, cancelled, ...).",
+                                labels=["cause", label])
+        for (cause, k), n in dict(m.failures).items():
+            c.add_metric([cause, k], n)
+        yield c
+        c = CounterMetricFamily("tcptrace_resets", "Established connections ended by a reset, "
+                                "by which side sent it.", labels=["by"])
+        for k, n in dict(m.resets).items():
+            c.add_metric([k], n)
+        yield c
+        c = CounterMetricFamily("tcptrace_closes", "Connections closed normally, by which side "
+                                "closed first.", labels=["closed_by"])
+        for k, n in dict(m.closes).items():
+            c.add_metric([k], n)
+        yield c
+        g = GaugeMetricFamily("tcptrace_stuck_sockets", "Sockets reported stuck in a "
+                              "half-closed state now.", labels=["state"])
+        for k, n in dict(m.stuck).items():
+            g.add_metric([k], n)
+        yield g
+        c = CounterMetricFamily("tcptrace_lost_events", "Kernel events tcptrace could not "
+                                "see, by where they were lost.", labels=["source"])
+        for k, n in dict(m.lost).items():
+            c.add_metric([k], n)
+        yield c
+        yield CounterMetricFamily("tcptrace_evicted_connections", "Connections dropped to "
+                                  "stay within --max-conns.", value=m.evicted)
+        yield CounterMetricFamily("tcptrace_label_overflow", "Label values beyond the cap, "
+                                  "counted under \"other\".", value=m.overflow)
+
+
+class MetricsSink(Sink):
+    """Folds findings into Metrics; /metrics is served from them (serve())."""
+    ordered = False
+
+    def __init__(self, stream, wall_offset_ns, by="dest"):
+        super().__init__(stream, wall_offset_ns)
+        self.metrics = Metrics(by)
+        self.tracker = None
+
+    def bind(self, tracker):
+        self.tracker = tracker
+
+    def emit_many(self, findings):
+        add = self.metrics.add
+        for f in findings:
+            add(f)
+
+    def advance(self, released_ns):
+        if self.tracker is not None:
+            stuck = {}
+            for c in self.tracker.stuck_now():
+                name = c.stuck_state
+                stuck[name] = stuck.get(name, 0) + 1
+            from tcptrace import states
+            self.metrics.stuck = {states.name(k): n for k, n in stuck.items()}
+
+    def close(self, end_ns):
+        self.advance(end_ns)
+
+
+def serve(metrics, addr, port):
+    """Start the HTTP server on its own thread; returns the registry it serves."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.process_collector import ProcessCollector
+    registry = CollectorRegistry()
+    registry.register(Collector(metrics))
+    ProcessCollector(namespace="tcptrace", registry=registry)
+    start_http_server(port, addr=addr, registry=registry)
+    return registry
