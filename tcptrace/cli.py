@@ -92,6 +92,11 @@ ANALYSIS_OPTIONS = (
     (("--max-conns",), dict(type=click.IntRange(min=16), default=262_144, show_default=True,
                             help="Connections tracked at once; the oldest are "
                                  "evicted beyond this, and counted.")),
+    (("--port-pressure",), dict(type=click.FloatRange(0, 100, min_open=True), default=80.0,
+                                show_default=True, metavar="PERCENT",
+                                help="Report a destination whose TIME_WAIT and connected "
+                                     "sockets use this share of the local port range "
+                                     "(ip_local_port_range) of their namespace.")),
 )
 
 LIVE_OPTIONS = (
@@ -174,7 +179,8 @@ def _build_options(kw, report=False):
                    stuck_after=kw.get("stuck_after", 30.0), ready_file=kw.get("ready_file"),
                    record=kw.get("record"), transport=kw.get("transport", "auto"),
                    wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
-                   seed=not kw.get("no_seed", False))
+                   seed=not kw.get("no_seed", False),
+                   port_pressure=kw.get("port_pressure", 80.0) / 100)
 
 
 def _live(opts):

@@ -31,7 +31,8 @@ class Pipeline:
         self.order = Reorderer(opts.window_ms * 1_000_000)
         self.tracker = Tracker(stuck_after_ns=int(opts.stuck_after * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,
-                               confirm=confirm, resolve_owner=resolve_owner)
+                               confirm=confirm, resolve_owner=resolve_owner,
+                               port_pressure=opts.port_pressure)
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection

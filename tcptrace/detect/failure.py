@@ -4,8 +4,15 @@
   timeout:     SYN retransmitted until the kernel gave up (ETIMEDOUT)
   unreachable: an ICMP error (EHOSTUNREACH, ENETUNREACH...), matched by 4-tuple
   cancelled:   the application closed the socket in SYN_SENT: nothing came from the network
-and connects that failed before any SYN (no route, no local port, denied), seen as connect()'s
-return (kprobe or syscall tracepoint), when no transition tells them.
+  no_local_port: connect() found no free local port for the destination (EADDRNOTAVAIL): the
+               socket went SYN_SENT -> CLOSE before a local port was chosen
+and connects that failed before any SYN (no route, no source address, denied), seen as
+connect()'s return (kprobe or syscall tracepoint), when no transition tells them.
+
+EADDRNOTAVAIL has two causes, told apart by where connect() failed: after CLOSE -> SYN_SENT it
+is the search for a local port (inet_hash_connect(): every port of ip_local_port_range is taken
+for that destination, TIME_WAIT included), `no_local_port`; before it, no usable source address
+(IPv6 source selection), `no_local_address`.
 """
 import collections
 import errno
@@ -28,6 +35,7 @@ PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreac
 NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNREFUSED,
                   errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
 REREPORT_NS = 10_000_000_000
+NO_PORT_PATH = S.SYN_SENT << 4 | S.CLOSE
 
 
 class FailedConnects(Detector):
@@ -60,6 +68,14 @@ class FailedConnects(Detector):
             reason = "unreachable"
         elif err:
             reason = "error"
+        elif not c.lport and c.path == NO_PORT_PATH:
+            # The kernel reports no errno here (connect() returns it; no socket error is set),
+            # but only inet_hash_connect() failing takes a socket from SYN_SENT to CLOSE before
+            # it has a local port: tcp_v{4,6}_connect()'s failure path.
+            self.tr.finding(c, "failed", ts, reason="no_local_port", errno="EADDRNOTAVAIL",
+                            errno_inferred=True, syn_retransmits=0,
+                            duration_ns=ts - c.opened_ns, path=path_names[c.path])
+            return True
         else:
             reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
         self.tr.finding(c, "failed", ts, reason=reason, errno=S.errno_name(err) if err else None,

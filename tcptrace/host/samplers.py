@@ -39,3 +39,6 @@ class Sampler:
     def sample(self, now_ns):
         """[wire.Sample] of what the kernel says now."""
         raise NotImplementedError
+
+    def close(self):
+        """Let go of what it keeps open (sockets, files in other namespaces)."""

@@ -66,7 +66,37 @@ def _failed(f):
 def _close(f):
     by = getattr(f, "closed_by", None)
     return f"closed after {ns_text(getattr(f, 'duration_ns', None))}" + (
-        f", {by} closed first" if by else "")
+        f", {by} closed first" if by else "") + (
+        f", TIME_WAIT {ns_text(f.time_wait_ns)}" if getattr(f, "time_wait", False) else "")
+
+
+def _transition(f):
+    by = getattr(f, "by", None)
+    return PAIR[f.pair] + (f" [inferred: {by}]" if by else "")
+
+
+def _time_wait(f):
+    """The namespace's count, what moved since its last sample, and its busiest
+    destination."""
+    moved = ""
+    if f.entered is not None:
+        moved = (f", +{f.entered} in {ns_text(f.interval_ns)} ({f.recycled} recycled"
+                 + (f", {f.killed} killed)" if f.killed else ")"))
+    top = ""
+    if f.destinations:
+        d = max(f.destinations, key=lambda d: d["time_wait"])
+        top = f"; {endpoint(d['raddr'], d['rport'])} {d['time_wait']} ({d['port_share']:.0%})"
+    return f"netns {f.netns}: {f.time_wait} TIME_WAIT{moved}{top}"
+
+
+def _port_pressure(f):
+    return (f"{f.time_wait + f.connected}/{f.ports} local ports in use ({f.port_share:.0%}): "
+            f"{f.time_wait} TIME_WAIT + {f.connected} connected")
+
+
+def _overflow(f):
+    return (f"netns {f.netns}: {f.count} closes left no TIME_WAIT (tcp_max_tw_buckets "
+            f"{f.max_tw_buckets} reached)")
 
 
 def _stuck(f):
@@ -95,15 +125,20 @@ DESCRIBE = {
     "close": _close,
     "stuck": _stuck,
     "unstuck": lambda f: f"left {f.state} after {ns_text(f.duration_ns)}",
-    "transition": lambda f: PAIR[f.pair],
+    "transition": _transition,
     "lost": _lost,
     "evicted": _evicted,
+    "time_wait": _time_wait,
+    "port_pressure": _port_pressure,
+    "time_wait_overflow": _overflow,
 }
+# Findings about a namespace or the tracer, not a connection: no endpoint columns.
+NO_ENDS = frozenset(("lost", "evicted", "time_wait", "time_wait_overflow"))
 
 
 def flags(f):
     """The marks a connection finding may carry, as the detail's suffix."""
-    if type(f) is Transition:
+    if isinstance(f, Transition):
         return ""
     return ((" [partial]" if getattr(f, "partial", False) else "")
             + (" [incomplete]" if getattr(f, "incomplete", False) else "")
@@ -142,7 +177,7 @@ class TextSink(Sink):
         t = f.type
         if t == "transition":
             line = tm + self._ends.of(f.ends)
-        elif t == "lost" or t == "evicted":
+        elif t in NO_ENDS:
             line = tm + self._cols[(f.pid, f.comm, t)]
         else:
             line = (f"{tm}{self._cols[(f.pid, f.comm, t)]}{endpoint(f.laddr, f.lport)} > "
@@ -151,9 +186,9 @@ class TextSink(Sink):
         if not detail:
             return line.rstrip() + "\n"
         if self.wide or len(line) + 2 + len(detail) <= 79:
-            return (f"{line}{detail}" if t == "lost" or t == "evicted"
+            return (f"{line}{detail}" if t in NO_ENDS
                     else f"{line}  {detail}").rstrip() + "\n"
-        return f"{line}\n    {detail}\n"
+        return f"{line.rstrip()}\n    {detail}\n"
 
     def format(self, findings):
         head = ""

@@ -1,0 +1,155 @@
+"""The TIME_WAIT sampler: per network namespace, what the kernel holds in TIME_WAIT and how
+much of the local port range it and the connected sockets use, one sock_diag dump per sample.
+
+Per namespace and sample (a wire.Sample, what="time_wait"; detect/timewait.py reads it):
+  tw             sockstat's count of timewait socks now
+  counters       TcpExt TW (entries), TWRecycled (taken over by a new connect: tcp_tw_reuse),
+                 TWKilled (timewait socks given a short life), TCPTimeWaitOverflow (none made:
+                 tcp_max_tw_buckets reached): absolute, the detector takes deltas
+  port_range     ip_local_port_range; tw_reuse, max_tw_buckets: the namespace's settings
+  dests          [laddr, raddr, rport, in TIME_WAIT, connected]: sockets whose local port is in
+                 the range, per destination and local address (what a connect() to that
+                 destination competes with), largest first, at most MAX_ROWS
+  locals         [laddr, in TIME_WAIT, connected]: the same per local address (what bind() to
+                 port 0 competes with)
+  services       [laddr, lport, in TIME_WAIT]: TIME_WAIT of sockets whose local port is outside
+                 the range (a server that closed first), per local port
+  entered, left  [laddr, lport, raddr, rport(, expires_ms)]: 4-tuples in TIME_WAIT now and not at
+                 the previous dump, and the reverse: how the detector tells a sock's exit
+A namespace that is gone gets one last sample, {"gone": true, "left": [...]}.
+
+"In TIME_WAIT" is sock_diag's state TIME_WAIT, as `ss state time-wait` counts it; a timewait
+sock still waiting for the peer's FIN (the kernel's FIN_WAIT2 substate) is reported as
+FIN_WAIT2 and counted as connected. One dump per namespace and sample, of every state that holds
+a 4-tuple, filtered by state in the kernel. A dump costs about 2 us per socket (30,000 TIME_WAIT
+sockets: docs/man/overhead.md), so the period stretches to keep sampling under 5% of a CPU.
+"""
+import os
+import time
+
+from tcptrace.host import counters, netns
+from tcptrace.host.diag import STATES, Diag
+from tcptrace.host.samplers import Namespaces, Sampler
+from tcptrace.wire import Sample
+
+CONNECTED = ("SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK",
+             "CLOSING", "TIME_WAIT")
+TW = STATES["TIME_WAIT"]
+SETTINGS = ("ip_local_port_range", "tcp_tw_reuse", "tcp_max_tw_buckets")
+MAX_ROWS = 256
+BUDGET = 0.05          # at most this share of a CPU spent sampling: the period stretches
+
+
+class _Namespace:
+    """What is kept open in one namespace: a sock_diag socket and its settings' files (both
+    belong to the namespace they were opened in, so they are opened there once and read from
+    here after), and the 4-tuples its last dump had in TIME_WAIT."""
+
+    def __init__(self, base):
+        self.base = base
+        self.diag, self.fds = netns.run_in(base, self._open)
+        self.tw = {}
+
+    @staticmethod
+    def _open():
+        fds = {n: os.open(f"/proc/sys/net/ipv4/{n}", os.O_RDONLY) for n in SETTINGS}
+        return Diag(), fds
+
+    def settings(self):
+        out = {}
+        for n, fd in self.fds.items():
+            v = [int(x) for x in os.pread(fd, 64, 0).split()]
+            out[n] = v if len(v) > 1 else v[0]
+        return out
+
+    def close(self):
+        self.diag.close()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _largest(d):
+    return sorted(d.items(), key=lambda kv: -sum(kv[1]))[:MAX_ROWS]
+
+
+def aggregate(socks, lo, hi):
+    """(dests, locals, services, {4-tuple in TIME_WAIT: ms left}) of a dump: see the module's
+    docstring."""
+    dests, locs, services, tw = {}, {}, {}, {}
+    for s in socks:
+        in_tw = s.state == TW
+        if in_tw:
+            tw[(s.laddr, s.lport, s.raddr, s.rport)] = s.expires_ms
+        if lo <= s.lport <= hi:
+            i = 0 if in_tw else 1
+            for d, k in ((dests, (s.laddr, s.raddr, s.rport)), (locs, (s.laddr,))):
+                row = d.get(k)
+                if row is None:
+                    row = d[k] = [0, 0]
+                row[i] += 1
+        elif in_tw:
+            k = (s.laddr, s.lport)
+            row = services.get(k)
+            if row is None:
+                row = services[k] = [0]
+            row[0] += 1
+    return tuple([list(k) + v for k, v in _largest(d)] for d in (dests, locs, services)) + (tw,)
+
+
+class TimeWaitSampler(Sampler):
+    name = "time_wait"
+
+    def __init__(self, namespaces=None):
+        self.namespaces = namespaces or Namespaces()
+        self.open = {}          # netns inode -> _Namespace
+        self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
+        self.spent_ns = 0       # CPU time spent sampling
+
+    def sample(self, now_ns):
+        t0 = time.thread_time_ns()
+        out = []
+        known = self.namespaces.get(now_ns)
+        for ino in [i for i in self.open if i not in known]:
+            ns = self.open.pop(ino)
+            out.append(Sample(now_ns, self.name, ino,
+                              {"gone": True, "left": [list(k) for k in ns.tw]}))
+            ns.close()
+        for ino, base in known.items():
+            try:
+                got = self._one(ino, base, now_ns)
+            except OSError:
+                # The namespace went away between the walk and the read (its last task
+                # exited): the next walk drops it.
+                continue
+            out.append(got)
+        spent = time.thread_time_ns() - t0
+        self.spent_ns += spent
+        self.period_ns = max(Sampler.period_ns, int(spent / BUDGET))
+        return out
+
+    def _one(self, ino, base, now_ns):
+        ns = self.open.get(ino)
+        if ns is None:
+            ns = self.open[ino] = _Namespace(base)
+        st = ns.settings()
+        lo, hi = st["ip_local_port_range"]
+        socks = ns.diag.dump(CONNECTED)
+        self.dumps += 1
+        dests, locs, services, tw = aggregate(socks, lo, hi)
+        prev = ns.tw
+        ns.tw = tw
+        c = counters.tcp_counters(base)
+        return Sample(now_ns, self.name, ino, {
+            "tw": counters.sockstat(base).get("tw", 0),
+            "counters": {k: c.get(k, 0) for k in ("TW", "TWRecycled", "TWKilled",
+                                                  "TCPTimeWaitOverflow")},
+            "port_range": [lo, hi], "tw_reuse": st["tcp_tw_reuse"],
+            "max_tw_buckets": st["tcp_max_tw_buckets"],
+            "dests": dests, "locals": locs, "services": services,
+            "entered": [list(k) + [e] for k, e in tw.items() if k not in prev],
+            "left": [list(k) for k in prev if k not in tw]})
+
+    def close(self):
+        for ns in self.open.values():
+            ns.close()
+        self.open = {}
