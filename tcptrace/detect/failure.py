@@ -36,6 +36,7 @@ NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNR
                   errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
 REREPORT_NS = 10_000_000_000
 NO_PORT_PATH = S.SYN_SENT << 4 | S.CLOSE
+CALL_NS = 1_000_000_000     # a connect() whose SYN_SENT -> CLOSE came this long before it returned
 
 
 class FailedConnects(Detector):
@@ -62,20 +63,21 @@ class FailedConnects(Detector):
                             syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
                             path=path_names[c.path])
             return True
+        if not c.lport and c.path == NO_PORT_PATH and err in (0, errno.EADDRNOTAVAIL):
+            # Only inet_hash_connect() failing takes a socket from SYN_SENT to CLOSE before it
+            # has a local port (tcp_v{4,6}_connect()'s failure path). connect() returns the
+            # errno; no socket error is set, so unless connect()'s return was seen (fact()),
+            # it is inferred.
+            self.tr.finding(c, "failed", ts, reason="no_local_port", errno="EADDRNOTAVAIL",
+                            **({} if err else {"errno_inferred": True}), syn_retransmits=0,
+                            duration_ns=ts - c.opened_ns, path=path_names[c.path])
+            return True
         if err == errno.ETIMEDOUT:
             reason = "timeout"
         elif err in UNREACHABLE:
             reason = "unreachable"
         elif err:
             reason = "error"
-        elif not c.lport and c.path == NO_PORT_PATH:
-            # The kernel reports no errno here (connect() returns it; no socket error is set),
-            # but only inet_hash_connect() failing takes a socket from SYN_SENT to CLOSE before
-            # it has a local port: tcp_v{4,6}_connect()'s failure path.
-            self.tr.finding(c, "failed", ts, reason="no_local_port", errno="EADDRNOTAVAIL",
-                            errno_inferred=True, syn_retransmits=0,
-                            duration_ns=ts - c.opened_ns, path=path_names[c.path])
-            return True
         else:
             reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
         self.tr.finding(c, "failed", ts, reason=reason, errno=S.errno_name(err) if err else None,
@@ -91,6 +93,14 @@ class FailedConnects(Detector):
         err = -ev.err if ev.err < 0 else ev.err
         daddr = addr_str(ev.family, ev.daddr)
         if err in NOT_AN_ATTEMPT:
+            return
+        c = self.tr.table.get(ev.skaddr) if ev.skaddr else None
+        if c is not None and c.role == ACTIVE and c.closed_ns is not None \
+                and c.path & 0xFF == NO_PORT_PATH and 0 <= ev.ts_ns - c.closed_ns < CALL_NS:
+            # connect() failed after its CLOSE -> SYN_SENT (tcp_v{4,6}_connect()'s return
+            # reports every failure): the transitions told this attempt, and this is its errno
+            if not c.error:
+                c.error = err
             return
         died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
         if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:

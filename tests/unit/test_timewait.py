@@ -10,8 +10,8 @@ from tcptrace.host.timewait import aggregate
 from tcptrace.lifecycle import Tracker
 from tcptrace.output.report import Report
 from tcptrace.output.text import TextSink
-from tcptrace.wire import Sample
-from streams import MS, SEC, active_close, active_open, passive_close, passive_open, state
+from tcptrace.wire import F_KPROBE, Kind, Sample
+from streams import MS, SEC, active_close, active_open, ev, passive_close, passive_open, state
 
 CLI, SRV = 0xC0, 0x50
 NETNS = 4026532000
@@ -171,6 +171,13 @@ def test_a_connect_that_found_no_local_port_names_its_destination():
     [f] = of(out, "failed")
     assert (f["reason"], f["errno"], f["errno_inferred"], f["raddr"], f["rport"], f["lport"]) \
         == ("no_local_port", "EADDRNOTAVAIL", True, "10.0.0.2", 80, None)
+    # tcp_v4_connect()'s return (the kprobe plan) reports the errno: it belongs to that
+    # attempt, no second finding, and the errno is no longer inferred
+    ret = ev(Kind.CONNECT_RET, SEC + 25_000, CLI, raddr="10.0.0.2", rport=80, err=-99,
+             flags=F_KPROBE)
+    _, out = feed(recs + [ret])
+    assert [(f["reason"], f["errno"], "errno_inferred" in f) for f in of(out, "failed")] == \
+        [("no_local_port", "EADDRNOTAVAIL", False)]
     # with a local port it is an application's close in SYN_SENT, as before
     recs[1] = state(SEC + 20_000, CLI, S.SYN_SENT, S.CLOSE, lport=40001, raddr="10.0.0.2",
                     rport=80)
