@@ -144,7 +144,8 @@ class _Namespace:
     def __init__(self):
         self.counters = None        # the last sample's absolute counters
         self.ts_ns = None
-        self.shown = (0, ())        # what the last time_wait record said (count, destinations)
+        # what the last time_wait record said: (count, destinations, services)
+        self.shown = (0, (), ())
         self.pressed = set()        # destinations over the threshold now
 
     def update(self, det, rec):

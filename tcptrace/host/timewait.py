@@ -12,8 +12,8 @@ Per namespace and sample (a wire.Sample, what="time_wait"; detect/timewait.py re
                  destination competes with), largest first, at most MAX_ROWS
   locals         [laddr, in TIME_WAIT, connected]: the same per local address (what bind() to
                  port 0 competes with)
-  services       [laddr, lport, in TIME_WAIT]: TIME_WAIT of sockets whose local port is outside
-                 the range (a server that closed first), per local port
+  services       [laddr, lport, in TIME_WAIT]: TIME_WAIT of sockets whose local port is a
+                 listener's or outside the range (a server that closed first), per local port
   entered, left  [laddr, lport, raddr, rport(, expires_ms)]: 4-tuples in TIME_WAIT now and not at
                  the previous dump, and the reverse: how the detector tells a sock's exit
 A namespace that is gone gets one last sample, {"gone": true, "left": [...]}.
@@ -21,7 +21,7 @@ A namespace that is gone gets one last sample, {"gone": true, "left": [...]}.
 "In TIME_WAIT" is sock_diag's state TIME_WAIT, as `ss state time-wait` counts it; a timewait
 sock still waiting for the peer's FIN (the kernel's FIN_WAIT2 substate) is reported as
 FIN_WAIT2 and counted as connected. One dump per namespace and sample, of every state that holds
-a 4-tuple, filtered by state in the kernel. A dump costs about 2 us per socket (30,000 TIME_WAIT
+a 4-tuple and of the listeners, filtered by state in the kernel. A dump costs about 2 us per socket (30,000 TIME_WAIT
 sockets: docs/man/overhead.md), so the period stretches to keep sampling under 5% of a CPU.
 """
 import os
@@ -34,7 +34,7 @@ from tcptrace.wire import Sample
 
 CONNECTED = ("SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK",
              "CLOSING", "TIME_WAIT")
-TW = STATES["TIME_WAIT"]
+TW, LISTEN = STATES["TIME_WAIT"], STATES["LISTEN"]
 SETTINGS = ("ip_local_port_range", "tcp_tw_reuse", "tcp_max_tw_buckets")
 MAX_ROWS = 256
 BUDGET = 0.05          # at most this share of a CPU spent sampling: the period stretches
@@ -74,13 +74,17 @@ def _largest(d):
 
 def aggregate(socks, lo, hi):
     """(dests, locals, services, {4-tuple in TIME_WAIT: ms left}) of a dump: see the module's
-    docstring."""
+    docstring. A socket whose local port is a listener's was accepted: it took no port of the
+    range (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's."""
+    listening = {s.lport for s in socks if s.state == LISTEN}
     dests, locs, services, tw = {}, {}, {}, {}
     for s in socks:
+        if s.state == LISTEN:
+            continue
         in_tw = s.state == TW
         if in_tw:
             tw[(s.laddr, s.lport, s.raddr, s.rport)] = s.expires_ms
-        if lo <= s.lport <= hi:
+        if lo <= s.lport <= hi and s.lport not in listening:
             i = 0 if in_tw else 1
             for d, k in ((dests, (s.laddr, s.raddr, s.rport)), (locs, (s.laddr,))):
                 row = d.get(k)
@@ -133,7 +137,7 @@ class TimeWaitSampler(Sampler):
             ns = self.open[ino] = _Namespace(base)
         st = ns.settings()
         lo, hi = st["ip_local_port_range"]
-        socks = ns.diag.dump(CONNECTED)
+        socks = ns.diag.dump(CONNECTED + ("LISTEN",))
         self.dumps += 1
         dests, locs, services, tw = aggregate(socks, lo, hi)
         prev = ns.tw

@@ -192,14 +192,19 @@ def test_a_dump_is_aggregated_per_destination_local_address_and_service():
              sock("TIME_WAIT", 40003, rport=443), sock("FIN_WAIT2", 40004),
              sock("TIME_WAIT", 80, raddr="10.0.0.9", rport=50000),      # a server's
              sock("ESTABLISHED", 80, raddr="10.0.0.9", rport=50001),
-             sock("TIME_WAIT", 40005, laddr="10.0.0.3")]
+             sock("TIME_WAIT", 40005, laddr="10.0.0.3"),
+             # a listener on a port of the range, and what it accepted
+             sock("LISTEN", 40006, raddr="0.0.0.0", rport=0),
+             sock("TIME_WAIT", 40006, raddr="10.0.0.9", rport=50002),
+             sock("ESTABLISHED", 40006, raddr="10.0.0.9", rport=50003)]
     dests, locs, services, tw = aggregate(socks, 40000, 40009)
     assert dests == [["10.0.0.1", "10.0.0.2", 80, 2, 2], ["10.0.0.1", "10.0.0.2", 443, 1, 0],
                      ["10.0.0.3", "10.0.0.2", 80, 1, 0]]
     assert locs == [["10.0.0.1", 3, 2], ["10.0.0.3", 1, 0]]
-    assert services == [["10.0.0.1", 80, 1]]
+    assert services == [["10.0.0.1", 80, 1], ["10.0.0.1", 40006, 1]]
     assert sorted(tw) == [("10.0.0.1", 80, "10.0.0.9", 50000), ("10.0.0.1", 40000, "10.0.0.2", 80),
                           ("10.0.0.1", 40001, "10.0.0.2", 80), ("10.0.0.1", 40003, "10.0.0.2", 443),
+                          ("10.0.0.1", 40006, "10.0.0.9", 50002),
                           ("10.0.0.3", 40005, "10.0.0.2", 80)]
 
 
