@@ -1,7 +1,7 @@
 /* tcptrace wire contract: the one record every BPF program emits, and the runtime config.
  *
  * Python never keeps a copy of this layout: it asks BCC for the compiled struct and derives its
- * decoder from that (tcptrace/kernel.py), so this file is the single source of truth.
+ * decoder from that (tcptrace/wire.py: decoder_for), so this file is the single source of truth.
  * Fixed-width fields only, spelled with BCC's u8..u64 names (the ones its event decoder knows); one layout for IPv4 and IPv6 (16-byte addresses plus family).
  */
 #ifndef TCPTRACE_H
@@ -22,7 +22,7 @@
 #define TT_F_SYSCALL    0x02  /* TT_CONNECT_RET came from syscalls:sys_exit_connect */
 #define TT_F_OWNER      0x04  /* TT_STATE: pid/tid/comm are the task of a step a process makes
                                * itself (connect, listen, close, shutdown): the owner */
-#define TT_F_HELD       0x08  /* TT_STATE: a held socket's steps sent early (bpf/tcptrace.c:
+#define TT_F_HELD       0x08  /* TT_STATE: a held socket's steps sent early (bpf/hold.c:
                                * held); the same steps may come again in its next record, and
                                * ts_ns is when this was sent, not the newest step's */
 

@@ -1,7 +1,7 @@
 """Which connections the user asked about.
 
-Family and port filters also go to the kernel (tcptrace/kernel.py writes them into BPF maps), so
-unwanted sockets cost no delivery (except tcp_send_reset records, whose raw tracepoint carries
+Family and port filters also go to the kernel (tcptrace/kernel/loader.py writes them into BPF
+maps), so unwanted sockets cost no delivery (except tcp_send_reset records, whose raw tracepoint carries
 only the sock pointer: one record per reset, dropped by the tracker). pid and comm cannot: most transitions run in softirq, where the
 current task is a bystander, so they are matched here against the attributed owner. Addresses
 (CIDR) are matched here too. Applying every filter again in user space keeps replay and live runs

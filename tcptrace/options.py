@@ -27,7 +27,7 @@ class Options:
     tick_ms: int = 100
     scan_ms: int = 100        # how often pending steps are read from the kernel's socks map
     # How long the kernel holds an ESTABLISHED socket's steps for its close to join them in one
-    # record (bpf/tcptrace.c: held). Findings are held for order longer than this anyway.
+    # record (bpf/hold.c: held). Findings are held for order longer than this anyway.
     hold_ms: int = 50
     window_ms: int = 20
     max_conns: int = 262_144

@@ -199,7 +199,7 @@ def _silence(fd):
 
 def run_live(opts, plan, diag):
     """diag: callable(str) for stderr diagnostics."""
-    from tcptrace import owners
+    from tcptrace.host import owners
     from tcptrace.kernel.live import LiveSource
 
     stop = _Stop()

@@ -74,7 +74,7 @@ _FRESH = set(rules.OPENING_STEPS)
 
 
 def grouped(recs, max_steps=wire.MAX_STEPS, scan_at=(), hold_ns=None):
-    """What the kernel sends for a stream of one-transition events (bpf/tcptrace.c): each
+    """What the kernel sends for a stream of one-transition events (bpf/state.c): each
     socket's steps together, sent at ESTABLISHED, LISTEN or CLOSE or when max_steps are pending;
     a reset or SYN retransmission while steps are pending rides in that record. scan_at: times at
     which user space reads the pending steps (records flagged F_SCAN), as the live loop does.

@@ -3,7 +3,7 @@
 BCC compiles against whatever kernel headers are installed, which may belong to another kernel
 version (on the development machine: 6.1 headers, a 6.18 kernel), so a BPF program must not take
 a struct layout from them. The one place tcptrace reads a kernel struct is the recursion rescue
-(bpf/tcptrace.c): its offsets come from here and are compiled in as constants.
+(bpf/rescue.c): its offsets come from here and are compiled in as constants.
 
 Only what that needs is parsed: the type section is walked once to find named structs, then the
 few members asked for are resolved. The format is the kernel's include/uapi/linux/btf.h (stable

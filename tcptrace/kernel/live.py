@@ -8,7 +8,7 @@ pipeline, on the clock read just before each drain.
 import operator
 import time
 
-from tcptrace import owners
+from tcptrace.host import owners
 from tcptrace.wire import F_SYSCALL, Batch, Kind
 
 countOf = operator.countOf

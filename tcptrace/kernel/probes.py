@@ -12,6 +12,7 @@ import platform
 from dataclasses import dataclass, field, asdict
 
 from tcptrace import errors
+from tcptrace.kernel.bpfsys import BPF_MAP_CREATE, NR_BPF, bpf
 
 SUPPORTED, UNSUPPORTED, UNKNOWN = "supported", "unsupported", "unknown"
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -43,7 +44,7 @@ RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
 )
 
-# The kernel struct members the recursion rescue reads (bpf/tcptrace.c): the struct sock ones as
+# The kernel struct members the recursion rescue reads (bpf/rescue.c): the struct sock ones as
 # the tracepoints' own TP_fast_assign reads them, then what tells a hit's level (task or
 # interrupt) apart, task_struct.stack and pt_regs.sp: (macro suffix, struct, member path, size).
 RESCUE_FIELDS = (
@@ -141,17 +142,6 @@ def _kprobes():
                  "kernel built without CONFIG_KPROBES (no kprobe PMU, no kprobe_events)", "any")
 
 
-LIBC = ctypes.CDLL(None, use_errno=True)
-NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-
-
-def bpf(cmd, attr):
-    """bpf(2) with a ctypes attr struct: (result, errno). Used without BCC (doctor asks the
-    kernel before anything is compiled) and for what BCC does not expose (program info)."""
-    r = LIBC.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    return r, (ctypes.get_errno() if r < 0 else 0)
-
-
 def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
     """Create (and close) a map of the given type: the kernel's own answer."""
     if NR_BPF is None:
@@ -163,7 +153,7 @@ def _map_type(name, map_type, key_size, value_size, max_entries, works, minver):
         _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                     ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                     ("pad", ctypes.c_uint8 * 112)]
-    fd, err = bpf(0, MapAttr(map_type, key_size, value_size, max_entries))   # BPF_MAP_CREATE
+    fd, err = bpf(BPF_MAP_CREATE, MapAttr(map_type, key_size, value_size, max_entries))
     if fd >= 0:
         os.close(fd)
         return Check(name, SUPPORTED, works, minver)
@@ -179,7 +169,7 @@ def _ringbuf():
 
 
 def _queue():
-    # BPF_MAP_TYPE_QUEUE = 22, a 16-byte value as held_q's (bpf/tcptrace.c)
+    # BPF_MAP_TYPE_QUEUE = 22, a 16-byte value as held_q's (bpf/hold.c)
     return _map_type("queue map", 22, 0, 16, 1, "ESTABLISHED sockets' steps are held briefly, "
                      "so a short connection is one record per socket", "4.20")
 
@@ -199,7 +189,7 @@ def rescue_offsets(path=None):
             if got != size:
                 raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
             offs[macro] = off
-        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/tcptrace.c:tt_level).
+        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/rescue.c: tt_level).
         # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
         # uses 16 KiB with 4 KiB pages.
         offs["SZ_STACK"] = b.struct_size("irq_stack") or 16384
@@ -210,6 +200,61 @@ def rescue_offsets(path=None):
                  "of our programs runs on the CPU are handled by raw tracepoint twins", minver), offs
 
 
+@dataclass(frozen=True)
+class Option:
+    """One value a switch of the plan can take: the check it needs ("" for none), the -D
+    switches bpf/ is compiled with for it, and what to say when it is taken instead of the best
+    option (formatted with that option's check: {name}, {status}, {detail})."""
+    value: object
+    needs: str = ""
+    cflags: tuple = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str               # a Plan field, or (hook) an optional tracepoint in Plan.tracepoints
+    options: tuple          # best first; the last needs no check
+    hook: bool = False
+
+    def option(self, value):
+        return next(o for o in self.options if o.value == value)
+
+
+def _hook(name, macro):
+    return Switch(name, (Option(True, name, (f"-D{macro}=1",)),
+                         Option(False, note="{name} {status}: {detail}")), hook=True)
+
+
+# Every choice the planner makes, as data. plan() takes each switch's first option whose check
+# passed; the loader compiles the taken options' -D switches; tests/kernel/test_plans.py
+# compiles and attaches a covering set of all the options, so a switch added here is built by
+# the tests without more work.
+SWITCHES = (
+    Switch("transport", (
+        Option("ringbuf", "ringbuf", ("-DTT_RINGBUF=1",)),
+        Option("perf", note="ring buffer {status}: using the perf buffer"))),
+    _hook("tcp:tcp_receive_reset", "TT_HOOK_RECV_RESET"),
+    _hook("sock:inet_sk_error_report", "TT_HOOK_SOCK_ERROR"),
+    _hook("tcp:tcp_retransmit_skb", "TT_HOOK_RETRANS"),
+    _hook("raw:tcp_send_reset", "TT_HOOK_SEND_RESET"),
+    Switch("rescue", (
+        Option(True, "recursion rescue", ("-DTT_RESCUE=1",)),
+        Option(False, note="recursion rescue {status}: {detail}"))),
+    Switch("hold", (
+        Option(True, "queue map", ("-DTT_HOLD=1",)),
+        Option(False, note="queue map {status}: {detail}; each socket's opening steps are sent "
+                           "at ESTABLISHED (two records per connection end, not one)"))),
+    Switch("connect_hook", (
+        Option("kprobe", "kprobes", ("-DTT_KPROBES=1",)),
+        Option("syscall", "syscalls:sys_exit_connect", ("-DTT_SYSCALL_CONNECT=1",),
+               "kprobes {status}: connect errors before the SYN come from "
+               "syscalls:sys_exit_connect instead of tcp_v{{4,6}}_connect"),
+        Option("none", note="no kprobes and no syscall tracepoints: connects that fail before "
+                            "the SYN are not seen"))),
+)
+
+
 @dataclass
 class Plan:
     """What the tracer will attach, and how events reach user space."""
@@ -217,32 +262,24 @@ class Plan:
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
     rescue: dict = field(default_factory=dict)           # BTF offsets and sizes, or {}: no rescue
-    hold: bool = False                                   # bpf/tcptrace.c: held (queue maps)
+    hold: bool = False                                   # bpf/hold.c (queue maps)
     notes: list = field(default_factory=list)
 
-    def cflags(self):
-        flags = []
-        if self.transport == "ringbuf":
-            flags.append("-DTT_RINGBUF=1")
-        names = set(self.tracepoints)
-        for name, macro in (("tcp:tcp_receive_reset", "TT_HOOK_RECV_RESET"),
-                            ("sock:inet_sk_error_report", "TT_HOOK_SOCK_ERROR"),
-                            ("tcp:tcp_retransmit_skb", "TT_HOOK_RETRANS"),
-                            ("raw:tcp_send_reset", "TT_HOOK_SEND_RESET")):
-            if name in names:
-                flags.append(f"-D{macro}=1")
-        if self.connect_hook == "kprobe":
-            flags.append("-DTT_KPROBES=1")
-        elif self.connect_hook == "syscall":
-            flags.append("-DTT_SYSCALL_CONNECT=1")
-        if self.hold:
-            flags.append("-DTT_HOLD=1")
-        if self.rescue:
-            flags.append("-DTT_RESCUE=1")
-            # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
-            flags += [f"-DTT_{'' if k.startswith('SZ_') else 'OFF_'}{k}={v}"
-                      for k, v in sorted(self.rescue.items())]
-        return flags
+    def choice(self, switch):
+        """The value this plan took for a Switch."""
+        if switch.hook:
+            return switch.name in self.tracepoints
+        v = getattr(self, switch.name)
+        return bool(v) if switch.name == "rescue" else v
+
+    def take(self, switch, value, offsets=None):
+        if switch.hook:
+            if value:
+                self.tracepoints.append(switch.name)
+        elif switch.name == "rescue":
+            self.rescue = dict(offsets) if value else {}
+        else:
+            setattr(self, switch.name, value)
 
     def describe(self):
         hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
@@ -300,42 +337,34 @@ def checks():
     return out
 
 
-def plan(transport="auto", checks_=None):
+def plan(transport="auto", checks_=None, offsets=None):
+    """The plan for this machine: for each switch, the best option whose check passed, and a
+    note where that is not the best there is. `checks_` and the rescue's `offsets` are read
+    from the machine unless given (tests give them)."""
     cs = {c.name: c for c in (checks_ or checks())}
     p = Plan()
-    rb = cs["ringbuf"].status
-    if transport == "auto":
-        p.transport = "ringbuf" if rb == SUPPORTED else "perf"
-        if rb != SUPPORTED:
-            p.notes.append(f"ring buffer {rb}: using the perf buffer")
-    else:
-        p.transport = transport
-    for name, *_ in TRACEPOINTS + RAW_TRACEPOINTS:
-        if cs[name].status == SUPPORTED and not name.startswith("syscalls:"):
+    for name, *_, required, _why in TRACEPOINTS + RAW_TRACEPOINTS:
+        if required and cs[name].status == SUPPORTED:
             p.tracepoints.append(name)
-        elif cs[name].status != SUPPORTED and not name.startswith("syscalls:"):
+        elif required:
             p.notes.append(f"{name} {cs[name].status}: {cs[name].detail}")
-    if cs["recursion rescue"].status == SUPPORTED:
-        p.rescue = rescue_offsets()[1]
-    else:
-        p.notes.append("recursion rescue " + cs["recursion rescue"].status + ": "
-                       + cs["recursion rescue"].detail)
-    q = cs.get("queue map")
-    if q is not None and q.status == SUPPORTED:
-        p.hold = True
-    elif q is not None:
-        p.notes.append(f"queue map {q.status}: {q.detail}; each socket's opening steps are sent "
-                       "at ESTABLISHED (two records per connection end, not one)")
-    if cs["kprobes"].status == SUPPORTED:
-        p.connect_hook = "kprobe"
-    elif cs["syscalls:sys_exit_connect"].status == SUPPORTED:
-        p.connect_hook = "syscall"
-        p.notes.append("kprobes " + cs["kprobes"].status + ": connect errors before the SYN come "
-                       "from syscalls:sys_exit_connect instead of tcp_v{4,6}_connect")
-    else:
-        p.notes.append("no kprobes and no syscall tracepoints: connects that fail before the "
-                       "SYN are not seen")
+    for sw in SWITCHES:
+        if sw.name == "transport" and transport != "auto":
+            p.take(sw, transport)
+            continue
+        taken = next(o for o in sw.options if not o.needs or _passed(cs, o.needs))
+        best = sw.options[0]
+        if taken is not best and taken.note:
+            check = cs.get(best.needs) or Check(best.needs, UNKNOWN, "not checked")
+            p.notes.append(taken.note.format(**asdict(check)))
+        if sw.name == "rescue" and taken.value and offsets is None:
+            offsets = rescue_offsets()[1]
+        p.take(sw, taken.value, offsets)
     return p
+
+
+def _passed(cs, name):
+    return name in cs and cs[name].status == SUPPORTED
 
 
 def require(checks_):

@@ -38,7 +38,7 @@ def finish(p, sig=signal.SIGTERM):
 def settled(port, timeout=10):
     """Wait until the kernel is done with every socket on this port but the client's timewait
     sock (the last ACK may be processed later, in ksoftirqd, on a busy machine)."""
-    from tcptrace import owners
+    from tcptrace.host import owners
     deadline = time.monotonic() + timeout
     while any(port in (s[2], s[4]) and s[5] != 6 for s in owners.sockets()):   # 6: TIME_WAIT
         assert time.monotonic() < deadline, f"sockets on port {port} never closed"

@@ -254,8 +254,8 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(netns, tmp_path):
     namespace's loopback receive work to CPU 0, where it runs in softirq over the walk, while
     the connections are made from CPU 1. Every tracepoint program hit in that softirq is skipped
     and counted as a recursion miss; the raw tracepoint twins must take each one, once."""
-    from tcptrace.kernel.source import MapScanner
-    from tcptrace.kernel.probes import bpf
+    from tcptrace.kernel.bpfsys import MapScanner
+    from tcptrace.kernel.bpfsys import bpf
     subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
                     "echo 1 > /sys/class/net/lo/queues/rx-0/rps_cpus"], check=True)
     fd, err = bpf(0, _MapAttr(1, 8, 8, 1 << 22, 1))        # BPF_MAP_CREATE, hash, no prealloc
@@ -380,7 +380,7 @@ def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
 
 def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
     """Hits of inet_sock_set_state that ran no BPF program and counted no miss either are
-    found against a tracefs instance counting the same tracepoint (kernel.Tally). A burst's
+    found against a tracefs instance counting the same tracepoint (kernel/tally.py). A burst's
     transitions all reach BPF and none is reported unseen; then k hits are taken out of the
     BPF program's own count, as if the kernel had not run it for them, and exactly k are
     reported unseen. The instance is gone afterwards."""
@@ -397,13 +397,13 @@ def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
     src = kernel.KernelSource(probes.plan())
     inst = None
     try:
-        if src._tally is None:
+        if src._losses.tally is None:
             pytest.skip("; ".join(src.notes))
         assert not os.path.exists(stale)
-        inst = src._tally.dir
+        inst = src._losses.tally.dir
         assert os.path.isdir(inst)
         n, addr = 200, "127.80.0.1"
-        t0 = src._tally.count()
+        t0 = src._losses.tally.count()
         p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", BURST, str(n),
                               addr], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         p.stdout.readline()
@@ -411,11 +411,11 @@ def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
         p.stdin.flush()
         assert p.stdout.readline().strip() == "done"
         assert p.wait(60) == 0
-        assert src._tally.count() - t0 >= 10 * n         # machine-wide: other traffic adds
+        assert src._losses.tally.count() - t0 >= 10 * n         # machine-wide: other traffic adds
         unseen = lambda: sum(l.count for l in src.losses(0) if l.where.startswith("unseen:"))
         assert unseen() == 0
         k = 37
-        hits, key = src.b[b"state_hits"], ctypes.c_int(0)
+        hits, key = src.progs.b[b"state_hits"], ctypes.c_int(0)
         vals = list(hits.getvalue(key))
         cpu = max(range(len(vals)), key=vals.__getitem__)
         vals[cpu] -= k
@@ -501,7 +501,7 @@ def test_map_scanner_reads_every_entry_of_a_large_hash_map():
     entry may be missed or doubled. Checked against BCC's own iteration of the same map."""
     import ctypes
     import bcc
-    from tcptrace.kernel.source import MapScanner
+    from tcptrace.kernel.bpfsys import MapScanner
     b = bcc.BPF(text=b'BPF_F_TABLE("hash", u64, u64, m, 8192, BPF_F_NO_PREALLOC);')
     try:
         m = b[b"m"]

@@ -1,4 +1,4 @@
-"""Held opens on the real kernel (bpf/tcptrace.c: held): a socket's steps up to ESTABLISHED wait
+"""Held opens on the real kernel (bpf/hold.c): a socket's steps up to ESTABLISHED wait
 for its next transition, which carries them; a socket still held after the hold time is sent
 early, by a later hit (tt_flush) or, on a quiet host, by user space; and a record still names
 the one task that made its owner's steps."""

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from tcptrace.kernel import btf, probes
+from tcptrace.kernel import btf, loader, probes
 
 INT, ARRAY, STRUCT, UNION, TYPEDEF = 1, 3, 4, 5, 8
 
@@ -112,6 +112,6 @@ def test_running_kernel_has_every_member_the_rescue_reads():
     sock_size = b.size(b._structs["sock"])
     assert offs["FAMILY"] < 64 and offs["DPORT"] < 64
     assert offs["SPORT"] >= sock_size and offs["SADDR"] >= sock_size
-    cf = probes.Plan(rescue=offs).cflags()
+    cf = loader.cflags(probes.Plan(rescue=offs), 64)
     assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['PROTOCOL']}" in cf
     assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf

@@ -1,4 +1,4 @@
-"""The kernel sends each socket's transitions in groups (bpf/tcptrace.c, docs/design.md), and user
+"""The kernel sends each socket's transitions in groups (bpf/state.c, docs/design.md), and user
 space may take pending ones early from a scan of the kernel's map. Whatever the grouping, the
 findings must be exactly those of the one-record-per-transition stream: checked here on the
 hand-built scenarios of test_lifecycle, grouped the way the kernel groups them."""
@@ -99,7 +99,7 @@ def findings(recs, transitions=True):
     return sorted(json.dumps(f.to_record(0), sort_keys=True) for f in out)
 
 
-# Held opens (bpf/tcptrace.c: held): off; sent early at the very next hit, so every held socket's
+# Held opens (bpf/hold.c): off; sent early at the very next hit, so every held socket's
 # steps come twice; after 1 ms, so some do; never early, so every connection is one record per
 # socket.
 HOLDS = {"no_hold": None, "hold_0": 0, "hold_1ms": MS, "hold_long": 100 * SEC}

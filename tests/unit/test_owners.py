@@ -1,7 +1,8 @@
 """/proc/net/tcp parsing, checked against this process's own sockets (no root needed)."""
 import socket
 
-from tcptrace import owners, states as S
+from tcptrace import states as S
+from tcptrace.host import owners
 
 
 def test_parses_own_listening_and_connected_sockets():
@@ -67,5 +68,6 @@ def test_all_namespaces_are_read_once_each(tmp_path):
     # make the namespace files of 'self' and '10' the same inode, '11' another one
     os.remove(tmp_path / "10" / "ns" / "net")
     os.link(tmp_path / "self" / "ns" / "net", tmp_path / "10" / "ns" / "net")
-    assert owners.netns_bases(str(tmp_path)) == [f"{tmp_path}/self", f"{tmp_path}/11"]
+    from tcptrace.host import netns
+    assert list(netns.namespaces(str(tmp_path)).values()) == [f"{tmp_path}/self", f"{tmp_path}/11"]
     assert sorted(s[2] for s in owners.all_sockets(str(tmp_path))) == [80, 443]

@@ -1,4 +1,4 @@
-"""RingReader reads the BPF ring buffer's pages itself (tcptrace/kernel.py). Here the pages are a
+"""RingReader reads the BPF ring buffer's pages itself (tcptrace/kernel/transport.py). Here the pages are a
 memfd laid out as the kernel maps a ring: the consumer page, the producer page, then the data area
 twice in a row. Records are written as the kernel commits them: an 8-byte header (length, BUSY and
 DISCARD bits) and the tt_event payload, padded to 8 bytes."""
@@ -10,7 +10,7 @@ import pytest
 
 from tcptrace import wire
 from tcptrace.wire import Kind
-from tcptrace.kernel.source import RingReader
+from tcptrace.kernel.transport import RingReader
 from tcptrace.wire import decoder_for
 from test_wire import header_struct
 
@@ -139,7 +139,7 @@ class _Clock:
 
 
 def test_reads_are_a_period_apart_whatever_the_batches_cost():
-    from tcptrace.kernel.source import Pacer
+    from tcptrace.kernel.transport import Pacer
     clock = _Clock()
     p = Pacer(clock, clock.sleep)
     p.wait(0.1)                     # the first read is at once

@@ -1,8 +1,8 @@
-"""kernel.Tally's naming of its tracefs instances, without tracefs."""
+"""kernel/tally.py: Tally's naming of its tracefs instances, without tracefs."""
 import os
 import subprocess
 
-from tcptrace.kernel.source import Tally
+from tcptrace.kernel.tally import Tally
 
 
 def test_tally_instances_of_dead_or_reused_pids_are_stale():

@@ -119,5 +119,5 @@ def test_recording_round_trip():
 def test_map_scanner_says_none_when_the_kernel_cannot_batch():
     """Anything but ENOENT on the first call (EINVAL before 5.6, EBADF, EPERM) means "no batch
     lookup": KernelSource then falls back to BCC's iteration, and says so."""
-    from tcptrace.kernel.source import MapScanner
+    from tcptrace.kernel.bpfsys import MapScanner
     assert MapScanner(-1, 8, 8).values() is None

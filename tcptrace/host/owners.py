@@ -1,4 +1,4 @@
-"""The kernel's own socket table, read the way `ss -p` reads it.
+"""Which process holds a socket, read the way `ss -p` reads it.
 
 /proc/net/tcp{,6} gives each socket's 4-tuple, state and inode; /proc/<pid>/fd links name the
 inode of every socket a process holds. Used to seed sockets that existed before tracing began, to
@@ -10,6 +10,7 @@ import struct
 import time
 
 from tcptrace import states as S
+from tcptrace.host import netns
 
 
 def _addr(hexaddr, family):
@@ -43,25 +44,10 @@ def sockets(base="/proc/self"):
     return out
 
 
-def netns_bases(root="/proc"):
-    """One /proc/<pid> per network namespace on the host, ours first. Tracepoints see every
-    namespace (containers, the test lab), so the socket table must be read in each."""
-    bases, seen = [], set()
-    for entry in ["self"] + [p for p in os.listdir(root) if p.isdigit()]:
-        try:
-            ino = os.stat(f"{root}/{entry}/ns/net").st_ino
-        except OSError:
-            continue
-        if ino not in seen:
-            seen.add(ino)
-            bases.append(f"{root}/{entry}")
-    return bases
-
-
 def all_sockets(root="/proc"):
     """sockets() of every network namespace."""
     out = []
-    for base in netns_bases(root):
+    for base in netns.namespaces(root).values():
         out.extend(sockets(base))
     return out
 
@@ -169,7 +155,7 @@ def fd_is_tcp(pid, fd):
     except (OSError, AttributeError):
         return None
     try:
-        from tcptrace.kernel.probes import LIBC
+        from tcptrace.kernel.bpfsys import LIBC
         newfd = LIBC.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
         if newfd < 0:
             return None

@@ -1,0 +1,159 @@
+/* TCP state transitions, grouped: the kernel keeps a socket's steps in `socks` and sends them as
+ * one record when the socket reaches a state where it may rest for long or is gone (or the
+ * record is full); at ESTABLISHED they are held for the close (hold.c). Which transitions send,
+ * name the owner or start a new socket is not decided here: the loader passes the rules of
+ * tcptrace/lifecycle/rules.py as macros, so user space reads the records by the same rules.
+ * Part of tcptrace.c. */
+
+#if !defined(TT_OWNER_STEP) || !defined(TT_OPENING_STEP) || !defined(TT_SEND_AT)
+#error "TT_OWNER_STEP, TT_OPENING_STEP and TT_SEND_AT come from tcptrace/lifecycle/rules.py"
+#endif
+
+#ifndef TT_SOCKS_MAX
+#define TT_SOCKS_MAX 65536
+#endif
+/* socks: per socket, the transitions not sent yet: a TT_STATE record being filled. Inserted at a
+ * socket's first transition that is not sent at once (tt_start) or by a held socket's next one
+ * (tt_carry); deleted when the record is sent (at a state TT_SEND_AT names, when full, or before
+ * a step that starts a new record) or moved to `held` at ESTABLISHED. So it holds only sockets
+ * between those states: in a handshake, in a close, or resting half-closed. User space reads it
+ * on a timer (tcptrace/kernel/source.py: KernelSource.scan) and never writes it. A plain hash,
+ * not LRU: an eviction would lose steps silently, while a full map only makes a transition go
+ * out on its own. Not preallocated: it is usually small. Sized for 65,536 sockets in between at
+ * once, not more: reading it walks every bucket, full or empty (190 us per read at 262,144
+ * entries, 10 reads a second). An entry whose CLOSE was never seen (a recursion miss) stays
+ * until its address is reused by a new socket. */
+BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
+
+/* One transition, and what the rules say of it. */
+struct tt_hit {
+    u64 sk;
+    u64 id;         /* bpf_get_current_pid_tgid() */
+    u64 ts;
+    u8 old;
+    u8 new;
+    u8 owner;       /* a process makes this step itself: its task is the socket's owner */
+    u8 opening;     /* a new socket at this address */
+    u8 send;        /* the socket may rest here for long, or is gone: send what is pending */
+};
+
+static __always_inline void tt_put_step(struct tt_event *e, u32 n, struct tt_hit *h)
+{
+    if (n >= TT_MAX_STEPS)
+        return;
+    e->step_ts[n] = h->ts;
+    e->step_pid[n] = h->id >> 32;
+    e->step_old[n] = h->old;
+    e->step_new[n] = h->new;
+    /* Steps before the count: user space may read the entry while it is being written. */
+    asm volatile("" ::: "memory");
+    e->nsteps = n + 1;
+}
+
+/* Must the pending record e go out, alone, before this step? At an opening (a new socket at the
+ * address of one whose CLOSE we never saw: a recursion miss; user space sees the gap), and at
+ * another task's owner step, since a record names one task (only a record carrying a held
+ * connect() can meet one). */
+static __always_inline int tt_breaks(struct tt_event *e, struct tt_hit *h)
+{
+    return h->opening || (h->owner && (e->flags & TT_F_OWNER) && tt_other_task(e, h->id));
+}
+
+/* A held socket's next transition: its steps go back into `socks`, ahead of this one (the entry
+ * returned), or out now, alone (0). */
+static __always_inline struct tt_event *tt_carry(void *ctx, struct tt_hit *h)
+{
+    struct tt_event *held = tt_held(h->sk);
+    if (!held)
+        return 0;
+    struct tt_event *e = 0;
+    if (!tt_breaks(held, h) && socks.insert(&h->sk, held) == 0)
+        e = socks.lookup(&h->sk);
+    tt_unhold(ctx, h->sk, held, h->ts, e != 0);
+    return e;
+}
+
+/* The record this step joins: the socket's pending one, or its held steps carried back; 0 if
+ * there is none. */
+static __always_inline struct tt_event *tt_pending(void *ctx, struct tt_hit *h)
+{
+    struct tt_event *e = socks.lookup(&h->sk);
+    if (e && tt_breaks(e, h)) {
+        tt_emit(ctx, e);
+        socks.delete(&h->sk);
+        e = 0;
+    }
+    return e ? e : tt_carry(ctx, h);
+}
+
+/* A new record for this step, waiting in `socks` for the socket's next steps (the entry
+ * returned); or, at a state to send at or with the map full, sent now with this step alone (0). */
+static __always_inline struct tt_event *tt_start(void *ctx, struct tt_hit *h, struct tt_sk *s)
+{
+    struct tt_event ev = {};
+    ev.kind = TT_STATE;
+    ev.skaddr = h->sk;
+    tt_set_task(&ev, h->id);
+    if (h->owner)
+        ev.flags = TT_F_OWNER;
+    ev.ts_ns = h->ts;
+    ev.oldstate = h->old;
+    ev.newstate = h->new;
+    tt_put_sk(&ev, s);
+    if (!h->send && socks.insert(&h->sk, &ev) == 0) {
+        struct tt_event *e = socks.lookup(&h->sk);
+        if (e)
+            return e;
+    }
+    tt_put_step(&ev, 0, h);
+    tt_emit(ctx, &ev);
+    return 0;
+}
+
+/* A pending record takes the newest step's fields (and, at an owner's step, its task). */
+static __always_inline void tt_update(struct tt_event *e, struct tt_hit *h, struct tt_sk *s)
+{
+    e->ts_ns = h->ts;
+    e->oldstate = h->old;
+    e->newstate = h->new;
+    if (s->sport)               /* CLOSE->SYN_SENT has no local port yet */
+        tt_put_sk(e, s);
+    if (h->owner) {
+        tt_set_task(e, h->id);
+        e->flags |= TT_F_OWNER;
+    }
+}
+
+/* Add the step to the socket's record; at a state to send at, or with the record full, it goes
+ * out, or, at ESTABLISHED, is held. */
+static __always_inline void tt_add_step(void *ctx, struct tt_event *e, struct tt_hit *h)
+{
+    u32 n = e->nsteps;
+    tt_put_step(e, n, h);
+    if (!h->send && n + 1 < TT_MAX_STEPS)
+        return;
+    if (!(h->new == TT_ESTABLISHED && n + 1 < TT_MAX_STEPS && tt_hold(h->sk, h->ts, e)))
+        tt_emit(ctx, e);
+    socks.delete(&h->sk);
+}
+
+/* sock:inet_sock_set_state, TCP only (the caller checked the protocol). */
+static __always_inline void tt_state(void *ctx, u64 sk, u8 old, u8 new, struct tt_sk *s)
+{
+    if (!tt_wanted(s->family, s->sport, s->dport))
+        return;
+    struct tt_hit h = {
+        .sk = sk, .id = bpf_get_current_pid_tgid(), .ts = bpf_ktime_get_ns(),
+        .old = old, .new = new, .owner = TT_OWNER_STEP(old, new),
+        .opening = TT_OPENING_STEP(old, new), .send = TT_SEND_AT(new),
+    };
+    if (new == TT_SYN_SENT)
+        tt_connect_syn_sent(h.id, sk);
+    struct tt_event *e = tt_pending(ctx, &h);
+    if (e)
+        tt_update(e, &h, s);
+    else
+        e = tt_start(ctx, &h, s);
+    if (e)
+        tt_add_step(ctx, e, &h);
+}

@@ -1,0 +1,96 @@
+"""bpf(2) through ctypes, for what BCC does not expose: program run statistics and batched map
+reads. No bcc here: `doctor` asks the kernel through this before anything is compiled.
+
+The attr structs are prefixes of the uapi `union bpf_attr` (stable ABI); the kernel zero-fills
+what a shorter struct leaves out.
+"""
+import ctypes
+import platform
+import struct
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+
+BPF_MAP_CREATE = 0
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+
+
+def bpf(cmd, attr):
+    """bpf(2) with a ctypes attr struct: (result, errno)."""
+    r = LIBC.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return r, (ctypes.get_errno() if r < 0 else 0)
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def prog_stats(fd):
+    """(run_cnt, run_time_ns, recursion_misses) of a loaded program, from BPF_OBJ_GET_INFO_BY_FD.
+    Offsets are those of the uapi struct bpf_prog_info (stable ABI; recursion_misses since 5.12,
+    None before)."""
+    if NR_BPF is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    attr = _InfoAttr(fd, 256, ctypes.addressof(buf))
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, attr)[0] != 0:
+        return None
+    run_time, run_cnt, misses = struct.unpack_from("<QQQ", buf, 192)
+    if attr.info_len < 216:
+        misses = None
+    return run_cnt, run_time, misses
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class MapScanner:
+    """Every value of a hash map, read with BPF_MAP_LOOKUP_BATCH (5.6+): one bpf(2) call per
+    `chunk` entries, and the values arrive as one buffer that struct.iter_unpack decodes. BCC's
+    items() costs two calls and a ctypes object per entry. Returns None where the kernel has no
+    batch lookup, and the caller falls back to BCC."""
+    ENOENT, ENOSPC = 2, 28
+
+    def __init__(self, map_fd, key_size, value_size, chunk=1024):
+        self.fd = map_fd
+        self.ksize = key_size
+        self.vsize = value_size
+        self._tok = (ctypes.c_uint64 * 2)()      # in_batch, out_batch: where to go on
+        self._alloc(chunk)
+
+    def _alloc(self, chunk):
+        """Buffers for `chunk` entries (the continuation token is kept)."""
+        self.chunk = chunk
+        self._keys = ctypes.create_string_buffer(chunk * self.ksize)
+        self._vals = ctypes.create_string_buffer(chunk * self.vsize)
+
+    def values(self):
+        """Raw bytes of all values (a snapshot per chunk; entries may change meanwhile)."""
+        out = []
+        first = True
+        while True:
+            a = _BatchAttr()
+            a.in_batch = 0 if first else ctypes.addressof(self._tok)
+            a.out_batch = ctypes.addressof(self._tok) + 8
+            a.keys = ctypes.addressof(self._keys)
+            a.values = ctypes.addressof(self._vals)
+            a.count = self.chunk
+            a.map_fd = self.fd
+            r, err = bpf(BPF_MAP_LOOKUP_BATCH, a)
+            if r < 0 and err == self.ENOSPC and a.count == 0:     # a bucket larger than a chunk
+                self._alloc(self.chunk * 4)
+                continue
+            if r < 0 and err != self.ENOENT:
+                return None if first and not out else out
+            if a.count:
+                out.append(self._vals.raw[:a.count * self.vsize])
+            if r < 0:                                             # ENOENT: that was the last
+                return out
+            self._tok[0] = self._tok[1]
+            first = False

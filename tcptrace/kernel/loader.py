@@ -1,0 +1,224 @@
+"""A plan to running programs: bpf/tcptrace.c compiled with the plan's -D switches, attached,
+and told the runtime options. The only module that imports bcc (and only when a plan is
+loaded), so `--help`, `replay` and the unit tests run without it.
+"""
+import contextlib
+import ctypes
+import os
+import re
+import time
+
+from importlib.resources import files as _res_files
+
+from tcptrace import errors
+from tcptrace.kernel import probes
+from tcptrace.kernel.bpfsys import LIBC, prog_stats
+from tcptrace.lifecycle import rules
+from tcptrace.wire import Kind
+
+# The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
+# tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
+# `rescued` counter they keep, the plan's hook name or None when always attached).
+STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's name for it
+TWINS = (
+    ("state", "inet_sock_set_state", STATE_PROG, Kind.STATE, None),
+    ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
+     "tcp:tcp_receive_reset"),
+    ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
+     Kind.SOCK_ERROR, "sock:inet_sk_error_report"),
+    ("retrans", "tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb", Kind.RETRANS,
+     "tcp:tcp_retransmit_skb"),
+)
+
+
+def bpf_dir():
+    """Where bpf/*.c lives: inside the installed package, or bpf/ of a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.join(os.path.dirname(os.path.dirname(here)), "bpf")
+    if os.path.exists(os.path.join(checkout, "tcptrace.c")):
+        return checkout
+    p = str(_res_files("tcptrace.bpf"))
+    if os.path.exists(os.path.join(p, "tcptrace.c")):
+        return p
+    raise errors.Unavailable("BPF sources not found (a broken install: bpf/tcptrace.c missing)")
+
+
+_PART = re.compile(r'#include "(\w+\.c)"\s*$')
+
+
+def source():
+    """bpf/tcptrace.c with each part it #includes ("x.c") put in place: one text for BCC. BCC
+    rewrites map calls (`socks.lookup(&k)`) and tracepoint arguments only in the main text it
+    is given; in a file the compiler includes, a map call stays an indirect call the verifier
+    refuses. #line markers keep the compiler's messages naming each part's own file and line.
+    The text is the same for every plan: options reach the program as -D switches and maps."""
+    d = bpf_dir()
+    main = os.path.join(d, "tcptrace.c")
+    out = [f'#line 1 "{main}"\n']
+    with open(main) as f:
+        for n, line in enumerate(f, 1):
+            m = _PART.match(line)
+            if m is None:
+                out.append(line)
+                continue
+            part = os.path.join(d, m.group(1))
+            with open(part) as p:
+                out += [f'#line 1 "{part}"\n'] + p.readlines()
+            out.append(f'\n#line {n + 1} "{main}"\n')
+    return "".join(out)
+
+
+def cflags(plan, ringbuf_pages):
+    """The compiler flags for a plan: the -D switches of the options it took (probes.SWITCHES),
+    the rescue's struct offsets, the fixed sizes, and the grouping rules (lifecycle/rules.py,
+    as function-like macros, which BCC's clang takes as -D like any other)."""
+    flags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
+             "-Wno-macro-redefined", "-Wno-unused-function"] + rules.cflags()
+    for sw in probes.SWITCHES:
+        flags += sw.option(plan.choice(sw)).cflags
+    # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
+    flags += [f"-DTT_{'' if k.startswith('SZ_') else 'OFF_'}{k}={v}"
+              for k, v in sorted(plan.rescue.items())]
+    if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
+        # Tests only: the twins handle every hit, so their field reads are checked against
+        # real sockets (tests/kernel/test_foundation.py).
+        flags.append("-DTT_RESCUE_ONLY=1")
+    return flags
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """BCC and clang may print to fd 1; the JSON stream must never see it."""
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def release_compiler_memory():
+    """Give back what compiling cost: clang/LLVM (inside libbcc) touch ~120 MB of their own code
+    and data pages and leave freed heap behind, none of it needed once the programs are loaded.
+    Clean file-backed pages are dropped with MADV_PAGEOUT (5.4+; they would be re-read from disk
+    if ever touched again) and the heap is trimmed. Returns the bytes of mappings advised."""
+    libc = LIBC
+    with contextlib.suppress(AttributeError):
+        libc.malloc_trim(0)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    MADV_PAGEOUT = 21
+    advised = 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or not any(k in parts[5] for k in ("libbcc", "libLLVM", "libclang")):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
+    return advised
+
+
+def _name(n):
+    return n.decode() if isinstance(n, bytes) else n
+
+
+class Programs:
+    """bpf/tcptrace.c compiled for a plan, its programs attached: the tracepoint programs by BCC
+    while loading, the rescue's twins after them. `b` is the BCC module (maps by name); `twins`
+    maps each tracepoint program the rescue stands in for to the Kind of its `rescued` slot."""
+
+    def __init__(self, plan, ringbuf_pages):
+        try:
+            import bcc
+        except ImportError:
+            raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
+        text = source()
+        flags = cflags(plan, ringbuf_pages)
+        t0 = time.monotonic()
+        try:
+            with _stdout_to_stderr():
+                self.b = bcc.BPF(text=text.encode(), cflags=flags)
+        except Exception as e:   # BCC raises bare Exception for compile and attach failures
+            raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
+        self.compile_s = time.monotonic() - t0
+        self.notes = []
+        self.twins = {}
+        self._twin_fds = []
+        if plan.rescue:
+            self._attach_twins(plan)
+        release_compiler_memory()
+
+    def _attach_twins(self, plan):
+        """Attach each hook's two twins after its tracepoint program (BCC attached those while
+        loading): a tracepoint calls its probes in the order they were attached, and a twin
+        decides by what ran before it on the same hit."""
+        import bcc
+        from bcc.libbcc import lib
+        hooks = set(plan.tracepoints)
+        for hook, raw, prog, kind, plan_name in TWINS:
+            if plan_name is not None and plan_name not in hooks:
+                continue
+            fds = []
+            try:
+                for twin in (f"tt_rescue_{hook}", f"tt_rescue2_{hook}"):
+                    with _stdout_to_stderr():
+                        fn = self.b.load_func(twin.encode(), bcc.BPF.RAW_TRACEPOINT)
+                    # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
+                    fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
+                    if fd < 0:
+                        raise OSError(ctypes.get_errno(), f"attaching {twin} failed")
+                    fds.append(fd)
+            except Exception as e:     # BCC raises bare Exception
+                # A hit both twins cannot take is counted as a miss either way; a lone twin
+                # would only make the accounting harder to state.
+                self.notes.append(f"recursion rescue off for {raw}: {e}")
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._twin_fds += fds
+            self.twins[prog] = kind
+
+    def record_type(self):
+        """The ctypes struct BCC built for tt_event from the compiled program."""
+        return type(self.b["events"].event(ctypes.create_string_buffer(512)))
+
+    def configure(self, families, ports, hold_us):
+        """The runtime options, into the `config` and `ports` maps (bpf/config.c)."""
+        pm = self.b["ports"]
+        for p in ports:
+            pm[pm.Key(p)] = pm.Leaf(1)
+        cfg = self.b["config"]
+        v = cfg[ctypes.c_int(0)]
+        v.family = families[0] if len(families) == 1 else 0
+        v.port_filter = 1 if ports else 0
+        v.hold_us = hold_us
+        cfg[ctypes.c_int(0)] = v
+        # Armed last, in its own update: the programs emit nothing until every filter is in.
+        v.armed = 1
+        cfg[ctypes.c_int(0)] = v
+
+    def fd(self, prog):
+        """A loaded program's fd by name, or None."""
+        return next((fn.fd for name, fn in self.b.funcs.items() if _name(name) == prog), None)
+
+    def prog_stats(self):
+        """{program name: (run_cnt, run_time_ns, recursion_misses)} of every loaded program."""
+        out = {}
+        for name, fn in self.b.funcs.items():
+            st = prog_stats(fn.fd)
+            if st is not None:
+                out[_name(name)] = st
+        return out
+
+    def close(self):
+        for fd in self._twin_fds:
+            os.close(fd)
+        self._twin_fds = []
+        with contextlib.suppress(Exception):
+            self.b.cleanup()

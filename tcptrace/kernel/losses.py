@@ -1,0 +1,127 @@
+"""What the kernel side lost, as `Lost` records (tcptrace/wire.py), from counters that only grow:
+
+  - "bpf:<kind>": outputs the buffer refused, counted by the BPF program itself (exact; perf's
+    own loss records count the same drops but arrive late, so they are only a cross-check);
+  - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
+    running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the
+    ones the raw tracepoint twins recovered (the recursion rescue, bpf/rescue.c);
+  - "unseen:inet_sock_set_state": state transitions the kernel made without running the BPF
+    program and without counting a miss either, found by counting the same tracepoint in a
+    tracefs instance (kernel/tally.py).
+
+Every pair of counters is read in the order that lets a race only under-report, never report a
+loss that did not happen.
+"""
+import ctypes
+
+from tcptrace.kernel.bpfsys import prog_stats
+from tcptrace.kernel.loader import STATE_PROG
+from tcptrace.kernel.tally import Tally
+from tcptrace.wire import Kind, Lost
+
+
+class Losses:
+    """Deltas of the loss counters of loaded programs (`progs`: loader.Programs) since the last
+    read. `spill`: the plan has the ring buffer's spill buffer (bpf/transport.c: spilled counts
+    what it took). `notes` gets what cannot be counted here."""
+
+    def __init__(self, progs, tracefs, notes, spill):
+        self.progs = progs
+        self.spill = spill
+        self.spilled_total = 0
+        self.rescued_total = 0
+        self.unseen_total = 0
+        self._seen_drops = {}
+        self._seen_misses = {}
+        self._state_fd = progs.fd(STATE_PROG)
+        self.tally = None
+        try:
+            self.tally = Tally(tracefs)
+        except (OSError, ValueError) as e:
+            notes.append(f"no tracefs count of inet_sock_set_state ({e}): transitions the "
+                         "kernel makes without running BPF would go uncounted")
+        else:
+            self._tally_base = self._tally_baseline()
+
+    def read(self, now_ns):
+        """Lost records for what was lost since the last call."""
+        if self.spill:
+            self.spilled_total = sum(sum(v) for _k, v in self.progs.b["spilled"].items())
+        out = self._drops(now_ns) + self._misses(now_ns)
+        if self.tally is not None:
+            # The tally first, BPF's count after (Tally: the difference can only fall short)
+            t = self.tally.count()
+            unseen = t - self._visible() - self._tally_base
+            if unseen > self.unseen_total:
+                out.append(Lost(now_ns, unseen - self.unseen_total, "unseen:inet_sock_set_state"))
+                self.unseen_total = unseen
+        return out
+
+    def _drops(self, now_ns):
+        out = []
+        for k, v in self.progs.b["drops"].items():
+            total = sum(v)
+            kind = Kind.NAMES.get(k.value, str(k.value))
+            prev = self._seen_drops.get(kind, 0)
+            if total > prev:
+                out.append(Lost(now_ns, total - prev, f"bpf:{kind}"))
+                self._seen_drops[kind] = total
+        return out
+
+    def _misses(self, now_ns):
+        # Misses before rescues: a twin counts its rescue after the kernel counted the miss, so
+        # read in this order the difference can only fall short, never report a false loss.
+        stats = self.progs.prog_stats()
+        twins = self.progs.twins
+        rescued = {}
+        if twins:
+            for k, v in self.progs.b["rescued"].items():
+                rescued[k.value] = sum(v)
+            self.rescued_total = sum(rescued.values())
+        out = []
+        for name, (_cnt, _t, misses) in stats.items():
+            if misses is None or name.startswith("tt_rescue"):
+                # A twin is skipped only when it re-enters itself on a CPU, and then the
+                # tracepoint program was not blocked: nothing is lost.
+                continue
+            kind = twins.get(name)
+            if kind is not None:
+                misses -= rescued.get(kind, 0)
+            prev = self._seen_misses.get(name, 0)
+            if misses > prev:
+                out.append(Lost(now_ns, misses - prev, f"recursion:{name}"))
+                self._seen_misses[name] = misses
+        return out
+
+    def _visible(self):
+        """Hits of inet_sock_set_state BPF was shown: the program's runs, and the hits it was
+        skipped for, which the kernel counts as misses (since 6.7 on this path: earlier kernels
+        skip without counting) and the twins count as rescued. Where both count, the rescued
+        are some of the misses; where only the twins do, they are all we know of."""
+        b = self.progs.b
+        runs = sum(b[b"state_hits"][ctypes.c_int(0)])
+        st = prog_stats(self._state_fd) if self._state_fd is not None else None
+        misses = (st[2] or 0) if st else 0
+        kind = self.progs.twins.get(STATE_PROG)
+        rescued = sum(b[b"rescued"][ctypes.c_int(kind)]) if kind is not None else 0
+        return runs + max(misses, rescued)
+
+    def _tally_baseline(self):
+        """Tally less BPF-visible hits at start, read as BPF, tally, BPF: the first difference
+        can only exceed the true one (hits that ran their program between the reads count as
+        unseen), so losses measured against it can only fall short. Equal BPF reads mean no
+        hit came in between: the difference is exact. A few tries for such a moment."""
+        best = None
+        for _ in range(8):
+            v1 = self._visible()
+            t = self.tally.count()
+            v2 = self._visible()
+            best = t - v1 if best is None else min(best, t - v1)
+            if v1 == v2:
+                break
+        return best
+
+    def close(self):
+        if self.tally is not None:
+            self.tally.close()
+            self.tally = None

@@ -1,0 +1,105 @@
+"""A count of every sock:inet_sock_set_state hit that needs no BPF: the yardstick for hits the
+kernel made without running any BPF program (reported as `unseen:` losses, kernel/losses.py)."""
+import contextlib
+import os
+
+
+def _start_time(pid):
+    """Field 22 of /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])    # fields from 3 on, after the comm
+
+
+class Tally:
+    """Counts every hit of sock:inet_sock_set_state without BPF, in a tracefs instance of our
+    own, so that hits the kernel makes without running any BPF program for them (and without
+    counting them as recursion misses) are counted too. Such hits exist: on the 6.18 guest this
+    was developed on, BPF never runs in softirqs that interrupt a thread of pid 1 (docs/bench.md,
+    "Sixth session"); before 6.7 the kernel skips a tracepoint program for recursion without
+    counting a miss; and the perf tracepoint path drops a hit uncounted when perf's own
+    recursion guard trips.
+
+    The instance's ring buffer is one page per CPU and does not overwrite: once full, each hit
+    is refused at once and counted in "dropped events", so entries + dropped is every hit, read
+    without a reader and at little cost per hit.
+
+    The instance's probe is registered after the BPF program's, so on each hit BPF runs (or
+    misses) first: read this count first and BPF's after, and their difference can only fall
+    short of the truth, never report a loss that did not happen."""
+    EVENT = "events/sock/inet_sock_set_state"
+
+    def __init__(self, tracefs):
+        base = os.path.join(tracefs, "instances")
+        self._sweep(base)
+        self.dir = os.path.join(base, self.name(os.getpid()))
+        os.mkdir(self.dir)
+        try:
+            self._write("options/overwrite", "0")
+            self._write("buffer_size_kb", "4")
+            self._write(os.path.join(self.EVENT, "enable"), "1")
+            self._stats = [os.path.join(self.dir, "per_cpu", d, "stats")
+                           for d in os.listdir(os.path.join(self.dir, "per_cpu"))]
+            self.count()
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def name(pid):
+        """tcptrace-<pid>-<start time>: with the process's start time (clock ticks since boot),
+        an instance left by a dead process is told from a live one's even after its pid has
+        been reused. None if the process is gone."""
+        start = _start_time(pid)
+        return None if start is None else f"tcptrace-{pid}-{start}"
+
+    @staticmethod
+    def stale(names):
+        """Which of these instance names a tcptrace that died without closing its instance
+        left: its process is gone, or its pid now belongs to a process started since. Names
+        without a start time (tcptrace-<pid>, as older versions named them) go by the pid
+        alone."""
+        out = []
+        for name in names:
+            parts = name.split("-")
+            if parts[0] != "tcptrace" or not all(p.isdigit() for p in parts[1:]) \
+                    or len(parts) not in (2, 3):
+                continue
+            if len(parts) == 2:
+                if not os.path.exists(f"/proc/{parts[1]}"):
+                    out.append(name)
+            elif Tally.name(int(parts[1])) != name:
+                out.append(name)
+        return out
+
+    @staticmethod
+    def _sweep(base):
+        """Remove instances left by tcptrace processes that died without closing theirs."""
+        for name in Tally.stale(os.listdir(base)):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(base, name, Tally.EVENT, "enable"), "w") as f:
+                    f.write("0")
+                os.rmdir(os.path.join(base, name))
+
+    def _write(self, rel, value):
+        with open(os.path.join(self.dir, rel), "w") as f:
+            f.write(value)
+
+    def count(self):
+        n = 0
+        for path in self._stats:
+            with open(path) as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k in ("entries", "dropped events", "read events"):
+                        n += int(v)
+        return n
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._write(os.path.join(self.EVENT, "enable"), "0")
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
