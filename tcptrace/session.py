@@ -106,13 +106,14 @@ class Pipeline:
         return ", ".join(parts)
 
 
-def samplers_for(detectors):
-    """One of each sampler the detectors ask for (their SAMPLERS)."""
+def samplers_for(detectors, **scope):
+    """One of each sampler the detectors ask for (their SAMPLERS), each made with `scope`:
+    what the kernel-side filters keep (ports, families), so that a dump keeps the same."""
     wanted = {}
     for d in detectors:
         for make in getattr(d, "SAMPLERS", ()):
             wanted.setdefault(make, None)
-    return [make() for make in wanted]
+    return [make(**scope) for make in wanted]
 
 
 def run(source, pipe, recorder=None):
@@ -215,7 +216,8 @@ def run_live(opts, plan, diag):
     view = owners.KernelView()
     pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
-    src.samplers = samplers_for(pipe.tracker.detectors)
+    src.samplers = samplers_for(pipe.tracker.detectors, ports=sorted(opts.filter.ports),
+                                families=opts.filter.kernel_families())
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None
 

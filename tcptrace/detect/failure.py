@@ -21,7 +21,7 @@ from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.lifecycle.conn import ACTIVE, path_names
-from tcptrace.wire import COMM_TEXT, F_KPROBE, Kind, addr_str
+from tcptrace.wire import COMM_TEXT, F_KPROBE, F_SYSCALL, Kind, addr_str
 
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 # Errors seen from connect() before the kernel sent a SYN, and what to call them.
@@ -97,11 +97,14 @@ class FailedConnects(Detector):
         c = self.tr.table.get(ev.skaddr) if ev.skaddr else None
         if c is not None and c.role == ACTIVE and c.closed_ns is not None \
                 and c.path & 0xFF == NO_PORT_PATH and 0 <= ev.ts_ns - c.closed_ns < CALL_NS:
-            # connect() failed after its CLOSE -> SYN_SENT (tcp_v{4,6}_connect()'s return
-            # reports every failure): the transitions told this attempt, and this is its errno
+            # connect() failed after its CLOSE -> SYN_SENT (the kprobe plan reports every
+            # failure of tcp_v{4,6}_connect(), the syscall plan EADDRNOTAVAIL after SYN_SENT):
+            # the transitions told this attempt, and this is its errno
             if not c.error:
                 c.error = err
             return
+        if ev.skaddr and ev.flags & F_SYSCALL:
+            return        # SYN_SENT was seen in this call: its transitions tell the attempt
         died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
         if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:
             return

@@ -31,7 +31,8 @@ class Namespaces:
 
 class Sampler:
     """Base of every sampler. A detector names the samplers it needs in its SAMPLERS; the live
-    source runs each one the detectors ask for, every period_ns."""
+    source runs each one the detectors ask for, every period_ns. Made with the kernel-side
+    filters' scope (`ports`, `families`: empty = all), which what it dumps keeps to."""
     name = None
     period_ns = 1_000_000_000
     next_ns = 0

@@ -16,7 +16,9 @@ Per namespace and sample (a wire.Sample, what="time_wait"; detect/timewait.py re
                  listener's or outside the range (a server that closed first), per local port
   entered, left  [laddr, lport, raddr, rport(, expires_ms)]: 4-tuples in TIME_WAIT now and not at
                  the previous dump, and the reverse: how the detector tells a sock's exit
-A namespace that is gone gets one last sample, {"gone": true, "left": [...]}.
+A namespace that is gone gets one last sample, {"gone": true, "left": [...]}. With --port or
+-4/-6 the dump keeps to those ports and families (filtered in the kernel, as the events are);
+tw and counters are the namespace's whole.
 
 "In TIME_WAIT" is sock_diag's state TIME_WAIT, as `ss state time-wait` counts it; a timewait
 sock still waiting for the peer's FIN (the kernel's FIN_WAIT2 substate) is reported as
@@ -25,6 +27,7 @@ a 4-tuple and of the listeners, filtered by state in the kernel. A dump costs ab
 sockets: docs/man/overhead.md), so the period stretches to keep sampling under 5% of a CPU.
 """
 import os
+import socket
 import time
 
 from tcptrace.host import counters, netns
@@ -103,8 +106,10 @@ def aggregate(socks, lo, hi):
 class TimeWaitSampler(Sampler):
     name = "time_wait"
 
-    def __init__(self, namespaces=None):
+    def __init__(self, namespaces=None, ports=(), families=()):
         self.namespaces = namespaces or Namespaces()
+        self.ports = tuple(ports)           # only sockets with one of these ports (--port)
+        self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
         self.open = {}          # netns inode -> _Namespace
         self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
         self.spent_ns = 0       # CPU time spent sampling
@@ -137,7 +142,7 @@ class TimeWaitSampler(Sampler):
             ns = self.open[ino] = _Namespace(base)
         st = ns.settings()
         lo, hi = st["ip_local_port_range"]
-        socks = ns.diag.dump(CONNECTED + ("LISTEN",))
+        socks = ns.diag.dump(CONNECTED + ("LISTEN",), self.families, self.ports)
         self.dumps += 1
         dests, locs, services, tw = aggregate(socks, lo, hi)
         prev = ns.tw

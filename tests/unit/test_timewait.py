@@ -10,7 +10,7 @@ from tcptrace.host.timewait import aggregate
 from tcptrace.lifecycle import Tracker
 from tcptrace.output.report import Report
 from tcptrace.output.text import TextSink
-from tcptrace.wire import F_KPROBE, Kind, Sample
+from tcptrace.wire import F_KPROBE, F_SYSCALL, Kind, Sample
 from streams import MS, SEC, active_close, active_open, ev, passive_close, passive_open, state
 
 CLI, SRV = 0xC0, 0x50
@@ -178,6 +178,15 @@ def test_a_connect_that_found_no_local_port_names_its_destination():
     _, out = feed(recs + [ret])
     assert [(f["reason"], f["errno"], "errno_inferred" in f) for f in of(out, "failed")] == \
         [("no_local_port", "EADDRNOTAVAIL", False)]
+    # the syscall plan sends connect()'s EADDRNOTAVAIL with the socket when SYN_SENT was seen
+    ret = ev(Kind.CONNECT_RET, SEC + 25_000, CLI, raddr="10.0.0.2", rport=80, err=-99,
+             flags=F_SYSCALL, aux=5)
+    _, out = feed(recs + [ret])
+    assert [(f["reason"], "errno_inferred" in f) for f in of(out, "failed")] == \
+        [("no_local_port", False)]
+    # and one whose connection the tracker no longer has makes no finding of its own
+    _, out = feed([ret])
+    assert of(out, "failed") == []
     # with a local port it is an application's close in SYN_SENT, as before
     recs[1] = state(SEC + 20_000, CLI, S.SYN_SENT, S.CLOSE, lport=40001, raddr="10.0.0.2",
                     rport=80)
