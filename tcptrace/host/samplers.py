@@ -43,3 +43,7 @@ class Sampler:
 
     def close(self):
         """Let go of what it keeps open (sockets, files in other namespaces)."""
+
+    def describe(self):
+        """What it cost, for the run's closing diagnostics (None: nothing to say)."""
+        return None

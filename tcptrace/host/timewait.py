@@ -81,25 +81,30 @@ def aggregate(socks, lo, hi):
     range (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's."""
     listening = {s.lport for s in socks if s.state == LISTEN}
     dests, locs, services, tw = {}, {}, {}, {}
+    # Runs per socket of every dump (tens of thousands): plain dict and list operations only.
     for s in socks:
-        if s.state == LISTEN:
+        st, lport = s.state, s.lport
+        if st == LISTEN:
             continue
-        in_tw = s.state == TW
+        in_tw = st == TW
         if in_tw:
-            tw[(s.laddr, s.lport, s.raddr, s.rport)] = s.expires_ms
-        if lo <= s.lport <= hi and s.lport not in listening:
+            tw[(s.laddr, lport, s.raddr, s.rport)] = s.expires_ms
+        if lo <= lport <= hi and lport not in listening:
             i = 0 if in_tw else 1
-            for d, k in ((dests, (s.laddr, s.raddr, s.rport)), (locs, (s.laddr,))):
-                row = d.get(k)
-                if row is None:
-                    row = d[k] = [0, 0]
-                row[i] += 1
-        elif in_tw:
-            k = (s.laddr, s.lport)
-            row = services.get(k)
+            k = (s.laddr, s.raddr, s.rport)
+            row = dests.get(k)
             if row is None:
-                row = services[k] = [0]
-            row[0] += 1
+                row = dests[k] = [0, 0]
+            row[i] += 1
+            row = locs.get(s.laddr)
+            if row is None:
+                row = locs[s.laddr] = [0, 0]
+            row[i] += 1
+        elif in_tw:
+            k = (s.laddr, lport)
+            services[k] = services.get(k, 0) + 1
+    locs = {(a,): v for a, v in locs.items()}
+    services = {k: [n] for k, n in services.items()}
     return tuple([list(k) + v for k, v in _largest(d)] for d in (dests, locs, services)) + (tw,)
 
 
@@ -112,6 +117,7 @@ class TimeWaitSampler(Sampler):
         self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
         self.open = {}          # netns inode -> _Namespace
         self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
+        self.samples = 0
         self.spent_ns = 0       # CPU time spent sampling
 
     def sample(self, now_ns):
@@ -133,6 +139,7 @@ class TimeWaitSampler(Sampler):
             out.append(got)
         spent = time.thread_time_ns() - t0
         self.spent_ns += spent
+        self.samples += 1
         self.period_ns = max(Sampler.period_ns, int(spent / BUDGET))
         return out
 
@@ -162,3 +169,7 @@ class TimeWaitSampler(Sampler):
         for ns in self.open.values():
             ns.close()
         self.open = {}
+
+    def describe(self):
+        return (f"TIME_WAIT sampler: {self.samples} samples, {self.dumps} sock_diag dumps, "
+                f"{self.spent_ns / 1e9:.2f} s of CPU")

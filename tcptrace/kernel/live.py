@@ -87,9 +87,11 @@ class LiveSource:
         """Detach; returns what is worth saying about the run's delivery."""
         src = self.src
         src.close()
+        notes = []
         for s in self.samplers:
             s.close()
-        notes = []
+            if s.describe():
+                notes.append(s.describe())
         if src.perf_lost_total:
             notes.append(f"perf reported {src.perf_lost_total} lost (cross-check of the bpf: "
                          "counts)")
