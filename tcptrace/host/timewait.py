@@ -119,6 +119,7 @@ class TimeWaitSampler(Sampler):
         self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
         self.samples = 0
         self.spent_ns = 0       # CPU time spent sampling
+        self.failed = {}        # why a namespace could not be read -> times
 
     def sample(self, now_ns):
         t0 = time.thread_time_ns()
@@ -132,9 +133,10 @@ class TimeWaitSampler(Sampler):
         for ino, base in known.items():
             try:
                 got = self._one(ino, base, now_ns)
-            except OSError:
-                # The namespace went away between the walk and the read (its last task
-                # exited): the next walk drops it.
+            except OSError as e:
+                # Mostly a namespace that went away between the walk and the read (its last
+                # task exited: the next walk drops it); anything else is said at exit
+                self.failed[e.strerror or str(e)] = self.failed.get(e.strerror or str(e), 0) + 1
                 continue
             out.append(got)
         spent = time.thread_time_ns() - t0
@@ -171,5 +173,7 @@ class TimeWaitSampler(Sampler):
         self.open = {}
 
     def describe(self):
+        failed = "".join(f"; {n} namespace readings failed: {why}"
+                         for why, n in sorted(self.failed.items()))
         return (f"TIME_WAIT sampler: {self.samples} samples, {self.dumps} sock_diag dumps, "
-                f"{self.spent_ns / 1e9:.2f} s of CPU")
+                f"{self.spent_ns / 1e9:.2f} s of CPU{failed}")

@@ -257,3 +257,14 @@ def test_text_lines_for_the_namespace_view_and_pressure():
     text = " ".join(lines)
     assert "9/10 local ports in use (90%): 9 TIME_WAIT + 0 connected" in text
     assert f"netns {NETNS}: 9 TIME_WAIT, +1 in 1.00s (0 recycled); 10.0.0.2:80 9 (90%)" in text
+
+
+def test_a_namespace_the_sampler_cannot_read_is_said_at_exit():
+    from tcptrace.host.timewait import TimeWaitSampler
+
+    class Gone:
+        def get(self, now_ns=None):
+            return {1: "/proc/999999999"}       # no such process: its namespace is gone
+    s = TimeWaitSampler(Gone())
+    assert s.sample(0) == [] and s.dumps == 0
+    assert s.describe().endswith("; 1 namespace readings failed: No such file or directory")
