@@ -235,8 +235,8 @@ def test_one_dump_per_namespace_and_sample_agrees_with_ss():
 @pytest.mark.last
 def test_the_exit_from_time_wait(tracer, expiring):
     """The sockets the first test made leave TIME_WAIT 60 s later: the tracer's count for the
-    destination falls to 0 within one sample (1 s) of ss's, and each socket's inferred step
-    out of TIME_WAIT is told by the dump that no longer showed it."""
+    destination falls to 0 within one sample of ss's, and each socket's inferred step out of
+    TIME_WAIT is told by the dump that no longer showed it."""
     e = expiring
     e.watch.join(max(0.0, e.closed_wall + 85 - time.time()))
     gone_wall = e.gone_wall
@@ -244,8 +244,11 @@ def test_the_exit_from_time_wait(tracer, expiring):
     assert 59.0 <= gone_wall - e.closed_wall <= 66.0
     view = _tw_view(tracer, e.f, e.ino, lambda r: wall_ns(r["time"]) > e.closed_wall * 1e9
                     + 30e9 and _dest_tw(r, SERVER4, e.lab.port) == 0, timeout=5)
+    # One tick: the sampler's period, as this record states it (1 s, stretched where dumps
+    # cost more, as in the 6.1 guest of CI), plus ss's 0.1 s polling
+    tick = view["interval_ns"] / 1e9
     lag = wall_ns(view["time"]) / 1e9 - gone_wall
-    assert -0.15 <= lag <= 1.2, lag
+    assert -0.15 <= lag <= tick + 0.15, (lag, tick)
     # Every client socket's step out of TIME_WAIT: those the dump showed until the end leave
     # with ss's count (within a sample); one gone early (see VANISH_FLOOR) left when a dump
     # no longer showed it, or, if none ever did, by the 60 s rule
@@ -253,7 +256,7 @@ def test_the_exit_from_time_wait(tracer, expiring):
                                          rport=e.lab.port)(r) and r.get("inferred")
                  and r["oldstate"] == "TIME_WAIT", count=EXPIRING, timeout=5)
     assert len(out) == EXPIRING and {t["newstate"] for t in out} == {"CLOSE"}
-    at_end = [t for t in out if abs(wall_ns(t["time"]) / 1e9 - gone_wall) <= 1.2
+    at_end = [t for t in out if abs(wall_ns(t["time"]) / 1e9 - gone_wall) <= tick + 0.15
               and t["by"] == "sock_diag"]
     assert len(at_end) >= e.ss
-    assert all(wall_ns(t["time"]) / 1e9 <= gone_wall + 1.2 for t in out)
+    assert all(wall_ns(t["time"]) / 1e9 <= gone_wall + tick + 0.15 for t in out)
