@@ -169,7 +169,7 @@ class Report:
             self.resets[(f.raddr, f.rport, f.comm, f.reset_by)] += 1
         elif t == "close":
             self.closes[getattr(f, "closed_by", None) or "unknown"] += 1
-            if f.time_wait:
+            if getattr(f, "time_wait", False):
                 self.time_wait.close(f)
         elif t == "time_wait":
             self.time_wait.sample(f)
@@ -266,8 +266,8 @@ class Report:
                   _or_dash(r["entries_per_s"])) for r in s["time_wait"]],
                 ["SIDE", "ENDPOINT", "NOW", "PEAK", "PORTS", "ENTRIES/S"])
         if s["time_wait_overflow"]:
-            out.append(f"  {s['time_wait_overflow']} closes left no TIME_WAIT: "
-                       "tcp_max_tw_buckets was reached (TCPTimeWaitOverflow)")
+            out.append(f"  {s['time_wait_overflow']} closes got no timewait sock: "
+                       "tcp_max_tw_buckets reached")
         section("HANDSHAKE LATENCY (log2 histogram)", _hist_rows(s["handshake_histogram_us"]),
                 ["USECS", "COUNT", "DISTRIBUTION"])
         m = {(STATE_BY_NAME[t["old"]], STATE_BY_NAME[t["new"]]): t["count"]

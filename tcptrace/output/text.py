@@ -82,11 +82,13 @@ def _time_wait(f):
     if f.entered is not None:
         moved = (f", +{f.entered} in {ns_text(f.interval_ns)} ({f.recycled} recycled"
                  + (f", {f.killed} killed)" if f.killed else ")"))
-    top = ""
+    text = f"netns {f.netns}: {f.time_wait} TIME_WAIT{moved}"
     if f.destinations:
         d = max(f.destinations, key=lambda d: d["time_wait"])
         top = f"; {endpoint(d['raddr'], d['rport'])} {d['time_wait']} ({d['port_share']:.0%})"
-    return f"netns {f.netns}: {f.time_wait} TIME_WAIT{moved}{top}"
+        if len(text) + len(top) <= 76:      # a line of its own, indented: 80 columns
+            text += top
+    return text
 
 
 def _port_pressure(f):
@@ -95,8 +97,8 @@ def _port_pressure(f):
 
 
 def _overflow(f):
-    return (f"netns {f.netns}: {f.count} closes left no TIME_WAIT (tcp_max_tw_buckets "
-            f"{f.max_tw_buckets} reached)")
+    return (f"netns {f.netns}: {f.count} closes got no timewait sock (tcp_max_tw_buckets "
+            f"{f.max_tw_buckets})")
 
 
 def _stuck(f):
