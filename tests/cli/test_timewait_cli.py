@@ -72,7 +72,8 @@ def test_report_json_and_text_carry_the_time_wait_table(tmp_path):
     assert s["time_wait_overflow"] == 2
     t = invoke("replay", path, "--report")
     assert t.exit_code == 0
-    assert "TIME_WAIT (to:" in t.stdout and "2 closes got no timewait sock: tcp_max_tw_buckets" in t.stdout
+    assert "TIME_WAIT (to:" in t.stdout
+    assert "2 closes got no timewait sock: tcp_max_tw_buckets" in t.stdout
     assert max(len(line) for line in t.stdout.splitlines()) <= 80
     w = invoke("replay", path)
     assert w.exit_code == 0
