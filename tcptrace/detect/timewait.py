@@ -51,7 +51,6 @@ class TimeWaits(Detector):
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first
         self.waiting = collections.OrderedDict()
-        self.untracked = 0          # pushed out of `waiting` before their exit was known
         self.sampled = False        # a TIME_WAIT sampler runs (else the 60 s rule alone)
         # 4-tuples the latest samples showed entering TIME_WAIT -> that sample's time: a dump
         # can come between a socket's CLOSE and its conclusion (the tracker's grace)
@@ -72,12 +71,12 @@ class TimeWaits(Detector):
             self.tr.emit(InferredTransition(ts, ends, old << 8 | S.TIME_WAIT, "close"))
         if ends is not None:
             key = (c.laddr, c.lport, c.raddr, c.rport)
-            if self.waiting.pop(key, None) is not None:
-                self.untracked += 1       # the tuple was reused (tcp_tw_reuse) before its exit
+            # A tuple still waiting was taken over (tcp_tw_reuse): the new one replaces it, and
+            # beyond MAX_WAITING the oldest goes untold (the matrix's TW -> CLOSE counts less)
+            self.waiting.pop(key, None)
             self.waiting[key] = [ends, ts, key in self.recent]
             if len(self.waiting) > MAX_WAITING:
                 self.waiting.popitem(last=False)
-                self.untracked += 1
         return False
 
     def _leave(self, key, ts, by):
