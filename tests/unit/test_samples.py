@@ -58,3 +58,46 @@ def test_a_pipeline_with_samples_writes_no_finding_for_them():
     pipe.feed(Batch([Sample(SEC, "x", 1, {})], 2 * SEC))
     pipe.finish()
     assert out.getvalue() == ""
+
+
+def test_samplers_run_on_their_own_thread_and_readings_take_the_poll_time():
+    """A slow dump must not hold up the poll loop: samplers run on a thread, and what they
+    read is handed over at the next poll, stamped with its time (so it is in order with the
+    events of that poll)."""
+    import threading
+    import time
+    from tcptrace.host.samplers import Background, Sampler
+
+    class Slow(Sampler):
+        name = "slow"
+        period_ns = 10 * MS
+
+        def __init__(self):
+            self.threads = set()
+
+        def sample(self, now_ns):
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.02)
+            return [Sample(now_ns, self.name, 1, {"at": now_ns})]
+
+        def describe(self):
+            return "slow: described"
+    slow = Slow()
+    bg = Background([slow])
+    bg.start()
+    t0 = time.monotonic()
+    got = []
+    while len(got) < 2 and time.monotonic() - t0 < 5:
+        got += bg.take(123)
+        time.sleep(0.005)
+    assert bg.close() == ["slow: described"]
+    assert len(got) >= 2 and {r.ts_ns for r in got} == {123}
+    assert slow.threads == {"tcptrace-sampler"}
+
+    class Broken(Slow):
+        def sample(self, now_ns):
+            raise ValueError("boom")
+    bg = Background([Broken()])
+    bg.start()
+    time.sleep(0.05)
+    assert bg.close() == ["slow: described", "sampling stopped: ValueError: boom"]
