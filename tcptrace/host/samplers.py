@@ -55,8 +55,9 @@ class Background:
     (0.1 s on the development machine, far more in an emulated guest) never holds up the poll
     loop: the kernel's buffers are still drained, and findings written, on time. With them in
     the poll loop, a stuck finding in the 6.1 guest of CI came too late for its test to see the
-    socket still stuck. Readings are handed over at the next poll and stamped with its time: a
-    reading is of the table as its dump found it, some time before that."""
+    socket still stuck. A reading is stamped when its dump is done (under the lock that hands
+    it over), and handed over by the first poll that read the clock after that: in time order
+    with the events, never behind what the pipeline has already released."""
 
     def __init__(self, samplers):
         self.samplers = list(samplers)
@@ -81,17 +82,23 @@ class Background:
                         got = s.sample(now)
                         s.next_ns = now + s.period_ns
                         with self._lock:
-                            self._ready.extend(got)
+                            done = time.monotonic_ns()
+                            self._ready.extend(r._replace(ts_ns=done) for r in got)
                 wait_ns = min(s.next_ns for s in self.samplers) - time.monotonic_ns()
                 self._stop.wait(max(wait_ns, 1_000_000) / 1e9)
         except Exception as e:        # said at exit; tracing goes on without samples
             self.error = f"{type(e).__name__}: {e}"
 
     def take(self, now_ns):
-        """The readings made since the last call, stamped now_ns."""
+        """The readings finished by now_ns (the clock read before this poll's drain): a later
+        one waits for the next poll, so none is older than what the pipeline released."""
         with self._lock:
-            got, self._ready = self._ready, []
-        return [r._replace(ts_ns=now_ns) for r in got]
+            ready = self._ready
+            if not ready or ready[-1].ts_ns <= now_ns:
+                self._ready = []
+                return ready
+            self._ready = [r for r in ready if r.ts_ns > now_ns]
+            return [r for r in ready if r.ts_ns <= now_ns]
 
     def close(self):
         """Stop the thread, let go of what the samplers hold; what is worth saying about them."""

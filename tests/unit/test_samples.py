@@ -60,10 +60,10 @@ def test_a_pipeline_with_samples_writes_no_finding_for_them():
     assert out.getvalue() == ""
 
 
-def test_samplers_run_on_their_own_thread_and_readings_take_the_poll_time():
-    """A slow dump must not hold up the poll loop: samplers run on a thread, and what they
-    read is handed over at the next poll, stamped with its time (so it is in order with the
-    events of that poll)."""
+def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_them():
+    """A slow dump must not hold up the poll loop: samplers run on a thread; a reading is
+    stamped when its dump is done and handed over by a poll whose clock is past that (so it
+    is in order with that poll's events, and never late)."""
     import threading
     import time
     from tcptrace.host.samplers import Background, Sampler
@@ -87,11 +87,15 @@ def test_samplers_run_on_their_own_thread_and_readings_take_the_poll_time():
     bg.start()
     t0 = time.monotonic()
     got = []
+    assert bg.take(0) == []                   # nothing finished before the clock's start
     while len(got) < 2 and time.monotonic() - t0 < 5:
-        got += bg.take(123)
+        now = time.monotonic_ns()
+        took = bg.take(now)
+        assert all(r.data["at"] < r.ts_ns <= now for r in took)
+        got += took
         time.sleep(0.005)
     assert bg.close() == ["slow: described"]
-    assert len(got) >= 2 and {r.ts_ns for r in got} == {123}
+    assert len(got) >= 2 and got[1].ts_ns - got[0].ts_ns >= 20 * MS     # its dump's time
     assert slow.threads == {"tcptrace-sampler"}
 
     class Broken(Slow):
