@@ -93,7 +93,9 @@ static __always_inline int tt_connect_return(struct pt_regs *ctx)
     if (!c)
         return 0;
     int ret = PT_REGS_RC(ctx);
-    /* Success (0) is told by the CLOSE->SYN_SENT transition; a failure here came before it. */
+    /* Success (0) is told by the CLOSE->SYN_SENT transition. A failure came before it, or
+     * after it inside tcp_v{4,6}_connect() (EADDRNOTAVAIL: no local port): user space tells
+     * the two apart by the socket's transitions. */
     if (ret != 0)
         tt_connect_failed(ctx, &c->dest, c->skaddr, ret, 0, TT_F_KPROBE);
     connect_sk.delete(&tid);
@@ -150,11 +152,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (!c)
         return 0;
     long ret = args->ret;
-    /* Only failures that happened before a SYN went out (no SYN_SENT seen in this call): the
-     * others are told by the transitions, resets and error reports. The socket's protocol is not
-     * visible here; user space checks the fd (tcptrace/owners.py). */
-    if (ret < 0 && ret != -TT_EINPROGRESS && c->skaddr == 0)
-        tt_connect_failed(args, &c->dest, 0, ret, c->fd, TT_F_SYSCALL);
+    /* Failures that happened before a SYN went out (no SYN_SENT seen in this call) are told by
+     * nothing else. After CLOSE -> SYN_SENT the transitions, resets and error reports tell the
+     * rest, but for one errno: EADDRNOTAVAIL, no local port for the destination
+     * (inet_hash_connect() in tcp_v{4,6}_connect()), which sets no socket error. It is sent with
+     * the socket, and user space gives it to the attempt the transitions told. The socket's
+     * protocol is not visible here; user space checks the fd (tcptrace/host/owners.py). */
+    if (ret < 0 && ret != -TT_EINPROGRESS && (c->skaddr == 0 || ret == -TT_EADDRNOTAVAIL))
+        tt_connect_failed(args, &c->dest, c->skaddr, ret, c->fd, TT_F_SYSCALL);
     connecting.delete(&tid);
     return 0;
 }

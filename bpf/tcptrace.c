@@ -47,6 +47,7 @@
 #define TT_SYN_SENT 2
 #define TT_IPPROTO_TCP 6
 #define TT_EINPROGRESS 115
+#define TT_EADDRNOTAVAIL 99
 
 #include "config.c"
 #include "record.c"

@@ -92,6 +92,11 @@ ANALYSIS_OPTIONS = (
     (("--max-conns",), dict(type=click.IntRange(min=16), default=262_144, show_default=True,
                             help="Connections tracked at once; the oldest are "
                                  "evicted beyond this, and counted.")),
+    (("--port-pressure",), dict(type=click.FloatRange(0, 100, min_open=True), default=80.0,
+                                show_default=True, metavar="PERCENT",
+                                help="Report a destination whose TIME_WAIT and connected "
+                                     "sockets use this share of the local port range "
+                                     "(ip_local_port_range) of their namespace.")),
 )
 
 LIVE_OPTIONS = (
@@ -204,7 +209,8 @@ def _build_options(kw, report=False, metrics=False):
                    record=kw.get("record"), transport=kw.get("transport", "auto"),
                    wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
                    seed=not kw.get("no_seed", False), metrics=metrics,
-                   listen=kw.get("listen", ("127.0.0.1", 9977)), by=kw.get("by", "dest"))
+                   listen=kw.get("listen", ("127.0.0.1", 9977)), by=kw.get("by", "dest"),
+                   port_pressure=kw.get("port_pressure", 80.0) / 100)
 
 
 def _live(opts):

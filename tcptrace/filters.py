@@ -14,8 +14,9 @@ from tcptrace import states
 
 
 # Findings about the tracer itself rather than a connection: they pass every filter, since
-# what was lost or evicted may have been a wanted connection.
-ABOUT_THE_TRACER = ("lost", "evicted")
+# what was lost or evicted may have been a wanted connection. So do a namespace's TIME_WAIT
+# readings: they are about every connection of it.
+ABOUT_THE_TRACER = ("lost", "evicted", "time_wait", "time_wait_overflow")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import operator
 from tcptrace import SCHEMA_VERSION, states
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
-         "transition", "lost", "evicted")
+         "transition", "lost", "evicted", "time_wait", "port_pressure", "time_wait_overflow")
 COMMON = ("pid", "comm", "family", "laddr", "lport", "raddr", "rport")
 
 _SEC = [None, ""]     # the second last formatted, and its text
@@ -128,7 +128,10 @@ class Accept(Conclusion):
 
 
 class Close(Conclusion):
-    __slots__ = ("duration_ns", "closed_by", "path")
+    """time_wait: the socket's last step is one after which the kernel puts a timewait sock in
+    its place (inferred: detect/timewait.py); time_wait_ns: how long that stays, from the close
+    (TCP_TIMEWAIT_LEN), or None."""
+    __slots__ = ("duration_ns", "closed_by", "path", "time_wait", "time_wait_ns")
     TYPE = "close"
     OWN = __slots__
 
@@ -189,3 +192,20 @@ class Transition(Finding):
     @property
     def extra(self):
         return {"oldstate": self.oldstate, "newstate": self.newstate, "skaddr": self.skaddr}
+
+
+class InferredTransition(Transition):
+    """A step no tracepoint reports, inferred (--transitions): into TIME_WAIT, where the kernel
+    replaces a closing socket by a timewait sock, and out of it, when a sock_diag dump no
+    longer shows that sock (`by` "sock_diag") or its 60 s are over and no dump ever showed it
+    (`by` "rule"). Its skaddr is the closed socket's: the timewait sock has no other name here."""
+    __slots__ = ("by",)
+
+    def __init__(self, ts_ns, ends, pair, by):
+        super().__init__(ts_ns, ends, pair)
+        self.by = by
+
+    @property
+    def extra(self):
+        return {"oldstate": self.oldstate, "newstate": self.newstate, "skaddr": self.skaddr,
+                "inferred": True, "by": self.by}

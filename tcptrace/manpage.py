@@ -1,6 +1,6 @@
 """Generate docs/tcptrace.8.md from the click definitions, the JSON Schema and the exit codes,
 so SYNOPSIS, OPTIONS, FIELDS and EXIT STATUS cannot drift from the code.
-EXAMPLES and OVERHEAD are prose kept in docs/man/*.md (transcripts of real runs, measured numbers).
+EXAMPLES, TIME_WAIT AND PORT EXHAUSTION and OVERHEAD are prose kept in docs/man/*.md (transcripts of real runs, measured numbers).
 
     python -m tcptrace.manpage > docs/tcptrace.8.md      (tests/unit/test_docs.py checks it)
 """
@@ -81,6 +81,7 @@ def render():
         then = variant["then"]
         fields = ", ".join(f"`{k}`" for k in then["properties"]) or "no extra fields"
         out.append(f"- **{t}**: {then['description']} Fields: {fields}.")
+    out += ["", "# TIME_WAIT AND PORT EXHAUSTION", "", _prose("timewait")]
     out += ["", "# EXIT STATUS", ""]
     for code, what in sorted(errors.EXIT_CODES.items()):
         out.append(f"- {code}: {what}")

@@ -13,6 +13,7 @@ class Options:
     interval: float = None
     duration: float = None
     stuck_after: float = 30.0
+    port_pressure: float = 0.8     # share of the local port range (--port-pressure / 100)
     ready_file: str = None
     record: str = None
     transport: str = "auto"

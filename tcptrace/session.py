@@ -31,7 +31,8 @@ class Pipeline:
         self.order = Reorderer(opts.window_ms * 1_000_000)
         self.tracker = Tracker(stuck_after_ns=int(opts.stuck_after * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,
-                               confirm=confirm, resolve_owner=resolve_owner)
+                               confirm=confirm, resolve_owner=resolve_owner,
+                               port_pressure=opts.port_pressure)
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection
@@ -106,13 +107,14 @@ class Pipeline:
         return ", ".join(parts)
 
 
-def samplers_for(detectors):
-    """One of each sampler the detectors ask for (their SAMPLERS)."""
+def samplers_for(detectors, **scope):
+    """One of each sampler the detectors ask for (their SAMPLERS), each made with `scope`:
+    what the kernel-side filters keep (ports, families), so that a dump keeps the same."""
     wanted = {}
     for d in detectors:
         for make in getattr(d, "SAMPLERS", ()):
             wanted.setdefault(make, None)
-    return [make() for make in wanted]
+    return [make(**scope) for make in wanted]
 
 
 def run(source, pipe, recorder=None):
@@ -228,7 +230,8 @@ def run_live(opts, plan, diag):
         sink.wall_offset_ns = src.wall_offset_ns
     pipe = Pipeline(opts, sink or make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
-    src.samplers = samplers_for(pipe.tracker.detectors)
+    src.samplers = samplers_for(pipe.tracker.detectors, ports=sorted(opts.filter.ports),
+                                families=opts.filter.kernel_families())
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None
 

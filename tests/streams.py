@@ -63,10 +63,8 @@ def write_recording(path, recs, wall_offset_ns=1_700_000_000 * SEC, ticks=()):
         for ts, is_tick, r in sorted(items, key=lambda x: (x[0], x[1])):
             if is_tick:
                 f.write(json.dumps({"kind": "tick", "ts_ns": ts}) + "\n")
-            elif isinstance(r, Lost):
-                f.write(recording.lost_to_json(r) + "\n")
-            else:
-                f.write(recording.event_to_json(r) + "\n")
+            else:       # an event, a loss or a sample
+                f.write(recording.record_to_json(r) + "\n")
 
 
 _OWNER_STEPS = set(rules.OWNER_STEPS)

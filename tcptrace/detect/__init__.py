@@ -11,14 +11,18 @@ from tcptrace.detect.failure import FailedConnects
 from tcptrace.detect.lost import Losses
 from tcptrace.detect.reset import Resets
 from tcptrace.detect.stuck import Stuck
+from tcptrace.detect.timewait import TimeWaits
 from tcptrace.detect.transitions import Transitions
 
 
-def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None):
+def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None,
+             port_pressure=0.8):
     """Detector factories (each called with the tracker). Closes, FailedConnects and Resets
     each conclude connections the others do not (a normal close, an opening that failed, a
-    reset), so each connection gets one conclusion; the commonest is asked first."""
-    out = [Handshakes, Closes, FailedConnects, Resets,
+    reset), so each connection gets one conclusion; the commonest is asked first. TimeWaits
+    is asked before them and concludes nothing: it notes the step into TIME_WAIT."""
+    out = [Handshakes, functools.partial(TimeWaits, threshold=port_pressure), Closes,
+           FailedConnects, Resets,
            functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
                              resolve_owner=resolve_owner),
            Losses]

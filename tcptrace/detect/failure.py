@@ -4,8 +4,15 @@
   timeout:     SYN retransmitted until the kernel gave up (ETIMEDOUT)
   unreachable: an ICMP error (EHOSTUNREACH, ENETUNREACH...), matched by 4-tuple
   cancelled:   the application closed the socket in SYN_SENT: nothing came from the network
-and connects that failed before any SYN (no route, no local port, denied), seen as connect()'s
-return (kprobe or syscall tracepoint), when no transition tells them.
+  no_local_port: connect() found no free local port for the destination (EADDRNOTAVAIL): the
+               socket went SYN_SENT -> CLOSE before a local port was chosen
+and connects that failed before any SYN (no route, no source address, denied), seen as
+connect()'s return (kprobe or syscall tracepoint), when no transition tells them.
+
+EADDRNOTAVAIL has two causes, told apart by where connect() failed: after CLOSE -> SYN_SENT it
+is the search for a local port (inet_hash_connect(): every port of ip_local_port_range is taken
+for that destination, TIME_WAIT included), `no_local_port`; before it, no usable source address
+(IPv6 source selection), `no_local_address`.
 """
 import collections
 import errno
@@ -14,7 +21,7 @@ from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.lifecycle.conn import ACTIVE, path_names
-from tcptrace.wire import COMM_TEXT, F_KPROBE, Kind, addr_str
+from tcptrace.wire import COMM_TEXT, F_KPROBE, F_SYSCALL, Kind, addr_str
 
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 # Errors seen from connect() before the kernel sent a SYN, and what to call them.
@@ -28,6 +35,8 @@ PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreac
 NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNREFUSED,
                   errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
 REREPORT_NS = 10_000_000_000
+NO_PORT_PATH = S.SYN_SENT << 4 | S.CLOSE
+CALL_NS = 1_000_000_000     # a connect() whose SYN_SENT -> CLOSE came this long before it returned
 
 
 class FailedConnects(Detector):
@@ -54,6 +63,15 @@ class FailedConnects(Detector):
                             syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
                             path=path_names[c.path])
             return True
+        if not c.lport and c.path == NO_PORT_PATH and err in (0, errno.EADDRNOTAVAIL):
+            # Only inet_hash_connect() failing takes a socket from SYN_SENT to CLOSE before it
+            # has a local port (tcp_v{4,6}_connect()'s failure path). connect() returns the
+            # errno; no socket error is set, so unless connect()'s return was seen (fact()),
+            # it is inferred.
+            self.tr.finding(c, "failed", ts, reason="no_local_port", errno="EADDRNOTAVAIL",
+                            **({} if err else {"errno_inferred": True}), syn_retransmits=0,
+                            duration_ns=ts - c.opened_ns, path=path_names[c.path])
+            return True
         if err == errno.ETIMEDOUT:
             reason = "timeout"
         elif err in UNREACHABLE:
@@ -76,6 +94,17 @@ class FailedConnects(Detector):
         daddr = addr_str(ev.family, ev.daddr)
         if err in NOT_AN_ATTEMPT:
             return
+        c = self.tr.table.get(ev.skaddr) if ev.skaddr else None
+        if c is not None and c.role == ACTIVE and c.closed_ns is not None \
+                and c.path & 0xFF == NO_PORT_PATH and 0 <= ev.ts_ns - c.closed_ns < CALL_NS:
+            # connect() failed after its CLOSE -> SYN_SENT (the kprobe plan reports every
+            # failure of tcp_v{4,6}_connect(), the syscall plan EADDRNOTAVAIL after SYN_SENT):
+            # the transitions told this attempt, and this is its errno
+            if not c.error:
+                c.error = err
+            return
+        if ev.skaddr and ev.flags & F_SYSCALL:
+            return        # SYN_SENT was seen in this call: its transitions tell the attempt
         died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
         if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:
             return

@@ -4,16 +4,20 @@ from tcptrace.detect.base import Detector
 from tcptrace.findings import Ends, Transition
 
 
+def ends_of(c, skaddr):
+    """c's Ends as they are now. A connection's transitions share one, made anew only when the
+    owner or the tuple has changed since its last transition (an Ends remembers what it was
+    made for): sinks format it once per connection."""
+    e = c.ends
+    if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
+        e = c.ends = Ends(c.pid, c.comm, c.family, c.laddr, c.lport, c.raddr, c.rport, skaddr)
+    return e
+
+
 class Transitions(Detector):
     def __init__(self, tracker):
         super().__init__(tracker)
         self.emit = tracker.out.append      # one per transition: the list's own method
 
     def step(self, c, ev, ts, old, new):
-        # A connection's transitions share one Ends, made anew only when the owner or the tuple
-        # has changed since its last transition: sinks format it once per connection.
-        e = c.ends
-        if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
-            e = c.ends = Ends(c.pid, c.comm, ev.family, c.laddr, c.lport, c.raddr, c.rport,
-                              ev.skaddr)
-        self.emit(Transition(ts, e, old << 8 | new))
+        self.emit(Transition(ts, ends_of(c, ev.skaddr), old << 8 | new))

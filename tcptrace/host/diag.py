@@ -11,6 +11,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+from tcptrace.cache import Memo
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
@@ -48,10 +50,17 @@ class DiagSock(NamedTuple):
     cookie: int
 
 
-def _addr(family, raw):
+def _text(key):
+    family, raw = key
     if family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
     return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+# (family, 16 raw bytes) -> text: a dump of thousands of sockets names a handful of addresses
+_ADDR = Memo(_text, limit=100_000)
+
+
 
 
 def port_filter(ports):
@@ -109,6 +118,7 @@ class Diag:
     def _collect(self, out):
         buf, view = self._buf, memoryview(self._buf)
         unpack_msg, unpack_nl = _MSG.unpack_from, _NLMSG.unpack_from
+        addr = _ADDR
         while True:
             n = self.sock.recv_into(buf)
             off = 0
@@ -125,8 +135,8 @@ class Diag:
                     if typ == SOCK_DIAG_BY_FAMILY:
                         (fam, st, timer, retrans, sp, dp, src, dst, _if, cookie, expires, rq,
                          wq, uid, inode) = unpack_msg(view, off + _NLMSG.size)
-                        out.append(DiagSock(fam, st, timer, retrans, _addr(fam, src),
-                                            int.from_bytes(sp, "big"), _addr(fam, dst),
+                        out.append(DiagSock(fam, st, timer, retrans, addr[(fam, src)],
+                                            int.from_bytes(sp, "big"), addr[(fam, dst)],
                                             int.from_bytes(dp, "big"), expires, rq, wq, uid,
                                             inode, int.from_bytes(cookie, "little")))
                 off += (length + 3) & ~3

@@ -3,12 +3,14 @@ wants it: the transport drained every tick, the loss counters read every 100 ms,
 the kernel's maps hold read every scan interval.
 
 The perf/ring callbacks only append records; everything time-based runs from here or from the
-pipeline, on the clock read just before each drain.
+pipeline, on the clock read just before each drain. Samplers (host/samplers.py) run on a thread
+of their own; their readings join the batch of the next drain.
 """
 import operator
 import time
 
 from tcptrace.host import owners
+from tcptrace.host.samplers import Background
 from tcptrace.wire import F_SYSCALL, Batch, Kind
 
 countOf = operator.countOf
@@ -30,6 +32,7 @@ class LiveSource:
         self.started_ns = None
         self.on_ready = None        # called once the sockets that existed before are seeded
         self.samplers = list(samplers)      # host/samplers.py: what the detectors asked for
+        self.sampling = None                # their thread, once tracing runs
 
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
@@ -59,16 +62,15 @@ class LiveSource:
         deadline = self.started_ns + int(opts.duration * 1e9) if opts.duration else None
         next_loss = next_scan = 0
         scan_every = opts.scan_ms * 1_000_000
+        sampling = self.sampling = Background(self.samplers)
+        sampling.start()
         while not stop.flag:
             evs = self._not_tcp(src.poll(opts.tick_ms))
             now = src.read_ns
             if now >= next_loss:
                 evs.extend(src.losses(now))
                 next_loss = now + 100_000_000
-            for s in self.samplers:
-                if now >= s.next_ns:
-                    evs.extend(s.sample(now))
-                    s.next_ns = now + s.period_ns
+            evs.extend(sampling.take(now))
             scanned = ()
             if now >= next_scan:
                 scanned = src.scan()
@@ -87,7 +89,7 @@ class LiveSource:
         """Detach; returns what is worth saying about the run's delivery."""
         src = self.src
         src.close()
-        notes = []
+        notes = self.sampling.close() if self.sampling else []
         if src.perf_lost_total:
             notes.append(f"perf reported {src.perf_lost_total} lost (cross-check of the bpf: "
                          "counts)")

@@ -60,7 +60,8 @@ class Tracker:
     the tracker (tcptrace/detect: `standard()` by default)."""
 
     def __init__(self, stuck_after_ns=30_000_000_000, grace_ns=10_000_000, max_conns=262_144,
-                 transitions=False, confirm=None, resolve_owner=None, detectors=None):
+                 transitions=False, confirm=None, resolve_owner=None, detectors=None,
+                 port_pressure=0.8):
         from tcptrace import detect
         self.grace_ns = grace_ns
         self.table = ConnTable(max_conns)
@@ -74,7 +75,8 @@ class Tracker:
         self.loss_epoch = 0                   # bumped by every loss; see incomplete()
         self.now_ns = 0
         if detectors is None:
-            detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner)
+            detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner,
+                                        port_pressure)
         self.detectors = [make(self) for make in detectors]
         for name in hooks.HOOKS:
             setattr(self, name, hooks.dispatch(self.detectors, name))

@@ -62,8 +62,72 @@ class Sample:
                 self.vals[j] = v
 
 
+class TimeWaitTable:
+    """TIME_WAIT per endpoint: "to" a destination our connects closed first to, "at" a local
+    service of ours that closed first. Now and peak from the samples' time_wait records (the
+    latest of each namespace, which stays until the namespace says otherwise: records come
+    only when something changed), entries from close findings with time_wait."""
+
+    def __init__(self):
+        self.latest = {}                          # netns -> {(side, addr, port): (n, share)}
+        self.reset()
+
+    def reset(self):
+        self.entries = collections.Counter()      # (side, addr, port) -> closes into TIME_WAIT
+        self.peak = collections.Counter()
+        for key in self._keys():
+            self.peak[key] = self.now(key)
+
+    def _keys(self):
+        return {k for rows in self.latest.values() for k in rows}
+
+    def now(self, key):
+        return sum(rows[key][0] for rows in self.latest.values() if key in rows)
+
+    def share(self, key):
+        got = [rows[key][1] for rows in self.latest.values()
+               if key in rows and rows[key][1] is not None]
+        return max(got) if got else None
+
+    def close(self, f):
+        if f.role == "active":
+            self.entries[("to", f.raddr, f.rport)] += 1
+        else:
+            self.entries[("at", f.laddr, f.lport)] += 1
+
+    def sample(self, f):
+        rows = {}
+        for d in f.destinations:
+            key = ("to", d["raddr"], d["rport"])
+            n, share = rows.get(key, (0, 0.0))
+            rows[key] = (n + d["time_wait"], max(share, d["port_share"]))
+        for d in f.services:
+            rows[("at", d["laddr"], d["lport"])] = (d["time_wait"], None)
+        self.latest[f.netns] = rows
+        for key in rows:
+            self.peak[key] = max(self.peak[key], self.now(key))
+
+    def rows(self, duration_ns):
+        secs = duration_ns / 1e9
+        out = []
+        for key in self._keys() | set(self.entries):
+            # a destination no sample lists now has nothing in TIME_WAIT (0% of the ports);
+            # a service's share of the range means nothing
+            share = self.share(key) or 0.0 if key[0] == "to" and self.latest else None
+            out.append({"side": key[0], "addr": key[1], "port": key[2],
+                        "now": self.now(key) if self.latest else None,
+                        "peak": self.peak[key] if self.latest else None,
+                        "port_share": share,
+                        "entries": self.entries[key],
+                        "entries_per_s": round(self.entries[key] / secs, 1) if secs else None})
+        out.sort(key=lambda r: (-(r["now"] or 0), -r["entries"], r["side"], str(r["addr"]),
+                                r["port"] or 0))
+        return out
+
+
 class Report:
     def __init__(self):
+        self.time_wait = TimeWaitTable()
         self.reset()
 
     def reset(self):
@@ -77,6 +141,8 @@ class Report:
         self.counts = collections.Counter()               # finding type -> n
         self.lost = collections.Counter()
         self.evicted = 0                                  # connections dropped (--max-conns)
+        self.tw_overflow = 0                              # closes that left no timewait sock
+        self.time_wait.reset()
         self.first_ns = self.last_ns = None
 
     def add(self, f):
@@ -103,6 +169,12 @@ class Report:
             self.resets[(f.raddr, f.rport, f.comm, f.reset_by)] += 1
         elif t == "close":
             self.closes[getattr(f, "closed_by", None) or "unknown"] += 1
+            if getattr(f, "time_wait", False):
+                self.time_wait.close(f)
+        elif t == "time_wait":
+            self.time_wait.sample(f)
+        elif t == "time_wait_overflow":
+            self.tw_overflow += f.count
         elif t == "lost":
             self.lost[f.where] += f.count
         elif t == "evicted":
@@ -154,6 +226,8 @@ class Report:
                                        for lo, hi, n in log2_rows(self.hist)],
             "lost": {"total": sum(self.lost.values()), "by_source": dict(self.lost)},
             "evicted": self.evicted,
+            "time_wait": self.time_wait.rows(max(0, now - start)),
+            "time_wait_overflow": self.tw_overflow,
         }
 
     def tables(self, tracker, wall_offset_ns, interval=None, start_ns=None, end_ns=None,
@@ -184,6 +258,16 @@ class Report:
         section("RESETS",
                 [(endpoint(r["raddr"], r["rport"]), r["comm"], r["reset_by"], r["count"])
                  for r in s["resets"]], ["PEER", "COMM", "RESET BY", "COUNT"])
+        section("TIME_WAIT (to: destinations we closed first; at: our ports that closed "
+                "first)",
+                [(r["side"], endpoint(r["addr"], r["port"]), _or_dash(r["now"]),
+                  _or_dash(r["peak"]),
+                  "-" if r["port_share"] is None else f"{r['port_share']:.0%}",
+                  _or_dash(r["entries_per_s"])) for r in s["time_wait"]],
+                ["SIDE", "ENDPOINT", "NOW", "PEAK", "PORTS", "ENTRIES/S"])
+        if s["time_wait_overflow"]:
+            out.append(f"  {s['time_wait_overflow']} closes got no timewait sock: "
+                       "tcp_max_tw_buckets reached")
         section("HANDSHAKE LATENCY (log2 histogram)", _hist_rows(s["handshake_histogram_us"]),
                 ["USECS", "COUNT", "DISTRIBUTION"])
         m = {(STATE_BY_NAME[t["old"]], STATE_BY_NAME[t["new"]]): t["count"]
@@ -202,6 +286,10 @@ class Report:
         return "\n".join(out).lstrip("\n")
 
 
+def _or_dash(v):
+    return "-" if v is None else v
+
+
 def _hist_rows(hist):
     if not hist:
         return []
@@ -218,8 +306,10 @@ _ABBR = {states.CLOSE: "CLOSE", states.LISTEN: "LSTN", states.SYN_SENT: "SYNS",
          states.SYN_RECV: "SYNR", states.ESTABLISHED: "ESTB", states.FIN_WAIT1: "FW1",
          states.FIN_WAIT2: "FW2", states.CLOSE_WAIT: "CLWT", states.LAST_ACK: "LACK",
          states.CLOSING: "CLSG", states.TIME_WAIT: "TW"}
-LEGEND = ("LSTN LISTEN, SYNS SYN_SENT, SYNR SYN_RECV, ESTB ESTABLISHED, FW1/FW2 FIN_WAIT1/2,\n"
-          "CLWT CLOSE_WAIT, LACK LAST_ACK, CLSG CLOSING, TW TIME_WAIT")
+LEGEND = ("LSTN LISTEN, SYNS SYN_SENT, SYNR SYN_RECV, ESTB ESTABLISHED,\n"
+          "FW1/FW2 FIN_WAIT1/2, CLWT CLOSE_WAIT, LACK LAST_ACK, CLSG CLOSING, TW TIME_WAIT.\n"
+          "TW is inferred, the kernel reports no step into or out of it: -> TW counts\n"
+          "closes that left a timewait sock, TW -> CLOSE those a dump (or 60 s) saw leave.")
 
 
 STATE_BY_NAME = states.BY_NAME

@@ -66,7 +66,39 @@ def _failed(f):
 def _close(f):
     by = getattr(f, "closed_by", None)
     return f"closed after {ns_text(getattr(f, 'duration_ns', None))}" + (
-        f", {by} closed first" if by else "")
+        f", {by} closed first" if by else "") + (
+        f", TIME_WAIT {ns_text(f.time_wait_ns)}" if getattr(f, "time_wait", False) else "")
+
+
+def _transition(f):
+    by = getattr(f, "by", None)
+    return PAIR[f.pair] + (f" [inferred: {by}]" if by else "")
+
+
+def _time_wait(f):
+    """The namespace's count, what moved since its last sample, and its busiest
+    destination."""
+    moved = ""
+    if f.entered is not None:
+        moved = (f", +{f.entered} in {ns_text(f.interval_ns)} ({f.recycled} recycled"
+                 + (f", {f.killed} killed)" if f.killed else ")"))
+    text = f"netns {f.netns}: {f.time_wait} TIME_WAIT{moved}"
+    if f.destinations:
+        d = max(f.destinations, key=lambda d: d["time_wait"])
+        top = f"; {endpoint(d['raddr'], d['rport'])} {d['time_wait']} ({d['port_share']:.0%})"
+        if len(text) + len(top) <= 76:      # a line of its own, indented: 80 columns
+            text += top
+    return text
+
+
+def _port_pressure(f):
+    return (f"{f.time_wait + f.connected}/{f.ports} local ports in use ({f.port_share:.0%}): "
+            f"{f.time_wait} TIME_WAIT + {f.connected} connected")
+
+
+def _overflow(f):
+    return (f"netns {f.netns}: {f.count} closes got no timewait sock (tcp_max_tw_buckets "
+            f"{f.max_tw_buckets})")
 
 
 def _stuck(f):
@@ -95,10 +127,15 @@ DESCRIBE = {
     "close": _close,
     "stuck": _stuck,
     "unstuck": lambda f: f"left {f.state} after {ns_text(f.duration_ns)}",
-    "transition": lambda f: PAIR[f.pair],
+    "transition": _transition,
     "lost": _lost,
     "evicted": _evicted,
+    "time_wait": _time_wait,
+    "port_pressure": _port_pressure,
+    "time_wait_overflow": _overflow,
 }
+# Findings about a namespace or the tracer, not a connection: no endpoint columns.
+NO_ENDS = frozenset(("lost", "evicted", "time_wait", "time_wait_overflow"))
 
 
 FLAGS = Memo(lambda k: "".join(text for on, text in zip(k, (" [partial]", " [incomplete]",
@@ -109,7 +146,7 @@ def flags(f):
     """The marks a connection finding may carry, as the detail's suffix."""
     if isinstance(f, Conclusion):
         return FLAGS[(f.partial, f.incomplete, f.evicted)]
-    if type(f) is Transition:
+    if isinstance(f, Transition):
         return ""
     x = f.extra
     return FLAGS[(x.get("partial", False), x.get("incomplete", False), x.get("evicted", False))]
@@ -161,7 +198,7 @@ class TextSink(Sink):
                 sep, detail = "  ", PAIR[f.pair]
             else:
                 t = f.type
-                if t == "lost" or t == "evicted":
+                if t in NO_ENDS:
                     # no connection: the detail follows the EVENT column
                     line = f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, t)]}"
                     sep = ""
@@ -182,7 +219,7 @@ class TextSink(Sink):
             elif wide or len(line) + 2 + len(detail) <= 79:
                 append(f"{line}{sep}{detail}")
             else:
-                append(line)
+                append(line.rstrip())
                 append("    " + detail)
         out.append("")
         return "\n".join(out)

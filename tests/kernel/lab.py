@@ -47,6 +47,16 @@ def snmp_tcp(ns=None):
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
+def ss_count(ns, state, flt):
+    """How many sockets `ss -tan state STATE FILTER` lists in namespace ns."""
+    return len(run(["ss", "-tanH", "state", state, flt], ns).splitlines())
+
+
+def netns_inode(pid):
+    """The network namespace of a process, as tcptrace names it (the inode of its ns/net)."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
 def ss_users(state, port, ns=None):
     """[(pid, fd)] of the sockets in `state` with local port `port`, as `ss -tanp` sees them."""
     import re
@@ -351,6 +361,37 @@ class _Agent:
     def op_close(self, fd):
         self.socks.pop(fd).close()
         return {}
+
+    def op_serve(self, fd, n, close_first=False):
+        """Accept n connections on listener fd, one at a time: close each at once
+        (close_first), or after the peer's FIN. The peer's side is op_churn."""
+        lsn = self.socks[fd]
+        for _ in range(n):
+            c, _ = lsn.accept()
+            if not close_first:
+                while c.recv(65536):
+                    pass
+            c.close()
+        return {"served": n}
+
+    def op_churn(self, addr, port, n, close_first=True):
+        """n connections to addr:port, one after another: each closed at once (close_first:
+        this side ends in TIME_WAIT) or after the peer's FIN (the peer does)."""
+        done = 0
+        for _ in range(n):
+            c = socket.create_connection((addr, port))
+            if not close_first:
+                while c.recv(65536):
+                    pass
+            c.close()
+            done += 1
+        return {"done": done}
+
+    def op_netstat(self):
+        """TcpExt: counters of this namespace's /proc/net/netstat."""
+        with open("/proc/net/netstat") as f:
+            lines = [l.split() for l in f if l.startswith("TcpExt:")]
+        return {"netstat": dict(zip(lines[0][1:], map(int, lines[1][1:])))}
 
     def op_snmp(self):
         with open("/proc/net/snmp") as f:

@@ -25,7 +25,9 @@ CLIENT_SEQ = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED"
 # FIN_WAIT2 -> CLOSE.
 SERVER_SEQ = [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"),
               ("CLOSE_WAIT", "LAST_ACK"), ("LAST_ACK", "CLOSE")]
-TRANSITION = lambda r: r["type"] == "transition"
+# A kernel transition; not a step tcptrace infers (into or out of TIME_WAIT), which the kernel
+# never makes as a transition of the socket
+TRANSITION = lambda r: r["type"] == "transition" and not r.get("inferred")
 
 
 def lifecycle(tracer, first, lport, rport):

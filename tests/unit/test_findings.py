@@ -3,7 +3,8 @@ import json
 import pytest
 
 from tcptrace import states as S
-from tcptrace.findings import Accept, Close, Connect, Finding, Transition, rfc3339
+from tcptrace.findings import (Accept, Close, Connect, Ends, Finding, InferredTransition,
+                               Transition, rfc3339)
 from tcptrace.output.jsonl import encode
 
 CASES = [
@@ -26,9 +27,17 @@ CASES = [
            False, False, "passive"),
     Accept(16, 7, "srv", S.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5555, False, True, None),
     Close(17, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, False, False, "active", 70,
-          "local", ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]),
+          "local", ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"], True,
+          60_000_000_000),
     Close(18, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, True, False, None, None, None,
-          ["ESTABLISHED", "CLOSE"]),
+          ["ESTABLISHED", "CLOSE"], False, None),
+    InferredTransition(19, Ends(3, "x", S.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 80, 0x10),
+                       S.FIN_WAIT2 << 8 | S.TIME_WAIT, "close"),
+    Finding("time_wait", 20, netns=4026531840, time_wait=3, entered=None, recycled=None,
+            killed=None, interval_ns=None, port_range=[40000, 40009],
+            destinations=[{"laddr": "10.0.0.1", "raddr": "10.0.0.2", "rport": 80,
+                           "time_wait": 3, "in_use": 4, "port_share": 0.4}],
+            local_addresses=[], services=[]),
     Transition.of(12, 3, "x", S.AF_INET6, "::1", 9, "::1", 10, S.LAST_ACK, S.CLOSE, 0x10),
 ]
 
@@ -57,9 +66,10 @@ def test_connection_findings_are_the_generic_ones():
     p = ["SYN_RECV", "ESTABLISHED", "CLOSE"]
     for typed, generic in [
             (Close(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, True, True, "passive",
-                   None, "remote", p),
+                   None, "remote", p, False, None),
              Finding("close", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, duration_ns=None,
-                     closed_by="remote", path=p, partial=True, incomplete=True, role="passive")),
+                     closed_by="remote", path=p, time_wait=False, time_wait_ns=None,
+                     partial=True, incomplete=True, role="passive")),
             (Connect(1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9, False, True, "active",
                      50, 2),
              Finding("connect", 1, 2, "a", S.AF_INET, "1.2.3.4", 5, "5.6.7.8", 9,

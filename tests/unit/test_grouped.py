@@ -166,7 +166,11 @@ def test_fast_paths_are_taken_and_agree_with_the_steps(monkeypatch, transitions)
     monkeypatch.setattr(fast, "REGIONS", {})
     want = findings(recs, transitions)
     steps = sum(len(list(iter_steps(r))) for r in recs if r.kind == Kind.STATE)
-    assert sum('"transition"' in f for f in want) == (steps if transitions else 0)
+    assert sum('"transition"' in f and '"inferred"' not in f for f in want) == \
+        (steps if transitions else 0)
+    # and the client's step into TIME_WAIT, which no tracepoint shows
+    assert sum(json.loads(f).get("newstate") == "TIME_WAIT" for f in want) == \
+        (1 if transitions else 0)
     monkeypatch.undo()
     taken = spy_fast_paths(monkeypatch)
     assert findings(recs, transitions) == want
@@ -206,7 +210,10 @@ def test_each_transition_shows_the_owner_and_tuple_known_at_its_step(monkeypatch
                    hold_ns=HOLDS[hold])
     got = [json.loads(f) for f in findings(recs)]
     shown = sorted((t["time"], t["lport"], t["oldstate"], t["pid"], t["comm"])
-                   for t in got if t["type"] == "transition")
+                   for t in got if t["type"] == "transition" and not t.get("inferred"))
+    inferred = [(t["lport"], t["oldstate"], t["newstate"], t["pid"], t["comm"])
+                for t in got if t.get("inferred")]
+    assert inferred == [(40000, "FIN_WAIT2", "TIME_WAIT", 100, "client")]
     # (local port, old state, pid, comm) in time order
     assert [s[1:] for s in shown] == [
         (0, "CLOSE", 100, "client"), (8080, "LISTEN", None, None),

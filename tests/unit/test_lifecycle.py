@@ -297,16 +297,22 @@ def test_connect_failing_before_any_state_change():
 def test_transitions_mode_emits_every_state_change():
     recs = loopback_connection()
     _, out = run(recs, transitions=True)
-    tr_f = [f for f in out if f.type == "transition"]
+    tr_f = [f for f in out if f.type == "transition" and not hasattr(f, "by")]
     assert len(tr_f) == sum(1 for r in recs if r.kind == Kind.STATE)
     assert (tr_f[1].oldstate, tr_f[1].newstate) == ("CLOSE", "SYN_SENT")
+    # the step into TIME_WAIT no tracepoint shows, inferred from the client's FIN_WAIT2 -> CLOSE
+    tw = [f.to_record(0) for f in out if hasattr(f, "by")]
+    assert [(t["oldstate"], t["newstate"], t["lport"], t["inferred"], t["by"]) for t in tw] == \
+        [("FIN_WAIT2", "TIME_WAIT", 40000, True, "close")]
 
 
 def test_matrix_counts_transitions():
     tr, _ = run(loopback_connection())
     assert tr.stats.matrix[(S.CLOSE, S.SYN_SENT)] == 1
     assert tr.stats.matrix[(S.LAST_ACK, S.CLOSE)] == 1
-    assert sum(tr.stats.matrix.values()) == 11
+    # 11 from the kernel, and the client's step into TIME_WAIT (inferred)
+    assert tr.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 1
+    assert sum(tr.stats.matrix.values()) == 12
 
 
 def test_orphaned_stuck_socket_has_no_holder_but_keeps_its_closer():

@@ -58,3 +58,50 @@ def test_a_pipeline_with_samples_writes_no_finding_for_them():
     pipe.feed(Batch([Sample(SEC, "x", 1, {})], 2 * SEC))
     pipe.finish()
     assert out.getvalue() == ""
+
+
+def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_them():
+    """A slow dump must not hold up the poll loop: samplers run on a thread; a reading is
+    stamped when its dump is done and handed over by a poll whose clock is past that (so it
+    is in order with that poll's events, and never late)."""
+    import threading
+    import time
+    from tcptrace.host.samplers import Background, Sampler
+
+    class Slow(Sampler):
+        name = "slow"
+        period_ns = 10 * MS
+
+        def __init__(self):
+            self.threads = set()
+
+        def sample(self, now_ns):
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.02)
+            return [Sample(now_ns, self.name, 1, {"at": now_ns})]
+
+        def describe(self):
+            return "slow: described"
+    slow = Slow()
+    bg = Background([slow])
+    bg.start()
+    t0 = time.monotonic()
+    got = []
+    assert bg.take(0) == []                   # nothing finished before the clock's start
+    while len(got) < 2 and time.monotonic() - t0 < 5:
+        now = time.monotonic_ns()
+        took = bg.take(now)
+        assert all(r.data["at"] < r.ts_ns <= now for r in took)
+        got += took
+        time.sleep(0.005)
+    assert bg.close() == ["slow: described"]
+    assert len(got) >= 2 and got[1].ts_ns - got[0].ts_ns >= 20 * MS     # its dump's time
+    assert slow.threads == {"tcptrace-sampler"}
+
+    class Broken(Slow):
+        def sample(self, now_ns):
+            raise ValueError("boom")
+    bg = Background([Broken()])
+    bg.start()
+    time.sleep(0.05)
+    assert bg.close() == ["slow: described", "sampling stopped: ValueError: boom"]

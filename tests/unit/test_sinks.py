@@ -22,7 +22,7 @@ EXTRA = [c for c in CASES if c.type != "lost" or "count" in c.extra] + [
     Connect(20, 123456, "a-very-long-command", S.AF_INET6, LONG, 65535, LONG, 65535,
             True, True, "active", 3_600_000_000_000, 7),
     Close(21, None, None, S.AF_INET6, LONG, 1, LONG, 2, True, True, "passive", 61_000_000_000,
-          "remote", ["ESTABLISHED", "CLOSE"]),
+          "remote", ["ESTABLISHED", "CLOSE"], False, None),
     Accept(22, 9, "x", S.AF_INET6, LONG, 3, LONG, 4, True, False, "passive"),
     Transition.of(23, None, None, S.AF_INET6, LONG, 5, LONG, 6, S.FIN_WAIT2, S.TIME_WAIT, 1),
     # endpoints not known yet: no address, no port
@@ -30,7 +30,7 @@ EXTRA = [c for c in CASES if c.type != "lost" or "count" in c.extra] + [
             None, None),
     Transition.of(25, 1, "c", S.AF_INET, None, None, "10.0.0.2", None, S.CLOSE, S.SYN_SENT, 2),
     Close(26, 1, "c", S.AF_INET, "10.0.0.1", 0, "10.0.0.2", 0, False, True, "active", 5,
-          None, ["SYN_SENT", "CLOSE"]),
+          None, ["SYN_SENT", "CLOSE"], False, None),
     Connect(27, 1, "c", S.AF_INET, "10.0.0.1", 1, "10.0.0.2", 2, False, False, "active",
             999, 1),
     Finding("refused", 28, 5, "curl", S.AF_INET, "127.0.0.1", 4, "127.0.0.1", 5, before_syn=False,
@@ -41,7 +41,7 @@ EXTRA = [c for c in CASES if c.type != "lost" or "count" in c.extra] + [
     Transition.of(1_000_000_030, 3, "x", S.AF_INET, "1.1.1.1", 9, "2.2.2.2", 10, S.LAST_ACK,
                S.CLOSE, 0x10),
     Close(61_000_000_031, 3, "x", S.AF_INET, "1.1.1.1", 9, "2.2.2.2", 10, False, False,
-          "passive", 1, "remote", ["CLOSE"]),
+          "passive", 1, "remote", ["CLOSE"], False, None),
 ]
 
 

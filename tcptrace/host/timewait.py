@@ -1,0 +1,180 @@
+"""The TIME_WAIT sampler: per network namespace, what the kernel holds in TIME_WAIT and how
+much of the local port range it and the connected sockets use, one sock_diag dump per sample.
+
+Per namespace and sample (a wire.Sample, what="time_wait"; detect/timewait.py reads it):
+  tw             sockstat's count of timewait socks now
+  counters       TcpExt TW (entries), TWRecycled (taken over by a new connect: tcp_tw_reuse),
+                 TWKilled (timewait socks given a short life), TCPTimeWaitOverflow (none made:
+                 tcp_max_tw_buckets reached): absolute, the detector takes deltas
+  port_range     ip_local_port_range; tw_reuse, max_tw_buckets: the namespace's settings
+  dests          [laddr, raddr, rport, in TIME_WAIT, connected]: sockets whose local port is in
+                 the range, per destination and local address (what a connect() to that
+                 destination competes with), largest first, at most MAX_ROWS
+  locals         [laddr, in TIME_WAIT, connected]: the same per local address (what bind() to
+                 port 0 competes with)
+  services       [laddr, lport, in TIME_WAIT]: TIME_WAIT of sockets whose local port is a
+                 listener's or outside the range (a server that closed first), per local port
+  entered, left  [laddr, lport, raddr, rport(, expires_ms)]: 4-tuples in TIME_WAIT now and not at
+                 the previous dump, and the reverse: how the detector tells a sock's exit
+A namespace that is gone gets one last sample, {"gone": true, "left": [...]}. With --port or
+-4/-6 the dump keeps to those ports and families (filtered in the kernel, as the events are);
+tw and counters are the namespace's whole.
+
+"In TIME_WAIT" is sock_diag's state TIME_WAIT, as `ss state time-wait` counts it; a timewait
+sock still waiting for the peer's FIN (the kernel's FIN_WAIT2 substate) is reported as
+FIN_WAIT2 and counted as connected. One dump per namespace and sample, of every state that
+holds a 4-tuple and of the listeners, filtered by state in the kernel. A sample costs about 3 us
+per socket (30,000 TIME_WAIT sockets: docs/man/overhead.md), so the period stretches to keep
+sampling under 5% of a CPU.
+"""
+import os
+import socket
+import time
+
+from tcptrace.host import counters, netns
+from tcptrace.host.diag import STATES, Diag
+from tcptrace.host.samplers import Namespaces, Sampler
+from tcptrace.wire import Sample
+
+CONNECTED = ("SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK",
+             "CLOSING", "TIME_WAIT")
+TW, LISTEN = STATES["TIME_WAIT"], STATES["LISTEN"]
+SETTINGS = ("ip_local_port_range", "tcp_tw_reuse", "tcp_max_tw_buckets")
+MAX_ROWS = 256
+BUDGET = 0.05          # at most this share of a CPU spent sampling: the period stretches
+
+
+class _Namespace:
+    """What is kept open in one namespace: a sock_diag socket and its settings' files (both
+    belong to the namespace they were opened in, so they are opened there once and read from
+    here after), and the 4-tuples its last dump had in TIME_WAIT."""
+
+    def __init__(self, base):
+        self.base = base
+        self.diag, self.fds = netns.run_in(base, self._open)
+        self.tw = {}
+
+    @staticmethod
+    def _open():
+        fds = {n: os.open(f"/proc/sys/net/ipv4/{n}", os.O_RDONLY) for n in SETTINGS}
+        return Diag(), fds
+
+    def settings(self):
+        out = {}
+        for n, fd in self.fds.items():
+            v = [int(x) for x in os.pread(fd, 64, 0).split()]
+            out[n] = v if len(v) > 1 else v[0]
+        return out
+
+    def close(self):
+        self.diag.close()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _largest(d):
+    return sorted(d.items(), key=lambda kv: -sum(kv[1]))[:MAX_ROWS]
+
+
+def aggregate(socks, lo, hi):
+    """(dests, locals, services, {4-tuple in TIME_WAIT: ms left}) of a dump: see the module's
+    docstring. A socket whose local port is a listener's was accepted: it took no port of the
+    range (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's."""
+    listening = {s.lport for s in socks if s.state == LISTEN}
+    dests, locs, services, tw = {}, {}, {}, {}
+    # Runs per socket of every dump (tens of thousands): plain dict and list operations only.
+    for s in socks:
+        st, lport = s.state, s.lport
+        if st == LISTEN:
+            continue
+        in_tw = st == TW
+        if in_tw:
+            tw[(s.laddr, lport, s.raddr, s.rport)] = s.expires_ms
+        if lo <= lport <= hi and lport not in listening:
+            i = 0 if in_tw else 1
+            k = (s.laddr, s.raddr, s.rport)
+            row = dests.get(k)
+            if row is None:
+                row = dests[k] = [0, 0]
+            row[i] += 1
+            row = locs.get(s.laddr)
+            if row is None:
+                row = locs[s.laddr] = [0, 0]
+            row[i] += 1
+        elif in_tw:
+            k = (s.laddr, lport)
+            services[k] = services.get(k, 0) + 1
+    locs = {(a,): v for a, v in locs.items()}
+    services = {k: [n] for k, n in services.items()}
+    return tuple([list(k) + v for k, v in _largest(d)] for d in (dests, locs, services)) + (tw,)
+
+
+class TimeWaitSampler(Sampler):
+    name = "time_wait"
+
+    def __init__(self, namespaces=None, ports=(), families=()):
+        self.namespaces = namespaces or Namespaces()
+        self.ports = tuple(ports)           # only sockets with one of these ports (--port)
+        self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
+        self.open = {}          # netns inode -> _Namespace
+        self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
+        self.samples = 0
+        self.spent_ns = 0       # CPU time spent sampling
+        self.failed = {}        # why a namespace could not be read -> times
+
+    def sample(self, now_ns):
+        t0 = time.thread_time_ns()
+        out = []
+        known = self.namespaces.get(now_ns)
+        for ino in [i for i in self.open if i not in known]:
+            ns = self.open.pop(ino)
+            out.append(Sample(now_ns, self.name, ino,
+                              {"gone": True, "left": [list(k) for k in ns.tw]}))
+            ns.close()
+        for ino, base in known.items():
+            try:
+                got = self._one(ino, base, now_ns)
+            except OSError as e:
+                # Mostly a namespace that went away between the walk and the read (its last
+                # task exited: the next walk drops it); anything else is said at exit
+                self.failed[e.strerror or str(e)] = self.failed.get(e.strerror or str(e), 0) + 1
+                continue
+            out.append(got)
+        spent = time.thread_time_ns() - t0
+        self.spent_ns += spent
+        self.samples += 1
+        self.period_ns = max(Sampler.period_ns, int(spent / BUDGET))
+        return out
+
+    def _one(self, ino, base, now_ns):
+        ns = self.open.get(ino)
+        if ns is None:
+            ns = self.open[ino] = _Namespace(base)
+        st = ns.settings()
+        lo, hi = st["ip_local_port_range"]
+        socks = ns.diag.dump(CONNECTED + ("LISTEN",), self.families, self.ports)
+        self.dumps += 1
+        dests, locs, services, tw = aggregate(socks, lo, hi)
+        prev = ns.tw
+        ns.tw = tw
+        c = counters.tcp_counters(base)
+        return Sample(now_ns, self.name, ino, {
+            "tw": counters.sockstat(base).get("tw", 0),
+            "counters": {k: c.get(k, 0) for k in ("TW", "TWRecycled", "TWKilled",
+                                                  "TCPTimeWaitOverflow")},
+            "port_range": [lo, hi], "tw_reuse": st["tcp_tw_reuse"],
+            "max_tw_buckets": st["tcp_max_tw_buckets"],
+            "dests": dests, "locals": locs, "services": services,
+            "entered": [list(k) + [e] for k, e in tw.items() if k not in prev],
+            "left": [list(k) for k in prev if k not in tw]})
+
+    def close(self):
+        for ns in self.open.values():
+            ns.close()
+        self.open = {}
+
+    def describe(self):
+        failed = "".join(f"; {n} namespace readings failed: {why}"
+                         for why, n in sorted(self.failed.items()))
+        return (f"TIME_WAIT sampler: {self.samples} samples, {self.dumps} sock_diag dumps, "
+                f"{self.spent_ns / 1e9:.2f} s of CPU{failed}")
