@@ -73,6 +73,11 @@ if [ "$budget" -lt 120 ]; then
   exit 124
 fi
 say "VM stage budget: ${budget} s (limit ${limit} s - $(( $(date +%s) - t_ci )) s gone - margin ${margin} s)"
+# A shorter TCPTRACE_VM_TIMEOUT of the caller's own still applies.
+if [ -n "${TCPTRACE_VM_TIMEOUT:-}" ] && [ "$TCPTRACE_VM_TIMEOUT" -lt "$budget" ]; then
+  budget=$TCPTRACE_VM_TIMEOUT
+  say "TCPTRACE_VM_TIMEOUT=${budget}: the VM gets that"
+fi
 times=$(mktemp "${TMPDIR:-/tmp}/tcptrace-vm-times.XXXXXX")
 vm_rc=0
 TCPTRACE_VM_TIMEOUT=$budget TCPTRACE_VM_TIMES=$times vagrant/vm-test.sh || vm_rc=$?
