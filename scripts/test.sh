@@ -10,6 +10,7 @@
 #   TCPTRACE_CI_T0        when the run started (epoch seconds; .ci/run sets it, default: now)
 #   TCPTRACE_CI_MARGIN_S  kept back for what follows the VM and for the clone before us
 #                         (default 300)
+#   TCPTRACE_VM_TIMEOUT   still applies when it is shorter than what is left
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
