@@ -16,10 +16,16 @@
 # host when that is set).
 #
 # Environment:
-#   TCPTRACE_VM_ACCEL    tcg (default) or kvm. Software emulation is the default on purpose: the
-#                        /dev/kvm of a microVM host may be a paravirtual one that hangs stock
-#                        kernels, so its presence proves nothing; opt in when you know it works.
-#   TCPTRACE_VM_TIMEOUT  seconds before a hung guest is killed (default 1200)
+#   TCPTRACE_VM_ACCEL    auto (default), tcg or kvm. auto does not trust /dev/kvm (on a microVM
+#                        host it may be a paravirtual one that hangs or crawls with stock kernels):
+#                        it boots the self-test under KVM, bounded by TCPTRACE_VM_PROBE_S (default
+#                        30; the TCG self-test takes 19-51 s, so a KVM that cannot beat that is no
+#                        gain), and uses KVM only if that passed, else TCG, saying why.
+#   TCPTRACE_VM_CPU      qemu -cpu model (default: max under TCG, host under KVM)
+#   TCPTRACE_VM_TIMEOUT  seconds before a hung guest is killed (default 3600, a hang guard;
+#                        scripts/test.sh passes what is left of the CI run's time limit)
+#   TCPTRACE_VM_TIMES    a file to append key=value timings to (accel, accel_why, probe_s,
+#                        boot_s, run_s, total_s), for scripts/test.sh's stage times
 #   TCPTRACE_VM_MEM, TCPTRACE_VM_CPUS   default 2048 (MiB) and 2
 #   TCPTRACE_VM_SHARE    ro (default) or rw: how the checkout is shared
 #   TCPTRACE_VM_CACHE    image cache (default /var/cache/tcptrace-vm)
@@ -36,8 +42,8 @@ checkout=$(cd "$here/.." && pwd)
 say() { printf 'vm-test: %s\n' "$*" >&2; }
 die() { say "$*"; exit 125; }
 
-accel=${TCPTRACE_VM_ACCEL:-tcg}
-timeout_s=${TCPTRACE_VM_TIMEOUT:-1200}
+accel=${TCPTRACE_VM_ACCEL:-auto}
+timeout_s=${TCPTRACE_VM_TIMEOUT:-3600}
 mem=${TCPTRACE_VM_MEM:-2048}
 cpus=${TCPTRACE_VM_CPUS:-2}
 share=${TCPTRACE_VM_SHARE:-ro}
@@ -55,10 +61,45 @@ elif [ $# -eq 0 ]; then
 fi
 
 [ "$(id -u)" -eq 0 ] || { say "must run as root (builds the image with debootstrap)"; exit 77; }
+case "$timeout_s" in ''|*[!0-9]*) die "TCPTRACE_VM_TIMEOUT must be whole seconds, not '$timeout_s'" ;; esac
+now() { echo "${EPOCHREALTIME/,/.}"; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+times_file=${TCPTRACE_VM_TIMES:-}
+note_time() { [ -z "$times_file" ] || printf '%s=%s\n' "$1" "$2" >>"$times_file"; }
+
+accel_why=
+if [ "$accel" = auto ]; then
+  probe_s=${TCPTRACE_VM_PROBE_S:-30}
+  if [ ! -c /dev/kvm ] || ! { : <>/dev/kvm; } 2>/dev/null; then
+    accel=tcg accel_why="no usable /dev/kvm"
+  else
+    # The self-test boot under KVM: it proves the guest boots, runs its job, compiles and
+    # attaches a kprobe with BCC and reports back, all within the bound.
+    plog=$(mktemp "${TMPDIR:-/tmp}/tcptrace-vm-probe.XXXXXX")
+    t_probe=$(now)
+    prc=0
+    TCPTRACE_VM_ACCEL=kvm TCPTRACE_VM_TIMEOUT=$probe_s TCPTRACE_VM_TIMES= TCPTRACE_VM_OUT_DIR= \
+      bash "$0" --self-test >"$plog" 2>&1 || prc=$?
+    note_time probe_s "$(since "$t_probe")"
+    if [ $prc = 0 ]; then
+      accel=kvm accel_why="KVM self-test passed in $(since "$t_probe") s"
+    else
+      case $prc in
+        124) accel_why="KVM self-test did not finish within ${probe_s} s" ;;
+        *) accel_why="KVM self-test failed ($prc): $(grep -m1 -e '^qemu-system' -e 'self-test: FAIL' "$plog" | cut -c1-160)" ;;
+      esac
+      accel=tcg
+    fi
+    rm -f "$plog"
+  fi
+  say "accel auto: using $accel ($accel_why)"
+fi
+note_time accel "$accel"
+note_time accel_why "${accel_why:-TCPTRACE_VM_ACCEL=$accel}"
 case "$accel" in
-  tcg) accel_args=(-accel tcg,thread=multi,tb-size=512 -cpu max) ;;
-  kvm) accel_args=(-accel kvm -cpu host) ;;
-  *) die "TCPTRACE_VM_ACCEL must be tcg or kvm, not '$accel'" ;;
+  tcg) accel_args=(-accel tcg,thread=multi,tb-size=512 -cpu "${TCPTRACE_VM_CPU:-max}") ;;
+  kvm) accel_args=(-accel kvm -cpu "${TCPTRACE_VM_CPU:-host}") ;;
+  *) die "TCPTRACE_VM_ACCEL must be auto, tcg or kvm, not '$accel'" ;;
 esac
 case "$share" in
   # Read-only, the guest may cache the checkout (cache=loose): Python's imports and pytest's
@@ -102,9 +143,11 @@ cd '$checkout'
 export HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH='$checkout' TCPTRACE_IN_VM=1 TCPTRACE_VM_OUT=/ctl/out
 echo "vm-test: running: \$(tail -1 /ctl/run.bash)"
+up >/ctl/started
 /bin/bash /ctl/run.bash
 rc=\$?
 echo "vm-test: guest command exited \$rc at \$(up) s"
+up >/ctl/ended
 echo \$rc >/ctl/status.tmp && mv /ctl/status.tmp /ctl/status
 sync
 JOB
@@ -113,7 +156,7 @@ chmod +x "$ctl/job.sh"
 qemu=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
   "${accel_args[@]}" -m "$mem" -smp "$cpus"
   -kernel "$img/vmlinuz" -initrd "$img/initrd.img"
-  -append "root=/dev/vda rootfstype=ext4 ro console=ttyS0 loglevel=4 panic=-1 init=/usr/local/sbin/tcptrace-vm-init"
+  -append "root=/dev/vda rootfstype=ext4 ro console=ttyS0 loglevel=4 panic=-1 init=/usr/local/sbin/tcptrace-vm-init ${TCPTRACE_VM_APPEND:-}"
   -drive "file=$img/rootfs.ext4,format=raw,if=virtio,snapshot=on"
   -virtfs "local,path=$ctl,mount_tag=ctl,security_model=none,id=ctl"
   -virtfs "local,path=$checkout,mount_tag=src,security_model=none,multidevs=remap,id=src$share_opt"
@@ -122,15 +165,29 @@ qemu=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
   -chardev stdio,id=con,signal=off -serial chardev:con)
 
 say "booting $kver ($accel, ${mem} MiB, $cpus CPUs, timeout ${timeout_s} s): $*"
-t0=$(date +%s)
+t0=$(now)
 timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null &
 qpid=$!
+# Boot: qemu start to the guest command starting, seen from here (the job writes /ctl/started
+# just before the command), to half a second.
+boot_s= run_s=
+while kill -0 "$qpid" 2>/dev/null; do
+  if [ -e "$ctl/started" ]; then boot_s=$(since "$t0"); break; fi
+  sleep 0.5
+done
 set +e
 wait "$qpid"
 qrc=$?
 set -e
 qpid=
-elapsed=$(( $(date +%s) - t0 ))
+# The command's own time by the guest's clock (uptime at its start and end), when it has both.
+if [ -s "$ctl/started" ] && [ -s "$ctl/ended" ]; then
+  run_s=$(awk -v a="$(cat "$ctl/started")" -v b="$(cat "$ctl/ended")" 'BEGIN {printf "%.1f", b - a}')
+fi
+elapsed=$(since "$t0")
+[ -z "$boot_s" ] || note_time boot_s "$boot_s"
+[ -z "$run_s" ] || note_time run_s "$run_s"
+note_time total_s "$elapsed"
 
 if [ -n "${TCPTRACE_VM_OUT_DIR:-}" ]; then
   mkdir -p "$TCPTRACE_VM_OUT_DIR" && cp -a "$ctl/out/." "$TCPTRACE_VM_OUT_DIR/"
@@ -146,7 +203,7 @@ if [ ! -s "$ctl/status" ]; then
   exit 125
 fi
 rc=$(cat "$ctl/status")
-say "guest command exited $rc; whole run ${elapsed} s"
+say "guest command exited $rc; boot ${boot_s:-?} s, command ${run_s:-?} s, whole run ${elapsed} s ($accel)"
 
 if [ $self_test = 1 ]; then
   # The guest script exits 3 on purpose and records each probe's status in $TCPTRACE_VM_OUT.

@@ -10,6 +10,7 @@ kernel tier is not a passing one.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -174,6 +175,76 @@ def _session_tracer(tmp_path_factory, env=None):
 @pytest.fixture(scope="session")
 def tracer(tmp_path_factory):
     yield from _session_tracer(tmp_path_factory)
+
+
+class Pace:
+    """How fast this machine makes loopback connections and gets them traced, now: measured
+    once per session through the session tracer, so that a test whose deadline or churn depends
+    on it scales from what the machine does, not from a guess about it (the same suite runs on
+    the host, in the TCG VM and under Vagrant, 10-50x apart, and a busy host is slower still).
+
+    Two timings, each from the first connect to the last connection's CLOSE coming out of the
+    session tracer: one connection (latency_s: the tracer's hold, reorder window and poll), then
+    K made one after another by this process (per_conn_s: the burst's time over K, making and
+    tracing together, every tracer alive tracing each one; an upper bound, since the burst's
+    own latency is in it, so that noise can only make deadlines longer and rounds smaller)."""
+
+    K = 200
+
+    def __init__(self, tracer):
+        self.latency_s = self._burst(tracer, 1)
+        self.burst_s = self._burst(tracer, self.K)
+        self.per_conn_s = self.burst_s / self.K
+
+    @staticmethod
+    def _burst(tracer, k):
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(512)
+        port = srv.getsockname()[1]
+        t0 = time.monotonic()
+        for _ in range(k):
+            c = socket.create_connection(("127.0.0.1", port))
+            cport = c.getsockname()[1]
+            a, _ = srv.accept()
+            c.close()
+            a.close()
+        srv.close()
+        # The last client's own CLOSE: records leave the tracer in time order, so every record
+        # of the ones before it is out too. 120 s: there is nothing to scale this one by.
+        tracer.wait_for(lambda r: r["type"] == "transition" and r["newstate"] == "CLOSE"
+                        and r["lport"] == cport and r["rport"] == port, timeout=120)
+        return time.monotonic() - t0
+
+    def deadline(self, conns, floor=30.0, factor=10.0):
+        """Seconds to allow for `conns` connections' records to come out after they were made:
+        `factor` times what calibration says they take (the tests that use this load the
+        machine harder than calibration did), and never less than `floor`."""
+        return max(floor, factor * (self.latency_s + conns * self.per_conn_s))
+
+    def conns_for(self, seconds, lo, hi):
+        """How many connections this machine makes and traces in about `seconds`, within
+        [lo, hi]."""
+        return max(lo, min(hi, int(seconds / self.per_conn_s)))
+
+    def __str__(self):
+        return (f"one loopback connection traced in {self.latency_s:.2f} s, {self.K} in "
+                f"{self.burst_s:.2f} s: at most {self.per_conn_s * 1000:.2f} ms per connection")
+
+
+_pace = []
+
+
+@pytest.fixture(scope="session")
+def pace(tracer):
+    if not _pace:
+        _pace.append(Pace(tracer))
+    return _pace[0]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _pace:
+        terminalreporter.write_line(f"machine pace (tests/kernel/conftest.py): {_pace[0]}")
 
 
 @pytest.fixture(scope="session")
