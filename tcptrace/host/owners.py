@@ -160,11 +160,10 @@ def fd_is_tcp(pid, fd):
         if newfd < 0:
             return None
         try:
-            s = socket.socket(fileno=os.dup(newfd))
+            s = socket.socket(fileno=newfd)
         except OSError:
+            os.close(newfd)     # (borrowed: a copy of another process's file, ours to close)
             return False        # not a socket
-        finally:
-            os.close(newfd)
         with s:
             return s.type == socket.SOCK_STREAM and s.proto in (0, socket.IPPROTO_TCP) \
                 and s.family in (socket.AF_INET, socket.AF_INET6)

@@ -1,5 +1,8 @@
 """/proc/net/tcp parsing, checked against this process's own sockets (no root needed)."""
+import os
 import socket
+
+import pytest
 
 from tcptrace import states as S
 from tcptrace.host import owners
@@ -71,3 +74,23 @@ def test_all_namespaces_are_read_once_each(tmp_path):
     from tcptrace.host import netns
     assert list(netns.namespaces(str(tmp_path)).values()) == [f"{tmp_path}/self", f"{tmp_path}/11"]
     assert sorted(s[2] for s in owners.all_sockets(str(tmp_path))) == [80, 443]
+
+
+def test_borrowing_a_descriptor_that_is_no_socket_leaks_nothing():
+    """fd_is_tcp borrows the descriptor (pidfd_getfd): the copy must be closed whatever it is,
+    or a long-running tracer holds other processes' files and locks (it held a Vagrant lock
+    file for hours)."""
+    r, w = os.pipe()
+    tcp = socket.socket()
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        got = owners.fd_is_tcp(os.getpid(), r)
+        if got is None:
+            pytest.skip("pidfd_getfd unavailable here")
+        assert got is False
+        assert owners.fd_is_tcp(os.getpid(), tcp.fileno()) is True
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(r)
+        os.close(w)
+        tcp.close()
