@@ -27,7 +27,8 @@ suite=bookworm
 # `vagrant ssh`, sudo and rsync for Vagrant's provisioning and synced folder.
 packages=(
   linux-image-amd64 linux-headers-amd64 bpfcc-tools python3-bpfcc
-  python3-click python3-tabulate python3-pytest python3-jsonschema
+  python3-click python3-tabulate python3-pytest python3-jsonschema python3-prometheus-client
+  prometheus
   nftables iproute2 procps util-linux
 
   initramfs-tools kmod
