@@ -15,7 +15,10 @@
 #define TT_SOCK_ERROR   4   /* sock:inet_sk_error_report: err = errno; no skaddr in the tracepoint */
 #define TT_RETRANS      5   /* tcp:tcp_retransmit_skb in SYN_SENT: a SYN retransmission */
 #define TT_CONNECT_RET  6   /* connect failed before any state change: err = -errno, aux = fd or 0 */
-#define TT_KIND_MAX     7
+#define TT_SYNACK       7   /* tcp:tcp_retransmit_synack: a listener (skaddr) retransmitted the
+                             * SYN-ACK of a request (its 4-tuple, local side first); aux = the
+                             * listener's network namespace (inode), 0 if unknown */
+#define TT_KIND_MAX     8
 
 /* flags */
 #define TT_F_KPROBE     0x01  /* TT_CONNECT_RET came from the tcp_v{4,6}_connect kretprobe */
@@ -41,7 +44,7 @@ struct tt_event {
     u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
     s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
-    u32 aux;          /* fd (TT_CONNECT_RET) */
+    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK) */
     u16 sport;        /* host byte order */
     u16 dport;
     u8  kind;         /* TT_* */

@@ -21,9 +21,10 @@ class Kind:
     SOCK_ERROR = 4
     RETRANS = 5
     CONNECT_RET = 6
+    SYNACK = 7
 
     NAMES = {1: "state", 2: "recv_reset", 3: "send_reset", 4: "sock_error", 5: "retrans",
-             6: "connect_ret"}
+             6: "connect_ret", 7: "synack"}
     BY_NAME = {v: k for k, v in NAMES.items()}
 
 
@@ -210,6 +211,11 @@ class Sample(NamedTuple):
     what: str
     netns: int
     data: dict
+
+
+# Sample.what of the readings of bpf/listen.c's `overflows` map (kernel/source.py), which the
+# kernel side takes itself: no sampler of tcptrace/host reads BPF maps.
+OVERFLOWS = "overflows"
 
 
 class Batch(NamedTuple):

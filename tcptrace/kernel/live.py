@@ -64,6 +64,7 @@ class LiveSource:
             now = src.read_ns
             if now >= next_loss:
                 evs.extend(src.losses(now))
+                evs.extend(src.overflows(now))
                 next_loss = now + 100_000_000
             for s in self.samplers:
                 if now >= s.next_ns:
@@ -81,6 +82,7 @@ class LiveSource:
         evs = self._not_tcp(src.poll(0))
         now = src.read_ns
         evs.extend(src.losses(now))
+        evs.extend(src.overflows(now))
         yield Batch(evs, now, (), seeds)
 
     def close(self):
