@@ -7,7 +7,9 @@ done in the kernel where the kernel can (sock_diag state masks and port bytecode
 """
 import time
 
-from tcptrace.host import netns
+from tcptrace.host import counters, netns, owners
+from tcptrace.host.diag import Diag
+from tcptrace.wire import Sample
 
 
 class Namespaces:
@@ -39,3 +41,124 @@ class Sampler:
     def sample(self, now_ns):
         """[wire.Sample] of what the kernel says now."""
         raise NotImplementedError
+
+
+# What bounds and counts a listener's queues, per network namespace (/proc/net/netstat TcpExt):
+# SYNs and final ACKs a listener dropped (all causes), of them those dropped with the accept queue
+# full, SYNs dropped with the request queue full and no cookies, and the SYN cookies.
+LISTEN_COUNTERS = ("ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
+                   "SyncookiesSent", "SyncookiesRecv", "SyncookiesFailed")
+LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
+                   "net/ipv4/tcp_syncookies", "net/ipv4/tcp_synack_retries")
+WILDCARD = {2: "0.0.0.0", 10: "::"}
+
+
+def _dumps():
+    """(LISTEN sockets, their request socks) of the namespace this runs in: two dumps, the
+    second filtered in the kernel by the listeners' local ports, so a host holding many
+    connections costs a walk of its table in the kernel, not their transfer and parsing."""
+    d = Diag()
+    try:
+        listeners = d.dump(["LISTEN"])
+        if not listeners:
+            return listeners, []
+        return listeners, d.dump(["SYN_RECV"], ports={s.lport for s in listeners}, local=True)
+    finally:
+        d.close()
+
+
+def owning_listener(family, laddr, lport, keys):
+    """The listener key (family, laddr, lport) among `keys` that takes a connection to laddr:
+    the one bound to that address, else one bound to the wildcard address of the family, else
+    (IPv4) an IPv6 wildcard listener, which takes IPv4 too unless IPV6_V6ONLY; None if none."""
+    for key in ((family, laddr, lport), (family, WILDCARD.get(family), lport),
+                (10, "::", lport) if family == 2 else None):
+        if key in keys:
+            return key
+    return None
+
+
+class Listeners(Sampler):
+    """For every network namespace with a TCP listener: each listener's accept queue now and
+    its backlog (sock_diag LISTEN: what `ss -ltn` shows as Recv-Q and Send-Q), its request socks
+    (SYN_RECV, what `ss -tan state syn-recv` lists) and its owner; the namespace's listen
+    counters (LISTEN_COUNTERS, cumulative), and at its first reading and every
+    `settings_every`th after, the sysctls that bound the queues. One Sample per namespace:
+
+        {"listeners": [{"family", "laddr", "lport", "accept_queue", "backlog", "half_open",
+                        "sockets", "inode", "pid", "comm"}, ...],
+         "counters": {name: value}, "settings": {name: value} (when read)}
+
+    Listeners sharing an address and port (SO_REUSEPORT) are one entry: their queues summed,
+    `sockets` of them. Namespaces without a listener cost two dumps and yield nothing: their
+    counters are not read. Measured with 30,000 sockets on the host: docs/bench.md."""
+    name = "listen"
+    period_ns = 1_000_000_000
+
+    def __init__(self, namespaces=None, settings_every=10):
+        self.namespaces = namespaces or Namespaces(refresh_ns=self.period_ns)
+        self.settings_every = settings_every
+        self._owners = {}       # listener inode -> (pid, comm), or None where nobody was found
+        self._readings = {}     # netns -> readings taken
+        self._listening = set()
+
+    def sample(self, now_ns):
+        out = []
+        self._listening = set()     # the inodes of the listeners read this time
+        known = self.namespaces.get(now_ns)
+        for ino, base in known.items():
+            try:
+                data = self.read(base, self._readings.get(ino, 0) % self.settings_every == 0)
+            except OSError:     # the namespace's last task went away meanwhile
+                continue
+            if data is not None:
+                self._readings[ino] = self._readings.get(ino, 0) + 1
+                out.append(Sample(now_ns, self.name, ino, data))
+        for ino in set(self._readings) - set(known):
+            del self._readings[ino]
+        for ino in set(self._owners) - self._listening:
+            del self._owners[ino]
+        return out
+
+    def read(self, base, settings):
+        """The reading of the namespace of /proc/<pid> `base`, or None if it has no listener."""
+        socks, requests = netns.run_in(base, _dumps)
+        if not socks:
+            return None
+        listeners = {}
+        for s in socks:
+            key = (s.family, s.laddr, s.lport)
+            got = listeners.get(key)
+            if got is None:
+                listeners[key] = {"family": s.family, "laddr": s.laddr, "lport": s.lport,
+                                  "accept_queue": s.rqueue, "backlog": s.wqueue, "half_open": 0,
+                                  "sockets": 1, "inode": s.inode}
+            else:
+                got["accept_queue"] += s.rqueue
+                got["backlog"] += s.wqueue
+                got["sockets"] += 1
+        for r in requests:
+            key = owning_listener(r.family, r.laddr, r.lport, listeners)
+            if key is not None:
+                listeners[key]["half_open"] += 1
+        self._name_owners(listeners.values())
+        got = counters.tcp_counters(base)
+        data = {"listeners": list(listeners.values()),
+                "counters": {k: got.get(k, 0) for k in LISTEN_COUNTERS}}
+        if settings:
+            data["settings"] = counters.sysctls(base, LISTEN_SETTINGS)
+        return data
+
+    def _name_owners(self, listeners):
+        """pid and comm of each listener's holder, looked up once per listener (a scan of every
+        process's descriptors: owners.inode_owners)."""
+        inodes = {lst["inode"] for lst in listeners}
+        self._listening |= inodes
+        new = inodes - set(self._owners)
+        if new:
+            found = owners.inode_owners(new)
+            for ino in new:
+                self._owners[ino] = found.get(ino)
+        for lst in listeners:
+            o = self._owners.get(lst["inode"])
+            lst["pid"], lst["comm"] = (o[0], o[1]) if o else (None, None)
