@@ -30,6 +30,7 @@ class Pipeline:
         self.sink = sink
         self.order = Reorderer(opts.window_ms * 1_000_000)
         self.tracker = Tracker(stuck_after_ns=int(opts.stuck_after * 1e9),
+                               pressure_interval_ns=int(opts.pressure_interval * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,
                                confirm=confirm, resolve_owner=resolve_owner)
         self.emitted = 0
@@ -105,13 +106,14 @@ class Pipeline:
         return ", ".join(parts)
 
 
-def samplers_for(detectors):
-    """One of each sampler the detectors ask for (their SAMPLERS)."""
+def samplers_for(detectors, flt=None):
+    """One of each sampler the detectors ask for (their SAMPLERS), each given the filter
+    (filters.Filter) to read only what it lets through."""
     wanted = {}
     for d in detectors:
         for make in getattr(d, "SAMPLERS", ()):
             wanted.setdefault(make, None)
-    return [make() for make in wanted]
+    return [make(flt) for make in wanted]
 
 
 def run(source, pipe, recorder=None):
@@ -214,7 +216,7 @@ def run_live(opts, plan, diag):
     view = owners.KernelView()
     pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
-    src.samplers = samplers_for(pipe.tracker.detectors)
+    src.samplers = samplers_for(pipe.tracker.detectors, opts.filter)
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None
 

@@ -5,6 +5,7 @@ A sampler has a `name`, a `period_ns`, and `sample(now_ns)` returning Samples; i
 what its detector needs, per network namespace (tcptrace/host/netns.py), with the filtering
 done in the kernel where the kernel can (sock_diag state masks and port bytecode).
 """
+import socket
 import time
 
 from tcptrace.host import counters, netns, owners
@@ -53,16 +54,17 @@ LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
 WILDCARD = {2: "0.0.0.0", 10: "::"}
 
 
-def _dumps():
+def _dumps(families, ports):
     """(LISTEN sockets, their request socks) of the namespace this runs in: two dumps, the
     second filtered in the kernel by the listeners' local ports, so a host holding many
     connections costs a walk of its table in the kernel, not their transfer and parsing."""
     d = Diag()
     try:
-        listeners = d.dump(["LISTEN"])
+        listeners = d.dump(["LISTEN"], families, ports=ports, local=True)
         if not listeners:
             return listeners, []
-        return listeners, d.dump(["SYN_RECV"], ports={s.lport for s in listeners}, local=True)
+        return listeners, d.dump(["SYN_RECV"], families, ports={s.lport for s in listeners},
+                                 local=True)
     finally:
         d.close()
 
@@ -91,11 +93,16 @@ class Listeners(Sampler):
 
     Listeners sharing an address and port (SO_REUSEPORT) are one entry: their queues summed,
     `sockets` of them. Namespaces without a listener cost two dumps and yield nothing: their
-    counters are not read. Measured with 30,000 sockets on the host: docs/bench.md."""
+    counters are not read. Only the listeners the filter (filters.Filter: --port, -4, -6) lets
+    through are read, as the kernel side traces only their sockets. Measured with 30,000
+    sockets on the host: docs/bench.md."""
     name = "listen"
     period_ns = 1_000_000_000
 
-    def __init__(self, namespaces=None, settings_every=10):
+    def __init__(self, flt=None, namespaces=None, settings_every=10):
+        self.families = tuple(flt.families) if flt and flt.families else (socket.AF_INET,
+                                                                          socket.AF_INET6)
+        self.ports = tuple(sorted(flt.ports)) if flt else ()
         self.namespaces = namespaces or Namespaces(refresh_ns=self.period_ns)
         self.settings_every = settings_every
         self._owners = {}       # listener inode -> (pid, comm), or None where nobody was found
@@ -122,7 +129,7 @@ class Listeners(Sampler):
 
     def read(self, base, settings):
         """The reading of the namespace of /proc/<pid> `base`, or None if it has no listener."""
-        socks, requests = netns.run_in(base, _dumps)
+        socks, requests = netns.run_in(base, lambda: _dumps(self.families, self.ports))
         if not socks:
             return None
         listeners = {}

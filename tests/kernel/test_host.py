@@ -98,7 +98,7 @@ def test_listen_sampler_reads_each_listener_as_ss_does(lab):
     _until(lambda: syn_recv() == 3)
     base = f"/proc/{srv.pid}"
     ino = os.stat(f"{base}/ns/net").st_ino
-    sampler = Listeners(Namespaces(root="/proc"))
+    sampler = Listeners(namespaces=Namespaces(root="/proc"))
     got = {s.netns: s for s in sampler.sample(time.monotonic_ns())}
     data = got[ino].data
     mine = {(d["family"], d["laddr"], d["lport"]): d for d in data["listeners"]}

@@ -46,10 +46,11 @@ def test_samples_are_recorded_and_replayed_as_they_were(tmp_path):
 
 def test_the_live_source_runs_the_samplers_the_detectors_ask_for():
     class A:
-        pass
-    assert [type(x) for x in samplers_for([type("D", (), {"SAMPLERS": (A,)})(),
-                                            type("E", (), {"SAMPLERS": (A,)})(), object()])] \
-        == [A]
+        def __init__(self, flt):
+            self.flt = flt
+    got = samplers_for([type("D", (), {"SAMPLERS": (A,)})(), type("E", (), {"SAMPLERS": (A,)})(),
+                        object()], "the filter")
+    assert [(type(x), x.flt) for x in got] == [(A, "the filter")]
 
 
 def test_a_pipeline_with_samples_writes_no_finding_for_them():
