@@ -12,7 +12,7 @@ import operator
 from tcptrace import SCHEMA_VERSION, states
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
-         "transition", "lost", "evicted")
+         "transition", "lost", "evicted", "listen_pressure", "listen_recovered")
 COMMON = ("pid", "comm", "family", "laddr", "lport", "raddr", "rport")
 
 _SEC = [None, ""]     # the second last formatted, and its text

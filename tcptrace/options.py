@@ -13,6 +13,7 @@ class Options:
     interval: float = None
     duration: float = None
     stuck_after: float = 30.0
+    pressure_interval: float = 5.0
     ready_file: str = None
     record: str = None
     transport: str = "auto"

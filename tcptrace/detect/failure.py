@@ -5,7 +5,9 @@
   unreachable: an ICMP error (EHOSTUNREACH, ENETUNREACH...), matched by 4-tuple
   cancelled:   the application closed the socket in SYN_SENT: nothing came from the network
 and connects that failed before any SYN (no route, no local port, denied), seen as connect()'s
-return (kprobe or syscall tracepoint), when no transition tells them.
+return (kprobe or syscall tracepoint), when no transition tells them. One whose SYNs were
+retransmitted names the local listener it waited on, when one under pressure takes its
+destination (detect/listen.py).
 """
 import collections
 import errno
@@ -49,10 +51,12 @@ class FailedConnects(Detector):
         if c.established_ns is not None or c.role != ACTIVE or c.partial:
             return False
         ts, err = c.closed_ns, c.error
+        listener = self.tr.waited_on(c, ts) if c.syn_retrans else None
+        waited = {"listener": listener} if listener else {}
         if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
             self.tr.finding(c, "refused", ts, reason="refused", errno="ECONNREFUSED",
                             syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
-                            path=path_names[c.path])
+                            path=path_names[c.path], **waited)
             return True
         if err == errno.ETIMEDOUT:
             reason = "timeout"
@@ -64,7 +68,7 @@ class FailedConnects(Detector):
             reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
         self.tr.finding(c, "failed", ts, reason=reason, errno=S.errno_name(err) if err else None,
                         syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
-                        path=path_names[c.path])
+                        path=path_names[c.path], **waited)
         return True
 
     def fact(self, ev):

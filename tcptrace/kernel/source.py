@@ -46,7 +46,8 @@ class KernelSource:
         self.progs.configure(families, ports, self.hold_ns // 1000)
         self._losses = Losses(self.progs, tdir, self.notes, plan.transport == "ringbuf")
         self._overflows = self.progs.b["overflows"] if plan.overflow else None
-        self._overflows_seen = []
+        self._overflows_seen = None     # the first reading is sent even when empty: it says
+                                        # that overflows are counted per listener at all
         self.read_ns = None
 
     @property
@@ -117,9 +118,9 @@ class KernelSource:
 
     def overflows(self, now_ns):
         """[Sample] of bpf/listen.c's `overflows` map (final ACKs each listener dropped with
-        its accept queue full, counted since the entry was made) when it changed since the
-        last call: [[skaddr (hex), netns, family, port, drops], ...]. A handful of entries, read
-        on the loss counters' timer."""
+        its accept queue full, counted since the entry was made) at the first call and when it
+        changed since the last: [[skaddr (hex), netns, family, port, drops], ...]. A handful
+        of entries, read on the loss counters' timer."""
         if self._overflows is None:
             return []
         rows = sorted([f"{k.value:x}", v.id.netns, v.id.family, v.id.port, v.drops]

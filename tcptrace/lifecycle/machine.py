@@ -60,7 +60,8 @@ class Tracker:
     the tracker (tcptrace/detect: `standard()` by default)."""
 
     def __init__(self, stuck_after_ns=30_000_000_000, grace_ns=10_000_000, max_conns=262_144,
-                 transitions=False, confirm=None, resolve_owner=None, detectors=None):
+                 transitions=False, confirm=None, resolve_owner=None, detectors=None,
+                 pressure_interval_ns=5_000_000_000):
         from tcptrace import detect
         self.grace_ns = grace_ns
         self.table = ConnTable(max_conns)
@@ -74,7 +75,8 @@ class Tracker:
         self.loss_epoch = 0                   # bumped by every loss; see incomplete()
         self.now_ns = 0
         if detectors is None:
-            detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner)
+            detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner,
+                                        pressure_interval_ns)
         self.detectors = [make(self) for make in detectors]
         for name in hooks.HOOKS:
             setattr(self, name, hooks.dispatch(self.detectors, name))
@@ -96,6 +98,17 @@ class Tracker:
         from tcptrace.detect.stuck import Stuck
         d = self.detector(Stuck)
         return d.now() if d else []
+
+    def listeners(self):
+        """The Listeners detector (detect/listen.py), or None."""
+        from tcptrace.detect.listen import Listeners
+        return self.detector(Listeners)
+
+    def waited_on(self, c, until_ns):
+        """The local listener under pressure that c's SYNs waited on, as a finding member, or
+        None (detect/listen.py: Listeners.waited_on)."""
+        d = self.listeners()
+        return d.waited_on(c, until_ns) if d else None
 
     # -- what detectors call -----------------------------------------------------------------
     def emit(self, f):

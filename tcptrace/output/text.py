@@ -6,6 +6,8 @@ A line whose detail does not fit continues on an indented line of its own (unles
 Every finding goes through the same `line()`; what repeats (the owner's columns, an address's
 text, a transition's endpoints, the clock's second) is formatted once and looked up after.
 """
+import textwrap
+
 from tcptrace.cache import Memo, ObjectMemo
 from tcptrace.findings import Transition, rfc3339
 from tcptrace.output import Sink
@@ -43,9 +45,21 @@ def _plural(n, word):
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def _waited(f):
+    """The local listener a connect's SYNs waited on (detect/listen.py), as a suffix."""
+    lst = getattr(f, "listener", None)
+    if not lst:
+        return ""
+    owner = f" ({lst['comm']} {lst['pid']})" if lst.get("pid") else ""
+    cause = ", ".join(c.replace("_", " ") for c in lst.get("cause") or ())
+    return f"; waited on listener {endpoint(lst['laddr'], lst['lport'])}{owner}" + (
+        f": {cause}" if cause else "")
+
+
 def _connect(f):
     r = getattr(f, "syn_retransmits", 0)
-    return f"handshake {ns_text(f.handshake_ns)}" + (f", {_plural(r, 'SYN retransmit')}" if r else "")
+    return f"handshake {ns_text(f.handshake_ns)}" + (
+        f", {_plural(r, 'SYN retransmit')}" if r else "") + _waited(f)
 
 
 def _refused(f):
@@ -55,12 +69,13 @@ def _refused(f):
 def _failed(f):
     reason, err = f.reason, getattr(f, "errno", None)
     if reason == "timeout":
-        return f"timed out after {getattr(f, 'syn_retransmits', 0)} SYN retransmits ({err})"
+        return (f"timed out after {getattr(f, 'syn_retransmits', 0)} SYN retransmits ({err})"
+                + _waited(f))
     if reason == "cancelled":
-        return "cancelled: closed by the application in SYN_SENT"
+        return "cancelled: closed by the application in SYN_SENT" + _waited(f)
     if getattr(f, "before_syn", False):
         return f"{reason} before any SYN ({err})"
-    return f"{reason} ({err})"
+    return f"{reason} ({err})" + _waited(f)
 
 
 def _close(f):
@@ -83,6 +98,38 @@ def _evicted(f):
             f"{f.evicted_total} so far")
 
 
+def _queues(f):
+    q = f"half-open {f.half_open}"
+    if f.half_open_peak != f.half_open:
+        q += f" (peak {f.half_open_peak})"
+    q += f", accept queue {f.accept_queue}/{f.backlog}"
+    if f.overflows:
+        q += f", {_plural(f.overflows, 'overflow')}"
+    return q
+
+
+def _pressure(f):
+    return f"{f.reason}; {_queues(f)}"
+
+
+def _recovered(f):
+    e = f.episode
+    counts = [f"{e[k]:,} {many if e[k] != 1 else one}" for k, one, many in (
+        ("dropped", "SYN dropped", "SYNs dropped"),
+        ("cookies_sent", "SYN cookie sent", "SYN cookies sent"),
+        ("synack_retransmits", "SYN-ACK retransmitted", "SYN-ACKs retransmitted"),
+        ("overflows", "overflow", "overflows")) if e.get(k)]
+    return (f"{'listener closed' if f.closed else 'recovered'} after {ns_text(f.duration_ns)}"
+            + (f"; in all {', '.join(counts)}" if counts else ""))
+
+
+def listener_text(f):
+    """A listener finding's subject: the listening address, or the namespace's counts."""
+    if f.lport is None:
+        return f"netns {f.netns} (namespace-wide)"
+    return f"{endpoint(f.laddr, f.lport)} listening"
+
+
 PAIR = Memo(lambda k: f"{states.name(k >> 8)} -> {states.name(k & 0xff)}")
 
 # What happened, in words, without the time, process and endpoint columns: one per type.
@@ -98,7 +145,11 @@ DESCRIBE = {
     "transition": lambda f: PAIR[f.pair],
     "lost": _lost,
     "evicted": _evicted,
+    "listen_pressure": _pressure,
+    "listen_recovered": _recovered,
 }
+# The EVENT column's word where the type is longer than the column.
+LABELS = {"listen_pressure": "pressure", "listen_recovered": "recovered"}
 
 
 def flags(f):
@@ -144,6 +195,8 @@ class TextSink(Sink):
             line = tm + self._ends.of(f.ends)
         elif t == "lost" or t == "evicted":
             line = tm + self._cols[(f.pid, f.comm, t)]
+        elif t in LABELS:
+            line = f"{tm}{self._cols[(f.pid, f.comm, LABELS[t])]}{listener_text(f)}"
         else:
             line = (f"{tm}{self._cols[(f.pid, f.comm, t)]}{endpoint(f.laddr, f.lport)} > "
                     f"{endpoint(f.raddr, f.rport)}")
@@ -153,6 +206,8 @@ class TextSink(Sink):
         if self.wide or len(line) + 2 + len(detail) <= 79:
             return (f"{line}{detail}" if t == "lost" or t == "evicted"
                     else f"{line}  {detail}").rstrip() + "\n"
+        if len(detail) > 75:
+            detail = "\n    ".join(textwrap.wrap(detail, 75))
         return f"{line}\n    {detail}\n"
 
     def format(self, findings):
