@@ -46,7 +46,8 @@ class Listener:
     def __init__(self, netns, family, laddr, lport):
         self.netns, self.family, self.laddr, self.lport = netns, family, laddr, lport
         self.pid = self.comm = None
-        self.accept_queue = self.backlog = self.half_open = 0
+        self.accept_queue = self.backlog = 0
+        self.half_open = None
         self.counts = collections.Counter()     # since the last finding
         self.totals = collections.Counter()     # since tracing began (the report's)
         self.episode = collections.Counter()    # since this pressure began
@@ -65,9 +66,11 @@ class Listener:
         self.cause = []
 
     def read(self, d):
+        # half_open is None where the sampler did not count request socks this time (it does
+        # whenever the counters move or some were there: host/samplers.py)
         self.accept_queue, self.backlog, self.half_open = \
             d["accept_queue"], d["backlog"], d["half_open"]
-        self.peak = max(self.peak, self.half_open)
+        self.peak = max(self.peak, self.half_open or 0)
         if d.get("pid") is not None or self.pid is None:
             self.pid, self.comm = d.get("pid"), d.get("comm")
 
@@ -78,7 +81,7 @@ class Listener:
     def request_full(self):
         """The request queue is full now (inet_csk_reqsk_queue_is_full: as many half-open as
         the backlog): new SYNs are dropped, or answered with cookies."""
-        return self.family is not None and self.half_open >= max(self.backlog, 1)
+        return self.half_open is not None and self.half_open >= max(self.backlog, 1)
 
     def pressed(self):
         """Pressure of its own, without the namespace's counters."""
@@ -237,7 +240,7 @@ class Listeners(Detector):
         lst.fresh = False
         lst.samples += 1
         lst.full_samples += lst.accept_full()
-        lst.half_open_peak = max(lst.half_open_peak, lst.half_open)
+        lst.half_open_peak = max(lst.half_open_peak, lst.half_open or 0)
         if active:
             lst.active_ns = ts
         if lst.since_ns is None:
@@ -263,7 +266,7 @@ class Listeners(Detector):
     def _window(self, lst, ts):
         lst.window_ns = ts
         lst.samples = lst.full_samples = 0
-        lst.half_open_peak = lst.half_open
+        lst.half_open_peak = lst.half_open or 0
         lst.scope = None
 
     def _report(self, lst, ts, type_, settings, closed=False):

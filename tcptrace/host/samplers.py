@@ -54,15 +54,17 @@ LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
 WILDCARD = {2: "0.0.0.0", 10: "::"}
 
 
-def _dumps(families, ports):
-    """(LISTEN sockets, their request socks) of the namespace this runs in: two dumps, the
-    second filtered in the kernel by the listeners' local ports, so a host holding many
-    connections costs a walk of its table in the kernel, not their transfer and parsing."""
+def _dumps(families, ports, requests):
+    """(LISTEN sockets, their request socks or None) of the namespace this runs in. Listeners
+    are in a small table of their own. Request socks are in the host's one table of
+    connections, which the kernel walks whole for a dump, every namespace's sockets and every
+    empty bucket (4.6 ms empty, 28.5 ms with 30,000 sockets on the development guest; the
+    port filter only spares their transfer and parsing): so only when `requests`."""
     d = Diag()
     try:
         listeners = d.dump(["LISTEN"], families, ports=ports, local=True)
-        if not listeners:
-            return listeners, []
+        if not listeners or not requests:
+            return listeners, None
         return listeners, d.dump(["SYN_RECV"], families, ports={s.lport for s in listeners},
                                  local=True)
     finally:
@@ -85,28 +87,30 @@ class Listeners(Sampler):
     its backlog (sock_diag LISTEN: what `ss -ltn` shows as Recv-Q and Send-Q), its request socks
     (SYN_RECV, what `ss -tan state syn-recv` lists) and its owner; the namespace's listen
     counters (LISTEN_COUNTERS, cumulative), and at its first reading and every
-    `settings_every`th after, the sysctls that bound the queues. One Sample per namespace:
+    `refresh_every`th after, the sysctls that bound the queues. One Sample per namespace:
 
         {"listeners": [{"family", "laddr", "lport", "accept_queue", "backlog", "half_open",
                         "sockets", "inode", "pid", "comm"}, ...],
          "counters": {name: value}, "settings": {name: value} (when read)}
 
-    Listeners sharing an address and port (SO_REUSEPORT) are one entry: their queues summed,
-    `sockets` of them. Namespaces without a listener cost two dumps and yield nothing: their
-    counters are not read. Only the listeners the filter (filters.Filter: --port, -4, -6) lets
-    through are read, as the kernel side traces only their sockets. Measured with 30,000
-    sockets on the host: docs/bench.md."""
+    Request socks are counted (half_open) when they can matter: the namespace's counters moved
+    since its last reading (a queue filled), or that reading found some (to follow them
+    down), and at every refresh; else half_open is None (not read). Listeners sharing an
+    address and port (SO_REUSEPORT) are one entry: their queues summed, `sockets` of them.
+    Namespaces without a listener cost one small dump and yield nothing. Only the listeners
+    the filter (filters.Filter: --port, -4, -6) lets through are read, as the kernel side
+    traces only their sockets. Measured with 30,000 sockets on the host: docs/bench.md."""
     name = "listen"
     period_ns = 1_000_000_000
 
-    def __init__(self, flt=None, namespaces=None, settings_every=10):
+    def __init__(self, flt=None, namespaces=None, refresh_every=10):
         self.families = tuple(flt.families) if flt and flt.families else (socket.AF_INET,
                                                                           socket.AF_INET6)
         self.ports = tuple(sorted(flt.ports)) if flt else ()
         self.namespaces = namespaces or Namespaces(refresh_ns=self.period_ns)
-        self.settings_every = settings_every
+        self.refresh_every = refresh_every
         self._owners = {}       # listener inode -> (pid, comm), or None where nobody was found
-        self._readings = {}     # netns -> readings taken
+        self._last = {}         # netns -> (readings taken, its last counters, half-open seen)
         self._listening = set()
 
     def sample(self, now_ns):
@@ -115,22 +119,28 @@ class Listeners(Sampler):
         known = self.namespaces.get(now_ns)
         for ino, base in known.items():
             try:
-                data = self.read(base, self._readings.get(ino, 0) % self.settings_every == 0)
+                data = self.read(ino, base)
             except OSError:     # the namespace's last task went away meanwhile
                 continue
             if data is not None:
-                self._readings[ino] = self._readings.get(ino, 0) + 1
                 out.append(Sample(now_ns, self.name, ino, data))
-        for ino in set(self._readings) - set(known):
-            del self._readings[ino]
+        for ino in set(self._last) - set(known):
+            del self._last[ino]
         for ino in set(self._owners) - self._listening:
             del self._owners[ino]
         return out
 
-    def read(self, base, settings):
-        """The reading of the namespace of /proc/<pid> `base`, or None if it has no listener."""
-        socks, requests = netns.run_in(base, lambda: _dumps(self.families, self.ports))
+    def read(self, ino, base):
+        """The reading of namespace `ino` (that of /proc/<pid> `base`), or None if it has no
+        listener."""
+        got = counters.tcp_counters(base)
+        counts = {k: got.get(k, 0) for k in LISTEN_COUNTERS}
+        n, last, half_open = self._last.get(ino, (0, None, False))
+        refresh = n % self.refresh_every == 0
+        socks, requests = netns.run_in(base, lambda: _dumps(
+            self.families, self.ports, refresh or counts != last or half_open))
         if not socks:
+            self._last.pop(ino, None)
             return None
         listeners = {}
         for s in socks:
@@ -138,21 +148,21 @@ class Listeners(Sampler):
             got = listeners.get(key)
             if got is None:
                 listeners[key] = {"family": s.family, "laddr": s.laddr, "lport": s.lport,
-                                  "accept_queue": s.rqueue, "backlog": s.wqueue, "half_open": 0,
+                                  "accept_queue": s.rqueue, "backlog": s.wqueue,
+                                  "half_open": 0 if requests is not None else None,
                                   "sockets": 1, "inode": s.inode}
             else:
                 got["accept_queue"] += s.rqueue
                 got["backlog"] += s.wqueue
                 got["sockets"] += 1
-        for r in requests:
+        for r in requests or ():
             key = owning_listener(r.family, r.laddr, r.lport, listeners)
             if key is not None:
                 listeners[key]["half_open"] += 1
+        self._last[ino] = (n + 1, counts, bool(requests))
         self._name_owners(listeners.values())
-        got = counters.tcp_counters(base)
-        data = {"listeners": list(listeners.values()),
-                "counters": {k: got.get(k, 0) for k in LISTEN_COUNTERS}}
-        if settings:
+        data = {"listeners": list(listeners.values()), "counters": counts}
+        if refresh:
             data["settings"] = counters.sysctls(base, LISTEN_SETTINGS)
         return data
 

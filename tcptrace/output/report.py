@@ -216,9 +216,9 @@ LISTENER_ROWS = 20
 LISTENER_COLUMNS = ("LISTENER", "OWNER", "Q", "OVF", "HALF", "SA", "RQ/AQ/OTH", "COOKIES")
 LISTENER_LEGEND = (
     "Q accept queue now/backlog, OVF overflows at the final ACK (-: this kernel does\n"
-    "not count them per listener), HALF half-open now/peak, SA SYN-ACKs retransmitted\n"
-    "RQ/AQ/OTH SYNs dropped with the request queue full/the accept queue full/other,\n"
-    "COOKIES SYN cookies sent/validated/failed")
+    "not count them per listener), HALF half-open now (?: not counted lately)/peak,\n"
+    "SA SYN-ACKs retransmitted, RQ/AQ/OTH SYNs dropped with the request queue full/\n"
+    "the accept queue full/other, COOKIES SYN cookies sent/validated/failed")
 
 
 def _columns(headers, rows):
@@ -283,7 +283,8 @@ def _listener_row(r):
             f"{r['comm'] or '-'} {r['pid'] or ''}".strip(),
             f"{r['accept_queue']}/{r['backlog']}" if named else "-",
             "-" if r["overflows"] is None else r["overflows"],
-            f"{r['half_open']}/{r['half_open_peak']}" if named else "-",
+            f"{'?' if r['half_open'] is None else r['half_open']}/{r['half_open_peak']}"
+            if named else "-",
             r["synack_retransmits"],
             f"{d['request_queue_full']}/{d['accept_queue_full']}/{d['other']}{ns}",
             f"{k['sent']}/{k['validated']}/{k['failed']}{ns}")

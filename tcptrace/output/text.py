@@ -99,8 +99,8 @@ def _evicted(f):
 
 
 def _queues(f):
-    q = f"half-open {f.half_open}"
-    if f.half_open_peak != f.half_open:
+    q = f"half-open {'not read' if f.half_open is None else f.half_open}"
+    if f.half_open_peak != (f.half_open or 0):
         q += f" (peak {f.half_open_peak})"
     q += f", accept queue {f.accept_queue}/{f.backlog}"
     if f.overflows:

@@ -233,3 +233,36 @@ def test_connects_that_waited_on_a_local_listener_under_pressure_name_it():
             "cause": ["request_queue_full"]}
     assert conns == {("connect", 8080, 5): want, ("failed", 8080, 3): want,
                      ("connect", 9999, 2): None, ("connect", 8080, 0): None}
+
+
+def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch):
+    """host/samplers.py: counting request socks walks the host's whole connection table in
+    the kernel, so a reading counts them when the namespace's counters moved, when the last
+    reading found some, and every refresh_every-th reading; otherwise half_open is None."""
+    from tcptrace.host import samplers
+    from tcptrace.host.diag import DiagSock
+    state = {"counters": {"ListenDrops": 0}, "requests": 0, "asked": []}
+
+    def dumps(families, ports, requests):
+        state["asked"].append(requests)
+        lsn = DiagSock(S.AF_INET, 10, 0, 0, ADDR, 80, "0.0.0.0", 0, 0, 0, 16, 0, 77, 1)
+        req = DiagSock(S.AF_INET, 3, 0, 0, ADDR, 80, "10.77.0.1", 4000, 0, 0, 0, 0, 0, 2)
+        return [lsn], ([req] * state["requests"] if requests else None)
+
+    monkeypatch.setattr(samplers, "_dumps", dumps)
+    monkeypatch.setattr(samplers.netns, "run_in", lambda base, fn: fn())
+    monkeypatch.setattr(samplers.counters, "tcp_counters", lambda base: state["counters"])
+    monkeypatch.setattr(samplers.counters, "sysctls", lambda base, names: {"somaxconn": 1})
+    monkeypatch.setattr(samplers.owners, "inode_owners", lambda inodes: {77: (5, "srv", 3)})
+    ns = type("N", (), {"get": lambda self, now: {NS: "/proc/x"}})()
+    s = samplers.Listeners(namespaces=ns, refresh_every=5)
+    half_open = []
+    for moved, present in ((0, 0), (0, 0), (1, 2), (0, 2), (0, 0), (0, 0), (0, 0)):
+        state["counters"] = {"ListenDrops": state["counters"]["ListenDrops"] + moved}
+        state["requests"] = present
+        got, = s.sample(0)
+        half_open.append(got.data["listeners"][0]["half_open"])
+        assert got.data["listeners"][0]["pid"] == 5
+    # refresh, quiet, counters moved, some seen last, some seen last, refresh, quiet
+    assert state["asked"] == [True, False, True, True, True, True, False]
+    assert half_open == [0, None, 2, 2, 0, 0, None]
