@@ -399,7 +399,7 @@ def _cause(lst, c, settings):
         words.append(f"{_n(c['cookies_validated'], 'connection')} completed through SYN "
                      "cookies")
     if lst.scope == "namespace" and any(c[k] for k in COUNTER_NAMES.values()):
-        words.append("dropped and cookie counts are namespace-wide")
+        words.append("counts namespace-wide")
     if not words:
         words.append("nothing dropped, no SYN-ACK retransmitted, queues not full")
     return codes, words
