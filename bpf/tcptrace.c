@@ -33,6 +33,7 @@
  *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
  *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
  *                           and the raw arguments' positions of the running kernel (BTF)
+ *   TT_RST_REASON=1         tcp_send_reset's reason, at TT_RST_REASON_ARG (BTF)
  * (The values a switch needs from the running kernel are Plan.consts, as -DTT_<name>=<value>.)
  * Every plan's, from tcptrace/kernel/loader.py:
  *   TT_RINGBUF_PAGES=n      ring size in pages (power of two)
@@ -112,6 +113,12 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
     ev.kind = TT_SEND_RESET;
     tt_task(&ev);
     ev.skaddr = sk;
+#ifdef TT_RST_REASON
+    /* Why (6.10+: enum sk_rst_reason, numbered as the running kernel numbers it; the argument's
+     * position comes from its BTF, tcptrace/kernel/probes.py: reset_reasons). */
+    ev.aux = (u32)ctx->args[TT_RST_REASON_ARG];
+    ev.flags = TT_F_REASON;
+#endif
     tt_emit(ctx, &ev);
     return 0;
 }

@@ -28,6 +28,8 @@
 #define TT_F_HELD       0x08  /* TT_STATE: a held socket's steps sent early (bpf/hold.c:
                                * held); the same steps may come again in its next record, and
                                * ts_ns is when this was sent, not the newest step's */
+#define TT_F_REASON     0x10  /* TT_SEND_RESET: aux is the reset's reason (enum sk_rst_reason of
+                               * the running kernel) */
 
 /* A TT_STATE record carries up to TT_MAX_STEPS transitions of one socket, oldest first. The
  * kernel keeps a socket's transitions in the `socks` map and sends them as one record when the
@@ -44,7 +46,8 @@ struct tt_event {
     u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
     s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
-    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK) */
+    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK), reason
+                       * (TT_SEND_RESET with TT_F_REASON) */
     u16 sport;        /* host byte order */
     u16 dport;
     u8  kind;         /* TT_* */

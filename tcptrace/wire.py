@@ -34,6 +34,7 @@ F_SYSCALL = 0x02
 F_OWNER = 0x04      # STATE: pid/comm are the task of a step a process makes itself
 F_HELD = 0x08       # STATE: a held socket's steps sent early; they may come again, and ts_ns is
                     #   when this was sent (bpf/tcptrace.h)
+F_REASON = 0x10     # SEND_RESET: aux is the reset's reason (enum sk_rst_reason)
 F_SCAN = 0x80       # STATE: read from the kernel's maps by user space (set here, never by the
                     #   kernel)
 EARLY = F_HELD | F_SCAN   # STATE: steps that may come again with the socket's next record
@@ -216,6 +217,9 @@ class Sample(NamedTuple):
 # Sample.what of the readings of bpf/listen.c's `overflows` map (kernel/source.py), which the
 # kernel side takes itself: no sampler of tcptrace/host reads BPF maps.
 OVERFLOWS = "overflows"
+# Sample.what of the running kernel's names for the numbers records carry (reset reasons), sent
+# once at start (kernel/source.py): a recording replayed elsewhere reads them as they were.
+NAMES = "names"
 
 
 class Batch(NamedTuple):

@@ -10,6 +10,9 @@ What it reads, all of it the kernel's own view:
   sample "overflows"   (bpf/listen.c, read by kernel/source.py) final ACKs each listener dropped
                        with its accept queue full, where the kernel names the listener
                        (TCP_LISTEN_OVERFLOW). Exact, per listener.
+  fact SEND_RESET      a reset a listener sent (to an ACK it has no connection or SYN cookie
+                       for), with its reason where the kernel gives one (names: sample
+                       "names"). Counted while the listener is under pressure.
 
 The SYNs the kernel drops fire no tracepoint: only the namespace's counters tell them. A
 namespace with one listener gives its counts to that listener. With several, they go, marked
@@ -27,7 +30,8 @@ from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.host import samplers
 from tcptrace.host.samplers import owning_listener
-from tcptrace.wire import OVERFLOWS, Kind, addr_str
+from tcptrace.lifecycle.conn import LISTENER
+from tcptrace.wire import F_REASON, NAMES, OVERFLOWS, Kind, addr_str
 
 # The namespace counters (host/samplers.py: LISTEN_COUNTERS) under the names findings give them
 COUNTER_NAMES = {"ListenDrops": "dropped", "ListenOverflows": "accept_queue_full",
@@ -49,6 +53,7 @@ class Listener:
         self.accept_queue = self.backlog = 0
         self.half_open = None
         self.counts = collections.Counter()     # since the last finding
+        self.resets = collections.Counter()     # the same, resets it sent by reason
         self.totals = collections.Counter()     # since tracing began (the report's)
         self.episode = collections.Counter()    # since this pressure began
         self.scope = None           # whose counters are in counts: "listener" or "namespace"
@@ -119,6 +124,8 @@ class Listeners(Detector):
                                                 #   retransmits of a listener not read yet
         self.unplaced_dropped = 0   # SYN-ACK retransmits no listener reading ever matched
         self.overflows_read = {}    # skaddr -> drops at the last reading of `overflows`
+        self.by_sk = {}             # a listener's skaddr (its SYN-ACK records name it) -> it
+        self.rst_names = {}         # reset reason number -> the running kernel's name
         self.per_listener_overflows = False     # the kernel side counts them (a reading came)
         self.past = collections.deque(maxlen=256)       # listeners gone, for the report
 
@@ -128,8 +135,13 @@ class Listeners(Detector):
             self._reading(rec.ts_ns, rec.netns, rec.data)
         elif rec.what == OVERFLOWS:
             self._overflows(rec.data["listeners"])
+        elif rec.what == NAMES:
+            self.rst_names = {int(k): v for k, v in rec.data.get("rst_reasons", {}).items()}
 
     def fact(self, ev):
+        if ev.kind == Kind.SEND_RESET:
+            self._reset(ev)
+            return
         if ev.kind != Kind.SYNACK:
             return
         laddr = addr_str(ev.family, ev.saddr)
@@ -138,6 +150,7 @@ class Listeners(Detector):
         if lst is None:
             self.unplaced[key] += 1      # its listener may not have been read yet
             return
+        self.by_sk[ev.skaddr] = lst
         request = (laddr, ev.sport, addr_str(ev.family, ev.daddr), ev.dport)
         if lst.since_ns is None:
             if request in lst.requests:
@@ -153,6 +166,26 @@ class Listeners(Detector):
             seen.add(request)
         lst.counts["synack_retransmits"] += 1
         lst.fresh = True
+
+    def _reset(self, ev):
+        """A reset a socket sent: the listener's, if it is a listener we know (by the skaddr
+        its SYN-ACKs named, or its listen() seen by the tracker). Counted while the listener
+        is under pressure; otherwise only in its totals (a restarted server's listener
+        answering the old connections' packets is no pressure)."""
+        lst = self.by_sk.get(ev.skaddr)
+        if lst is None:
+            c = self.tr.table.get(ev.skaddr)
+            if c is None or c.role != LISTENER:
+                return
+            lst = self._find(0, c.family, c.laddr, c.lport)
+            if lst is None:
+                return
+        if lst.since_ns is None:
+            lst.totals["resets"] += 1
+            return
+        lst.counts["resets"] += 1
+        lst.resets[self.rst_names.get(ev.aux, str(ev.aux)) if ev.flags & F_REASON
+                   else "unknown"] += 1
 
     def _find(self, netns, family, laddr, lport):
         """The one listener a connection to laddr:lport reaches in namespace netns (0: unknown,
@@ -262,6 +295,7 @@ class Listeners(Detector):
             self._report(lst, ts, "listen_recovered", self.readings.get(lst.netns, ({}, {}))[1],
                          closed=True)
         self.past.append(lst)
+        self.by_sk = {sk: other for sk, other in self.by_sk.items() if other is not lst}
 
     def _window(self, lst, ts):
         lst.window_ns = ts
@@ -282,6 +316,7 @@ class Listeners(Detector):
                  "synack_retransmits": c["synack_retransmits"],
                  "overflows": c["overflows"] if self.per_listener_overflows else None,
                  "drops": _drops(c), "cookies": _cookies(c), "counters": lst.scope,
+                 "resets": dict(lst.resets),
                  "settings": dict(settings)}
         if lst.family is None:
             extra["listeners"] = len(self.spaces.get(lst.netns, ())) - 1
@@ -297,6 +332,7 @@ class Listeners(Detector):
         self.tr.emit(Finding(type_, ts, lst.pid, lst.comm, lst.family, lst.laddr, lst.lport,
                              **extra))
         c.clear()
+        lst.resets.clear()
         lst.reported_ns = ts
         self._window(lst, ts)
 

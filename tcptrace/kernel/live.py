@@ -63,6 +63,7 @@ class LiveSource:
             evs = self._not_tcp(src.poll(opts.tick_ms))
             now = src.read_ns
             if now >= next_loss:
+                evs.extend(src.names(now))
                 evs.extend(src.losses(now))
                 evs.extend(src.overflows(now))
                 next_loss = now + 100_000_000

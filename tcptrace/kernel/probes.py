@@ -268,9 +268,32 @@ def overflow_args(path=None):
         "REASON_LISTEN_OVERFLOW": reasons[LISTEN_OVERFLOW]}
 
 
+@functools.lru_cache(maxsize=4)
+def reset_reasons(path=None):
+    """(Check, {macro: value}): which raw argument of tcp_send_reset is its reason (6.10+),
+    and {number: name} of the running kernel's reasons (names without SK_RST_REASON_)."""
+    name, minver = "reset reasons", ">6.1"
+    try:
+        b = btf.BTF.load(path or btf.VMLINUX)
+        args = b.tracepoint_args("tcp_send_reset") or []
+        values = b.enum("sk_rst_reason") or {}
+    except btf.BTFError as e:
+        args, values, why = [], {}, str(e)
+    else:
+        why = "tcp_send_reset carries no reason on this kernel"
+    if "enum sk_rst_reason" not in args:
+        return Check(name, UNSUPPORTED, f"{why}: resets a listener sends are counted without "
+                     "one", minver), {}, {}
+    names = {v: k.removeprefix("SK_RST_REASON_") for k, v in values.items()}
+    return Check(name, SUPPORTED, "why each reset was sent (enum sk_rst_reason, numbers from "
+                 "BTF): e.g. TCP_FLAGS for ACKs a listener has no SYN cookie for", minver), \
+        {"RST_REASON_ARG": args.index("enum sk_rst_reason")}, names
+
+
 # What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
 # the loader compiles in as -DTT_<macro>=<value> with the option's switches.
-CONSTS = {"rescue": rescue_offsets, "sock_id": sock_id_offsets, "overflow": overflow_args}
+CONSTS = {"rescue": rescue_offsets, "sock_id": sock_id_offsets, "overflow": overflow_args,
+          "rst_reason": lambda: reset_reasons()[:2]}
 
 
 @dataclass(frozen=True)
@@ -324,6 +347,9 @@ SWITCHES = (
     Switch("overflow", (
         Option(True, "listen overflow drops", ("-DTT_LISTEN_OVERFLOW=1",), consts="overflow"),
         Option(False, note="listen overflow drops {status}: {detail}"))),
+    Switch("rst_reason", (
+        Option(True, "reset reasons", ("-DTT_RST_REASON=1",), consts="rst_reason"),
+        Option(False, note="reset reasons {status}: {detail}"))),
     Switch("hold", (
         Option(True, "queue map", ("-DTT_HOLD=1",)),
         Option(False, note="queue map {status}: {detail}; each socket's opening steps are sent "
@@ -348,6 +374,7 @@ class Plan:
     hold: bool = False                                   # bpf/hold.c (queue maps)
     sock_id: bool = False                                # bpf/listen.c: a listener's namespace
     overflow: bool = False                               # bpf/listen.c: kfree_skb overflows
+    rst_reason: bool = False                             # tcp_send_reset's reason
     # switch name -> {macro: value} read from the running kernel for the option it took
     # (Option.consts): compiled in as -DTT_<macro>=<value>
     consts: dict = field(default_factory=dict)
@@ -410,7 +437,7 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow")]
+    out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow", "rst_reason")]
     if td is None:
         out.append(Check("transition tally", UNKNOWN, "tracefs not mounted", "3.10"))
     elif os.path.isdir(os.path.join(td, "instances")):

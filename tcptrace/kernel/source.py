@@ -12,7 +12,7 @@ from tcptrace.kernel.bpfsys import MapScanner
 from tcptrace.kernel.loader import Programs
 from tcptrace.kernel.losses import Losses
 from tcptrace.kernel.transport import Drain
-from tcptrace.wire import F_SCAN, OVERFLOWS, Sample, build_event, decoder_for
+from tcptrace.wire import F_SCAN, NAMES, OVERFLOWS, Sample, build_event, decoder_for
 
 
 class KernelSource:
@@ -48,6 +48,11 @@ class KernelSource:
         self._overflows = self.progs.b["overflows"] if plan.overflow else None
         self._overflows_seen = None     # the first reading is sent even when empty: it says
                                         # that overflows are counted per listener at all
+        # The running kernel's names for the reset reasons records carry (numbers differ
+        # between kernels), sent once: names()
+        self._names = {"rst_reasons": {str(k): v for k, v in
+                                       probes.reset_reasons()[2].items()}} \
+            if plan.rst_reason else None
         self.read_ns = None
 
     @property
@@ -129,6 +134,12 @@ class KernelSource:
             return []
         self._overflows_seen = rows
         return [Sample(now_ns, OVERFLOWS, 0, {"listeners": rows})]
+
+    def names(self, now_ns):
+        """[Sample] of the kernel's names for the numbers in records (reset reasons), at the
+        first call; [] after, and on kernels whose records carry none."""
+        names, self._names = self._names, None
+        return [Sample(now_ns, NAMES, 0, names)] if names else []
 
     def prog_stats(self):
         return self.progs.prog_stats()

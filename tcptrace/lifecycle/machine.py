@@ -207,7 +207,9 @@ class Tracker:
                 c.recv_reset_ns = rec.ts_ns
         elif k == Kind.SEND_RESET:
             c = self.table.get(rec.skaddr)
-            if c is not None and c.send_reset_ns is None:
+            if c is None or c.role == LISTENER:
+                self.fact(rec)      # a listener's (or an unknown socket's): detect/listen.py
+            elif c.send_reset_ns is None:
                 c.send_reset_ns = rec.ts_ns
         elif k == Kind.SOCK_ERROR:
             self._sock_error(rec)

@@ -267,7 +267,7 @@ def listener_rows(tracker, since=None):
                                    - c["accept_queue_full"])},
             "cookies": {"sent": c["cookies_sent"], "validated": c["cookies_validated"],
                         "failed": c["cookies_failed"]},
-            "counters": lst.counted})
+            "resets": c["resets"], "counters": lst.counted})
     rows.sort(key=lambda r: (-r["drops"]["total"] - r["synack_retransmits"]
                              - (r["overflows"] or 0), -(r["accept_queue"] or 0),
                              r["lport"] or 0))

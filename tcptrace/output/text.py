@@ -108,8 +108,18 @@ def _queues(f):
     return q
 
 
+def _resets(f):
+    r = getattr(f, "resets", None)
+    if not r:
+        return ""
+    n = sum(r.values())
+    why = ", ".join(f"{k} {v}" if len(r) > 1 else k for k, v in sorted(r.items())
+                    if k != "unknown")
+    return f"; {_plural(n, 'reset')} sent" + (f" ({why})" if why else "")
+
+
 def _pressure(f):
-    return f"{f.reason}; {_queues(f)}"
+    return f"{f.reason}; {_queues(f)}{_resets(f)}"
 
 
 def _recovered(f):

@@ -8,6 +8,7 @@ The session tracer reads each namespace with a listener once a second (host/samp
 first reading of a namespace is its counters' baseline, so each test waits until the tracer has
 read its listener (the recording shows it) before it starts anything it counts.
 """
+import collections
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ IN_VM = os.environ.get("TCPTRACE_IN_VM") == "1"
 SLOW = 4 if IN_VM else 1            # the emulated VM runs everything several times slower
 LEGIT = "10.77.0.3"                 # a second client address: its SYN-ACKs are not dropped
 FLOOD_S = 5
-LISTEN_COUNTERS = ("ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "SyncookiesSent")
+LISTEN_COUNTERS = ("ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "SyncookiesSent",
+                   "SyncookiesFailed")
 
 
 @pytest.fixture
@@ -95,7 +97,9 @@ def test_syn_flood(tracer, lab, cookies):
     within 2 s of the flood's start naming the listener, its owner and the cause; dropped SYNs
     (no cookies) or cookies sent equal to the namespace's counters over the whole pressure;
     half-open equal to ss; a legitimate client's connect shows its SYN retransmits and the
-    listener it waited on."""
+    listener it waited on. With cookies, bogus ACKs fail the cookie check and are reset by the
+    listener: as many resets as SyncookiesFailed counts, with their reason where the kernel
+    gives one."""
     lab.sysctl(lab.server, "net.ipv4.tcp_max_syn_backlog", "64")
     lab.sysctl(lab.server, "net.ipv4.tcp_syncookies", str(cookies))
     lab.nft(lab.client, f"ip daddr {CLIENT4} tcp flags & (syn|ack) == syn|ack drop")
@@ -114,6 +118,9 @@ def test_syn_flood(tracer, lab, cookies):
         legit.send("connect", addr=SERVER4, port=port, src=LEGIT)
         first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * SLOW)
         half_open = ss_count(lab.server, "state", "syn-recv", f"( sport = :{port} )")
+        if cookies:
+            run(["hping3", "-q", "-A", "-c", "100", "-i", "u1000", "-p", str(port), SERVER4],
+                lab.client)
         assert attacker.poll() is None, "the flood ended before the checks during it"
     finally:
         attacker.wait(30)
@@ -140,6 +147,12 @@ def test_syn_flood(tracer, lab, cookies):
     assert sum(f["cookies"]["sent"] for f in got) == grew["SyncookiesSent"]
     if cookies:
         assert grew["SyncookiesSent"] > 1000 and grew["ListenDrops"] == 0
+        resets = collections.Counter()
+        for f in got:
+            resets.update(f["resets"])
+        # the kernel's count: of the 100 sent during the flood, those that reached the listener
+        assert sum(resets.values()) == grew["SyncookiesFailed"] > 0
+        assert set(resets) == ({"TCP_FLAGS"} if probes.plan().rst_reason else {"unknown"})
     else:
         assert grew["TCPReqQFullDrop"] > 1000 and grew["SyncookiesSent"] == 0
         # the legitimate client waited: its SYNs were dropped until the queue had room

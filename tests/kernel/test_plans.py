@@ -31,7 +31,7 @@ from pairwise import covering
 from tcptrace import states as S
 from tcptrace import wire
 from tcptrace.kernel import loader, probes
-from tcptrace.wire import EARLY, F_KPROBE, F_SYSCALL, Kind
+from tcptrace.wire import EARLY, F_KPROBE, F_REASON, F_SYSCALL, Kind
 
 pytestmark = pytest.mark.kernel
 
@@ -146,6 +146,7 @@ def expect(row):
         "overflow": row["overflow"],
         "sock_id": row["sock_id"] if row["tcp:tcp_retransmit_synack"] or row["overflow"]
         else None,
+        "rst_reason": row["rst_reason"] if row["raw:tcp_send_reset"] else None,
         "client steps": CLIENT,
         "server steps": SERVER,
         "hold": row["hold"],
@@ -187,7 +188,12 @@ def show(evs, t):
     overflows = [row for s in samples for row in s.data["listeners"]
                  if row[3] in (t.deferring, 0) and row[4] > 0]
     ids = {e.aux for e in synacks} | {row[1] for row in overflows}
+    resets = [e for e in evs if e.kind == Kind.SEND_RESET and e.skaddr in linger]
+    reasons = probes.reset_reasons()[2]     # the running kernel's numbers
     return {
+        # the linger-0 close's reset, with a reason the kernel has a name for
+        "rst_reason": all(e.flags & F_REASON and e.aux in reasons for e in resets)
+        if resets else None,
         "tcp:tcp_retransmit_synack": bool(synacks),
         "overflow": bool(overflows),
         "sock_id": ids == {os.stat("/proc/self/ns/net").st_ino} if ids else None,

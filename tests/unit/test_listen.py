@@ -266,3 +266,27 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
     # refresh, quiet, counters moved, some seen last, some seen last, refresh, quiet
     assert state["asked"] == [True, False, True, True, True, True, False]
     assert half_open == [0, None, 2, 2, 0, 0, None]
+
+
+def test_resets_a_listener_sends_under_pressure_are_counted_by_reason():
+    """Bogus ACKs during a flood with cookies: each fails the cookie check and the listener
+    resets it (tcp_send_reset names the listener, and on 6.10+ the reason); a listener is
+    known by the skaddr its listen() had. Outside pressure they are no finding."""
+    from tcptrace.wire import F_REASON, NAMES
+    tr = tracker()
+    recs = [state(1, 0x5000, S.CLOSE, S.LISTEN, pid=50, comm="server", lport=8080,
+                  laddr=ADDR, raddr="0.0.0.0"),
+            Sample(2, NAMES, 0, {"rst_reasons": {"6": "TCP_FLAGS"}}),
+            reading(3, [lsn()], settings=dict(SETTINGS, tcp_syncookies=1)),
+            ev(Kind.SEND_RESET, SEC // 2, sk=0x5000, aux=6, flags=F_REASON),   # no pressure
+            reading(SEC, [lsn(half_open=17)], SyncookiesSent=900, SyncookiesFailed=2)]
+    recs += [ev(Kind.SEND_RESET, SEC + i, sk=0x5000, aux=6, flags=F_REASON) for i in (1, 2)]
+    recs += [ev(Kind.SEND_RESET, SEC + 3, sk=0x5000),                   # no reason (6.1)
+             ev(Kind.SEND_RESET, SEC + 4, sk=0x7777, aux=6, flags=F_REASON),   # not a listener
+             reading(4 * SEC, [lsn()], SyncookiesSent=900, SyncookiesFailed=2)]
+    tr.process(recs[0])     # the listen() transition
+    got = feed(tr, recs[1:])
+    assert [(f.type, f.resets) for f in got] == [
+        ("listen_pressure", {}), ("listen_recovered", {"TCP_FLAGS": 2, "unknown": 1})]
+    assert "2 ACKs matched no SYN cookie" in got[0].reason
+    assert tr.listeners().table()[0].totals["resets"] == 4
