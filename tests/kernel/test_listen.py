@@ -274,7 +274,8 @@ def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer):
         run(["ip", "netns", "del", name], check=False)
     res = json.loads(out)
     assert res["snmp"]["ListenDrops"] == 0 and res["errors"] == {}, res
-    assert res["connections"] >= 2000 * STORM_S, res     # a storm, even on a busy box
+    # a storm, even on a busy box (1,230/s in the emulated VM, where everything is slower)
+    assert res["connections"] >= 2000 * STORM_S / SLOW, res
     assert any(d["lport"] >= 20000 for s in rec.samples(ns) for d in s["data"]["listeners"]), \
         "the tracer never saw the storm's listeners"
     assert tracer.matching(lambda r: since(r) and r["type"].startswith("listen_")
