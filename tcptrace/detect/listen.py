@@ -267,6 +267,11 @@ class Listeners(Detector):
                     lst.counted = scope
         for lst in list(space.values()):
             self._judge(lst, ts, lst in given or lst.pressed(), settings)
+        if not named:       # its last listener closed, or it is gone: no reading comes again
+            lst = space.pop(None, None)
+            if lst is not None:
+                self._gone(lst, ts)
+            del self.spaces[netns], self.readings[netns]
 
     # -- pressure ----------------------------------------------------------------------------
     def _judge(self, lst, ts, active, settings):

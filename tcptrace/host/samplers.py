@@ -93,7 +93,9 @@ class Listeners(Sampler):
                         "sockets", "inode", "pid", "comm"}, ...],
          "counters": {name: value}, "settings": {name: value} (when read)}
 
-    Request socks are counted (half_open) when they can matter: the namespace's counters moved
+    A namespace that had listeners and has none now (or is gone) gets one last reading with
+    none, so that what was known of them ends. Request socks are counted (half_open) when they
+    can matter: the namespace's counters moved
     since its last reading (a queue filled), or that reading found some (to follow them
     down), and at every refresh; else half_open is None (not read). Listeners sharing an
     address and port (SO_REUSEPORT) are one entry: their queues summed, `sockets` of them.
@@ -125,7 +127,8 @@ class Listeners(Sampler):
             if data is not None:
                 out.append(Sample(now_ns, self.name, ino, data))
         for ino in set(self._last) - set(known):
-            del self._last[ino]
+            out.append(Sample(now_ns, self.name, ino, {"listeners": [],
+                                                        "counters": self._last.pop(ino)[1]}))
         for ino in set(self._owners) - self._listening:
             del self._owners[ino]
         return out
@@ -140,8 +143,9 @@ class Listeners(Sampler):
         socks, requests = netns.run_in(base, lambda: _dumps(
             self.families, self.ports, refresh or counts != last or half_open))
         if not socks:
-            self._last.pop(ino, None)
-            return None
+            if self._last.pop(ino, None) is None:
+                return None
+            return {"listeners": [], "counters": counts}     # the last listener closed
         listeners = {}
         for s in socks:
             key = (s.family, s.laddr, s.lport)

@@ -245,6 +245,8 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
 
     def dumps(families, ports, requests):
         state["asked"].append(requests)
+        if state.get("closed"):
+            return [], None
         lsn = DiagSock(S.AF_INET, 10, 0, 0, ADDR, 80, "0.0.0.0", 0, 0, 0, 16, 0, 77, 1)
         req = DiagSock(S.AF_INET, 3, 0, 0, ADDR, 80, "10.77.0.1", 4000, 0, 0, 0, 0, 0, 2)
         return [lsn], ([req] * state["requests"] if requests else None)
@@ -266,6 +268,11 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
     # refresh, quiet, counters moved, some seen last, some seen last, refresh, quiet
     assert state["asked"] == [True, False, True, True, True, True, False]
     assert half_open == [0, None, 2, 2, 0, 0, None]
+    # the listener closes: one last reading says so, then the namespace costs a dump only
+    state["closed"] = True
+    last, = s.sample(0)
+    assert last.data["listeners"] == [] and last.data["counters"]["ListenDrops"] == 1
+    assert s.sample(0) == []
 
 
 def test_resets_a_listener_sends_under_pressure_are_counted_by_reason():
@@ -290,3 +297,17 @@ def test_resets_a_listener_sends_under_pressure_are_counted_by_reason():
         ("listen_pressure", {}), ("listen_recovered", {"TCP_FLAGS": 2, "unknown": 1})]
     assert "2 ACKs matched no SYN cookie" in got[0].reason
     assert tr.listeners().table()[0].totals["resets"] == 4
+
+
+def test_a_namespace_whose_listeners_are_gone_is_forgotten_after_what_it_owed():
+    """The sampler's last reading of a namespace has no listeners (host/samplers.py): its
+    listeners and its namespace-wide pressure end there, and nothing of it is kept but the
+    report's past."""
+    two = [lsn(), lsn(lport=22, laddr="0.0.0.0")]
+    tr = tracker()
+    got = feed(tr, [reading(0, two), reading(SEC, two, ListenDrops=30),
+                    reading(2 * SEC, [], ListenDrops=30)])
+    assert [(f.type, f.lport, getattr(f, "closed", None)) for f in got] == \
+        [("listen_pressure", None, None), ("listen_recovered", None, True)]
+    d = tr.listeners()
+    assert d.spaces == {} and d.readings == {} and len(d.past) == 3
