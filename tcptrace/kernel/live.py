@@ -30,6 +30,7 @@ class LiveSource:
         self.started_ns = None
         self.on_ready = None        # called once the sockets that existed before are seeded
         self.samplers = list(samplers)      # host/samplers.py: what the detectors asked for
+        self.sampling = {}                  # sampler name -> [CPU seconds, readings]
 
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
@@ -69,7 +70,14 @@ class LiveSource:
                 next_loss = now + 100_000_000
             for s in self.samplers:
                 if now >= s.next_ns:
+                    # CPU of the whole process while it reads, so the threads it enters other
+                    # namespaces with (joined before it returns) are counted: said at exit,
+                    # the sampling's own share of the tracer's cost (bench/run.py reads it)
+                    cpu = time.process_time()
                     evs.extend(s.sample(now))
+                    spent = self.sampling.setdefault(s.name, [0.0, 0])
+                    spent[0] += time.process_time() - cpu
+                    spent[1] += 1
                     s.next_ns = now + s.period_ns
             scanned = ()
             if now >= next_scan:
@@ -100,4 +108,6 @@ class LiveSource:
         if src.rescued_total:
             notes.append(f"{src.rescued_total} hits the kernel skipped (BPF recursion) were "
                          "recovered by the raw tracepoint twins")
+        for name, (cpu, n) in sorted(self.sampling.items()):
+            notes.append(f"sampler {name}: {n} readings, {cpu * 1000:.0f} ms CPU")
         return notes
