@@ -21,15 +21,20 @@ class Namespaces:
         self.refresh_ns = refresh_ns
         self.root = root
         self._at = None
-        self._known = {}
+        self._members = {}
 
     def get(self, now_ns=None):
         """{netns inode: /proc/<pid> of a task in it}."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         if self._at is None or now - self._at >= self.refresh_ns:
-            self._known = netns.namespaces(self.root)
+            self._members = netns.members(self.root)
             self._at = now
-        return self._known
+        return {ino: tasks[0] for ino, tasks in self._members.items()}
+
+    def pids(self, ino):
+        """The pids of the tasks in namespace `ino` at the last look."""
+        return [int(t.rsplit("/", 1)[1]) for t in self._members.get(ino, ())
+                if t.rsplit("/", 1)[1].isdigit()]
 
 
 class Sampler:
@@ -42,6 +47,10 @@ class Sampler:
     def sample(self, now_ns):
         """[wire.Sample] of what the kernel says now."""
         raise NotImplementedError
+
+    def known_owners(self, found):
+        """Socket owners the live source looked up anyway ({inode: (pid, comm, fd) or None}),
+        for a sampler that names owners to keep."""
 
 
 # What bounds and counts a listener's queues, per network namespace (/proc/net/netstat TcpExt):
@@ -164,20 +173,28 @@ class Listeners(Sampler):
             if key is not None:
                 listeners[key]["half_open"] += 1
         self._last[ino] = (n + 1, counts, bool(requests))
-        self._name_owners(listeners.values())
+        self._name_owners(listeners.values(), ino)
         data = {"listeners": list(listeners.values()), "counters": counts}
         if refresh:
             data["settings"] = counters.sysctls(base, LISTEN_SETTINGS)
         return data
 
-    def _name_owners(self, listeners):
-        """pid and comm of each listener's holder, looked up once per listener (a scan of every
-        process's descriptors: owners.inode_owners)."""
+    def known_owners(self, found):
+        """Owners already looked up ({socket inode: (pid, comm, fd), or None where nobody was
+        found}: the scan that seeds the tracker at start), so that the first reading does not
+        scan every process again."""
+        for ino, o in found.items():
+            self._owners.setdefault(ino, o)
+
+    def _name_owners(self, listeners, ino):
+        """pid and comm of each listener's holder, looked up once per listener, among the
+        processes of its namespace first (owners.inode_owners reads every descriptor of every
+        process it looks at: 137 ms for 21,000 descriptors here, on the tracer's loop)."""
         inodes = {lst["inode"] for lst in listeners}
         self._listening |= inodes
         new = inodes - set(self._owners)
         if new:
-            found = owners.inode_owners(new)
+            found = owners.inode_owners(new, likely=self.namespaces.pids(ino))
             for ino in new:
                 self._owners[ino] = found.get(ino)
         for lst in listeners:

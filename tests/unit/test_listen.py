@@ -255,8 +255,11 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
     monkeypatch.setattr(samplers.netns, "run_in", lambda base, fn: fn())
     monkeypatch.setattr(samplers.counters, "tcp_counters", lambda base: state["counters"])
     monkeypatch.setattr(samplers.counters, "sysctls", lambda base, names: {"somaxconn": 1})
-    monkeypatch.setattr(samplers.owners, "inode_owners", lambda inodes: {77: (5, "srv", 3)})
-    ns = type("N", (), {"get": lambda self, now: {NS: "/proc/x"}})()
+    asked = []
+    monkeypatch.setattr(samplers.owners, "inode_owners",
+                        lambda inodes, likely: asked.append(likely) or {77: (5, "srv", 3)})
+    ns = type("N", (), {"get": lambda self, now: {NS: "/proc/x"},
+                        "pids": lambda self, ino: [9, 10] if ino == NS else []})()
     s = samplers.Listeners(namespaces=ns, refresh_every=5)
     half_open = []
     for moved, present in ((0, 0), (0, 0), (1, 2), (0, 2), (0, 0), (0, 0), (0, 0)):
@@ -265,6 +268,7 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
         got, = s.sample(0)
         half_open.append(got.data["listeners"][0]["half_open"])
         assert got.data["listeners"][0]["pid"] == 5
+    assert asked == [[9, 10]]       # once, among the namespace's own processes first
     # refresh, quiet, counters moved, some seen last, some seen last, refresh, quiet
     assert state["asked"] == [True, False, True, True, True, True, False]
     assert half_open == [0, None, 2, 2, 0, 0, None]
