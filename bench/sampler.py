@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tcptrace.host import samplers  # noqa: E402
+from tcptrace.host.diag import Diag  # noqa: E402
 from tcptrace.host.samplers import _dumps  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
@@ -94,17 +95,22 @@ def timed(fn, repeat):
 def measure(repeat):
     s = samplers.Listeners()
     s.sample(time.monotonic_ns())          # owners and settings read once, as in a run
+    d = Diag()
     ways = {
         # a reading a second, as in a run where nothing moves: request socks are counted at
         # every refresh_every-th (10th) reading only, so the mean is what a second costs
         "sampler": lambda: s.sample(time.monotonic_ns()),
-        "listen dump": lambda: _dumps(s.families, (), False),
-        "listen+request dumps": lambda: _dumps(s.families, (), True),
+        "listen dump": lambda: _dumps(d, s.families, (), False),
+        "listen+request dumps": lambda: _dumps(d, s.families, (), True),
         "proc": lambda: [open(f"/proc/self/net/{n}").read() for n in ("tcp", "tcp6")],
         "ss": lambda: subprocess.run(["ss", "-tanH", "state", "syn-recv"],
                                      capture_output=True, check=True),
     }
-    return {k: timed(fn, repeat) for k, fn in ways.items()}
+    try:
+        return {k: timed(fn, repeat) for k, fn in ways.items()}
+    finally:
+        d.close()
+        s.close()
 
 
 def main():

@@ -52,6 +52,9 @@ class Sampler:
         """Socket owners the live source looked up anyway ({inode: (pid, comm, fd) or None}),
         for a sampler that names owners to keep."""
 
+    def close(self):
+        """What it holds open (the live source closes its samplers at exit)."""
+
 
 # What bounds and counts a listener's queues, per network namespace (/proc/net/netstat TcpExt):
 # SYNs and final ACKs a listener dropped (all causes), of them those dropped with the accept queue
@@ -63,21 +66,22 @@ LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
 WILDCARD = {2: "0.0.0.0", 10: "::"}
 
 
-def _dumps(families, ports, requests):
-    """(LISTEN sockets, their request socks or None) of the namespace this runs in. Listeners
-    are in a small table of their own. Request socks are in the host's one table of
+def _dumps(diag, families, ports, requests):
+    """(LISTEN sockets, their request socks or None) of the namespace `diag` was opened in.
+    Listeners are in a small table of their own. Request socks are in the host's one table of
     connections, which the kernel walks whole for a dump, every namespace's sockets and every
     empty bucket (4.6 ms empty, 28.5 ms with 30,000 sockets on the development guest; the
-    port filter only spares their transfer and parsing): so only when `requests`."""
-    d = Diag()
-    try:
-        listeners = d.dump(["LISTEN"], families, ports=ports, local=True)
-        if not listeners or not requests:
-            return listeners, None
-        return listeners, d.dump(["SYN_RECV"], families, ports={s.lport for s in listeners},
-                                 local=True)
-    finally:
-        d.close()
+    port filter only spares their transfer and parsing), once per family asked: so only when
+    `requests`, and only for the families a listener there can take (an IPv6 wildcard
+    listener takes IPv4 too)."""
+    listeners = diag.dump(["LISTEN"], families, ports=ports, local=True)
+    if not listeners or not requests:
+        return listeners, None
+    fams = {socket.AF_INET} if any(s.family == socket.AF_INET or s.laddr == "::"
+                                   for s in listeners) else set()
+    fams |= {s.family for s in listeners if s.family == socket.AF_INET6}
+    return listeners, diag.dump(["SYN_RECV"], [f for f in families if f in fams],
+                                ports={s.lport for s in listeners}, local=True)
 
 
 def owning_listener(family, laddr, lport, keys):
@@ -104,9 +108,11 @@ class Listeners(Sampler):
 
     A namespace that had listeners and has none now (or is gone) gets one last reading with
     none, so that what was known of them ends. Request socks are counted (half_open) when they
-    can matter: the namespace's counters moved
-    since its last reading (a queue filled), or that reading found some (to follow them
-    down), and at every refresh; else half_open is None (not read). Listeners sharing an
+    can matter: at a reading where the namespace's counters moved (a queue filled) and the
+    `refresh_every` readings after it (to follow them down), and at every refresh; else
+    half_open is None (not read). Not "while some are there": a healthy busy listener always
+    has some, and under a storm the table they are counted in holds tens of thousands of
+    TIME_WAIT sockets, walked whole for every count. Listeners sharing an
     address and port (SO_REUSEPORT) are one entry: their queues summed, `sockets` of them.
     Namespaces without a listener cost one small dump and yield nothing. Only the listeners
     the filter (filters.Filter: --port, -4, -6) lets through are read, as the kernel side
@@ -121,7 +127,9 @@ class Listeners(Sampler):
         self.namespaces = namespaces or Namespaces(refresh_ns=self.period_ns)
         self.refresh_every = refresh_every
         self._owners = {}       # listener inode -> (pid, comm), or None where nobody was found
-        self._last = {}         # netns -> (readings taken, its last counters, half-open seen)
+        self._diags = {}        # netns -> a sock_diag socket opened in it, kept while it lasts
+        self._last = {}         # netns -> (readings taken, its last counters, the reading at
+                                #   which they last moved)
         self._listening = set()
 
     def sample(self, now_ns):
@@ -138,6 +146,8 @@ class Listeners(Sampler):
         for ino in set(self._last) - set(known):
             out.append(Sample(now_ns, self.name, ino, {"listeners": [],
                                                         "counters": self._last.pop(ino)[1]}))
+        for ino in set(self._diags) - set(known):
+            self._diags.pop(ino).close()    # it keeps its namespace alive: let it go
         for ino in set(self._owners) - self._listening:
             del self._owners[ino]
         return out
@@ -147,10 +157,17 @@ class Listeners(Sampler):
         listener."""
         got = counters.tcp_counters(base)
         counts = {k: got.get(k, 0) for k in LISTEN_COUNTERS}
-        n, last, half_open = self._last.get(ino, (0, None, False))
+        n, last, moved = self._last.get(ino, (0, None, -self.refresh_every))
+        if last is not None and counts != last:
+            moved = n
         refresh = n % self.refresh_every == 0
-        socks, requests = netns.run_in(base, lambda: _dumps(
-            self.families, self.ports, refresh or counts != last or half_open))
+        diag = self._diags.get(ino)
+        if diag is None:
+            # Opened inside the namespace once (a thread that enters it), then used from here:
+            # a socket belongs to the namespace it was made in
+            diag = self._diags[ino] = netns.run_in(base, Diag)
+        socks, requests = _dumps(diag, self.families, self.ports,
+                                 refresh or n - moved < self.refresh_every)
         if not socks:
             if self._last.pop(ino, None) is None:
                 return None
@@ -172,12 +189,17 @@ class Listeners(Sampler):
             key = owning_listener(r.family, r.laddr, r.lport, listeners)
             if key is not None:
                 listeners[key]["half_open"] += 1
-        self._last[ino] = (n + 1, counts, bool(requests))
+        self._last[ino] = (n + 1, counts, moved)
         self._name_owners(listeners.values(), ino)
         data = {"listeners": list(listeners.values()), "counters": counts}
         if refresh:
             data["settings"] = counters.sysctls(base, LISTEN_SETTINGS)
         return data
+
+    def close(self):
+        for d in self._diags.values():
+            d.close()
+        self._diags = {}
 
     def known_owners(self, found):
         """Owners already looked up ({socket inode: (pid, comm, fd), or None where nobody was

@@ -102,6 +102,8 @@ class LiveSource:
         """Detach; returns what is worth saying about the run's delivery."""
         src = self.src
         src.close()
+        for s in self.samplers:
+            s.close()
         notes = []
         if src.perf_lost_total:
             notes.append(f"perf reported {src.perf_lost_total} lost (cross-check of the bpf: "

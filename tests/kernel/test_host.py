@@ -113,6 +113,7 @@ def test_listen_sampler_reads_each_listener_as_ss_does(lab):
     assert data["settings"]["tcp_synack_retries"] == 3
     assert data["settings"]["somaxconn"] == \
         int(run(["sysctl", "-n", "net.core.somaxconn"], lab.server))
-    # the namespace's second reading: counters again, settings not before settings_every
+    # the namespace's second reading: counters again, settings not before refresh_every
     again = {s.netns: s for s in sampler.sample(time.monotonic_ns())}[ino].data
+    sampler.close()
     assert "settings" not in again and set(again["counters"]) == set(LISTEN_COUNTERS)

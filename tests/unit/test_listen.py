@@ -237,13 +237,14 @@ def test_connects_that_waited_on_a_local_listener_under_pressure_name_it():
 
 def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch):
     """host/samplers.py: counting request socks walks the host's whole connection table in
-    the kernel, so a reading counts them when the namespace's counters moved, when the last
-    reading found some, and every refresh_every-th reading; otherwise half_open is None."""
+    the kernel, so a reading counts them when the namespace's counters moved and for
+    refresh_every readings after, and every refresh_every-th reading; otherwise half_open is
+    None (not while some are there: a busy healthy listener always has some)."""
     from tcptrace.host import samplers
     from tcptrace.host.diag import DiagSock
     state = {"counters": {"ListenDrops": 0}, "requests": 0, "asked": []}
 
-    def dumps(families, ports, requests):
+    def dumps(diag, families, ports, requests):
         state["asked"].append(requests)
         if state.get("closed"):
             return [], None
@@ -252,7 +253,7 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
         return [lsn], ([req] * state["requests"] if requests else None)
 
     monkeypatch.setattr(samplers, "_dumps", dumps)
-    monkeypatch.setattr(samplers.netns, "run_in", lambda base, fn: fn())
+    monkeypatch.setattr(samplers.netns, "run_in", lambda base, fn: "a diag socket")
     monkeypatch.setattr(samplers.counters, "tcp_counters", lambda base: state["counters"])
     monkeypatch.setattr(samplers.counters, "sysctls", lambda base, names: {"somaxconn": 1})
     asked = []
@@ -262,16 +263,16 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
                         "pids": lambda self, ino: [9, 10] if ino == NS else []})()
     s = samplers.Listeners(namespaces=ns, refresh_every=5)
     half_open = []
-    for moved, present in ((0, 0), (0, 0), (1, 2), (0, 2), (0, 0), (0, 0), (0, 0)):
+    for moved, present in ((0, 0), (0, 3), (1, 2), (0, 2), (0, 0), (0, 0), (0, 0), (0, 3)):
         state["counters"] = {"ListenDrops": state["counters"]["ListenDrops"] + moved}
         state["requests"] = present
         got, = s.sample(0)
         half_open.append(got.data["listeners"][0]["half_open"])
         assert got.data["listeners"][0]["pid"] == 5
     assert asked == [[9, 10]]       # once, among the namespace's own processes first
-    # refresh, quiet, counters moved, some seen last, some seen last, refresh, quiet
-    assert state["asked"] == [True, False, True, True, True, True, False]
-    assert half_open == [0, None, 2, 2, 0, 0, None]
+    # refresh, quiet (though some are there), moved, 4 after it (one a refresh), quiet again
+    assert state["asked"] == [True, False, True, True, True, True, True, False]
+    assert half_open == [0, None, 2, 2, 0, 0, 0, None]
     # the listener closes: one last reading says so, then the namespace costs a dump only
     state["closed"] = True
     last, = s.sample(0)
