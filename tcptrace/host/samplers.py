@@ -66,6 +66,17 @@ LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
 WILDCARD = {2: "0.0.0.0", 10: "::"}
 
 
+def requests_moved(last, now):
+    """Did counters that tell of request queues move between two readings: SYNs dropped or
+    answered with cookies because a request queue was full, cookies, or drops neither queue
+    full explains (the last quarter of tcp_max_syn_backlog)? Not drops with the accept queue
+    full, which its own length (the LISTEN dump) shows."""
+    d = {k: now.get(k, 0) - last.get(k, 0) for k in LISTEN_COUNTERS}
+    return any(d[k] for k in ("TCPReqQFullDrop", "TCPReqQFullDoCookies", "SyncookiesSent",
+                              "SyncookiesRecv", "SyncookiesFailed")) or \
+        d["ListenDrops"] - d["ListenOverflows"] - d["TCPReqQFullDrop"] > 0
+
+
 def _dumps(diag, families, ports, requests):
     """(LISTEN sockets, their request socks or None) of the namespace `diag` was opened in.
     Listeners are in a small table of their own. Request socks are in the host's one table of
@@ -108,11 +119,12 @@ class Listeners(Sampler):
 
     A namespace that had listeners and has none now (or is gone) gets one last reading with
     none, so that what was known of them ends. Request socks are counted (half_open) when they
-    can matter: at a reading where the namespace's counters moved (a queue filled) and the
+    can matter: at a reading where the namespace's request counters moved (a SYN flood) and the
     `refresh_every` readings after it (to follow them down), and at every refresh; else
     half_open is None (not read). Not "while some are there": a healthy busy listener always
     has some, and under a storm the table they are counted in holds tens of thousands of
-    TIME_WAIT sockets, walked whole for every count. Listeners sharing an
+    TIME_WAIT sockets, walked whole for every count. Not for drops with the accept queue full
+    either (requests_moved). Listeners sharing an
     address and port (SO_REUSEPORT) are one entry: their queues summed, `sockets` of them.
     Namespaces without a listener cost one small dump and yield nothing. Only the listeners
     the filter (filters.Filter: --port, -4, -6) lets through are read, as the kernel side
@@ -129,7 +141,7 @@ class Listeners(Sampler):
         self._owners = {}       # listener inode -> (pid, comm), or None where nobody was found
         self._diags = {}        # netns -> a sock_diag socket opened in it, kept while it lasts
         self._last = {}         # netns -> (readings taken, its last counters, the reading at
-                                #   which they last moved)
+                                #   which the request counters last moved)
         self._listening = set()
 
     def sample(self, now_ns):
@@ -158,7 +170,7 @@ class Listeners(Sampler):
         got = counters.tcp_counters(base)
         counts = {k: got.get(k, 0) for k in LISTEN_COUNTERS}
         n, last, moved = self._last.get(ino, (0, None, -self.refresh_every))
-        if last is not None and counts != last:
+        if last is not None and requests_moved(last, counts):
             moved = n
         refresh = n % self.refresh_every == 0
         diag = self._diags.get(ino)

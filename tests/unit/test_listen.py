@@ -264,7 +264,8 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
     s = samplers.Listeners(namespaces=ns, refresh_every=5)
     half_open = []
     for moved, present in ((0, 0), (0, 3), (1, 2), (0, 2), (0, 0), (0, 0), (0, 0), (0, 3)):
-        state["counters"] = {"ListenDrops": state["counters"]["ListenDrops"] + moved}
+        state["counters"] = {"ListenDrops": state["counters"]["ListenDrops"] + moved,
+                             "ListenOverflows": 0}
         state["requests"] = present
         got, = s.sample(0)
         half_open.append(got.data["listeners"][0]["half_open"])
@@ -273,10 +274,14 @@ def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch)
     # refresh, quiet (though some are there), moved, 4 after it (one a refresh), quiet again
     assert state["asked"] == [True, False, True, True, True, True, True, False]
     assert half_open == [0, None, 2, 2, 0, 0, 0, None]
+    # drops with the accept queue full (its length shows it) count no request socks
+    state["counters"] = {"ListenDrops": 9, "ListenOverflows": 8}
+    s.sample(0)
+    assert state["asked"][-1] is False
     # the listener closes: one last reading says so, then the namespace costs a dump only
     state["closed"] = True
     last, = s.sample(0)
-    assert last.data["listeners"] == [] and last.data["counters"]["ListenDrops"] == 1
+    assert last.data["listeners"] == [] and last.data["counters"]["ListenDrops"] == 9
     assert s.sample(0) == []
 
 
