@@ -130,6 +130,9 @@ def one_run(tool, rate, duration, mix, workers):
             "cpu_us_per_seen": round(1e6 * cpu / seen, 2) if seen else None,
             "settle_cpu_share": round(cpu / (storm["elapsed_s"] + rec["settle_s"]), 2),
             "bpf_run_cnt": run_cnt,
+            # the listen sampler's CPU as a share of the tracer's, in the same run
+            "sampler_cpu_share": round(counts["sampler_cpu_ms"] / 1000 / cpu, 4)
+            if counts.get("sampler_cpu_ms") and cpu else None,
             "bpf_ns_per_conn": round(run_ns / conns) if conns and run_ns else None,
             "summary": counts.get("summary"),
         })
@@ -158,7 +161,7 @@ def aggregate(runs, rates):
             if tool != "untraced":
                 for k in ("expected", "seen", "lost_reported", "recursion_misses", "rescued", "missing",
                           "unexplained", "cpu_ms_per_1k", "cpu_us_per_seen", "tracer_cpu_s",
-                          "bpf_ns_per_conn"):
+                          "bpf_ns_per_conn", "sampler_cpu_share"):
                     row[k] = median([r.get(k) for r in rs])
                 if all(r["seen"] is not None for r in rs):
                     row["seen_pct"] = round(100 * median([r["seen"] / r["expected"] for r in rs]), 3)
@@ -193,7 +196,7 @@ def table(rows, ratios):
             ("recursion_misses", "recursion misses"), ("rescued", "rescued"),
             ("unexplained", "unexplained"),
             ("cpu_ms_per_1k", "CPU ms/1k conns"), ("cpu_us_per_seen", "CPU us/line"),
-            ("bpf_ns_per_conn", "BPF ns/conn"),
+            ("bpf_ns_per_conn", "BPF ns/conn"), ("sampler_cpu_share", "sampler share"),
             ("machine_busy", "box busy")]
     body = [[r.get(k, "") if r.get(k) is not None else "" for k, _ in cols] for r in rows]
     out = tabulate(body, headers=[h for _, h in cols], floatfmt="g")

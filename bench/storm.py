@@ -57,10 +57,14 @@ REPLY = b"r" * 64
 
 
 def snmp_tcp():
-    """The Tcp: counters of this process's network namespace."""
-    with open("/proc/net/snmp") as f:
-        lines = [l.split() for l in f if l.startswith("Tcp:")]
-    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+    """The Tcp: counters of this process's network namespace, and the TcpExt ones that count
+    what its listeners dropped (a storm that overran them was not the storm it meant to be)."""
+    out = {}
+    for path, prefix in (("/proc/net/snmp", "Tcp:"), ("/proc/net/netstat", "TcpExt:")):
+        with open(path) as f:
+            lines = [l.split() for l in f if l.startswith(prefix)]
+        out.update({k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])})
+    return out
 
 
 def enter_fresh_netns():
@@ -321,7 +325,8 @@ def run(rate=0, duration=5.0, mix=None, workers=None, ndests=8, netns=True, octe
     elapsed = max((r["elapsed_s"] for r in results), default=duration)
     total = sum(counts.values())
     delta = {k: after[k] - before[k] for k in ("ActiveOpens", "PassiveOpens", "AttemptFails",
-                                                "EstabResets", "OutRsts", "RetransSegs")}
+                                                "EstabResets", "OutRsts", "RetransSegs",
+                                                "ListenDrops", "ListenOverflows")}
     return {
         "offered_rate": rate or None,
         "duration_s": duration,

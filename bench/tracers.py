@@ -30,6 +30,7 @@ NCPU = os.cpu_count() or 1
 SUMMARY_RE = re.compile(r"(\d+) events, (\d+) findings, (\d+) lost(?: \((.*?)\))?")
 POSSIBLY_LOST_RE = re.compile(rb"Possibly lost (\d+) samples")
 RESCUED_RE = re.compile(r"(\d+) hits the kernel skipped \(BPF recursion\) were recovered")
+SAMPLER_RE = re.compile(r"sampler (\S+): (\d+) readings, (\d+) ms CPU")
 
 
 def clean_env():
@@ -257,6 +258,8 @@ def _with_summary(res, stderr):
     drain found after the final lost record was written."""
     m = RESCUED_RE.search(stderr)
     res["rescued"] = int(m.group(1)) if m else 0
+    # tcptrace's samplers' own CPU, measured inside the tracer (kernel/live.py)
+    res["sampler_cpu_ms"] = sum(int(g[2]) for g in SAMPLER_RE.findall(stderr)) or None
     m = SUMMARY_RE.search(stderr)
     res["summary"] = None
     if m:

@@ -12,6 +12,23 @@ struct tt_sk {
     u8  daddr[16];
 };
 
+/* The socket fields of a tracepoint record (sock:inet_sock_set_state, tcp:tcp_receive_reset,
+ * sock:inet_sk_error_report, tcp:tcp_retransmit_skb and tcp:tcp_retransmit_synack name them
+ * alike) as a tt_sk. */
+#define TT_SK_FROM_ARGS(s, args)                                                    \
+    do {                                                                            \
+        (s)->family = (args)->family;                                               \
+        (s)->sport = (args)->sport;                                                 \
+        (s)->dport = (args)->dport;                                                 \
+        if ((args)->family == AF_INET) {                                            \
+            __builtin_memcpy((s)->saddr, (args)->saddr, 4);                         \
+            __builtin_memcpy((s)->daddr, (args)->daddr, 4);                         \
+        } else {                                                                    \
+            __builtin_memcpy((s)->saddr, (args)->saddr_v6, 16);                     \
+            __builtin_memcpy((s)->daddr, (args)->daddr_v6, 16);                     \
+        }                                                                           \
+    } while (0)
+
 static __always_inline void tt_put_sk(struct tt_event *ev, struct tt_sk *s)
 {
     ev->family = s->family;

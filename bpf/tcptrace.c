@@ -18,6 +18,7 @@
  *   state.c      the socks map: a socket's transitions grouped into one record
  *   facts.c      resets, error reports, SYN retransmissions
  *   rescue.c     the recursion rescue: marks, and the raw tracepoint twins
+ *   listen.c     listener facts: SYN-ACK retransmits, accept queues full at the final ACK
  *
  * Compile-time switches (-D). The plan's, chosen by tcptrace/kernel/probes.py (SWITCHES):
  *   TT_RINGBUF=1            BPF ring buffer transport (else a perf event array)
@@ -29,6 +30,11 @@
  *   TT_RESCUE=1             the recursion rescue, with TT_OFF_* (struct sock and task_struct
  *                           member offsets) and TT_SZ_STACK (THREAD_SIZE) of the running kernel,
  *                           from its BTF (tcptrace/kernel/btf.py)
+ *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
+ *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
+ *                           and the raw arguments' positions of the running kernel (BTF)
+ *   TT_RST_REASON=1         tcp_send_reset's reason, at TT_RST_REASON_ARG (BTF)
+ * (The values a switch needs from the running kernel are Plan.consts, as -DTT_<name>=<value>.)
  * Every plan's, from tcptrace/kernel/loader.py:
  *   TT_RINGBUF_PAGES=n      ring size in pages (power of two)
  *   TT_OWNER_STEP(o,n), TT_OPENING_STEP(o,n), TT_SEND_AT(n)
@@ -57,22 +63,7 @@
 #include "state.c"
 #include "facts.c"
 #include "rescue.c"
-
-/* The socket fields of a tracepoint record (sock:inet_sock_set_state, tcp:tcp_receive_reset,
- * sock:inet_sk_error_report and tcp:tcp_retransmit_skb name them alike) as a tt_sk. */
-#define TT_SK_FROM_ARGS(s, args)                                                    \
-    do {                                                                            \
-        (s)->family = (args)->family;                                               \
-        (s)->sport = (args)->sport;                                                 \
-        (s)->dport = (args)->dport;                                                 \
-        if ((args)->family == AF_INET) {                                            \
-            __builtin_memcpy((s)->saddr, (args)->saddr, 4);                         \
-            __builtin_memcpy((s)->daddr, (args)->daddr, 4);                         \
-        } else {                                                                    \
-            __builtin_memcpy((s)->saddr, (args)->saddr_v6, 16);                     \
-            __builtin_memcpy((s)->daddr, (args)->daddr_v6, 16);                     \
-        }                                                                           \
-    } while (0)
+#include "listen.c"
 
 /* state_hits: runs of the inet_sock_set_state program, per CPU, with or without the rescue:
  * incremented first thing on every run, never reset. With the kernel's recursion misses of the
@@ -123,6 +114,12 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
     ev.kind = TT_SEND_RESET;
     tt_task(&ev);
     ev.skaddr = sk;
+#ifdef TT_RST_REASON
+    /* Why (6.10+: enum sk_rst_reason, numbered as the running kernel numbers it; the argument's
+     * position comes from its BTF, tcptrace/kernel/probes.py: reset_reasons). */
+    ev.aux = (u32)ctx->args[TT_RST_REASON_ARG];
+    ev.flags = TT_F_REASON;
+#endif
     tt_emit(ctx, &ev);
     return 0;
 }

@@ -15,7 +15,10 @@
 #define TT_SOCK_ERROR   4   /* sock:inet_sk_error_report: err = errno; no skaddr in the tracepoint */
 #define TT_RETRANS      5   /* tcp:tcp_retransmit_skb in SYN_SENT: a SYN retransmission */
 #define TT_CONNECT_RET  6   /* connect failed before any state change: err = -errno, aux = fd or 0 */
-#define TT_KIND_MAX     7
+#define TT_SYNACK       7   /* tcp:tcp_retransmit_synack: a listener (skaddr) retransmitted the
+                             * SYN-ACK of a request (its 4-tuple, local side first); aux = the
+                             * listener's network namespace (inode), 0 if unknown */
+#define TT_KIND_MAX     8
 
 /* flags */
 #define TT_F_KPROBE     0x01  /* TT_CONNECT_RET came from the tcp_v{4,6}_connect kretprobe */
@@ -25,6 +28,8 @@
 #define TT_F_HELD       0x08  /* TT_STATE: a held socket's steps sent early (bpf/hold.c:
                                * held); the same steps may come again in its next record, and
                                * ts_ns is when this was sent, not the newest step's */
+#define TT_F_REASON     0x10  /* TT_SEND_RESET: aux is the reset's reason (enum sk_rst_reason of
+                               * the running kernel) */
 
 /* A TT_STATE record carries up to TT_MAX_STEPS transitions of one socket, oldest first. The
  * kernel keeps a socket's transitions in the `socks` map and sends them as one record when the
@@ -41,7 +46,8 @@ struct tt_event {
     u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
     s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
-    u32 aux;          /* fd (TT_CONNECT_RET) */
+    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK), reason
+                       * (TT_SEND_RESET with TT_F_REASON) */
     u16 sport;        /* host byte order */
     u16 dport;
     u8  kind;         /* TT_* */

@@ -15,7 +15,7 @@ fi
 # 1. Distro packages. BCC's Python module comes only from the distro (python3-bpfcc on
 #    Debian/Ubuntu); the PyPI package called "bcc" is an unrelated project.
 need=()
-for p in bpfcc-tools python3-bpfcc python3-prometheus-client prometheus nftables iproute2 python3-venv; do
+for p in bpfcc-tools python3-bpfcc python3-prometheus-client prometheus nftables iproute2 python3-venv hping3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 # Headers: the running kernel's own package when the archive has one, else the distro's meta

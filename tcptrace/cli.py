@@ -88,6 +88,12 @@ ANALYSIS_OPTIONS = (
                               metavar="SECONDS",
                               help="Report a socket lingering this long in CLOSE_WAIT, FIN_WAIT1, "
                                    "FIN_WAIT2, LAST_ACK or CLOSING.")),
+    (("--pressure-interval",), dict(type=Seconds(0.1, open_min=False), default=5.0,
+                                    show_default=True, metavar="SECONDS",
+                                    help="Report a listener under pressure (dropping SYNs, "
+                                         "retransmitting SYN-ACKs, accept queue full) at most "
+                                         "this often while it lasts, and as recovered after "
+                                         "this long without.")),
     (("--json",), dict(is_flag=True, help="JSON Lines on stdout (docs/tcptrace.schema.json).")),
     (("--max-conns",), dict(type=click.IntRange(min=16), default=262_144, show_default=True,
                             help="Connections tracked at once; the oldest are "
@@ -206,6 +212,7 @@ def _build_options(kw, report=False, metrics=False):
     return Options(transitions=kw.get("transitions", False), json=kw.get("json", False),
                    report=report, interval=kw.get("interval"), duration=kw.get("duration"),
                    stuck_after=kw.get("stuck_after", 30.0), ready_file=kw.get("ready_file"),
+                   pressure_interval=kw.get("pressure_interval", 5.0),
                    record=kw.get("record"), transport=kw.get("transport", "auto"),
                    wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
                    seed=not kw.get("no_seed", False), metrics=metrics,

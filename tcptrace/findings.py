@@ -12,7 +12,8 @@ import operator
 from tcptrace import SCHEMA_VERSION, states
 
 TYPES = ("connect", "accept", "refused", "failed", "reset", "close", "stuck", "unstuck",
-         "transition", "lost", "evicted", "time_wait", "port_pressure", "time_wait_overflow")
+         "transition", "lost", "evicted", "time_wait", "port_pressure", "time_wait_overflow",
+         "listen_pressure", "listen_recovered")
 COMMON = ("pid", "comm", "family", "laddr", "lport", "raddr", "rport")
 
 _SEC = [None, ""]     # the second last formatted, and its text

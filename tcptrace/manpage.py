@@ -1,6 +1,8 @@
 """Generate docs/tcptrace.8.md from the click definitions, the JSON Schema and the exit codes,
 so SYNOPSIS, OPTIONS, FIELDS and EXIT STATUS cannot drift from the code.
-EXAMPLES, TIME_WAIT AND PORT EXHAUSTION and OVERHEAD are prose kept in docs/man/*.md (transcripts of real runs, measured numbers).
+EXAMPLES, METRICS, LISTENER PRESSURE, TIME_WAIT AND PORT EXHAUSTION and OVERHEAD are prose kept
+in docs/man/*.md (transcripts of real runs, measured numbers, what each number means on which
+kernel).
 
     python -m tcptrace.manpage > docs/tcptrace.8.md      (tests/unit/test_docs.py checks it)
 """
@@ -65,7 +67,7 @@ def render():
         out.append("")
     out += ["Global: `--debug` shows the traceback of an error; `--version`; `-h`, `--help`.", "",
             "# EXAMPLES", "", _prose("examples"), "", "# METRICS", "", _prose("metrics"), "",
-            "# FIELDS", "",
+            "# LISTENER PRESSURE", "", _prose("listen"), "", "# FIELDS", "",
             "JSON Lines on stdout (`--json`): one object per finding, flushed per line. The "
             "contract is docs/tcptrace.schema.json; `report --json` prints one object described by "
             "docs/tcptrace-summary.schema.json.", ""]

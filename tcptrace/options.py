@@ -14,6 +14,7 @@ class Options:
     duration: float = None
     stuck_after: float = 30.0
     port_pressure: float = 0.8     # share of the local port range (--port-pressure / 100)
+    pressure_interval: float = 5.0
     ready_file: str = None
     record: str = None
     transport: str = "auto"

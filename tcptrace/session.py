@@ -30,6 +30,7 @@ class Pipeline:
         self.sink = sink
         self.order = Reorderer(opts.window_ms * 1_000_000)
         self.tracker = Tracker(stuck_after_ns=int(opts.stuck_after * 1e9),
+                               pressure_interval_ns=int(opts.pressure_interval * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,
                                confirm=confirm, resolve_owner=resolve_owner,
                                port_pressure=opts.port_pressure)

@@ -21,9 +21,10 @@ class Kind:
     SOCK_ERROR = 4
     RETRANS = 5
     CONNECT_RET = 6
+    SYNACK = 7
 
     NAMES = {1: "state", 2: "recv_reset", 3: "send_reset", 4: "sock_error", 5: "retrans",
-             6: "connect_ret"}
+             6: "connect_ret", 7: "synack"}
     BY_NAME = {v: k for k, v in NAMES.items()}
 
 
@@ -33,6 +34,7 @@ F_SYSCALL = 0x02
 F_OWNER = 0x04      # STATE: pid/comm are the task of a step a process makes itself
 F_HELD = 0x08       # STATE: a held socket's steps sent early; they may come again, and ts_ns is
                     #   when this was sent (bpf/tcptrace.h)
+F_REASON = 0x10     # SEND_RESET: aux is the reset's reason (enum sk_rst_reason)
 F_SCAN = 0x80       # STATE: read from the kernel's maps by user space (set here, never by the
                     #   kernel)
 EARLY = F_HELD | F_SCAN   # STATE: steps that may come again with the socket's next record
@@ -210,6 +212,14 @@ class Sample(NamedTuple):
     what: str
     netns: int
     data: dict
+
+
+# Sample.what of the readings of bpf/listen.c's `overflows` map (kernel/source.py), which the
+# kernel side takes itself: no sampler of tcptrace/host reads BPF maps.
+OVERFLOWS = "overflows"
+# Sample.what of the running kernel's names for the numbers records carry (reset reasons), sent
+# once at start (kernel/source.py): a recording replayed elsewhere reads them as they were.
+NAMES = "names"
 
 
 class Batch(NamedTuple):

@@ -26,7 +26,7 @@ DATA = os.path.join(HERE, "data")
 MANIFEST = os.path.join(DATA, "golden.json")
 
 # Every committed recording (plain or xz), each replayed in every mode.
-RECORDINGS = ("loopback.jsonl", "kernel-tier.jsonl.xz", "storm-20k.jsonl.xz")
+RECORDINGS = ("loopback.jsonl", "kernel-tier.jsonl.xz", "storm-20k.jsonl.xz", "listen.jsonl.xz")
 MODES = {
     "text": [],
     "text-transitions": ["--transitions"],

@@ -29,7 +29,7 @@ packages=(
   linux-image-amd64 linux-headers-amd64 bpfcc-tools python3-bpfcc
   python3-click python3-tabulate python3-pytest python3-jsonschema python3-prometheus-client
   prometheus
-  nftables iproute2 procps util-linux
+  nftables iproute2 procps util-linux hping3
 
   initramfs-tools kmod
   make python3-venv python3-pip python3-setuptools python3-wheel

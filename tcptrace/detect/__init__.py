@@ -8,6 +8,7 @@ import functools
 from tcptrace.detect.close import Closes
 from tcptrace.detect.connect import Handshakes
 from tcptrace.detect.failure import FailedConnects
+from tcptrace.detect.listen import Listeners
 from tcptrace.detect.lost import Losses
 from tcptrace.detect.reset import Resets
 from tcptrace.detect.stuck import Stuck
@@ -16,7 +17,7 @@ from tcptrace.detect.transitions import Transitions
 
 
 def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None,
-             port_pressure=0.8):
+             port_pressure=0.8, pressure_interval_ns=5_000_000_000):
     """Detector factories (each called with the tracker). Closes, FailedConnects and Resets
     each conclude connections the others do not (a normal close, an opening that failed, a
     reset), so each connection gets one conclusion; the commonest is asked first. TimeWaits
@@ -25,7 +26,7 @@ def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None
            FailedConnects, Resets,
            functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
                              resolve_owner=resolve_owner),
-           Losses]
+           Losses, functools.partial(Listeners, interval_ns=pressure_interval_ns)]
     if transitions:
         out.append(Transitions)
     return out

@@ -7,7 +7,9 @@
   no_local_port: connect() found no free local port for the destination (EADDRNOTAVAIL): the
                socket went SYN_SENT -> CLOSE before a local port was chosen
 and connects that failed before any SYN (no route, no source address, denied), seen as
-connect()'s return (kprobe or syscall tracepoint), when no transition tells them.
+connect()'s return (kprobe or syscall tracepoint), when no transition tells them. One whose SYNs
+were retransmitted names the local listener it waited on, when one under pressure takes its
+destination (detect/listen.py).
 
 EADDRNOTAVAIL has two causes, told apart by where connect() failed: after CLOSE -> SYN_SENT it
 is the search for a local port (inet_hash_connect(): every port of ip_local_port_range is taken
@@ -58,10 +60,12 @@ class FailedConnects(Detector):
         if c.established_ns is not None or c.role != ACTIVE or c.partial:
             return False
         ts, err = c.closed_ns, c.error
+        listener = self.tr.waited_on(c, ts) if c.syn_retrans else None
+        waited = {"listener": listener} if listener else {}
         if c.recv_reset_ns is not None or err == errno.ECONNREFUSED:
             self.tr.finding(c, "refused", ts, reason="refused", errno="ECONNREFUSED",
                             syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
-                            path=path_names[c.path])
+                            path=path_names[c.path], **waited)
             return True
         if not c.lport and c.path == NO_PORT_PATH and err in (0, errno.EADDRNOTAVAIL):
             # Only inet_hash_connect() failing takes a socket from SYN_SENT to CLOSE before it
@@ -82,7 +86,7 @@ class FailedConnects(Detector):
             reason = "cancelled"      # close() or exit while in SYN_SENT: nothing from the net
         self.tr.finding(c, "failed", ts, reason=reason, errno=S.errno_name(err) if err else None,
                         syn_retransmits=c.syn_retrans, duration_ns=ts - c.opened_ns,
-                        path=path_names[c.path])
+                        path=path_names[c.path], **waited)
         return True
 
     def fact(self, ev):

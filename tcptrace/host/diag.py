@@ -61,16 +61,14 @@ def _text(key):
 _ADDR = Memo(_text, limit=100_000)
 
 
-
-
-def port_filter(ports):
-    """Bytecode accepting a socket whose local or remote port is one of `ports`, laid out as
-    ss lays out an OR: each test is followed by a jump to the end (accept) that its true branch
-    reaches; its false branch skips that jump to the next test, and the last test's goes past
-    the end (reject). The kernel's audit (inet_diag_bc_audit) wants every op on the chain of
-    true branches, which this keeps."""
-    tests = [(code, p) for p in sorted(set(ports)) for code in (INET_DIAG_BC_S_EQ,
-                                                                INET_DIAG_BC_D_EQ)]
+def port_filter(ports, local=False):
+    """Bytecode accepting a socket whose local or remote port (only the local one, if `local`)
+    is one of `ports`, laid out as ss lays out an OR: each test is followed by a jump to the end
+    (accept) that its true branch reaches; its false branch skips that jump to the next test,
+    and the last test's goes past the end (reject). The kernel's audit (inet_diag_bc_audit)
+    wants every op on the chain of true branches, which this keeps."""
+    codes = (INET_DIAG_BC_S_EQ,) if local else (INET_DIAG_BC_S_EQ, INET_DIAG_BC_D_EQ)
+    tests = [(code, p) for p in sorted(set(ports)) for code in codes]
     total = 12 * len(tests) - 4
     out = b""
     for i, (code, p) in enumerate(tests):
@@ -93,15 +91,15 @@ class Diag:
     def close(self):
         self.sock.close()
 
-    def dump(self, states, families=(socket.AF_INET, socket.AF_INET6), ports=()):
+    def dump(self, states, families=(socket.AF_INET, socket.AF_INET6), ports=(), local=False):
         """[DiagSock] of the TCP sockets in these states (names), optionally only those with a
-        local or remote port in `ports`."""
+        local or remote port (only a local one, if `local`) in `ports`."""
         mask = 0
         for s in states:
             mask |= 1 << STATES[s]
         out = []
         for fam in families:
-            self._request(fam, mask, port_filter(ports) if ports else b"")
+            self._request(fam, mask, port_filter(ports, local) if ports else b"")
             self._collect(out)
         return out
 

@@ -13,16 +13,21 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def namespaces(root="/proc"):
-    """{netns inode: /proc/<pid> of one task in it}, ours first."""
+def members(root="/proc"):
+    """{netns inode: [/proc/<pid> of every task in it]}, ours first (as /proc/self)."""
     out = {}
     for entry in ["self"] + [p for p in os.listdir(root) if p.isdigit()]:
         try:
             ino = os.stat(f"{root}/{entry}/ns/net").st_ino
         except OSError:
             continue
-        out.setdefault(ino, f"{root}/{entry}")
+        out.setdefault(ino, []).append(f"{root}/{entry}")
     return out
+
+
+def namespaces(root="/proc"):
+    """{netns inode: /proc/<pid> of one task in it}, ours first."""
+    return {ino: tasks[0] for ino, tasks in members(root).items()}
 
 
 def own():

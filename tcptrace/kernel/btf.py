@@ -5,8 +5,11 @@ version (on the development machine: 6.1 headers, a 6.18 kernel), so a BPF progr
 a struct layout from them. The one place tcptrace reads a kernel struct is the recursion rescue
 (bpf/rescue.c): its offsets come from here and are compiled in as constants.
 
-Only what that needs is parsed: the type section is walked once to find named structs, then the
-few members asked for are resolved. The format is the kernel's include/uapi/linux/btf.h (stable
+Only what that needs is parsed: the type section is walked once to index named structs, enums
+and typedefs, then the few members, enum values or tracepoint arguments asked for are resolved.
+The listener facts (bpf/listen.c) read two more things here: which argument of a raw tracepoint
+is which (its `btf_trace_<name>` typedef, whose arguments change between kernels), and the values
+of kernel enums (drop and reset reasons, numbered differently on every kernel). The format is the kernel's include/uapi/linux/btf.h (stable
 ABI): a header, then `struct btf_type` records, each followed by kind-specific data.
 """
 import struct
@@ -52,9 +55,10 @@ class BTF:
         # offset of its kind-specific data).
         self._types = [None]
         self._structs = {}
+        self._named = {_ENUM: {}, _ENUM64: {}, _TYPEDEF: {}}
         pos, end = self._types_at, self._types_at + type_len
         unpack = struct.unpack_from
-        types, structs = self._types, self._structs
+        types, structs, named = self._types, self._structs, self._named
         while pos < end:
             name_off, info, size_type = unpack("<III", data, pos)
             kind = (info >> 24) & 0x1F
@@ -63,6 +67,8 @@ class BTF:
             types.append((kind, vlen, info >> 31, size_type, pos))
             if kind == _STRUCT and name_off:
                 structs.setdefault(self._str(name_off), len(types) - 1)
+            elif kind in named and name_off:
+                named[kind].setdefault(self._str(name_off), len(types) - 1)
             pos += _FIXED.get(kind, 0) + vlen * _PER_VLEN.get(kind, 0)
         if pos != end:
             raise BTFError("BTF type section is malformed")
@@ -149,3 +155,69 @@ class BTF:
                 raise BTFError(f"{struct_name}.{path} is a bitfield")
             bits += bit_off
         return bits // 8, self.size(mtype)
+
+    def enum(self, name):
+        """{member name: value} of `enum name`, or None if BTF has no such enum."""
+        try:
+            return self._enum(name)
+        except _MALFORMED as e:
+            raise BTFError(f"BTF blob is malformed: {e}") from e
+
+    def _enum(self, name):
+        tid = self._named[_ENUM].get(name) or self._named[_ENUM64].get(name)
+        if tid is None:
+            return None
+        kind, vlen, kind_flag, _size, at = self._types[tid]
+        out = {}
+        for i in range(vlen):
+            if kind == _ENUM:
+                name_off, val = struct.unpack_from("<Ii" if kind_flag else "<II", self._data,
+                                                   at + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", self._data, at + 12 * i)
+                val = hi << 32 | lo
+            out[self._str(name_off)] = val
+        return out
+
+    def type_name(self, tid):
+        """A type as C spells it, qualifiers dropped: "struct sock *", "enum x", "void *"."""
+        tid = self._resolve_qualifiers(tid)
+        if tid == 0:
+            return "void"
+        kind, _vlen, _kf, size_type, _at = self._types[tid]
+        if kind == _PTR:
+            return self.type_name(size_type) + " *"
+        name = self._name_of(tid)
+        prefix = {_STRUCT: "struct ", _UNION: "union ", _ENUM: "enum ", _ENUM64: "enum ",
+                  _FWD: "struct "}.get(kind, "")
+        return prefix + name
+
+    def _resolve_qualifiers(self, tid):
+        """Skip qualifiers, keep typedefs (a typedef names its type)."""
+        while tid and self._types[tid][0] in (_VOLATILE, _CONST, _RESTRICT, _TYPE_TAG):
+            tid = self._types[tid][3]
+        return tid
+
+    def _name_of(self, tid):
+        at = self._types[tid][4] - 12
+        return self._str(struct.unpack_from("<I", self._data, at)[0])
+
+    def tracepoint_args(self, name):
+        """The arguments of tracepoint `name` as its raw tracepoint programs get them
+        (ctx->args[i]), as C type names; None if BTF does not describe it. The kernel declares
+        each tracepoint's probe type as `typedef void (*btf_trace_<name>)(void *__data, args...)`."""
+        try:
+            tid = self._named[_TYPEDEF].get(f"btf_trace_{name}")
+            if tid is None:
+                return None
+            ptr = self._resolve(tid)
+            if self._types[ptr][0] != _PTR:
+                return None
+            proto = self._resolve(self._types[ptr][3])
+            kind, vlen, _kf, _ret, at = self._types[proto]
+            if kind != _FUNC_PROTO:
+                return None
+            params = [struct.unpack_from("<II", self._data, at + 8 * i)[1] for i in range(vlen)]
+            return [self.type_name(t) for t in params[1:]]      # [0] is void *__data
+        except _MALFORMED as e:
+            raise BTFError(f"BTF blob is malformed: {e}") from e

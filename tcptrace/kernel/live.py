@@ -36,10 +36,14 @@ class LiveSource:
 
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
-        now is in the snapshot, in the buffer, or both (the tracker tolerates that)."""
+        now is in the snapshot, in the buffer, or both (the tracker tolerates that). Their
+        owners are handed to the samplers too: one scan of every process's descriptors."""
         now = time.monotonic_ns()
         socks = owners.all_sockets()
-        own = owners.inode_owners({s[6] for s in socks})
+        inodes = {s[6] for s in socks}
+        own = owners.inode_owners(inodes)
+        for s in self.samplers:
+            s.known_owners({ino: own.get(ino) for ino in inodes})
         return [(s[0], s[1], s[2], s[3], s[4], s[5], now, own.get(s[6])) for s in socks]
 
     def _not_tcp(self, evs):
@@ -68,7 +72,9 @@ class LiveSource:
             evs = self._not_tcp(src.poll(opts.tick_ms))
             now = src.read_ns
             if now >= next_loss:
+                evs.extend(src.names(now))
                 evs.extend(src.losses(now))
+                evs.extend(src.overflows(now))
                 next_loss = now + 100_000_000
             evs.extend(sampling.take(now))
             scanned = ()
@@ -83,6 +89,7 @@ class LiveSource:
         evs = self._not_tcp(src.poll(0))
         now = src.read_ns
         evs.extend(src.losses(now))
+        evs.extend(src.overflows(now))
         yield Batch(evs, now, (), seeds)
 
     def close(self):

@@ -69,16 +69,18 @@ def source():
 
 
 def cflags(plan, ringbuf_pages):
-    """The compiler flags for a plan: the -D switches of the options it took (probes.SWITCHES),
-    the rescue's struct offsets, the fixed sizes, and the grouping rules (lifecycle/rules.py,
-    as function-like macros, which BCC's clang takes as -D like any other)."""
+    """The compiler flags for a plan: the -D switches of the options it took (probes.SWITCHES)
+    with the values from the running kernel they need (Plan.consts: struct offsets, argument
+    positions, enum values), the fixed sizes, and the grouping rules (lifecycle/rules.py, as
+    function-like macros, which BCC's clang takes as -D like any other)."""
     flags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
              "-Wno-macro-redefined", "-Wno-unused-function"] + rules.cflags()
     for sw in probes.SWITCHES:
         flags += sw.option(plan.choice(sw)).cflags
-    # member offsets as TT_OFF_*, sizes (keys SZ_*) as TT_SZ_*
-    flags += [f"-DTT_{'' if k.startswith('SZ_') else 'OFF_'}{k}={v}"
-              for k, v in sorted(plan.rescue.items())]
+    consts = {}
+    for values in plan.consts.values():     # switches may share a macro (the same member)
+        consts.update(values)
+    flags += [f"-DTT_{k}={v}" for k, v in sorted(consts.items())]
     if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
         # Tests only: the twins handle every hit, so their field reads are checked against
         # real sockets (tests/kernel/test_foundation.py).

@@ -12,6 +12,7 @@ import platform
 from dataclasses import dataclass, field, asdict
 
 from tcptrace import errors
+from tcptrace.kernel import btf
 from tcptrace.kernel.bpfsys import BPF_MAP_CREATE, NR_BPF, bpf
 
 SUPPORTED, UNSUPPORTED, UNKNOWN = "supported", "unsupported", "unknown"
@@ -39,6 +40,8 @@ TRACEPOINTS = (
      "SYN retransmissions"),
     ("syscalls:sys_exit_connect", "syscalls/sys_exit_connect", "4.x (CONFIG_FTRACE_SYSCALLS)",
      False, "connects that fail before a SYN, where kprobes are missing"),
+    ("tcp:tcp_retransmit_synack", "tcp/tcp_retransmit_synack", "4.15", False,
+     "SYN-ACK retransmits per listener: half-open connections that do not complete"),
 )
 RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
@@ -46,21 +49,34 @@ RAW_TRACEPOINTS = (
 
 # The kernel struct members the recursion rescue reads (bpf/rescue.c): the struct sock ones as
 # the tracepoints' own TP_fast_assign reads them, then what tells a hit's level (task or
-# interrupt) apart, task_struct.stack and pt_regs.sp: (macro suffix, struct, member path, size).
+# interrupt) apart, task_struct.stack and pt_regs.sp: (macro, struct, member path, size).
 RESCUE_FIELDS = (
-    ("FAMILY", "sock", "__sk_common.skc_family", 2),
-    ("STATE", "sock", "__sk_common.skc_state", 1),
-    ("DPORT", "sock", "__sk_common.skc_dport", 2),
-    ("DADDR", "sock", "__sk_common.skc_daddr", 4),
-    ("V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16),
-    ("V6_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16),
-    ("PROTOCOL", "sock", "sk_protocol", 2),
-    ("ERR", "sock", "sk_err", 4),
-    ("SPORT", "inet_sock", "inet_sport", 2),
-    ("SADDR", "inet_sock", "inet_saddr", 4),
-    ("TASK_STACK", "task_struct", "stack", 8),
-    ("REGS_SP", "pt_regs", "sp", 8),
+    ("OFF_FAMILY", "sock", "__sk_common.skc_family", 2),
+    ("OFF_STATE", "sock", "__sk_common.skc_state", 1),
+    ("OFF_DPORT", "sock", "__sk_common.skc_dport", 2),
+    ("OFF_DADDR", "sock", "__sk_common.skc_daddr", 4),
+    ("OFF_V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16),
+    ("OFF_V6_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16),
+    ("OFF_PROTOCOL", "sock", "sk_protocol", 2),
+    ("OFF_ERR", "sock", "sk_err", 4),
+    ("OFF_SPORT", "inet_sock", "inet_sport", 2),
+    ("OFF_SADDR", "inet_sock", "inet_saddr", 4),
+    ("OFF_TASK_STACK", "task_struct", "stack", 8),
+    ("OFF_REGS_SP", "pt_regs", "sp", 8),
 )
+# What the listener facts (bpf/listen.c) read of a listening socket: which network namespace
+# it is in (its struct net's ns.inum, the inode `ip netns identify` and /proc/<pid>/ns/net
+# show), its family and its local port. The same macro names as the rescue's where the member
+# is the same.
+SOCK_ID_FIELDS = (
+    ("OFF_NET", "sock", "__sk_common.skc_net.net", 8),
+    ("OFF_NET_INUM", "net", "ns.inum", 4),
+    ("OFF_FAMILY", "sock", "__sk_common.skc_family", 2),
+    ("OFF_NUM", "sock", "__sk_common.skc_num", 2),
+)
+# The drop reason that names an accept queue full at the final ACK, as the running kernel's
+# enum spells it (its number differs between kernels: read it, never copy it).
+LISTEN_OVERFLOW = "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"
 
 
 def tracefs_dir():
@@ -217,21 +233,27 @@ def _queue():
                      "so a short connection is one record per socket", "4.20")
 
 
+def _offsets(b, fields):
+    """{macro: byte offset} of each (macro, struct, member, size) in BTF `b`; BTFError if a
+    member is missing or of another size than the program reads."""
+    offs = {}
+    for macro, struct_, member, size in fields:
+        off, got = b.offset(struct_, member)
+        if got != size:
+            raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
+        offs[macro] = off
+    return offs
+
+
 @functools.lru_cache(maxsize=4)
 def rescue_offsets(path=None):
-    """(Check, {macro: offset}) for the recursion rescue, from the running kernel's BTF."""
-    from tcptrace.kernel import btf
+    """(Check, {macro: value}) for the recursion rescue, from the running kernel's BTF."""
     name, minver = "recursion rescue", "5.5"
     try:
         b = btf.BTF.load(path or btf.VMLINUX)
         if b.offset("inet_sock", "sk")[0] != 0:
             raise btf.BTFError("struct inet_sock does not begin with its sock")
-        offs = {}
-        for macro, struct_, member, size in RESCUE_FIELDS:
-            off, got = b.offset(struct_, member)
-            if got != size:
-                raise btf.BTFError(f"{struct_}.{member} is {got} bytes, not {size}")
-            offs[macro] = off
+        offs = _offsets(b, RESCUE_FIELDS)
         # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/rescue.c: tt_level).
         # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
         # uses 16 KiB with 4 KiB pages.
@@ -243,15 +265,92 @@ def rescue_offsets(path=None):
                  "of our programs runs on the CPU are handled by raw tracepoint twins", minver), offs
 
 
+@functools.lru_cache(maxsize=4)
+def sock_id_offsets(path=None):
+    """(Check, {macro: value}): where a socket's network namespace, family and local port are,
+    from the running kernel's BTF (bpf/listen.c: tt_sock_id)."""
+    name, minver = "socket namespaces", "5.5"
+    try:
+        offs = _offsets(btf.BTF.load(path or btf.VMLINUX), SOCK_ID_FIELDS)
+    except btf.BTFError as e:
+        return Check(name, UNSUPPORTED, f"{e}: listener facts are matched to listeners by "
+                     "address and port alone", minver), {}
+    return Check(name, SUPPORTED, "a listener's network namespace, family and port read at "
+                 "offsets from BTF: SYN-ACK retransmits and overflows name their listener in "
+                 "any namespace", minver), offs
+
+
+@functools.lru_cache(maxsize=4)
+def overflow_args(path=None):
+    """(Check, {macro: value}): which raw argument of skb:kfree_skb is the drop reason and which
+    the receiving socket (rx_sk), and the running kernel's number for TCP_LISTEN_OVERFLOW."""
+    name, minver = "listen overflow drops", ">6.1"
+    try:
+        b = btf.BTF.load(path or btf.VMLINUX)
+        args = b.tracepoint_args("kfree_skb")
+        reasons = b.enum("skb_drop_reason") or {}
+    except btf.BTFError as e:
+        return Check(name, UNSUPPORTED, f"{e}: overflows are counted per namespace only "
+                     "(ListenOverflows)", minver), {}
+    why = None
+    if args is None:
+        why = "BTF does not describe skb:kfree_skb"
+    elif "enum skb_drop_reason" not in args:
+        why = "skb:kfree_skb has no drop reason (5.17+)"
+    elif "struct sock *" not in args:
+        why = "skb:kfree_skb does not name the receiving socket (rx_sk)"
+    elif LISTEN_OVERFLOW not in reasons:
+        why = "this kernel has no TCP_LISTEN_OVERFLOW drop reason"
+    if why:
+        return Check(name, UNSUPPORTED, f"{why}: an accept queue full at the final ACK is "
+                     "counted per namespace only (ListenOverflows)", minver), {}
+    return Check(name, SUPPORTED, "accept queue full at the final ACK, counted per listener "
+                 "(skb:kfree_skb reason TCP_LISTEN_OVERFLOW names rx_sk)", minver), {
+        "KFREE_REASON_ARG": args.index("enum skb_drop_reason"),
+        "KFREE_SK_ARG": args.index("struct sock *"),
+        "REASON_LISTEN_OVERFLOW": reasons[LISTEN_OVERFLOW]}
+
+
+@functools.lru_cache(maxsize=4)
+def reset_reasons(path=None):
+    """(Check, {macro: value}): which raw argument of tcp_send_reset is its reason (6.10+),
+    and {number: name} of the running kernel's reasons (names without SK_RST_REASON_)."""
+    name, minver = "reset reasons", ">6.1"
+    try:
+        b = btf.BTF.load(path or btf.VMLINUX)
+        args = b.tracepoint_args("tcp_send_reset") or []
+        values = b.enum("sk_rst_reason") or {}
+    except btf.BTFError as e:
+        args, values, why = [], {}, str(e)
+    else:
+        why = "tcp_send_reset carries no reason on this kernel"
+    if "enum sk_rst_reason" not in args:
+        return Check(name, UNSUPPORTED, f"{why}: resets a listener sends are counted without "
+                     "one", minver), {}, {}
+    names = {v: k.removeprefix("SK_RST_REASON_") for k, v in values.items()}
+    return Check(name, SUPPORTED, "why each reset was sent (enum sk_rst_reason, numbers from "
+                 "BTF): e.g. TCP_FLAGS for ACKs a listener has no SYN cookie for", minver), \
+        {"RST_REASON_ARG": args.index("enum sk_rst_reason")}, names
+
+
+# What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
+# the loader compiles in as -DTT_<macro>=<value> with the option's switches.
+CONSTS = {"rescue": rescue_offsets, "sock_id": sock_id_offsets, "overflow": overflow_args,
+          "rst_reason": lambda: reset_reasons()[:2]}
+
+
 @dataclass(frozen=True)
 class Option:
     """One value a switch of the plan can take: the check it needs ("" for none), the -D
-    switches bpf/ is compiled with for it, and what to say when it is taken instead of the best
-    option (formatted with that option's check: {name}, {status}, {detail})."""
+    switches bpf/ is compiled with for it, what to say when it is taken instead of the best
+    option (formatted with that option's check: {name}, {status}, {detail}), and the values
+    from the running kernel it is compiled with (a key of CONSTS: struct offsets, argument
+    positions, enum values), kept in Plan.consts."""
     value: object
     needs: str = ""
     cflags: tuple = ()
     note: str = ""
+    consts: str = ""
 
 
 @dataclass(frozen=True)
@@ -281,9 +380,19 @@ SWITCHES = (
     _hook("sock:inet_sk_error_report", "TT_HOOK_SOCK_ERROR"),
     _hook("tcp:tcp_retransmit_skb", "TT_HOOK_RETRANS"),
     _hook("raw:tcp_send_reset", "TT_HOOK_SEND_RESET"),
+    _hook("tcp:tcp_retransmit_synack", "TT_HOOK_SYNACK"),
     Switch("rescue", (
-        Option(True, "recursion rescue", ("-DTT_RESCUE=1",)),
+        Option(True, "recursion rescue", ("-DTT_RESCUE=1",), consts="rescue"),
         Option(False, note="recursion rescue {status}: {detail}"))),
+    Switch("sock_id", (
+        Option(True, "socket namespaces", ("-DTT_SOCK_ID=1",), consts="sock_id"),
+        Option(False, note="socket namespaces {status}: {detail}"))),
+    Switch("overflow", (
+        Option(True, "listen overflow drops", ("-DTT_LISTEN_OVERFLOW=1",), consts="overflow"),
+        Option(False, note="listen overflow drops {status}: {detail}"))),
+    Switch("rst_reason", (
+        Option(True, "reset reasons", ("-DTT_RST_REASON=1",), consts="rst_reason"),
+        Option(False, note="reset reasons {status}: {detail}"))),
     Switch("hold", (
         Option(True, "queue map", ("-DTT_HOLD=1",)),
         Option(False, note="queue map {status}: {detail}; each socket's opening steps are sent "
@@ -304,25 +413,30 @@ class Plan:
     transport: str = "perf"
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
-    rescue: dict = field(default_factory=dict)           # BTF offsets and sizes, or {}: no rescue
+    rescue: bool = False                                 # bpf/rescue.c (BTF offsets)
     hold: bool = False                                   # bpf/hold.c (queue maps)
+    sock_id: bool = False                                # bpf/listen.c: a listener's namespace
+    overflow: bool = False                               # bpf/listen.c: kfree_skb overflows
+    rst_reason: bool = False                             # tcp_send_reset's reason
+    # switch name -> {macro: value} read from the running kernel for the option it took
+    # (Option.consts): compiled in as -DTT_<macro>=<value>
+    consts: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     def choice(self, switch):
         """The value this plan took for a Switch."""
         if switch.hook:
             return switch.name in self.tracepoints
-        v = getattr(self, switch.name)
-        return bool(v) if switch.name == "rescue" else v
+        return getattr(self, switch.name)
 
-    def take(self, switch, value, offsets=None):
+    def take(self, switch, value, consts=None):
         if switch.hook:
             if value:
                 self.tracepoints.append(switch.name)
-        elif switch.name == "rescue":
-            self.rescue = dict(offsets) if value else {}
         else:
             setattr(self, switch.name, value)
+        if consts:
+            self.consts[switch.name] = dict(consts)
 
     def describe(self):
         hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
@@ -330,7 +444,9 @@ class Plan:
                 "none": "none"}[self.connect_hook]
         return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
                 f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}; "
-                f"held opens {'on' if self.hold else 'off'}")
+                f"held opens {'on' if self.hold else 'off'}; listener namespaces "
+                f"{'on' if self.sock_id else 'off'}; listen overflows "
+                f"{'per listener' if self.overflow else 'per namespace'}")
 
 
 def _leftovers(td):
@@ -382,7 +498,7 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out.append(rescue_offsets()[0])
+    out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow", "rst_reason")]
     if td is None:
         out.append(Check("transition tally", UNKNOWN,
                          "tracefs not readable" if mounted else "tracefs not mounted", "3.10"))
@@ -405,10 +521,11 @@ def checks():
     return out
 
 
-def plan(transport="auto", checks_=None, offsets=None):
+def plan(transport="auto", checks_=None, consts=None):
     """The plan for this machine: for each switch, the best option whose check passed, and a
-    note where that is not the best there is. `checks_` and the rescue's `offsets` are read
-    from the machine unless given (tests give them)."""
+    note where that is not the best there is. `checks_` and `consts` ({switch name: {macro:
+    value}} for the options that need values from the kernel) are read from the machine unless
+    given (tests give them)."""
     cs = {c.name: c for c in (checks_ or checks())}
     p = Plan()
     for name, *_, required, _why in TRACEPOINTS + RAW_TRACEPOINTS:
@@ -425,9 +542,10 @@ def plan(transport="auto", checks_=None, offsets=None):
         if taken is not best and taken.note:
             check = cs.get(best.needs) or Check(best.needs, UNKNOWN, "not checked")
             p.notes.append(taken.note.format(**asdict(check)))
-        if sw.name == "rescue" and taken.value and offsets is None:
-            offsets = rescue_offsets()[1]
-        p.take(sw, taken.value, offsets)
+        values = None
+        if taken.consts:
+            values = CONSTS[taken.consts]()[1] if consts is None else consts.get(sw.name, {})
+        p.take(sw, taken.value, values)
     return p
 
 

@@ -12,7 +12,7 @@ from tcptrace.kernel.bpfsys import MapScanner
 from tcptrace.kernel.loader import Programs
 from tcptrace.kernel.losses import Losses
 from tcptrace.kernel.transport import Drain
-from tcptrace.wire import F_SCAN, build_event, decoder_for
+from tcptrace.wire import F_SCAN, NAMES, OVERFLOWS, Sample, build_event, decoder_for
 
 
 class KernelSource:
@@ -45,6 +45,14 @@ class KernelSource:
         self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0
         self.progs.configure(families, ports, self.hold_ns // 1000)
         self._losses = Losses(self.progs, tdir, self.notes, plan.transport == "ringbuf")
+        self._overflows = self.progs.b["overflows"] if plan.overflow else None
+        self._overflows_seen = None     # the first reading is sent even when empty: it says
+                                        # that overflows are counted per listener at all
+        # The running kernel's names for the reset reasons records carry (numbers differ
+        # between kernels), sent once: names()
+        self._names = {"rst_reasons": {str(k): v for k, v in
+                                       probes.reset_reasons()[2].items()}} \
+            if plan.rst_reason else None
         self.read_ns = None
 
     @property
@@ -119,6 +127,26 @@ class KernelSource:
     def losses(self, now_ns):
         """Lost records for what was lost since the last call (kernel/losses.py)."""
         return self._losses.read(now_ns)
+
+    def overflows(self, now_ns):
+        """[Sample] of bpf/listen.c's `overflows` map (final ACKs each listener dropped with
+        its accept queue full, counted since the entry was made) at the first call and when it
+        changed since the last: [[skaddr (hex), netns, family, port, drops], ...]. A handful
+        of entries, read on the loss counters' timer."""
+        if self._overflows is None:
+            return []
+        rows = sorted([f"{k.value:x}", v.id.netns, v.id.family, v.id.port, v.drops]
+                      for k, v in self._overflows.items())
+        if rows == self._overflows_seen:
+            return []
+        self._overflows_seen = rows
+        return [Sample(now_ns, OVERFLOWS, 0, {"listeners": rows})]
+
+    def names(self, now_ns):
+        """[Sample] of the kernel's names for the numbers in records (reset reasons), at the
+        first call; [] after, and on kernels whose records carry none."""
+        names, self._names = self._names, None
+        return [Sample(now_ns, NAMES, 0, names)] if names else []
 
     def prog_stats(self):
         return self.progs.prog_stats()

@@ -61,7 +61,7 @@ class Tracker:
 
     def __init__(self, stuck_after_ns=30_000_000_000, grace_ns=10_000_000, max_conns=262_144,
                  transitions=False, confirm=None, resolve_owner=None, detectors=None,
-                 port_pressure=0.8):
+                 port_pressure=0.8, pressure_interval_ns=5_000_000_000):
         from tcptrace import detect
         self.grace_ns = grace_ns
         self.table = ConnTable(max_conns)
@@ -76,7 +76,7 @@ class Tracker:
         self.now_ns = 0
         if detectors is None:
             detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner,
-                                        port_pressure)
+                                        port_pressure, pressure_interval_ns)
         self.detectors = [make(self) for make in detectors]
         for name in hooks.HOOKS:
             setattr(self, name, hooks.dispatch(self.detectors, name))
@@ -98,6 +98,17 @@ class Tracker:
         from tcptrace.detect.stuck import Stuck
         d = self.detector(Stuck)
         return d.now() if d else []
+
+    def listeners(self):
+        """The Listeners detector (detect/listen.py), or None."""
+        from tcptrace.detect.listen import Listeners
+        return self.detector(Listeners)
+
+    def waited_on(self, c, until_ns):
+        """The local listener under pressure that c's SYNs waited on, as a finding member, or
+        None (detect/listen.py: Listeners.waited_on)."""
+        d = self.listeners()
+        return d.waited_on(c, until_ns) if d else None
 
     # -- what detectors call -----------------------------------------------------------------
     def emit(self, f):
@@ -199,7 +210,9 @@ class Tracker:
                 c.recv_reset_ns = rec.ts_ns
         elif k == Kind.SEND_RESET:
             c = self.table.get(rec.skaddr)
-            if c is not None and c.send_reset_ns is None:
+            if c is None or c.role == LISTENER:
+                self.fact(rec)      # a listener's (or an unknown socket's): detect/listen.py
+            elif c.send_reset_ns is None:
                 c.send_reset_ns = rec.ts_ns
         elif k == Kind.SOCK_ERROR:
             self._sock_error(rec)

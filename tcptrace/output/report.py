@@ -191,9 +191,10 @@ class Report:
         return rows
 
     def summary(self, tracker, wall_offset_ns, interval=None, start_ns=None, end_ns=None,
-                matrix=None):
+                matrix=None, listeners0=None):
         """The numbers of the window [start_ns, end_ns) (default: the first finding's time, and
-        the newest time the tracker has seen); matrix: the transitions of that window."""
+        the newest time the tracker has seen); matrix: the transitions of that window;
+        listeners0: listener_counts() at its start."""
         stuck = tracker.stuck_now() if tracker else []
         now = end_ns if end_ns is not None else (tracker.now_ns if tracker else (self.last_ns or 0))
         start = start_ns if start_ns is not None else (self.first_ns if self.first_ns is not None
@@ -228,11 +229,12 @@ class Report:
             "evicted": self.evicted,
             "time_wait": self.time_wait.rows(max(0, now - start)),
             "time_wait_overflow": self.tw_overflow,
+            "listeners": listener_rows(tracker, listeners0),
         }
 
     def tables(self, tracker, wall_offset_ns, interval=None, start_ns=None, end_ns=None,
-               matrix=None):
-        s = self.summary(tracker, wall_offset_ns, interval, start_ns, end_ns, matrix)
+               matrix=None, listeners0=None):
+        s = self.summary(tracker, wall_offset_ns, interval, start_ns, end_ns, matrix, listeners0)
         out = [f"REPORT {s['start'][:10]} {s['start'][11:23]} .. {s['time'][11:23]} UTC "
                f"({_ns(s['duration_ns'])})"]
 
@@ -258,6 +260,14 @@ class Report:
         section("RESETS",
                 [(endpoint(r["raddr"], r["rport"]), r["comm"], r["reset_by"], r["count"])
                  for r in s["resets"]], ["PEER", "COMM", "RESET BY", "COUNT"])
+        out.append("\nLISTENERS (counts in this window; * namespace-wide)")
+        out.append(_columns(LISTENER_COLUMNS, [_listener_row(r)
+                                               for r in s["listeners"][:LISTENER_ROWS]])
+                   if s["listeners"] else "  (none)")
+        if s["listeners"]:
+            more = len(s["listeners"]) - LISTENER_ROWS
+            out.append(LISTENER_LEGEND + (f"\n({more} quieter listeners not shown; --json "
+                                          "has them all)" if more > 0 else ""))
         section("TIME_WAIT (to: destinations we closed first; at: our ports that closed "
                 "first)",
                 [(r["side"], endpoint(r["addr"], r["port"]), _or_dash(r["now"]),
@@ -288,6 +298,84 @@ class Report:
 
 def _or_dash(v):
     return "-" if v is None else v
+
+
+LISTENER_ROWS = 20
+LISTENER_COLUMNS = ("LISTENER", "OWNER", "Q", "OVF", "HALF", "SA", "RQ/AQ/OTH", "COOKIES")
+LISTENER_LEGEND = (
+    "Q accept queue now/backlog, OVF overflows at the final ACK (-: this kernel does\n"
+    "not count them per listener), HALF half-open now (?: not counted lately)/peak,\n"
+    "SA SYN-ACKs retransmitted, RQ/AQ/OTH SYNs dropped with the request queue full/\n"
+    "the accept queue full/other, COOKIES SYN cookies sent/validated/failed")
+
+
+def _columns(headers, rows):
+    """A table as tabulate's simple format lays it out, without its padding around each
+    column: the LISTENERS table has more columns than 80 characters leave room for."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(headers), line("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def listener_counts(tracker):
+    """{listener: its counts since tracing began} of every listener the tracker knows: a
+    report window's counts are the growth of these (detect/listen.py: Listeners.table)."""
+    d = tracker.listeners() if tracker else None
+    return {lst: lst.totals + lst.counts for lst in d.table()} if d else {}
+
+
+def listener_rows(tracker, since=None):
+    """The LISTENERS rows: every listener the tracker knows (and those closed in the window
+    with counts), with its queues now and its counts since `since` (listener_counts() at the
+    window's start), the busiest first."""
+    d = tracker.listeners() if tracker else None
+    if d is None:
+        return []
+    since = since or {}
+    closed = set(d.past)
+    rows = []
+    for lst, total in listener_counts(tracker).items():
+        c = total - since.get(lst, collections.Counter())
+        if lst in closed and not c:
+            continue
+        named = lst.lport is not None
+        rows.append({
+            "netns": lst.netns, "family": states.FAMILY_NAMES.get(lst.family),
+            "laddr": lst.laddr, "lport": lst.lport, "pid": lst.pid, "comm": lst.comm,
+            "closed": lst in closed, "under_pressure": lst.since_ns is not None,
+            "accept_queue": lst.accept_queue if named else None,
+            "backlog": lst.backlog if named else None,
+            "half_open": lst.half_open if named else None,
+            "half_open_peak": lst.peak if named else None,
+            "synack_retransmits": c["synack_retransmits"],
+            "overflows": c["overflows"] if d.per_listener_overflows else None,
+            "drops": {"total": c["dropped"], "request_queue_full": c["request_queue_full"],
+                      "accept_queue_full": c["accept_queue_full"],
+                      "other": max(0, c["dropped"] - c["request_queue_full"]
+                                   - c["accept_queue_full"])},
+            "cookies": {"sent": c["cookies_sent"], "validated": c["cookies_validated"],
+                        "failed": c["cookies_failed"]},
+            "resets": c["resets"], "counters": lst.counted})
+    rows.sort(key=lambda r: (-r["drops"]["total"] - r["synack_retransmits"]
+                             - (r["overflows"] or 0), -(r["accept_queue"] or 0),
+                             r["lport"] or 0))
+    return rows
+
+
+def _listener_row(r):
+    ns = "*" if r["counters"] == "namespace" else ""
+    d, k = r["drops"], r["cookies"]
+    named = r["lport"] is not None
+    return (endpoint(r["laddr"], r["lport"]) + (" (closed)" if r["closed"] else "")
+            if named else f"netns {r['netns']}",
+            f"{r['comm'] or '-'} {r['pid'] or ''}".strip(),
+            f"{r['accept_queue']}/{r['backlog']}" if named else "-",
+            "-" if r["overflows"] is None else r["overflows"],
+            f"{'?' if r['half_open'] is None else r['half_open']}/{r['half_open_peak']}"
+            if named else "-",
+            r["synack_retransmits"],
+            f"{d['request_queue_full']}/{d['accept_queue_full']}/{d['other']}{ns}",
+            f"{k['sent']}/{k['validated']}/{k['failed']}{ns}")
 
 
 def _hist_rows(hist):
@@ -347,10 +435,12 @@ class ReportSink(Sink):
         self.start_ns = start_ns      # the window's start (None: its first finding's time)
         self.tracker = None
         self._mx0 = None              # the tracker's transition counts at the window's start
+        self._lst0 = None             # its listeners' counts then (listener_counts)
 
     def bind(self, tracker):
         self.tracker = tracker
         self._mx0 = list(tracker.stats.mx)
+        self._lst0 = listener_counts(tracker)
 
     def emit_many(self, findings):
         add = self.report.add
@@ -374,6 +464,7 @@ class ReportSink(Sink):
             self.report.reset()
             self.start_ns = end
             self._mx0 = list(self.tracker.stats.mx)
+            self._lst0 = listener_counts(self.tracker)
 
     def close(self, end_ns):
         """The last window (or the whole run): printed even when nothing happened in it."""
@@ -384,7 +475,8 @@ class ReportSink(Sink):
         mx = tr.stats.mx
         matrix = {(i >> 4, i & 15): n - self._mx0[i] for i, n in enumerate(mx)
                   if n - self._mx0[i]}
-        args = (tr, self.wall_offset_ns, self.interval, self.start_ns, end_ns, matrix)
+        args = (tr, self.wall_offset_ns, self.interval, self.start_ns, end_ns, matrix,
+                self._lst0)
         if self.as_json:
             text = json.dumps(r.summary(*args), separators=(",", ":"))
         else:

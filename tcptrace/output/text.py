@@ -6,6 +6,8 @@ A line whose detail does not fit continues on an indented line of its own (unles
 Every finding goes through the same `line()`; what repeats (the owner's columns, an address's
 text, a transition's endpoints, the clock's second) is formatted once and looked up after.
 """
+import textwrap
+
 from tcptrace.cache import Memo
 from tcptrace.findings import Conclusion, Transition, rfc3339
 from tcptrace.output import Sink
@@ -43,9 +45,21 @@ def _plural(n, word):
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def _waited(f):
+    """The local listener a connect's SYNs waited on (detect/listen.py), as a suffix."""
+    lst = getattr(f, "listener", None)
+    if not lst:
+        return ""
+    owner = f" ({lst['comm']} {lst['pid']})" if lst.get("pid") else ""
+    cause = ", ".join(c.replace("_", " ") for c in lst.get("cause") or ())
+    return f"; waited on listener {endpoint(lst['laddr'], lst['lport'])}{owner}" + (
+        f": {cause}" if cause else "")
+
+
 def _connect(f):
     r = getattr(f, "syn_retransmits", 0)
-    return f"handshake {ns_text(f.handshake_ns)}" + (f", {_plural(r, 'SYN retransmit')}" if r else "")
+    return f"handshake {ns_text(f.handshake_ns)}" + (
+        f", {_plural(r, 'SYN retransmit')}" if r else "") + _waited(f)
 
 
 def _refused(f):
@@ -55,12 +69,13 @@ def _refused(f):
 def _failed(f):
     reason, err = f.reason, getattr(f, "errno", None)
     if reason == "timeout":
-        return f"timed out after {getattr(f, 'syn_retransmits', 0)} SYN retransmits ({err})"
+        return (f"timed out after {getattr(f, 'syn_retransmits', 0)} SYN retransmits ({err})"
+                + _waited(f))
     if reason == "cancelled":
-        return "cancelled: closed by the application in SYN_SENT"
+        return "cancelled: closed by the application in SYN_SENT" + _waited(f)
     if getattr(f, "before_syn", False):
         return f"{reason} before any SYN ({err})"
-    return f"{reason} ({err})"
+    return f"{reason} ({err})" + _waited(f)
 
 
 def _close(f):
@@ -115,6 +130,48 @@ def _evicted(f):
             f"{f.evicted_total} so far")
 
 
+def _queues(f):
+    q = f"half-open {'not read' if f.half_open is None else f.half_open}"
+    if f.half_open_peak != (f.half_open or 0):
+        q += f" (peak {f.half_open_peak})"
+    q += f", accept queue {f.accept_queue}/{f.backlog}"
+    if f.overflows:
+        q += f", {_plural(f.overflows, 'overflow')}"
+    return q
+
+
+def _resets(f):
+    r = getattr(f, "resets", None)
+    if not r:
+        return ""
+    n = sum(r.values())
+    why = ", ".join(f"{k} {v}" if len(r) > 1 else k for k, v in sorted(r.items())
+                    if k != "unknown")
+    return f"; {_plural(n, 'reset')} sent" + (f" ({why})" if why else "")
+
+
+def _pressure(f):
+    return f"{f.reason}; {_queues(f)}{_resets(f)}"
+
+
+def _recovered(f):
+    e = f.episode
+    counts = [f"{e[k]:,} {many if e[k] != 1 else one}" for k, one, many in (
+        ("dropped", "SYN dropped", "SYNs dropped"),
+        ("cookies_sent", "SYN cookie sent", "SYN cookies sent"),
+        ("synack_retransmits", "SYN-ACK retransmitted", "SYN-ACKs retransmitted"),
+        ("overflows", "overflow", "overflows")) if e.get(k)]
+    return (f"{'listener closed' if f.closed else 'recovered'} after {ns_text(f.duration_ns)}"
+            + (f"; in all {', '.join(counts)}" if counts else ""))
+
+
+def listener_text(f):
+    """A listener finding's subject: the listening address, or the namespace's counts."""
+    if f.lport is None:
+        return f"netns {f.netns} (namespace-wide)"
+    return f"{endpoint(f.laddr, f.lport)} listening"
+
+
 PAIR = Memo(lambda k: f"{states.name(k >> 8)} -> {states.name(k & 0xff)}")
 
 # What happened, in words, without the time, process and endpoint columns: one per type.
@@ -133,7 +190,11 @@ DESCRIBE = {
     "time_wait": _time_wait,
     "port_pressure": _port_pressure,
     "time_wait_overflow": _overflow,
+    "listen_pressure": _pressure,
+    "listen_recovered": _recovered,
 }
+# The EVENT column's word where the type is longer than the column.
+LABELS = {"listen_pressure": "pressure", "listen_recovered": "recovered"}
 # Findings about a namespace or the tracer, not a connection: no endpoint columns.
 NO_ENDS = frozenset(("lost", "evicted", "time_wait", "time_wait_overflow"))
 
@@ -202,6 +263,10 @@ class TextSink(Sink):
                     # no connection: the detail follows the EVENT column
                     line = f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, t)]}"
                     sep = ""
+                elif t in LABELS:
+                    line = (f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, LABELS[t])]}"
+                            f"{listener_text(f)}")
+                    sep = "  "
                 else:
                     la, lp, ra, rp = f.laddr, f.lport, f.raddr, f.rport
                     if la is None or lp is None or ra is None or rp is None:
@@ -220,6 +285,7 @@ class TextSink(Sink):
                 append(f"{line}{sep}{detail}")
             else:
                 append(line.rstrip())
-                append("    " + detail)
+                append("    " + ("\n    ".join(textwrap.wrap(detail, 76)) if len(detail) > 76
+                                 else detail))
         out.append("")
         return "\n".join(out)

@@ -283,3 +283,64 @@ def test_steps_read_from_the_kernel_map_replay_as_they_ran_live(tmp_path):
     assert server == [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"),
                       ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
                       ("LAST_ACK", "CLOSE")]          # each once, though scanned many times
+
+
+@pytest.fixture(scope="module")
+def listen_recording(tmp_path_factory):
+    """tests/data/listen.jsonl.xz was recorded from the real kernel (6.18) in the lab of
+    tests/kernel/lab.py, traced with --port for the two listeners of one server namespace:
+    a 3 s hping3 SYN flood (tcp_syncookies=0, tcp_max_syn_backlog=64) against a listen(16),
+    a legitimate client from another address connecting during it (7.15 s, its SYNs
+    retransmitted), then 12 clients against a listen(4) nobody accept()s (tcp_syn_retries=2:
+    7 time out), then the server accepting 5."""
+    import lzma
+    path = tmp_path_factory.mktemp("listen") / "listen.jsonl"
+    with lzma.open(os.path.join(HERE, "..", "data", "listen.jsonl.xz")) as f:
+        path.write_bytes(f.read())
+    return str(path)
+
+
+def test_listener_pressure_replays_from_a_recording(listen_recording):
+    r = invoke("replay", listen_recording, "--json", "--pressure-interval", "2")
+    assert r.exit_code == 0, r.stderr
+    recs = jsonl(r.stdout)
+    flood, queue = sorted({x["lport"] for x in recs if x["type"].startswith("listen_")},
+                          key=lambda p: min(x["time"] for x in recs if x["lport"] == p))
+    f = [x for x in recs if x["type"].startswith("listen_") and x["lport"] == flood]
+    q = [x for x in recs if x["type"].startswith("listen_") and x["lport"] == queue]
+    assert [x["type"] for x in f][-1] == [x["type"] for x in q][-1] == "listen_recovered"
+    assert {x["type"] for x in f[:-1] + q[:-1]} == {"listen_pressure"}
+    assert f[0]["reason"].startswith("SYN flood: request queue full (17/16), ")
+    assert q[0]["reason"].startswith("accept queue full (5/4): the application is not "
+                                     "calling accept()")
+    # every count once: the findings add up to the episode the recovery reports
+    assert sum(x["drops"]["total"] for x in f) == f[-1]["episode"]["dropped"] > 1000
+    assert sum(x["synack_retransmits"] for x in f) == f[-1]["episode"]["synack_retransmits"]
+    # two listeners in the namespace: its counters cannot be told apart, and say so
+    assert {x["counters"] for x in f + q if x["counters"]} == {"namespace"}
+    waited = [x for x in recs if x.get("listener")]
+    assert {(x["type"], x["listener"]["lport"]) for x in waited} == \
+        {("connect", flood), ("failed", queue)}
+    assert len([x for x in waited if x["type"] == "failed"]) == 7
+
+
+def test_listener_pressure_in_text_and_report(listen_recording):
+    r = invoke("replay", listen_recording)
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert max(len(l) for l in lines) <= 80
+    assert any(" pressure " in l and "listening" in l for l in lines)
+    assert any(" recovered " in l for l in lines)
+    rep = invoke("replay", listen_recording, "--report")
+    assert rep.exit_code == 0
+    text = rep.stdout
+    assert "LISTENERS" in text and "RQ/AQ/OTH" in text
+    assert max(len(l) for l in text.splitlines()) <= 80
+    r = invoke("replay", listen_recording, "--report", "--json")
+    summary = json.loads(r.stdout)
+    jsonschema.validate(summary, SUMMARY_SCHEMA)
+    rows = {x["lport"]: x for x in summary["listeners"] if x["laddr"] == "10.77.0.2"}
+    assert len(rows) == 2
+    flood = max(rows.values(), key=lambda x: x["drops"]["total"])
+    assert flood["drops"]["request_queue_full"] == flood["drops"]["total"] > 1000
+    assert flood["half_open_peak"] == 17 and flood["counters"] == "namespace"

@@ -19,6 +19,7 @@ import time
 import pytest
 
 STUCK_AFTER = 2.0
+PRESSURE_INTERVAL = 2.0     # listener pressure findings: short, so that recoveries come soon
 SCENARIO_S = 15     # how long before its wait a test's own events may have happened
 
 
@@ -163,7 +164,8 @@ class Tracer:
 
 
 def _session_tracer(tmp_path_factory, env=None):
-    t = Tracer(["--transitions", "--stuck-after", str(STUCK_AFTER)],
+    t = Tracer(["--transitions", "--stuck-after", str(STUCK_AFTER),
+                "--pressure-interval", str(PRESSURE_INTERVAL)],
                tmp_path_factory.mktemp("tracer"), env)
     yield t
     rc = t.stop()

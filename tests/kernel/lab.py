@@ -47,9 +47,16 @@ def snmp_tcp(ns=None):
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
-def ss_count(ns, state, flt):
-    """How many sockets `ss -tan state STATE FILTER` lists in namespace ns."""
-    return len(run(["ss", "-tanH", "state", state, flt], ns).splitlines())
+def tcp_ext(ns=None):
+    """The TcpExt: counters of /proc/net/netstat of namespace `ns` (the caller's if None)."""
+    lines = [l.split() for l in run(["cat", "/proc/net/netstat"], ns).splitlines()
+             if l.startswith("TcpExt:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def ss_count(ns, state, *flt):
+    """How many sockets `ss -tanH state STATE [FILTER]` lists in namespace ns."""
+    return len(run(["ss", "-tanH", "state", state, *flt], ns).splitlines())
 
 
 def netns_inode(pid):
@@ -282,9 +289,13 @@ class _Agent:
         self.socks[s.fileno()] = s
         return s
 
-    def op_listen(self, addr, port=0, backlog=128):
+    def op_listen(self, addr, port=0, backlog=128, defer_accept=0):
+        """defer_accept: TCP_DEFER_ACCEPT seconds: the final bare ACK is ignored, the
+        handshake completes with the client's first data."""
         s = self._sock(addr)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if defer_accept:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
         s.bind((addr, port))
         s.listen(backlog)
         return {"fd": s.fileno(), "port": s.getsockname()[1], "listening": True}
@@ -295,9 +306,11 @@ class _Agent:
         s.bind((addr, port))
         return {"fd": s.fileno(), "port": s.getsockname()[1]}
 
-    def op_connect(self, addr, port, nonblock=False):
+    def op_connect(self, addr, port, nonblock=False, src=None):
         s = self._sock(addr)
         fd = s.fileno()
+        if src:
+            s.bind((src, 0))
         if nonblock:
             s.setblocking(False)
         t0 = time.monotonic()
@@ -356,6 +369,10 @@ class _Agent:
 
     def op_linger0(self, fd):
         self.socks[fd].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return {}
+
+    def op_send(self, fd, data="x"):
+        self.socks[fd].send(data.encode())
         return {}
 
     def op_close(self, fd):

@@ -170,6 +170,10 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
     assert all(r["family"] == 2 for r in events)
     assert [r for r in events if port not in (r["sport"], r["dport"])] == []
     assert not [r for r in events if other in (r["sport"], r["dport"])]
+    # the listen sampler reads only the listeners the filters let through (host/samplers.py)
+    read = [d for r in raw if r["kind"] == "sample" and r["what"] == "listen"
+            for d in r["data"]["listeners"]]
+    assert read and {(d["family"], d["lport"]) for d in read} == {(2, port)}
     findings = [first] + [json.loads(l) for l in out.splitlines()]
     # Recursion misses and unseen hits are counted per program, machine-wide: on a busy host a
     # filtered run may honestly report some (it cannot know they were not its own sockets' hits).

@@ -1,12 +1,14 @@
 """tcptrace/host against the kernel's own tools: sock_diag dumps against `ss`, a namespace's
 counters against /proc/net/netstat read inside it, its sysctls against `sysctl`. In a lab
 namespace, so the readings are of that namespace and nothing else."""
+import os
 import re
+import socket
 import time
 
 import pytest
 
-from lab import SERVER4, Lab, run
+from lab import SERVER4, SERVER6, Lab, run
 from tcptrace.host import counters, netns
 from tcptrace.host.diag import Diag
 
@@ -60,3 +62,58 @@ def test_dumps_counters_and_settings_are_the_namespaces_own(lab):
         run(["sysctl", "-n", "net.ipv4.tcp_max_syn_backlog"]).strip() == "77"
     ino = int(re.search(r"\[(\d+)\]", run(["readlink", f"{base}/ns/net"])).group(1))
     assert ino in netns.namespaces() and ino != netns.own()
+
+
+def _ss_listen(ns, port):
+    """(Recv-Q, Send-Q) of the listener on `port`, as `ss -ltn` shows them."""
+    out = run(["ss", "-ltnH", f"( sport = :{port} )"], ns).split()
+    return int(out[1]), int(out[2])
+
+
+def _until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "the kernel's table never showed it"
+        time.sleep(0.01)      # polling the kernel's own table: the signal itself
+
+
+def test_listen_sampler_reads_each_listener_as_ss_does(lab):
+    """host/samplers.py: Listeners, in a lab namespace: the accept queue and backlog as
+    `ss -ltn`, half-open as `ss -tan state syn-recv`, the counters as /proc/net/netstat, the
+    settings as sysctl, the owner as `ss -p`; two listeners on one port and address of
+    another family are two entries."""
+    from tcptrace.host.samplers import LISTEN_COUNTERS, Listeners, Namespaces
+    lab.sysctl(lab.server, "net.ipv4.tcp_synack_retries", "3")
+    # the client never answers a SYN-ACK: its connects stay half-open at the server
+    lab.nft(lab.client, "tcp flags & (syn|ack) == syn|ack drop")
+    srv, cli = lab.agent(lab.server), lab.agent(lab.client)
+    port = srv.call("listen", addr=SERVER4, backlog=4)["port"]
+    other = srv.call("listen", addr=SERVER6, port=port, backlog=7)["port"]
+    assert other == port
+    for _ in range(3):
+        assert cli.call("connect", addr=SERVER4, port=port, nonblock=True)["errno"] == \
+            "EINPROGRESS"
+    syn_recv = lambda: run(["ss", "-tanH", "state", "syn-recv", f"( sport = :{port} )"],
+                           lab.server).count("\n")
+    _until(lambda: syn_recv() == 3)
+    base = f"/proc/{srv.pid}"
+    ino = os.stat(f"{base}/ns/net").st_ino
+    sampler = Listeners(namespaces=Namespaces(root="/proc"))
+    got = {s.netns: s for s in sampler.sample(time.monotonic_ns())}
+    data = got[ino].data
+    mine = {(d["family"], d["laddr"], d["lport"]): d for d in data["listeners"]}
+    v4, v6 = mine[(socket.AF_INET, SERVER4, port)], mine[(socket.AF_INET6, SERVER6, port)]
+    assert (v4["accept_queue"], v4["backlog"]) == _ss_listen(lab.server, port) == (0, 4)
+    assert (v4["half_open"], v6["half_open"]) == (syn_recv(), 0) == (3, 0)
+    assert v4["backlog"] == 4 and v6["backlog"] == 7
+    assert (v4["pid"], v6["pid"]) == (srv.pid, srv.pid) and v4["comm"].startswith("python")
+    text = run(["cat", "/proc/net/netstat"], lab.server).splitlines()
+    ext = dict(zip(text[0].split()[1:], map(int, text[1].split()[1:])))
+    assert data["counters"] == {k: ext[k] for k in LISTEN_COUNTERS}
+    assert data["settings"]["tcp_synack_retries"] == 3
+    assert data["settings"]["somaxconn"] == \
+        int(run(["sysctl", "-n", "net.core.somaxconn"], lab.server))
+    # the namespace's second reading: counters again, settings not before refresh_every
+    again = {s.netns: s for s in sampler.sample(time.monotonic_ns())}[ino].data
+    sampler.close()
+    assert "settings" not in again and set(again["counters"]) == set(LISTEN_COUNTERS)

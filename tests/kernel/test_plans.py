@@ -14,7 +14,8 @@ test_every_option_can_be_built_here says which, and why.
 Each attached plan traces a few loopback connections, and every switch is checked by what it
 must show (or must not): a connection's ten transitions in order, the held opening carried into
 the close, the reset and error report of a refused connect, the reset a linger-0 close sends,
-a SYN retransmission, a connect that fails before its SYN, the rescue's twins.
+a SYN retransmission, a connect that fails before its SYN, the rescue's twins, a listener's
+SYN-ACK retransmit and accept-queue overflow, and the listener's network namespace in both.
 """
 import dataclasses
 import errno
@@ -30,7 +31,7 @@ from pairwise import covering
 from tcptrace import states as S
 from tcptrace import wire
 from tcptrace.kernel import loader, probes
-from tcptrace.wire import EARLY, F_KPROBE, F_SYSCALL, Kind
+from tcptrace.wire import EARLY, F_KPROBE, F_REASON, F_SYSCALL, Kind
 
 pytestmark = pytest.mark.kernel
 
@@ -112,7 +113,8 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
     plan = probes.plan("auto", checks_for(row))
     assert {sw.name: plan.choice(sw) for sw in probes.SWITCHES} == row
     progs_before = bpf_prog_fds()
-    traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"])
+    traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"],
+                      listener=row["tcp:tcp_retransmit_synack"] or row["overflow"])
     try:
         src = KernelSource(plan, ports=traffic.ports)
         try:
@@ -132,12 +134,19 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
     if seen != expect(row) and [l for l in losses if not l.where.startswith("bpf:")]:
         pytest.skip(f"the kernel skipped hits meanwhile ({losses}): no verdict")
     assert [l for l in losses if l.where.startswith("bpf:")] == []
-    assert seen == expect(row), "records:\n" + "\n".join(map(brief, evs))
+    assert seen == expect(row), "records:\n" + "\n".join(
+        brief(e) if type(e) is wire.Event else repr(e) for e in evs)
 
 
 def expect(row):
-    """What each switch's option must show."""
+    """What each switch's option must show (the listener's namespace only where a listener
+    fact carries it)."""
     return {
+        "tcp:tcp_retransmit_synack": row["tcp:tcp_retransmit_synack"],
+        "overflow": row["overflow"],
+        "sock_id": row["sock_id"] if row["tcp:tcp_retransmit_synack"] or row["overflow"]
+        else None,
+        "rst_reason": row["rst_reason"] if row["raw:tcp_send_reset"] else None,
         "client steps": CLIENT,
         "server steps": SERVER,
         "hold": row["hold"],
@@ -155,6 +164,7 @@ def collect(src, traffic, want):
     deadline = time.monotonic() + TIMEOUT
     while True:
         evs += src.poll(10)
+        evs += src.overflows(time.monotonic_ns())       # Samples, when the map changed
         seen = show(evs, traffic)
         if seen == want or time.monotonic() > deadline:
             return evs, seen
@@ -162,6 +172,8 @@ def collect(src, traffic, want):
 
 def show(evs, t):
     """What the records show, in expect()'s terms."""
+    samples = [r for r in evs if type(r) is wire.Sample]
+    evs = [e for e in evs if type(e) is wire.Event]
     state = [e for e in evs if e.kind == Kind.STATE]
     of = lambda port, peer: [e for e in state if (e.sport, e.dport) == (port, peer)]
     client = of(t.client, t.port)
@@ -170,7 +182,21 @@ def show(evs, t):
     kinds = {(e.kind, e.dport) for e in evs}
     failed = [e for e in evs if e.kind == Kind.CONNECT_RET and e.dport == t.closed
               and e.err == -errno.ENETUNREACH]
+    synacks = [e for e in evs if e.kind == Kind.SYNACK and e.sport == t.deferring]
+    # The overflows map is keyed by listener; without the namespace reads (sock_id) an entry
+    # has no port: any is then the deferring listener's (the port filter let only it in).
+    overflows = [row for s in samples for row in s.data["listeners"]
+                 if row[3] in (t.deferring, 0) and row[4] > 0]
+    ids = {e.aux for e in synacks} | {row[1] for row in overflows}
+    resets = [e for e in evs if e.kind == Kind.SEND_RESET and e.skaddr in linger]
+    reasons = probes.reset_reasons()[2]     # the running kernel's numbers
     return {
+        # the linger-0 close's reset, with a reason the kernel has a name for
+        "rst_reason": all(e.flags & F_REASON and e.aux in reasons for e in resets)
+        if resets else None,
+        "tcp:tcp_retransmit_synack": bool(synacks),
+        "overflow": bool(overflows),
+        "sock_id": ids == {os.stat("/proc/self/ns/net").st_ino} if ids else None,
         "client steps": steps(client),
         "server steps": steps(of(t.port, t.client)),
         # The opening carried into the close: one record (not an early copy) past ESTABLISHED
@@ -214,7 +240,7 @@ class Traffic:
     0 (a reset), a connect refused, a connect to an unroutable address, and, when `retrans`,
     a connect whose SYN a full accept queue drops (retransmitted after 1 s)."""
 
-    def __init__(self, retrans):
+    def __init__(self, retrans, listener=False):
         self.srv = self._listener(16)
         self.port = self.srv.getsockname()[1]
         self.full = self._listener(0)       # backlog 0: one queued connection fills it
@@ -225,6 +251,19 @@ class Traffic:
         probe.close()
         self.ports = [self.port, self.full_port, self.closed]
         self.retrans = retrans
+        # A listener that keeps a handshake open until data comes (TCP_DEFER_ACCEPT: the bare
+        # final ACK is ignored, the SYN-ACK retransmitted after 1 s) with room for one: two
+        # clients complete their handshakes, both send, the second finds the accept queue
+        # full at its final ACK (TCP_LISTEN_OVERFLOW). All on loopback, no firewall.
+        self.deferring = None
+        self._deferred = []
+        if listener:
+            self.defer = socket.socket()
+            self.defer.bind((ADDR, 0))
+            self.defer.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+            self.defer.listen(0)
+            self.deferring = self.defer.getsockname()[1]
+            self.ports.append(self.deferring)
         self.client = self.linger = self.waiting = None
         self._open = []
 
@@ -236,6 +275,12 @@ class Traffic:
         return s
 
     def run(self):
+        if self.deferring:
+            a = socket.create_connection((ADDR, self.deferring))
+            b = socket.create_connection((ADDR, self.deferring))
+            a.send(b"a")
+            b.send(b"b")
+            self._deferred = [a, b]
         if self.retrans:
             queued = socket.create_connection((ADDR, self.full_port))
             waiting = socket.socket()
@@ -272,5 +317,6 @@ class Traffic:
             time.sleep(0.05)
 
     def close(self):
-        for s in self._open + [self.srv, self.full]:
+        for s in self._open + self._deferred + [self.srv, self.full] + \
+                ([self.defer] if self.deferring else []):
             s.close()

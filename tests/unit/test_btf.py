@@ -6,7 +6,8 @@ import pytest
 
 from tcptrace.kernel import btf, loader, probes
 
-INT, ARRAY, STRUCT, UNION, TYPEDEF = 1, 3, 4, 5, 8
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, TYPEDEF, CONST, FUNC_PROTO, ENUM64 = \
+    1, 2, 3, 4, 5, 6, 8, 10, 13, 19
 
 
 class Blob:
@@ -54,6 +55,56 @@ def sample():
                                     ("flags", 1, (3 << 24) | 160), ("addr", 8, 192)],
                kind_flag=1)                                       # 9: flags is a 3-bit field
     return btf.BTF(b.bytes())
+
+
+def tracepoints(with_rx_sk):
+    """A kernel's kfree_skb probe type, `typedef void (*btf_trace_kfree_skb)(void *, struct
+    sk_buff *, void *, enum skb_drop_reason[, const struct sock *])`, and its enum."""
+    b = Blob()
+    b.compound(STRUCT, "sk_buff", 8, [])                          # 1
+    b.add(PTR, "", 1)                                             # 2: struct sk_buff *
+    b.add(PTR, "", 0)                                             # 3: void *
+    vals = [("SKB_DROP_REASON_NOT_SPECIFIED", 2), ("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW", 44)]
+    b.add(ENUM, "skb_drop_reason", 4, b"".join(struct.pack("<Ii", b.s(n), v) for n, v in vals),
+          vlen=len(vals))                                         # 4
+    b.compound(STRUCT, "sock", 8, [])                             # 5
+    b.add(CONST, "", 5)                                           # 6: const struct sock
+    b.add(PTR, "", 6)                                             # 7: const struct sock *
+    params = [3, 2, 3, 4] + ([7] if with_rx_sk else [])
+    b.add(FUNC_PROTO, "", 0, b"".join(struct.pack("<II", 0, t) for t in params),
+          vlen=len(params))                                       # 8
+    b.add(PTR, "", 8)                                             # 9
+    b.add(TYPEDEF, "btf_trace_kfree_skb", 9)                      # 10
+    big = [("A", 1 << 40)]
+    b.add(ENUM64, "wide", 8, b"".join(struct.pack("<III", b.s(n), v & 0xFFFFFFFF, v >> 32)
+                                      for n, v in big), vlen=1)   # 11
+    return btf.BTF(b.bytes())
+
+
+def test_tracepoint_arguments_and_enum_values_come_from_btf():
+    b = tracepoints(with_rx_sk=True)
+    assert b.tracepoint_args("kfree_skb") == ["struct sk_buff *", "void *",
+                                             "enum skb_drop_reason", "struct sock *"]
+    assert b.tracepoint_args("consume_skb") is None
+    assert b.enum("skb_drop_reason")["SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"] == 44
+    assert b.enum("wide") == {"A": 1 << 40} and b.enum("nope") is None
+
+
+def test_overflow_check_takes_positions_and_number_from_the_running_kernel(tmp_path):
+    """The reason's number and the arguments' positions are the kernel's, not a table's; a
+    kernel whose kfree_skb names no socket (6.1) cannot count overflows per listener."""
+    for with_rx_sk in (True, False):
+        path = tmp_path / f"vmlinux-{with_rx_sk}"
+        b = tracepoints(with_rx_sk)
+        path.write_bytes(b._data)
+        check, consts = probes.overflow_args(str(path))
+        if with_rx_sk:
+            assert check.status == probes.SUPPORTED
+            assert consts == {"KFREE_REASON_ARG": 2, "KFREE_SK_ARG": 3,
+                              "REASON_LISTEN_OVERFLOW": 44}
+        else:
+            assert check.status == probes.UNSUPPORTED and consts == {}
+            assert "rx_sk" in check.detail and "ListenOverflows" in check.detail
 
 
 def test_members_through_anonymous_unions_and_typedefs():
@@ -110,8 +161,11 @@ def test_running_kernel_has_every_member_the_rescue_reads():
     # sock_common comes first in struct sock, inet_sock's own members after struct sock
     b = btf.BTF.load()
     sock_size = b.size(b._structs["sock"])
-    assert offs["FAMILY"] < 64 and offs["DPORT"] < 64
-    assert offs["SPORT"] >= sock_size and offs["SADDR"] >= sock_size
-    cf = loader.cflags(probes.Plan(rescue=offs), 64)
-    assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['PROTOCOL']}" in cf
+    assert offs["OFF_FAMILY"] < 64 and offs["OFF_DPORT"] < 64
+    assert offs["OFF_SPORT"] >= sock_size and offs["OFF_SADDR"] >= sock_size
+    check, ids = probes.sock_id_offsets()
+    assert check.status == probes.SUPPORTED, check.detail
+    assert ids["OFF_FAMILY"] == offs["OFF_FAMILY"]      # one member, one macro, one value
+    cf = loader.cflags(probes.Plan(rescue=True, consts={"rescue": offs}), 64)
+    assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['OFF_PROTOCOL']}" in cf
     assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf

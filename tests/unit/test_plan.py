@@ -42,24 +42,34 @@ def machine(**status):
     return [Check(n, status.get(n, SUPPORTED), f"{n} detail") for n in sorted(names)]
 
 
-OFFS = {"FAMILY": 16, "SZ_STACK": 16384}
+OFFS = {"OFF_FAMILY": 16, "SZ_STACK": 16384}
+CONSTS = {"rescue": OFFS, "overflow": {"REASON_LISTEN_OVERFLOW": 40}}
 
 
 def test_a_machine_with_everything_gets_the_best_option_of_every_switch_and_no_notes():
-    p = probes.plan("auto", machine(), OFFS)
+    p = probes.plan("auto", machine(), CONSTS)
     assert {sw.name: p.choice(sw) for sw in probes.SWITCHES} == \
         {sw.name: sw.options[0].value for sw in probes.SWITCHES}
-    assert p.notes == [] and p.rescue == OFFS
+    assert p.notes == [] and p.consts == CONSTS
     flags = loader.cflags(p, 64)
     assert {f for sw in probes.SWITCHES for f in sw.options[0].cflags} <= set(flags)
-    assert "-DTT_OFF_FAMILY=16" in flags and "-DTT_SZ_STACK=16384" in flags
+    assert {"-DTT_OFF_FAMILY=16", "-DTT_SZ_STACK=16384", "-DTT_REASON_LISTEN_OVERFLOW=40"} \
+        <= set(flags)
+
+
+def test_values_from_the_kernel_go_with_the_option_that_needs_them():
+    """An option not taken brings none of its values: a -D without its switch would be
+    harmless, but the plan would claim what it does not use."""
+    p = probes.plan("auto", machine(**{"listen overflow drops": UNSUPPORTED}), CONSTS)
+    assert "overflow" not in p.consts and p.consts["rescue"] == OFFS
+    assert not [f for f in loader.cflags(p, 64) if "LISTEN_OVERFLOW" in f]
 
 
 @pytest.mark.parametrize("sw", probes.SWITCHES, ids=[sw.name for sw in probes.SWITCHES])
 def test_each_option_is_taken_when_the_better_ones_fail_and_the_note_says_why(sw):
     failed = {}
     for i, o in enumerate(sw.options):
-        p = probes.plan("auto", machine(**failed), OFFS)
+        p = probes.plan("auto", machine(**failed), CONSTS)
         assert p.choice(sw) == o.value
         best = sw.options[0].needs
         said = o.note.format(name=best, status=UNSUPPORTED, detail=f"{best} detail")
@@ -72,9 +82,9 @@ def test_each_option_is_taken_when_the_better_ones_fail_and_the_note_says_why(sw
 
 
 def test_a_transport_asked_for_is_taken_without_asking_the_checks():
-    p = probes.plan("perf", machine(), OFFS)
+    p = probes.plan("perf", machine(), CONSTS)
     assert p.transport == "perf" and p.notes == []
-    p = probes.plan("ringbuf", machine(ringbuf=UNSUPPORTED), OFFS)
+    p = probes.plan("ringbuf", machine(ringbuf=UNSUPPORTED), CONSTS)
     assert p.transport == "ringbuf"
 
 
@@ -82,4 +92,4 @@ def test_the_plan_reads_only_the_checks_it_is_given():
     """Injected checks are all the planner sees: none of this machine's shows through."""
     cs = [dataclasses.replace(c, status=UNSUPPORTED) if c.name == "kprobes" else c
           for c in machine()]
-    assert probes.plan("auto", cs, OFFS).connect_hook == "syscall"
+    assert probes.plan("auto", cs, CONSTS).connect_hook == "syscall"

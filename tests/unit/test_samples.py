@@ -46,10 +46,11 @@ def test_samples_are_recorded_and_replayed_as_they_were(tmp_path):
 
 def test_the_live_source_runs_the_samplers_the_detectors_ask_for():
     class A:
-        pass
-    assert [type(x) for x in samplers_for([type("D", (), {"SAMPLERS": (A,)})(),
-                                            type("E", (), {"SAMPLERS": (A,)})(), object()])] \
-        == [A]
+        def __init__(self, **scope):
+            self.scope = scope
+    got = samplers_for([type("D", (), {"SAMPLERS": (A,)})(), type("E", (), {"SAMPLERS": (A,)})(),
+                        object()], ports=[80], families=[2])
+    assert [(type(x), x.scope) for x in got] == [(A, {"ports": [80], "families": [2]})]
 
 
 def test_a_pipeline_with_samples_writes_no_finding_for_them():
@@ -94,7 +95,11 @@ def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_the
         assert all(r.data["at"] < r.ts_ns <= now for r in took)
         got += took
         time.sleep(0.005)
-    assert bg.close() == ["slow: described"]
+    notes = bg.close()
+    assert notes[0] == "slow: described"
+    n = int(notes[1].split()[2])             # "sampler slow: N readings, X ms CPU"
+    assert notes[1] == f"sampler slow: {n} readings, {notes[1].split()[4]} ms CPU" and n >= 2
+    assert len(notes) == 2
     assert len(got) >= 2 and got[1].ts_ns - got[0].ts_ns >= 20 * MS     # its dump's time
     assert slow.threads == {"tcptrace-sampler"}
 
@@ -104,4 +109,5 @@ def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_the
     bg = Background([Broken()])
     bg.start()
     time.sleep(0.05)
-    assert bg.close() == ["slow: described", "sampling stopped: ValueError: boom"]
+    notes = bg.close()
+    assert notes[0] == "slow: described" and notes[-1] == "sampling stopped: ValueError: boom"
