@@ -125,14 +125,16 @@ static __always_inline void tt_update(struct tt_event *e, struct tt_hit *h, stru
 }
 
 /* Add the step to the socket's record; at a state to send at, or with the record full, it goes
- * out, or, at ESTABLISHED, is held. */
+ * out, or, at ESTABLISHED, is held, or, at CLOSE, is folded (aggregate.c). */
 static __always_inline void tt_add_step(void *ctx, struct tt_event *e, struct tt_hit *h)
 {
     u32 n = e->nsteps;
     tt_put_step(e, n, h);
     if (!h->send && n + 1 < TT_MAX_STEPS)
         return;
-    if (!(h->new == TT_ESTABLISHED && n + 1 < TT_MAX_STEPS && tt_hold(h->sk, h->ts, e)))
+    int kept = h->new == TT_ESTABLISHED ? n + 1 < TT_MAX_STEPS && tt_hold(h->sk, h->ts, e)
+                                         : h->new == TT_CLOSE_ && tt_fold(e);
+    if (!kept)
         tt_emit(ctx, e);
     socks.delete(&h->sk);
 }

@@ -80,6 +80,32 @@ struct tt_config {
                        * loading, and records from before then would ignore the filters */
     u32 hold_us;      /* how long an ESTABLISHED socket's steps wait for its close (TT_HOLD);
                        * 0: sent at once */
+    u8  fold;         /* 1: healthy short connections are folded into `agg` (bpf/aggregate.c)
+                       * instead of being sent */
+    u8  _pad[7];
+};
+
+/* The kernel's aggregates of healthy connections (bpf/aggregate.c): one entry per key, values
+ * per CPU, cumulative; user space reads them on a timer (tcptrace/kernel/source.py). */
+#define TT_AGG_PASSIVE  0x01  /* shape: an accepted connection (else a connect()) */
+#define TT_AGG_REMOTE   0x02  /* shape: the peer closed first (else we did) */
+#define TT_AGG_OTHER    0x80  /* the key count reached its bound: addr, port and comm zeroed */
+
+struct tt_agg_key {
+    u8  family;
+    u8  shape;        /* TT_AGG_* */
+    u16 port;         /* the peer's port (connect) or ours (accept), host byte order */
+    u8  addr[16];     /* the peer's address (connect) or ours (accept) */
+    char comm[16];    /* the owner's command */
+};
+
+/* TT_H_N: the buckets of tcptrace/histogram.py, passed by the loader with the thresholds */
+struct tt_agg {
+    u64 count;        /* connections */
+    u64 hs_sum;       /* handshake ns, summed (connects) */
+    u64 hs_max;       /* the largest handshake ns */
+    u64 life_sum;     /* first step to CLOSE, ns, summed */
+    u32 hs[TT_H_N];   /* handshakes per bucket (tcptrace/histogram.py) */
 };
 
 #endif

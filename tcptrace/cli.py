@@ -65,6 +65,20 @@ def _ready_file(ctx, param, path):
     return path
 
 
+def _only(ctx, param, values):
+    """--only connect,refused --only stuck -> the set of finding types; unknown ones refused."""
+    from tcptrace.findings import TYPES
+    got = set()
+    for v in values:
+        for t in v.split(","):
+            t = t.strip()
+            if t not in TYPES:
+                raise click.BadParameter(f"{t!r} is not a finding type (one of: "
+                                         f"{', '.join(TYPES)})", ctx, param)
+            got.add(t)
+    return frozenset(got)
+
+
 FILTER_OPTIONS = (
     (("--pid",), dict(type=click.IntRange(min=1), multiple=True, metavar="PID",
                       help="Only connections owned by this process (repeatable).")),
@@ -118,10 +132,21 @@ LIVE_OPTIONS = (
                             help="How events reach user space: the BPF ring buffer where the "
                                  "kernel has one, else per-CPU perf buffers.")),
     (("--no-seed",), dict(is_flag=True, help="Do not load sockets that existed before start.")),
+    (("--full-stream",), dict(is_flag=True,
+                              help="Send every connection's records to user space. Without "
+                                   "it, report, metrics and watch --only (without connect, "
+                                   "accept, close) let the kernel count healthy short "
+                                   "connections instead (percentiles then come from "
+                                   "histogram buckets, within 4.5%).")),
 )
 
 WATCH_OPTIONS = (
     (("--transitions",), dict(is_flag=True, help="Also show every raw state transition.")),
+    (("--only", "-o"), dict(multiple=True, callback=_only, metavar="TYPE[,TYPE...]",
+                            help="Only these findings (repeatable), e.g. refused,failed,reset,"
+                                 "stuck; lost and evicted are always shown. Without connect, "
+                                 "accept and close, healthy short connections are counted in "
+                                 "the kernel and never sent (see --full-stream).")),
     (("--wide", "-w"), dict(is_flag=True, help="Do not fold lines to 80 columns.")),
 )
 
@@ -208,7 +233,8 @@ def _build_options(kw, report=False, metrics=False):
     if kw.get("ipv4") and kw.get("ipv6"):
         raise click.UsageError("-4 and -6 together mean both: give neither")
     flt = filters.build(pid=kw.get("pid", ()), comm=kw.get("comm", ()), port=kw.get("port", ()),
-                        laddr=laddr, raddr=raddr, ipv4=kw.get("ipv4"), ipv6=kw.get("ipv6"))
+                        laddr=laddr, raddr=raddr, ipv4=kw.get("ipv4"), ipv6=kw.get("ipv6"),
+                        only=kw.get("only", ()))
     return Options(transitions=kw.get("transitions", False), json=kw.get("json", False),
                    report=report, interval=kw.get("interval"), duration=kw.get("duration"),
                    stuck_after=kw.get("stuck_after", 30.0), ready_file=kw.get("ready_file"),
@@ -217,7 +243,8 @@ def _build_options(kw, report=False, metrics=False):
                    wide=kw.get("wide", False), filter=flt, max_conns=kw.get("max_conns", 262_144),
                    seed=not kw.get("no_seed", False), metrics=metrics,
                    listen=kw.get("listen", ("127.0.0.1", 9977)), by=kw.get("by", "dest"),
-                   port_pressure=kw.get("port_pressure", 80.0) / 100)
+                   port_pressure=kw.get("port_pressure", 80.0) / 100,
+                   full_stream=kw.get("full_stream", False))
 
 
 def _live(opts):

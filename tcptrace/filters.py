@@ -17,6 +17,8 @@ from tcptrace import states
 # what was lost or evicted may have been a wanted connection. So do a namespace's TIME_WAIT
 # readings: they are about every connection of it.
 ABOUT_THE_TRACER = ("lost", "evicted", "time_wait", "time_wait_overflow")
+# What --only never hides: what the tracer could not see or keep.
+NEVER_HIDDEN = ("lost", "evicted")
 
 
 @dataclass
@@ -27,16 +29,29 @@ class Filter:
     laddrs: tuple = ()
     raddrs: tuple = ()
     families: tuple = ()          # AF_INET / AF_INET6; empty = both
+    types: frozenset = frozenset()  # finding types (--only); empty = all
 
     def empty(self):
         return not (self.pids or self.comms or self.ports or self.laddrs or self.raddrs
-                    or self.families)
+                    or self.families or self.types)
+
+    def per_connection(self):
+        """Does it match on what a connection's own findings say (owner, addresses)? Then
+        every connection must come to user space: none can be folded."""
+        return bool(self.pids or self.comms or self.laddrs or self.raddrs)
 
     def kernel_families(self):
         return self.families
 
     def match(self, f):
-        if f.type in ABOUT_THE_TRACER:
+        t = f.type
+        if self.types and t not in self.types and t not in NEVER_HIDDEN:
+            return False
+        if t in ABOUT_THE_TRACER:
+            return True
+        if t == "aggregate":
+            # Folded connections, for report and metrics (Options.fold): the kernel applied the
+            # family and port filters, and no other filter folds
             return True
         if self.families and f.family not in self.families:
             return False
@@ -71,11 +86,12 @@ def parse_net(text):
         raise ValueError(f"not an address or CIDR: {text!r}") from None
 
 
-def build(pid=(), comm=(), port=(), laddr=(), raddr=(), ipv4=False, ipv6=False):
+def build(pid=(), comm=(), port=(), laddr=(), raddr=(), ipv4=False, ipv6=False, only=()):
     fams = ()
     if ipv4 and not ipv6:
         fams = (states.AF_INET,)
     elif ipv6 and not ipv4:
         fams = (states.AF_INET6,)
     return Filter(pids=frozenset(pid), comms=frozenset(comm), ports=frozenset(port),
-                  laddrs=tuple(laddr), raddrs=tuple(raddr), families=fams)
+                  laddrs=tuple(laddr), raddrs=tuple(raddr), families=fams,
+                  types=frozenset(only))

@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 
 from tcptrace.filters import Filter
 
+# The findings a folded connection would have made, one by one
+FOLDED_TYPES = frozenset(("connect", "accept", "close"))
+
 
 @dataclass
 class Options:
@@ -36,3 +39,17 @@ class Options:
     window_ms: int = 20
     max_conns: int = 262_144
     seed: bool = True
+    full_stream: bool = False     # --full-stream: never fold (every connection's records)
+
+    @property
+    def fold(self):
+        """Should the kernel fold healthy short connections into its aggregates
+        (bpf/aggregate.c) instead of sending them? When nothing will show them one by one:
+        `report` and `metrics`, and `watch --only` without connect, accept or close; never
+        with --record or --transitions (they want every record), nor with a filter on what
+        only a connection's own findings say (owner, addresses)."""
+        if self.full_stream or self.record or self.transitions or self.filter.per_connection():
+            return False
+        if self.report or self.metrics:
+            return True
+        return bool(self.filter.types) and not self.filter.types & FOLDED_TYPES

@@ -96,6 +96,9 @@ class Pipeline:
         parts = [f"{st.events} events", f"{self.emitted} findings",
                  f"{st.lost_total} lost" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(st.lost.items()))})"
                                             if st.lost_total else "")]
+        if st.folded:
+            parts.append(f"{st.folded} healthy sockets folded in the kernel (counted, not "
+                         "listed)")
         evicted = self.tracker.table.evicted
         if evicted:
             parts.append(f"{evicted} connections evicted (cap {self.tracker.max_conns})")

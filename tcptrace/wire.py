@@ -217,6 +217,10 @@ class Sample(NamedTuple):
 # Sample.what of the readings of bpf/listen.c's `overflows` map (kernel/source.py), which the
 # kernel side takes itself: no sampler of tcptrace/host reads BPF maps.
 OVERFLOWS = "overflows"
+# Sample.what of the kernel's aggregates of folded connections (kernel/aggregates.py), and the
+# shape bits of their keys (bpf/tcptrace.h: TT_AGG_*)
+AGG = "agg"
+AGG_PASSIVE, AGG_REMOTE, AGG_OTHER = 0x01, 0x02, 0x80
 # Sample.what of the running kernel's names for the numbers records carry (reset reasons), sent
 # once at start (kernel/source.py): a recording replayed elsewhere reads them as they were.
 NAMES = "names"

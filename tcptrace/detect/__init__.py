@@ -8,6 +8,7 @@ import functools
 from tcptrace.detect.close import Closes
 from tcptrace.detect.connect import Handshakes
 from tcptrace.detect.failure import FailedConnects
+from tcptrace.detect.folded import Folded
 from tcptrace.detect.listen import Listeners
 from tcptrace.detect.lost import Losses
 from tcptrace.detect.reset import Resets
@@ -26,7 +27,7 @@ def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None
            FailedConnects, Resets,
            functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
                              resolve_owner=resolve_owner),
-           Losses, functools.partial(Listeners, interval_ns=pressure_interval_ns)]
+           Losses, functools.partial(Listeners, interval_ns=pressure_interval_ns), Folded]
     if transitions:
         out.append(Transitions)
     return out

@@ -43,6 +43,31 @@ def prog_stats(fd):
     return run_cnt, run_time, misses
 
 
+def map_info(fd):
+    """(type, key_size, value_size, max_entries) of a map, from the kernel (uapi struct
+    bpf_map_info's first members), or None."""
+    if NR_BPF is None:
+        return None
+    buf = ctypes.create_string_buffer(80)
+    attr = _InfoAttr(fd, 80, ctypes.addressof(buf))
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, attr)[0] != 0:
+        return None
+    typ, _id, ksize, vsize, entries = struct.unpack_from("<5I", buf, 0)
+    return typ, ksize, vsize, entries
+
+
+def possible_cpus():
+    """How many CPUs a per-CPU map keeps a value for: those /sys/devices/system/cpu/possible
+    lists ("0-3,5")."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
 class _BatchAttr(ctypes.Structure):
     _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
                 ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
@@ -72,6 +97,12 @@ class MapScanner:
 
     def values(self):
         """Raw bytes of all values (a snapshot per chunk; entries may change meanwhile)."""
+        got = self.items()
+        return None if got is None else [v for _, v in got]
+
+    def items(self):
+        """[(raw keys, raw values)] of every entry, a pair of buffers per chunk; None where the
+        kernel has no batch lookup."""
         out = []
         first = True
         while True:
@@ -89,7 +120,8 @@ class MapScanner:
             if r < 0 and err != self.ENOENT:
                 return None if first and not out else out
             if a.count:
-                out.append(self._vals.raw[:a.count * self.vsize])
+                out.append((self._keys.raw[:a.count * self.ksize],
+                            self._vals.raw[:a.count * self.vsize]))
             if r < 0:                                             # ENOENT: that was the last
                 return out
             self._tok[0] = self._tok[1]

@@ -24,7 +24,8 @@ class LiveSource:
         self.opts = opts
         self.stop = stop
         self.src = KernelSource(plan, families=opts.filter.kernel_families(),
-                                ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms)
+                                ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms,
+                                fold=opts.fold)
         self.armed_ns = time.monotonic_ns()     # records can exist from here on
         self.notes = self.src.notes
         self.compile_s = self.src.compile_s
@@ -64,7 +65,7 @@ class LiveSource:
             self.on_ready()
         self.started_ns = time.monotonic_ns()
         deadline = self.started_ns + int(opts.duration * 1e9) if opts.duration else None
-        next_loss = next_scan = 0
+        next_loss = next_scan = next_agg = 0
         scan_every = opts.scan_ms * 1_000_000
         sampling = self.sampling = Background(self.samplers)
         sampling.start()
@@ -76,6 +77,9 @@ class LiveSource:
                 evs.extend(src.losses(now))
                 evs.extend(src.overflows(now))
                 next_loss = now + 100_000_000
+            if now >= next_agg:
+                evs.extend(src.aggregates(now))
+                next_agg = now + 1_000_000_000
             evs.extend(sampling.take(now))
             scanned = ()
             if now >= next_scan:
@@ -90,6 +94,7 @@ class LiveSource:
         now = src.read_ns
         evs.extend(src.losses(now))
         evs.extend(src.overflows(now))
+        evs.extend(src.aggregates(now))
         yield Batch(evs, now, (), seeds)
 
     def close(self):

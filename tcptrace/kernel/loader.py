@@ -10,7 +10,7 @@ import time
 
 from importlib.resources import files as _res_files
 
-from tcptrace import errors
+from tcptrace import errors, histogram
 from tcptrace.kernel import probes
 from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
@@ -75,6 +75,7 @@ def cflags(plan, ringbuf_pages):
     function-like macros, which BCC's clang takes as -D like any other)."""
     flags = [f"-I{bpf_dir()}", f"-DTT_RINGBUF_PAGES={ringbuf_pages}",
              "-Wno-macro-redefined", "-Wno-unused-function"] + rules.cflags()
+    flags += [f"-DTT_{k}={v}" for k, v in histogram.c_defines().items()]
     for sw in probes.SWITCHES:
         flags += sw.option(plan.choice(sw)).cflags
     consts = {}
@@ -190,7 +191,7 @@ class Programs:
         """The ctypes struct BCC built for tt_event from the compiled program."""
         return type(self.b["events"].event(ctypes.create_string_buffer(512)))
 
-    def configure(self, families, ports, hold_us):
+    def configure(self, families, ports, hold_us, fold=False):
         """The runtime options, into the `config` and `ports` maps (bpf/config.c)."""
         pm = self.b["ports"]
         for p in ports:
@@ -200,6 +201,7 @@ class Programs:
         v.family = families[0] if len(families) == 1 else 0
         v.port_filter = 1 if ports else 0
         v.hold_us = hold_us
+        v.fold = 1 if fold else 0
         cfg[ctypes.c_int(0)] = v
         # Armed last, in its own update: the programs emit nothing until every filter is in.
         v.armed = 1

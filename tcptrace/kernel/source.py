@@ -6,13 +6,24 @@ Python: `Event` and `Lost` records (tcptrace/wire.py).
 import os
 import time
 
-from tcptrace import errors
+from tcptrace import errors, states
 from tcptrace.kernel import probes
+from tcptrace.kernel.aggregates import Aggregates
 from tcptrace.kernel.bpfsys import MapScanner
 from tcptrace.kernel.loader import Programs
 from tcptrace.kernel.losses import Losses
 from tcptrace.kernel.transport import Drain
-from tcptrace.wire import F_SCAN, NAMES, OVERFLOWS, Sample, build_event, decoder_for
+from tcptrace.wire import (F_SCAN, NAMES, OVERFLOWS, Sample, build_event, decoder_for,
+                           iter_steps)
+
+_OPENINGS = {(states.CLOSE, states.SYN_SENT), (states.LISTEN, states.SYN_RECV)}
+
+
+def _opening_after(ev, t_ns):
+    """Does the STATE record ev start with a socket's opening step (CLOSE -> SYN_SENT, LISTEN ->
+    SYN_RECV) taken after t_ns?"""
+    ts, _pid, old, new = next(iter(iter_steps(ev)))
+    return ts > t_ns and (old, new) in _OPENINGS
 
 
 class KernelSource:
@@ -22,7 +33,7 @@ class KernelSource:
     # between two drains at 20k conn/s. Its pages count twice in RSS once it has wrapped (the
     # kernel maps the data area twice).
     def __init__(self, plan, families=(), ports=(), ringbuf_pages=2048, perf_pages=1024,
-                 wakeup_events=256, hold_ms=50):
+                 wakeup_events=256, hold_ms=50, fold=False):
         tdir, note = probes.ensure_tracefs()
         self.notes = [note] if note else []
         if tdir is None:
@@ -43,7 +54,10 @@ class KernelSource:
                             wakeup_events)
         self.notes += self._drain.notes
         self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0
-        self.progs.configure(families, ports, self.hold_ns // 1000)
+        # Folding needs held openings (a whole life in one record)
+        self.fold = bool(fold and self.hold_ns)
+        self._agg = Aggregates(self.progs.b["agg"].map_fd) if self.fold else None
+        self.progs.configure(families, ports, self.hold_ns // 1000, self.fold)
         self._losses = Losses(self.progs, tdir, self.notes, plan.transport == "ringbuf")
         self._overflows = self.progs.b["overflows"] if plan.overflow else None
         self._overflows_seen = None     # the first reading is sent even when empty: it says
@@ -91,10 +105,14 @@ class KernelSource:
             socks = self.progs.b["socks"]
             chunks = [b"".join(bytes(v) for v in socks.values())]
         perm, flag = self._perm, F_SCAN
+        # Folding: a socket whose opening is younger than half the hold time may yet be folded
+        # whole (bpf/aggregate.c), and then no record of it comes: user space must not learn
+        # of it from a scan either. The next scan shows it again if it is still there.
+        young = time.monotonic_ns() - self.hold_ns // 2 if self.fold else 0
         for raw in chunks:
             for t in self._st.iter_unpack(raw):
                 ev = build_event(t, perm)
-                if ev.nsteps:
+                if ev.nsteps and not (young and _opening_after(ev, young)):
                     out.append(ev._replace(flags=ev.flags | flag))
         if self.hold_ns:
             out += self._due_held()
@@ -123,6 +141,11 @@ class KernelSource:
             if ev.ts_ns == head.ts:
                 out.append(ev._replace(flags=ev.flags | F_SCAN))
         return out
+
+    def aggregates(self, now_ns):
+        """[Sample] of the healthy connections folded since the last call (kernel/aggregates.py);
+        [] when not folding."""
+        return self._agg.read(now_ns) if self._agg is not None else []
 
     def losses(self, now_ns):
         """Lost records for what was lost since the last call (kernel/losses.py)."""

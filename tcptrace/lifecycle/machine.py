@@ -47,6 +47,7 @@ class Stats:
         self.partial = 0
         self.gaps = 0                               # transitions whose old state we did not expect
         self.unmatched_errors = 0
+        self.folded = 0                             # sockets the kernel folded (detect/folded.py)
 
     @property
     def matrix(self):

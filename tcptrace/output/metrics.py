@@ -10,14 +10,14 @@ name the hosts and services this one talks to, and an exporter has no authentica
 The sink runs on the pipeline's thread and only increments plain dicts; the HTTP server's thread
 copies them when scraped (a dict copy is one step under the GIL, so no lock is needed).
 """
-import bisect
-
+from tcptrace import histogram
 from tcptrace.output import Sink
 
 MAX_SERIES = 1000
-# Handshake times: log-linear buckets, 8 per power of two from 1 us to 64 s. Adjacent bounds
-# differ by 9%, so a quantile interpolated within a bucket is off by at most that much.
-BUCKETS_S = tuple(1e-6 * 2 ** (k / 8) for k in range(8 * 26 + 1))
+# Handshake times: tcptrace/histogram.py's buckets (the kernel's aggregates use the same), 8 per
+# power of two from 1 us to 67 s; each bucket's upper bound is its `le`. Adjacent bounds differ
+# by 9%, so a quantile interpolated within a bucket is off by at most that much.
+BUCKETS_S = tuple(histogram.upper_ns(b) / 1e9 for b in range(histogram.N - 1))
 
 
 class _Labels:
@@ -68,6 +68,24 @@ class Metrics:
         """The label of an accepted connection: its listener's port, or the command."""
         return self._svc(f.comm or "" if self.by == "comm" else str(f.lport))
 
+    def fold(self, f):
+        """Connections the kernel folded (detect/folded.py): n connects or accepts, and closes,
+        and the connects' handshake buckets."""
+        n = f.count
+        if f.role == "active":
+            key = self._dest("other") if f.other else self.dest(f)
+            self.connects[key] = self.connects.get(key, 0) + n
+            h = self.handshakes.get(key)
+            if h is None:
+                h = self.handshakes[key] = [0] * (histogram.N + 1)
+            for b, k in f.handshake_buckets.items():
+                h[b] += k
+            h[-1] += f.handshake_sum_ns / 1e9
+        else:
+            key = self._svc("other") if f.other else self.service(f)
+            self.accepts[key] = self.accepts.get(key, 0) + n
+        self.closes[f.closed_by] = self.closes.get(f.closed_by, 0) + n
+
     def add(self, f):
         t = f.type
         if t == "connect":
@@ -75,10 +93,11 @@ class Metrics:
             self.connects[key] = self.connects.get(key, 0) + 1
             h = self.handshakes.get(key)
             if h is None:
-                h = self.handshakes[key] = [0] * (len(BUCKETS_S) + 2)
-            s = f.handshake_ns / 1e9
-            h[bisect.bisect_left(BUCKETS_S, s)] += 1
-            h[-1] += s
+                h = self.handshakes[key] = [0] * (histogram.N + 1)
+            h[histogram.bucket(f.handshake_ns)] += 1
+            h[-1] += f.handshake_ns / 1e9
+        elif t == "aggregate":
+            self.fold(f)
         elif t == "accept":
             key = self.service(f)
             self.accepts[key] = self.accepts.get(key, 0) + 1

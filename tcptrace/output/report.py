@@ -9,7 +9,7 @@ import random
 
 from tabulate import tabulate
 
-from tcptrace import SCHEMA_VERSION, states
+from tcptrace import SCHEMA_VERSION, histogram, states
 from tcptrace.findings import rfc3339
 from tcptrace.output import Sink
 from tcptrace.output.text import endpoint, ns_text as _ns
@@ -89,11 +89,12 @@ class TimeWaitTable:
                if key in rows and rows[key][1] is not None]
         return max(got) if got else None
 
-    def close(self, f):
+    def close(self, f, n=1):
+        """n closes into TIME_WAIT like f (a close finding, or folded ones: an aggregate)."""
         if f.role == "active":
-            self.entries[("to", f.raddr, f.rport)] += 1
+            self.entries[("to", f.raddr, f.rport)] += n
         else:
-            self.entries[("at", f.laddr, f.lport)] += 1
+            self.entries[("at", f.laddr, f.lport)] += n
 
     def sample(self, f):
         rows = {}
@@ -133,6 +134,10 @@ class Report:
     def reset(self):
         self._rng = random.Random(0)
         self.handshakes = {}                              # (raddr, rport, comm) -> Sample
+        # Folded connections (detect/folded.py): (raddr, rport, comm) -> [count, max ns,
+        # {histogram bucket: n}]; a key with any is given percentiles from buckets, its
+        # one-by-one handshakes added to them
+        self.folded = {}
         self.hist = collections.Counter()                 # log2 bucket -> handshakes (exact)
         self.accepts = collections.Counter()              # (lport, comm) -> n
         self.failures = collections.Counter()             # (raddr, rport, comm, cause) -> n
@@ -175,18 +180,58 @@ class Report:
             self.time_wait.sample(f)
         elif t == "time_wait_overflow":
             self.tw_overflow += f.count
+        elif t == "aggregate":
+            self.fold(f)
         elif t == "lost":
             self.lost[f.where] += f.count
         elif t == "evicted":
             self.evicted += f.count
 
+    def fold(self, f):
+        """Connections the kernel folded: what their findings one by one would have added."""
+        n = f.count
+        counts = self.counts
+        if f.role == "active":
+            counts["connect"] += n
+            got = self.folded.get((f.raddr, f.rport, f.comm))
+            if got is None:
+                got = self.folded[(f.raddr, f.rport, f.comm)] = [0, 0, collections.Counter()]
+            got[0] += n
+            got[1] = max(got[1], f.handshake_max_ns)
+            got[2].update(f.handshake_buckets)
+            for b, k in f.handshake_buckets.items():
+                self.hist[histogram.log2_us(b)] += k
+        else:
+            counts["accept"] += n
+            self.accepts[(f.lport, f.comm)] += n
+        if f.closed_by == "local":
+            self.time_wait.close(f, n)
+        counts["close"] += n
+        self.closes[f.closed_by] += n
+
     # -- numbers -----------------------------------------------------------------------------
     def _latency_rows(self, groups):
+        """(key, count, p50, p90, p99, max) per key: exact from the values kept, or, for a key
+        with folded connections, from histogram buckets (within histogram.py's error)."""
         rows = []
-        for key, smp in groups.items():
-            s = sorted(smp.vals)
-            rows.append((key, smp.n, percentile(s, 50), percentile(s, 90), percentile(s, 99),
-                         smp.max))
+        for key in list(groups) + [k for k in self.folded if k not in groups]:
+            smp, fold = groups.get(key), self.folded.get(key)
+            if fold is None:
+                s = sorted(smp.vals)
+                rows.append((key, smp.n, percentile(s, 50), percentile(s, 90),
+                             percentile(s, 99), smp.max))
+                continue
+            n, mx, buckets = fold[0], fold[1], collections.Counter(fold[2])
+            if smp is not None:
+                # the one-by-one ones, into the same buckets (all of them, when the sample
+                # kept all; else the sample stands for them in proportion)
+                w = smp.n / len(smp.vals) if smp.vals else 0
+                for v in smp.vals:
+                    buckets[histogram.bucket(v)] += w
+                n += smp.n
+                mx = max(mx, smp.max)
+            rows.append((key, n) + tuple(histogram.quantile(buckets, p, mx) for p in (50, 90, 99))
+                        + (mx,))
         rows.sort(key=lambda r: -r[1])
         return rows
 

@@ -282,7 +282,7 @@ def rescued_hits(pid):
     5.6+). It is what the tracer reports at exit ("N hits the kernel skipped ... were
     recovered"), readable while it runs, and it counts on every kernel, where the kernel's own
     recursion-miss count for tracepoint programs exists only from 6.7 on."""
-    from tcptrace.kernel.probes import LIBC, bpf
+    from tcptrace.kernel.bpfsys import LIBC, bpf
     pidfd = os.pidfd_open(pid)
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):

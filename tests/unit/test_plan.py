@@ -14,7 +14,7 @@ from tcptrace.kernel.probes import SUPPORTED, UNSUPPORTED, Check
 BPF = os.path.join(os.path.dirname(__file__), "..", "..", "bpf")
 # What bpf/ tests with #ifdef besides the plan's switches: -D sizes with defaults, and the
 # tests-only mode in which the rescue's twins take every hit.
-NOT_PLAN = {"TT_SOCKS_MAX", "TT_HELD_MAX", "TT_RESCUE_ONLY"}
+NOT_PLAN = {"TT_SOCKS_MAX", "TT_HELD_MAX", "TT_AGG_MAX", "TT_RESCUE_ONLY"}
 
 
 def c_switches():
