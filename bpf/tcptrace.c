@@ -59,6 +59,7 @@
 #include "record.c"
 #include "transport.c"
 #include "hold.c"
+#include "histogram.c"
 #include "aggregate.c"
 #include "connect.c"
 #include "state.c"

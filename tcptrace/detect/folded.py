@@ -3,9 +3,14 @@ sending them (bpf/aggregate.c; Options.fold says when), as one finding per key a
 
 Such a connection makes no finding of its own: `report` and `metrics` count it from the
 aggregate (its connect or accept, its close, its handshake time by bucket), and the transition
-matrix gets its five steps. Only the sockets whose whole life was one ordinary record are
-folded; the lifecycle never knew them, so nothing else is owed for them.
+matrix gets its five steps, and for the side that closed first the inferred step into
+TIME_WAIT (detect/timewait.py) and, 60 s later (TCP_TIMEWAIT_LEN), the one out of it: no dump
+can tell a folded socket's timewait sock from another's. Only the sockets whose whole life was
+one ordinary record are folded; the lifecycle never knew them, so nothing else is owed for
+them.
 """
+import collections
+
 from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
@@ -26,7 +31,21 @@ def _cells(shape):
 CELLS = {shape: _cells(shape) for shape in (0, PASSIVE, REMOTE, PASSIVE | REMOTE)}
 
 
+INTO_TW = S.FIN_WAIT2 << 4 | S.TIME_WAIT
+OUT_OF_TW = S.TIME_WAIT << 4 | S.CLOSE
+TIME_WAIT_NS = 60_000_000_000
+
+
 class Folded(Detector):
+    def __init__(self, tracker):
+        super().__init__(tracker)
+        self.waiting = collections.deque()      # (when they leave TIME_WAIT, how many)
+
+    def clock(self, now_ns):
+        w = self.waiting
+        while w and w[0][0] <= now_ns:
+            self.tr.stats.mx[OUT_OF_TW] += w.popleft()[1]
+
     def sample(self, rec):
         if rec.what != AGG:
             return
@@ -36,6 +55,9 @@ class Folded(Detector):
                 in rec.data["rows"]:
             for cell in CELLS[shape]:
                 mx[cell] += n
+            if not shape & REMOTE:
+                mx[INTO_TW] += n
+                self.waiting.append((rec.ts_ns + TIME_WAIT_NS, n))
             st.folded += n
             passive = bool(shape & PASSIVE)
             ends = ({"laddr": addr, "lport": port} if passive

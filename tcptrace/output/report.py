@@ -152,12 +152,15 @@ class Report:
 
     def add(self, f):
         t = f.type
-        self.counts[t] += 1
         ts = f.ts_ns
         if self.first_ns is None or ts < self.first_ns:
             self.first_ns = ts
         if self.last_ns is None or ts > self.last_ns:
             self.last_ns = ts
+        if t == "aggregate":            # folded connections: counted as what they stand for
+            self.fold(f)
+            return
+        self.counts[t] += 1
         if t == "connect":
             v = f.handshake_ns
             key = (f.raddr, f.rport, f.comm)
@@ -180,8 +183,6 @@ class Report:
             self.time_wait.sample(f)
         elif t == "time_wait_overflow":
             self.tw_overflow += f.count
-        elif t == "aggregate":
-            self.fold(f)
         elif t == "lost":
             self.lost[f.where] += f.count
         elif t == "evicted":

@@ -344,3 +344,12 @@ def test_listener_pressure_in_text_and_report(listen_recording):
     flood = max(rows.values(), key=lambda x: x["drops"]["total"])
     assert flood["drops"]["request_queue_full"] == flood["drops"]["total"] > 1000
     assert flood["half_open_peak"] == 17 and flood["counters"] == "namespace"
+
+
+def test_only_keeps_the_types_asked_for():
+    everything = jsonl(invoke("replay", RECORDED, "--json").stdout)
+    for only in (["--only", "refused,stuck"], ["-o", "refused", "-o", "stuck"]):
+        got = jsonl(invoke("replay", RECORDED, "--json", *only).stdout)
+        assert got == [r for r in everything if r["type"] in ("refused", "stuck")] and got
+    r = invoke("replay", RECORDED, "--only", "refused,nonsense")
+    assert r.exit_code == 2 and "'nonsense' is not a finding type" in r.stderr

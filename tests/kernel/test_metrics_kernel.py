@@ -88,9 +88,55 @@ def query(base, q):
     return float(r[0]["value"][1]) if r else None
 
 
+PORTS = [20000, 20001, 20002, 20010, 20011, 20012]         # bench/storm.py's, 2 workers
+
+
+def test_prometheus_holds_the_storms_counts_when_the_kernel_folds(tmp_path, prometheus):
+    """Without --record, healthy connections are folded in the kernel (bpf/aggregate.c) and
+    reach Prometheus as counts and histogram buckets: still equal to the kernel's counters.
+    The p99 is compared with `watch --only connect` traced alongside; its own clock readings
+    differ by the other tracer's programs' run time (tests/kernel/test_fold_kernel.py), so the
+    bound is wider than the bucket's."""
+    base, port = prometheus
+    filters = [a for p in PORTS for a in ("--port", str(p))]
+    m = start_metrics(tmp_path, "--listen", f"127.0.0.1:{port}", *filters)
+    ready = tmp_path / "full.ready"
+    full = subprocess.Popen([sys.executable, "-m", "tcptrace", "watch", "--json", "--only",
+                             "connect", "--ready-file", str(ready)] + filters, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "full.err", "w"),
+                            text=True)
+    try:
+        wait_until(lambda: ready.exists() or full.poll() is not None, 300)
+        wait_until(lambda: query(base, 'up{job="tcptrace"}') == 1)
+        storm = json.loads(subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", "1000",
+             "--duration", "2", "--workers", "2"], capture_output=True, text=True,
+            check=True).stdout)
+        snmp = storm["snmp"]
+        want = {"sum(tcptrace_connects_total)": snmp["ActiveOpens"] - snmp["AttemptFails"],
+                "sum(tcptrace_accepts_total)": snmp["PassiveOpens"],
+                'sum(tcptrace_connect_failures_total{cause="refused"})': snmp["AttemptFails"],
+                "sum(tcptrace_closes_total)": 2 * snmp["PassiveOpens"]}
+        wait_until(lambda: all(query(base, q) == n for q, n in want.items()), 60)
+        p99 = query(base, "histogram_quantile(0.99, sum by (le) "
+                          "(tcptrace_handshake_seconds_bucket))")
+    finally:
+        m.terminate()
+        m.wait(60)
+        full.send_signal(2)
+        out, _ = full.communicate(timeout=120)
+    err = (tmp_path / "err").read_text()
+    assert "healthy sockets folded in the kernel" in err, err
+    hs = sorted(json.loads(line)["handshake_ns"] / 1e9 for line in out.splitlines()
+                if json.loads(line)["type"] == "connect")
+    assert len(hs) == want["sum(tcptrace_connects_total)"]
+    exact = hs[-(-len(hs) * 99 // 100) - 1]
+    assert exact / 1.5 <= p99 <= exact * 1.5, (p99, exact)
+
+
 def test_prometheus_holds_the_storms_counts_and_p99(tmp_path, prometheus):
     base, port = prometheus
-    ports = [20000, 20001, 20002, 20010, 20011, 20012]         # bench/storm.py's, 2 workers
+    ports = PORTS
     rec = tmp_path / "rec.jsonl"
     m = start_metrics(tmp_path, "--listen", f"127.0.0.1:{port}", "--record", str(rec),
                       *[a for p in ports for a in ("--port", str(p))])

@@ -1,0 +1,107 @@
+"""Healthy short connections folded in the kernel (bpf/aggregate.c) give the same report as
+every record sent one by one: three tracers at once on one storm (bench/storm.py: connects
+that close at once, half-closes, refused connects, in a namespace of its own), `report --json`
+folding, `report --json --full-stream`, and `watch --only refused,...`. Counts must be equal,
+exactly, to each other and to the storm's /proc/net/snmp deltas, and times close (see below
+for why not equal)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PORTS = [20000, 20001, 20002, 20010, 20011, 20012]      # bench/storm.py's, 2 workers x 3 dests
+
+
+def start(tmp_path, name, args):
+    ready = tmp_path / f"{name}.ready"
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    p = subprocess.Popen([sys.executable, "-m", "tcptrace"] + args +
+                         ["--ready-file", str(ready)] +
+                         [a for port in PORTS for a in ("--port", str(port))],
+                         cwd=ROOT, stdout=open(out, "w"), stderr=open(err, "w"))
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert p.poll() is None, err.read_text()
+        assert time.monotonic() < deadline, "tracer never became ready"
+        time.sleep(0.05)       # polling the file the tracer writes: the readiness signal itself
+    return p, out, err
+
+
+def stop(p, err):
+    p.send_signal(signal.SIGINT)
+    assert p.wait(120) == 0, err.read_text()
+    assert "Traceback" not in err.read_text()
+
+
+def folded_count(err):
+    text = err.read_text()
+    for part in text.replace("\n", ", ").split(", "):
+        if "healthy sockets folded" in part:
+            return int(part.split()[0])
+    return 0
+
+
+def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, pace):
+    fold = start(tmp_path, "fold", ["report", "--json"])
+    full = start(tmp_path, "full", ["report", "--json", "--full-stream"])
+    only = start(tmp_path, "only", ["watch", "--json", "--only", "refused,failed,reset,stuck"])
+    rate = max(200, min(1000, int(0.2 / pace.per_conn_s)))     # a fifth of what this host keeps
+    try:
+        storm = json.loads(subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", str(rate),
+             "--duration", "2", "--workers", "2", "--dests", "3"], capture_output=True,
+            text=True, check=True).stdout)
+    finally:
+        for p, _, err in (fold, full, only):
+            stop(p, err)
+    snmp = storm["snmp"]
+    a = json.loads(fold[1].read_text())
+    b = json.loads(full[1].read_text())
+    assert snmp["PassiveOpens"] > 200 and snmp["AttemptFails"] > 0
+
+    # most sockets were folded, and the full stream's tracer folded none
+    n_folded = folded_count(fold[2])
+    assert n_folded >= snmp["PassiveOpens"], fold[2].read_text()
+    assert folded_count(full[2]) == 0
+    # counts: equal to each other and to the kernel's
+    assert a["counts"].get("connect") == b["counts"].get("connect") \
+        == snmp["ActiveOpens"] - snmp["AttemptFails"]
+    assert a["counts"].get("accept") == b["counts"].get("accept") == snmp["PassiveOpens"]
+    assert a["counts"].get("refused") == b["counts"].get("refused") == snmp["AttemptFails"]
+    assert a["counts"].get("close") == b["counts"].get("close")
+    same = lambda v: sorted(json.dumps(x, sort_keys=True) for x in v) \
+        if isinstance(v, list) else v           # rows of equal counts come in any order
+    for k in ("closes", "accepts", "failures", "resets"):
+        assert same(a[k]) == same(b[k]), k
+    # TIME_WAIT -> CLOSE: the storm's namespace died with it, and a dump said so for the
+    # sockets the full stream knew one by one; folded ones leave by the 60 s rule
+    steps = lambda s: {(t["old"], t["new"]): t["count"] for t in s["transitions"]
+                       if (t["old"], t["new"]) != ("TIME_WAIT", "CLOSE")}
+    assert steps(a) == steps(b)
+    tw = lambda s: sorted((r["side"], r["addr"], r["port"], r["entries"]) for r in s["time_wait"])
+    assert tw(a) == tw(b)
+    # per destination: counts exact; times close. Each tracer's programs stamp a hit with
+    # their own clock reading, after the programs attached before them ran, so the same
+    # handshake measures a few microseconds apart in two tracers (up to 15% of a 25 us
+    # loopback handshake here): that, not the histogram (within 4.5%: test_histogram_kernel.py
+    # and tests/unit/test_histogram.py), bounds the difference
+    rows = {(r["raddr"], r["rport"], r["comm"]): r for r in b["connects"]}
+    assert len(a["connects"]) == len(rows)
+    hist = {h["low"]: h["count"] for h in b["handshake_histogram_us"]}
+    for r in a["connects"]:
+        e = rows[(r["raddr"], r["rport"], r["comm"])]
+        assert r["count"] == e["count"]
+        for p in ("p50_ns", "p90_ns", "p99_ns", "max_ns"):
+            assert e[p] / 1.5 <= r[p] <= e[p] * 1.5, (p, r, e)
+    assert sum(h["count"] for h in a["handshake_histogram_us"]) == sum(hist.values())
+    # watch --only: exactly the refused connects, folding the rest
+    lines = [json.loads(line) for line in only[1].read_text().splitlines()]
+    assert sorted({r["type"] for r in lines}) == ["refused"]
+    assert len(lines) == snmp["AttemptFails"]
+    assert folded_count(only[2]) == n_folded
