@@ -27,7 +27,8 @@ sys.path.insert(0, HERE)
 import tracers  # noqa: E402
 
 TOOLS = ("untraced", "tcptrace", "tcptrace-findings", "tcptrace-text", "tcpstates", "tcplife")
-# Also: tcptrace-report, and tcptrace@DIR / tcptrace-report@DIR for a tcptrace source tree at DIR
+# Also: tcptrace-report, tcptrace-metrics, tcptrace-only (watch --only refused,failed,reset,
+# stuck), and tcptrace@DIR / tcptrace-report@DIR for a tcptrace source tree at DIR
 # (A/B a patch against the exported commit in the same interleaved run).
 
 
@@ -171,17 +172,19 @@ def aggregate(runs, rates):
     ratios = []
     for rate in rates:
         get = {r["tool"]: r for r in rows if r["offered_rate"] == (rate or "max")}
-        b = get.get("tcpstates")
-        for name in ("tcptrace", "tcptrace-findings", "tcptrace-text"):
+        b, life = get.get("tcpstates"), get.get("tcplife")
+        for name in [t for t in get if t.startswith("tcptrace")]:
             a = get.get(name)
             if not (a and b):
                 continue
 
-            def ratio(k, a=a):
-                return round(a[k] / b[k], 3) if a.get(k) and b.get(k) else None
+            def ratio(k, a=a, b=b):
+                return round(a[k] / b[k], 3) if b and a.get(k) and b.get(k) else None
             ratios.append({
                 "offered_rate": rate or "max", "tool": name,
                 "throughput_tcptrace_over_tcpstates": ratio("achieved_rate"),
+                "throughput_tcptrace_over_tcplife": ratio("achieved_rate", b=life),
+                "throughput_vs_untraced": a.get("throughput_vs_untraced"),
                 "cpu_per_1k_tcptrace_over_tcpstates": ratio("cpu_ms_per_1k"),
                 "cpu_per_line_tcptrace_over_tcpstates": ratio("cpu_us_per_seen"),
             })
@@ -203,9 +206,12 @@ def table(rows, ratios):
     if ratios:
         out += "\n\n" + tabulate([[r["offered_rate"], r["tool"],
                                    r["throughput_tcptrace_over_tcpstates"],
+                                   r["throughput_tcptrace_over_tcplife"],
+                                   r["throughput_vs_untraced"],
                                    r["cpu_per_1k_tcptrace_over_tcpstates"],
                                    r["cpu_per_line_tcptrace_over_tcpstates"]] for r in ratios],
                                  headers=["offered/s", "tcptrace as", "throughput /tcpstates",
+                                          "/tcplife", "/untraced",
                                           "CPU per 1k /tcpstates",
                                           "CPU per line /tcpstates"])
     return out

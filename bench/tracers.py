@@ -334,6 +334,38 @@ class TcptraceReport(Tcptrace):
         return _with_summary(res, self.stderr())
 
 
+class TcptraceMetrics(Tcptrace):
+    """`tcptrace metrics`: a Prometheus endpoint (on a free loopback port, scraped by nobody
+    during the run); healthy connections are folded in the kernel. Its output shows no
+    transitions, so `seen` is not counted; what it lost is in its final summary."""
+    name = "tcptrace-metrics"
+
+    def argv(self):
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return super().argv()[:3] + ["metrics", "--listen", f"127.0.0.1:{port}",
+                                     "--ready-file", self.ready_path] + self.extra
+
+    def count(self, marker):
+        return _with_summary({"seen": None, "lost_where": {}}, self.stderr())
+
+
+class TcptraceOnly(Tcptrace):
+    """`tcptrace watch --json --only refused,failed,reset,stuck`: what goes wrong, one line
+    each; healthy connections are folded in the kernel."""
+    name = "tcptrace-only"
+
+    def argv(self):
+        return [a for a in super().argv() if a != "--transitions"] + [
+            "--only", "refused,failed,reset,stuck"]
+
+    def count(self, marker):
+        return _with_summary({"seen": None, "lost_where": {}}, self.stderr())
+
+
 class BccTool(Tracer):
     path = None
     outputs = 2          # perf output maps the tool opens (ipv4_events, ipv6_events)
@@ -388,5 +420,6 @@ def export_commit(rev):
 
 TRACERS = {"tcptrace": Tcptrace, "tcptrace-findings": TcptraceFindings,
            "tcptrace-text": TcptraceText,
-           "tcptrace-report": TcptraceReport, "tcpstates": Tcpstates,
+           "tcptrace-report": TcptraceReport, "tcptrace-metrics": TcptraceMetrics,
+           "tcptrace-only": TcptraceOnly, "tcpstates": Tcpstates,
            "tcplife": Tcplife}

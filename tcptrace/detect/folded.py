@@ -63,7 +63,7 @@ class Folded(Detector):
             ends = ({"laddr": addr, "lport": port} if passive
                     else {"raddr": addr, "rport": port})
             self.tr.emit(Finding(
-                "aggregate", rec.ts_ns, comm=comm, family=S.FAMILY_NAMES.get(family), **ends,
+                "aggregate", rec.ts_ns, comm="(other)" if other else comm, family=S.FAMILY_NAMES.get(family), **ends,
                 role="passive" if passive else "active",
                 closed_by="remote" if shape & REMOTE else "local", other=other, count=n,
                 handshake_sum_ns=hs_sum, handshake_max_ns=hs_max,

@@ -201,3 +201,25 @@ def test_only_keeps_the_asked_types_and_never_hides_losses():
     assert f.match(mk("refused")) and f.match(mk("lost")) and f.match(mk("evicted"))
     assert not f.match(mk("connect")) and not f.match(mk("aggregate"))
     assert Filter().match(mk("aggregate"))
+
+
+def test_connections_beyond_the_key_bound_count_under_other():
+    rows = [[2, 0, False, "10.0.0.1", 80, "curl", 5, 5 * 20_000, 30_000, 5 * MS,
+             [[histogram.bucket(20_000), 5]]],
+            [2, 0, True, None, None, None, 7, 7 * 40_000, 50_000, 7 * MS,
+             [[histogram.bucket(40_000), 7]]],
+            [2, AGG_PASSIVE | AGG_REMOTE, True, None, None, None, 3, 0, 0, 3 * MS, []]]
+    s, pipe = report([Sample(SEC, AGG, 0, {"rows": rows})])
+    assert s["counts"] == {"connect": 12, "accept": 3, "close": 15}
+    assert {(r["raddr"], r["comm"]): r["count"] for r in s["connects"]} == \
+        {("10.0.0.1", "curl"): 5, (None, "(other)"): 7}
+    assert s["closes"] == {"local": 12, "remote": 3}
+    assert pipe.tracker.stats.folded == 15
+    from tcptrace.findings import Finding
+    m = Metrics("dest")
+    for other, addr in ((False, "10.0.0.1"), (True, None)):
+        m.add(Finding("aggregate", SEC, comm="x", raddr=addr, rport=80, role="active",
+                      closed_by="local", other=other, count=2, handshake_sum_ns=40_000,
+                      handshake_max_ns=20_000, handshake_buckets={20: 2}, duration_sum_ns=0))
+    assert m.connects == {"10.0.0.1:80": 2, "other": 2}
+    assert m.handshakes["other"][20] == 2 and m.closes == {"local": 4}
