@@ -51,6 +51,7 @@ class Metrics:
         self.closes = {}              # closed_by -> count
         self.lost = {}                # source -> events
         self.evicted = 0
+        self.folded = 0               # sockets the kernel counted instead of sending
         self.stuck = {}               # state -> sockets now (set by the sink on its tick)
         self._dest = _Labels(self)
         self._svc = _Labels(self)
@@ -72,6 +73,7 @@ class Metrics:
         """Connections the kernel folded (detect/folded.py): n connects or accepts, and closes,
         and the connects' handshake buckets."""
         n = f.count
+        self.folded += n
         if f.role == "active":
             key = self._dest("other") if f.other else self.dest(f)
             self.connects[key] = self.connects.get(key, 0) + n
@@ -174,6 +176,9 @@ class Collector:
         yield c
         yield CounterMetricFamily("tcptrace_evicted_connections", "Connections dropped to "
                                   "stay within --max-conns.", value=m.evicted)
+        yield CounterMetricFamily("tcptrace_folded_sockets", "Healthy short-lived sockets the "
+                                  "kernel counted instead of sending (included in the counts "
+                                  "above).", value=m.folded)
         yield CounterMetricFamily("tcptrace_label_overflow", "Label values beyond the cap, "
                                   "counted under \"other\".", value=m.overflow)
 

@@ -91,6 +91,23 @@ def query(base, q):
 PORTS = [20000, 20001, 20002, 20010, 20011, 20012]         # bench/storm.py's, 2 workers
 
 
+def storm_until_scraped(base):
+    """Run the storm; wait until Prometheus holds its counts (a scrape a second, and the
+    tracer's output delay). Returns its /proc/net/snmp deltas and {PromQL: count}."""
+    wait_until(lambda: query(base, 'up{job="tcptrace"}') == 1)
+    storm = json.loads(subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", "1000",
+         "--duration", "2", "--workers", "2"], capture_output=True, text=True,
+        check=True).stdout)
+    snmp = storm["snmp"]
+    want = {"sum(tcptrace_connects_total)": snmp["ActiveOpens"] - snmp["AttemptFails"],
+            "sum(tcptrace_accepts_total)": snmp["PassiveOpens"],
+            'sum(tcptrace_connect_failures_total{cause="refused"})': snmp["AttemptFails"],
+            "sum(tcptrace_closes_total)": 2 * snmp["PassiveOpens"]}
+    wait_until(lambda: all(query(base, q) == n for q, n in want.items()), 60)
+    return snmp, want
+
+
 def test_prometheus_holds_the_storms_counts_when_the_kernel_folds(tmp_path, prometheus):
     """Without --record, healthy connections are folded in the kernel (bpf/aggregate.c) and
     reach Prometheus as counts and histogram buckets: still equal to the kernel's counters.
@@ -107,17 +124,7 @@ def test_prometheus_holds_the_storms_counts_when_the_kernel_folds(tmp_path, prom
                             text=True)
     try:
         wait_until(lambda: ready.exists() or full.poll() is not None, 300)
-        wait_until(lambda: query(base, 'up{job="tcptrace"}') == 1)
-        storm = json.loads(subprocess.run(
-            [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", "1000",
-             "--duration", "2", "--workers", "2"], capture_output=True, text=True,
-            check=True).stdout)
-        snmp = storm["snmp"]
-        want = {"sum(tcptrace_connects_total)": snmp["ActiveOpens"] - snmp["AttemptFails"],
-                "sum(tcptrace_accepts_total)": snmp["PassiveOpens"],
-                'sum(tcptrace_connect_failures_total{cause="refused"})': snmp["AttemptFails"],
-                "sum(tcptrace_closes_total)": 2 * snmp["PassiveOpens"]}
-        wait_until(lambda: all(query(base, q) == n for q, n in want.items()), 60)
+        snmp, want = storm_until_scraped(base)
         p99 = query(base, "histogram_quantile(0.99, sum by (le) "
                           "(tcptrace_handshake_seconds_bucket))")
     finally:
@@ -141,17 +148,7 @@ def test_prometheus_holds_the_storms_counts_and_p99(tmp_path, prometheus):
     m = start_metrics(tmp_path, "--listen", f"127.0.0.1:{port}", "--record", str(rec),
                       *[a for p in ports for a in ("--port", str(p))])
     try:
-        wait_until(lambda: query(base, 'up{job="tcptrace"}') == 1)
-        storm = json.loads(subprocess.run(
-            [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", "1000",
-             "--duration", "2", "--workers", "2"], capture_output=True, text=True,
-            check=True).stdout)
-        snmp = storm["snmp"]
-        want = {"sum(tcptrace_connects_total)": snmp["ActiveOpens"] - snmp["AttemptFails"],
-                "sum(tcptrace_accepts_total)": snmp["PassiveOpens"],
-                'sum(tcptrace_connect_failures_total{cause="refused"})': snmp["AttemptFails"]}
-        # every count reaches Prometheus (a scrape a second, and the tracer's output delay)
-        wait_until(lambda: all(query(base, q) == n for q, n in want.items()), 60)
+        snmp, want = storm_until_scraped(base)
         assert query(base, "sum(tcptrace_resets_total)") in (None, 0)
         p99 = query(base, "histogram_quantile(0.99, sum by (le) "
                           "(tcptrace_handshake_seconds_bucket))")

@@ -222,4 +222,4 @@ def test_connections_beyond_the_key_bound_count_under_other():
                       closed_by="local", other=other, count=2, handshake_sum_ns=40_000,
                       handshake_max_ns=20_000, handshake_buckets={20: 2}, duration_sum_ns=0))
     assert m.connects == {"10.0.0.1:80": 2, "other": 2}
-    assert m.handshakes["other"][20] == 2 and m.closes == {"local": 4}
+    assert m.handshakes["other"][20] == 2 and m.closes == {"local": 4} and m.folded == 4
