@@ -226,6 +226,7 @@ def run_live(opts, plan, diag):
     for n in plan.notes:
         diag(n)
     src = LiveSource(plan, opts, stop)
+    plan = src.plan             # the one it could attach
     _tune_gc()
     for n in src.notes:
         diag(n)

@@ -120,11 +120,19 @@ class Background:
             self._ready = [r for r in ready if r.ts_ns > now_ns]
             return [r for r in ready if r.ts_ns <= now_ns]
 
-    def close(self):
-        """Stop the thread, let go of what the samplers hold; what is worth saying about them."""
+    def finish(self):
+        """Stop the thread once its reading in progress is done; the readings not taken yet
+        (the run's last ones: a short run's only one)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        with self._lock:
+            ready, self._ready = self._ready, []
+        return ready
+
+    def close(self):
+        """Stop the thread, let go of what the samplers hold; what is worth saying about them."""
+        self.finish()
         notes = []
         for s in self.samplers:
             s.close()

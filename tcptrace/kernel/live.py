@@ -9,7 +9,9 @@ of their own; their readings join the batch of the next drain.
 import operator
 import time
 
+from tcptrace import errors
 from tcptrace.host import owners
+from tcptrace.kernel import probes
 from tcptrace.host.samplers import Background
 from tcptrace.wire import F_SYSCALL, Batch, Kind
 
@@ -19,13 +21,24 @@ _kind = operator.attrgetter("kind")
 
 class LiveSource:
     def __init__(self, plan, opts, stop, samplers=()):
-        from tcptrace.kernel.source import KernelSource
-        self.plan = plan
         self.opts = opts
         self.stop = stop
-        self.src = KernelSource(plan, families=opts.filter.kernel_families(),
-                                ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms,
-                                fold=opts.fold)
+        try:
+            self.src = self._source(plan)
+        except errors.Unavailable as e:
+            if plan.connect_hook != "kprobe" or "kprobe" not in str(e):
+                raise
+            # kprobes that exist but cannot be attached (without CAP_SYS_ADMIN, some kernels
+            # refuse a kprobe's perf event where they allow tracepoints'): the syscall hook
+            # stands in, as where there are no kprobes at all
+            cs = [c if c.name != "kprobes" else
+                  probes.Check("kprobes", probes.UNSUPPORTED, "present but not attachable")
+                  for c in probes.checks()]
+            plan = probes.plan(opts.transport, cs)
+            self.src = self._source(plan)
+            self.src.notes.insert(0, f"kprobes could not be attached ({e}): tracing with "
+                                     f"{plan.describe()}")
+        self.plan = plan
         self.armed_ns = time.monotonic_ns()     # records can exist from here on
         self.notes = self.src.notes
         self.compile_s = self.src.compile_s
@@ -34,6 +47,13 @@ class LiveSource:
         self.on_ready = None        # called once the sockets that existed before are seeded
         self.samplers = list(samplers)      # host/samplers.py: what the detectors asked for
         self.sampling = None                # their thread, once tracing runs
+
+    def _source(self, plan):
+        from tcptrace.kernel.source import KernelSource
+        opts = self.opts
+        return KernelSource(plan, families=opts.filter.kernel_families(),
+                            ports=sorted(opts.filter.ports), hold_ms=opts.hold_ms,
+                            fold=opts.fold)
 
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
@@ -89,9 +109,11 @@ class LiveSource:
             seeds = ()
             if deadline and now >= deadline:
                 break
-        # Drain what is still in the buffers.
+        # Drain what is still in the buffers, and take the samplers' last readings.
+        last = sampling.finish()
         evs = self._not_tcp(src.poll(0))
         now = src.read_ns
+        evs.extend(r for r in last if r.ts_ns <= now)
         evs.extend(src.losses(now))
         evs.extend(src.overflows(now))
         evs.extend(src.aggregates(now))

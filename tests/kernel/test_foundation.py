@@ -95,7 +95,8 @@ def test_loopback_connection_exact_transitions(request, path, family, host):
     fam = "ipv4" if family == socket.AF_INET else "ipv6"
     assert {r["family"] for r in client + server} == {fam}
     assert client[1]["laddr"] == host and client[1]["raddr"] == host
-    conn = tracer.wait_for(lambda r: r["type"] == "connect" and r["lport"] == cport)[0]
+    conn = tracer.wait_for(lambda r: r["type"] == "connect" and r["lport"] == cport
+                           and r["rport"] == port)[0]
     # A plausible handshake, not a step's time mixed up: microseconds on loopback, but the
     # emulated CI guest (Debian 6.1) once took 61 ms; every wrong pairing is off by far more.
     assert conn["pid"] == os.getpid() and 0 < conn["handshake_ns"] < 1_000_000_000

@@ -111,3 +111,28 @@ def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_the
     time.sleep(0.05)
     notes = bg.close()
     assert notes[0] == "slow: described" and notes[-1] == "sampling stopped: ValueError: boom"
+
+
+def test_finish_waits_for_the_reading_in_progress_and_hands_it_over():
+    """A run shorter than a reading still gets it: the last batch takes what finish() returns
+    (a short run's listen sampler has a single reading, made while it ran)."""
+    import threading
+    from tcptrace.host.samplers import Background, Sampler
+
+    started = threading.Event()
+
+    class Slow(Sampler):
+        name = "slow"
+        period_ns = 10 * SEC
+
+        def sample(self, now_ns):
+            started.set()
+            import time
+            time.sleep(0.2)
+            return [Sample(now_ns, self.name, 1, {})]
+    bg = Background([Slow()])
+    bg.start()
+    started.wait(5)
+    got = bg.finish()
+    assert [r.what for r in got] == ["slow"]
+    assert bg.finish() == []
