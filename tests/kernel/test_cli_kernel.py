@@ -149,6 +149,12 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
                           str(port), "--record", str(rec), "--ready-file", str(ready)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_ready(ready, p)
+    # the listen sampler's first reading, made on its own thread (in an emulated guest it can
+    # come after the rest of this test has closed `keep`); the recording is flushed every poll
+    deadline = time.monotonic() + 60
+    while '"what":"listen"' not in rec.read_text().replace(" ", ""):
+        assert time.monotonic() < deadline, "no listen reading in 60 s"
+        time.sleep(0.05)
     other = one_connection()                         # another port: filtered in the kernel
     v6 = socket.socket(socket.AF_INET6)
     v6.bind(("::1", port))                           # same port, IPv6: filtered by family
@@ -173,7 +179,7 @@ def test_port_and_family_filters_apply_in_the_kernel(tmp_path):
     # the listen sampler reads only the listeners the filters let through (host/samplers.py)
     read = [d for r in raw if r["kind"] == "sample" and r["what"] == "listen"
             for d in r["data"]["listeners"]]
-    assert read and {(d["family"], d["lport"]) for d in read} == {(2, port)}
+    assert read and {(d["family"], d["lport"]) for d in read} == {(2, port)}, err
     findings = [first] + [json.loads(l) for l in out.splitlines()]
     # Recursion misses and unseen hits are counted per program, machine-wide: on a busy host a
     # filtered run may honestly report some (it cannot know they were not its own sockets' hits).
