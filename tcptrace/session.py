@@ -111,11 +111,29 @@ class Pipeline:
         return ", ".join(parts)
 
 
-def samplers_for(detectors, **scope):
+def shown_types(opts):
+    """The finding types this run's output shows (None: all of them). A recording is for any
+    view later: all."""
+    if opts.record:
+        return None
+    if opts.filter.types:
+        return opts.filter.types
+    if opts.metrics:
+        from tcptrace.output.metrics import Metrics
+        return Metrics.READS
+    return None
+
+
+def samplers_for(detectors, shown=None, **scope):
     """One of each sampler the detectors ask for (their SAMPLERS), each made with `scope`:
-    what the kernel-side filters keep (ports, families), so that a dump keeps the same."""
+    what the kernel-side filters keep (ports, families), so that a dump keeps the same. With
+    `shown` (the finding types the output will show; None: all), only those of detectors whose
+    samples change one of them (SAMPLED_FOR): a dump of every TIME_WAIT socket each second is
+    half of what `metrics` or `watch --only refused` would otherwise cost, for nothing shown."""
     wanted = {}
     for d in detectors:
+        if shown is not None and not shown & getattr(d, "SAMPLED_FOR", frozenset()):
+            continue
         for make in getattr(d, "SAMPLERS", ()):
             wanted.setdefault(make, None)
     return [make(**scope) for make in wanted]
@@ -235,7 +253,8 @@ def run_live(opts, plan, diag):
         sink.wall_offset_ns = src.wall_offset_ns
     pipe = Pipeline(opts, sink or make_sink(opts, out, src.wall_offset_ns, src.armed_ns),
                     confirm=view.confirm, resolve_owner=view.resolve)
-    src.samplers = samplers_for(pipe.tracker.detectors, ports=sorted(opts.filter.ports),
+    src.samplers = samplers_for(pipe.tracker.detectors, shown_types(opts),
+                                ports=sorted(opts.filter.ports),
                                 families=opts.filter.kernel_families())
     ready = ReadyFile(opts.ready_file) if opts.ready_file else None
     rec = None

@@ -114,6 +114,9 @@ class Listener:
 
 class Listeners(Detector):
     SAMPLERS = (samplers.Listeners,)
+    # its own findings, and the listener a slow or failed connect waited on
+    SAMPLED_FOR = frozenset(("listen_pressure", "listen_recovered", "connect", "refused",
+                             "failed"))
 
     def __init__(self, tracker, interval_ns=5_000_000_000):
         super().__init__(tracker)

@@ -44,6 +44,8 @@ def entered_time_wait(c):
 
 class TimeWaits(Detector):
     SAMPLERS = (TimeWaitSampler,)
+    # what its samples change: its own findings, and when a timewait sock's exit is told
+    SAMPLED_FOR = frozenset(("time_wait", "port_pressure", "time_wait_overflow", "transition"))
 
     def __init__(self, tracker, threshold=0.8):
         super().__init__(tracker)

@@ -39,6 +39,9 @@ class _Labels:
 
 class Metrics:
     """The numbers /metrics shows, kept as plain dicts."""
+    # The finding types it reads (stuck sockets come from the tracker, on the sink's tick)
+    READS = frozenset(("connect", "accept", "refused", "failed", "reset", "close", "stuck",
+                       "lost", "evicted"))
 
     def __init__(self, by="dest"):
         self.by = by

@@ -136,3 +136,21 @@ def test_finish_waits_for_the_reading_in_progress_and_hands_it_over():
     got = bg.finish()
     assert [r.what for r in got] == ["slow"]
     assert bg.finish() == []
+
+
+def test_samplers_run_only_for_findings_the_output_shows():
+    from tcptrace.detect.listen import Listeners
+    from tcptrace.detect.timewait import TimeWaits
+    from tcptrace.host.samplers import Listeners as ListenSampler
+    from tcptrace.host.timewait import TimeWaitSampler
+    from tcptrace.filters import Filter
+    from tcptrace.session import shown_types
+    ds = [Listeners, TimeWaits]
+    kinds = lambda opts: {type(s) for s in samplers_for(ds, shown_types(opts))}
+    assert kinds(Options()) == {ListenSampler, TimeWaitSampler}                 # watch
+    assert kinds(Options(report=True)) == {ListenSampler, TimeWaitSampler}
+    assert kinds(Options(metrics=True)) == {ListenSampler}     # listeners a connect waited on
+    only = Filter(types=frozenset({"reset", "stuck"}))
+    assert kinds(Options(filter=only)) == set()
+    assert kinds(Options(filter=only, record="r")) == {ListenSampler, TimeWaitSampler}
+    assert kinds(Options(filter=Filter(types=frozenset({"time_wait"})))) == {TimeWaitSampler}
