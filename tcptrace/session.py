@@ -33,7 +33,8 @@ class Pipeline:
                                pressure_interval_ns=int(opts.pressure_interval * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,
                                confirm=confirm, resolve_owner=resolve_owner,
-                               port_pressure=opts.port_pressure)
+                               port_pressure=opts.port_pressure,
+                               follow_time_wait=opts.report or opts.transitions)
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection

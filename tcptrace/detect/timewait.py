@@ -47,9 +47,12 @@ class TimeWaits(Detector):
     # what its samples change: its own findings, and when a timewait sock's exit is told
     SAMPLED_FOR = frozenset(("time_wait", "port_pressure", "time_wait_overflow", "transition"))
 
-    def __init__(self, tracker, threshold=0.8):
+    def __init__(self, tracker, threshold=0.8, follow=True):
         super().__init__(tracker)
         self.threshold = threshold
+        # Follow each timewait sock to its exit (TIME_WAIT -> CLOSE): only for what shows
+        # transitions (--transitions, the report's matrix); nothing else reads it.
+        self.follow = follow
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first
         self.waiting = collections.OrderedDict()
@@ -68,6 +71,8 @@ class TimeWaits(Detector):
         ts = c.closed_ns
         old = (c.path >> 4) & 0xF
         self.tr.stats.mx[old << 4 | S.TIME_WAIT] += 1
+        if not self.follow:
+            return False
         ends = ends_of(c, c.skaddr) if c.lport else None
         if self.tr.transitions and ends is not None:
             self.tr.emit(InferredTransition(ts, ends, old << 8 | S.TIME_WAIT, "close"))
@@ -113,6 +118,9 @@ class TimeWaits(Detector):
             return
         self.sampled = True
         d = rec.data
+        if not self.follow:
+            self._namespace(rec)
+            return
         recent = self.recent
         if recent and next(iter(recent.values())) < rec.ts_ns - RECENT_NS:
             self.recent = recent = {k: t for k, t in recent.items()
@@ -126,7 +134,11 @@ class TimeWaits(Detector):
                 recent[key] = rec.ts_ns
         for t in d.get("left", ()):
             self._leave((t[0], t[1], t[2], t[3]), rec.ts_ns, "sock_diag")
-        if d.get("gone"):
+        self._namespace(rec)
+
+    def _namespace(self, rec):
+        """The namespace's own view: counts, destinations, pressure."""
+        if rec.data.get("gone"):
             self.ns.pop(rec.netns, None)
             return
         ns = self.ns.get(rec.netns)
