@@ -389,7 +389,13 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
     err_text = t.stderr_path.read_text()
     rescued = rescued_hits(pid) - rescued0
     assert rescued > 0, err_text                          # the kernel did skip programs
-    assert t.matching(delivery_loss)[lost_before:] == [], err_text   # ... none went uncovered
+    # ... and they covered them: nothing else was lost, and misses the twins could not take
+    # (a twin interrupted by a hit of its own hook on the same CPU is skipped by the kernel as
+    # well: 3 of 7,412 in one CI run) stay under 1% of what they took
+    lost_now = t.matching(delivery_loss)[lost_before:]
+    assert [r for r in lost_now if not r["where"].startswith("recursion:")] == [], err_text
+    uncovered = sum(r["count"] for r in lost_now if r["where"].startswith("recursion:"))
+    assert uncovered * 100 <= rescued, (uncovered, rescued, err_text)
     # Each socket's transitions, exactly once: a chain from its first state to CLOSE in which
     # every step starts where the last one ended (a lost or doubled step breaks it). Which
     # close path a connection takes varies (both ends close at once, over two CPUs).
