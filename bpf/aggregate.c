@@ -6,14 +6,6 @@
  * handshake histogram; everything unusual still comes as records and goes through the
  * detectors. Part of tcptrace.c; state.c calls tt_fold where it would send the record. */
 
-#define TT_LISTEN_   10
-#define TT_SYN_RECV_ 3
-#define TT_FIN_WAIT1_ 4
-#define TT_FIN_WAIT2_ 5
-#define TT_CLOSE_    7
-#define TT_CLOSE_WAIT_ 8
-#define TT_LAST_ACK_ 9
-
 #ifndef TT_AGG_MAX
 #define TT_AGG_MAX 4096
 #endif
@@ -33,18 +25,18 @@ BPF_PERCPU_ARRAY(agg_zero, struct tt_agg, 1);
 static __always_inline int tt_shape(struct tt_event *e)
 {
     int shape = 0;
-    if (e->step_old[0] == TT_LISTEN_ && e->step_new[0] == TT_SYN_RECV_)
+    if (e->step_old[0] == TT_LISTEN && e->step_new[0] == TT_SYN_RECV)
         shape = TT_AGG_PASSIVE;
-    else if (!(e->step_old[0] == TT_CLOSE_ && e->step_new[0] == TT_SYN_SENT))
+    else if (!(e->step_old[0] == TT_CLOSE && e->step_new[0] == TT_SYN_SENT))
         return -1;
     if (e->step_new[1] != TT_ESTABLISHED || e->step_old[2] != TT_ESTABLISHED ||
-        e->step_new[4] != TT_CLOSE_)
+        e->step_new[4] != TT_CLOSE)
         return -1;
-    if (e->step_new[2] == TT_FIN_WAIT1_ && e->step_new[3] == TT_FIN_WAIT2_ &&
-        e->step_old[4] == TT_FIN_WAIT2_)
+    if (e->step_new[2] == TT_FIN_WAIT1 && e->step_new[3] == TT_FIN_WAIT2 &&
+        e->step_old[4] == TT_FIN_WAIT2)
         return shape;
-    if (e->step_new[2] == TT_CLOSE_WAIT_ && e->step_new[3] == TT_LAST_ACK_ &&
-        e->step_old[4] == TT_LAST_ACK_)
+    if (e->step_new[2] == TT_CLOSE_WAIT && e->step_new[3] == TT_LAST_ACK &&
+        e->step_old[4] == TT_LAST_ACK)
         return shape | TT_AGG_REMOTE;
     return -1;
 }

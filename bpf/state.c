@@ -133,7 +133,7 @@ static __always_inline void tt_add_step(void *ctx, struct tt_event *e, struct tt
     if (!h->send && n + 1 < TT_MAX_STEPS)
         return;
     int kept = h->new == TT_ESTABLISHED ? n + 1 < TT_MAX_STEPS && tt_hold(h->sk, h->ts, e)
-                                         : h->new == TT_CLOSE_ && tt_fold(e);
+                                         : h->new == TT_CLOSE && tt_fold(e);
     if (!kept)
         tt_emit(ctx, e);
     socks.delete(&h->sk);

@@ -51,6 +51,13 @@
 /* The states and numbers the programs name themselves (include/net/tcp_states.h, uapi). */
 #define TT_ESTABLISHED 1
 #define TT_SYN_SENT 2
+#define TT_SYN_RECV 3
+#define TT_FIN_WAIT1 4
+#define TT_FIN_WAIT2 5
+#define TT_CLOSE 7
+#define TT_CLOSE_WAIT 8
+#define TT_LAST_ACK 9
+#define TT_LISTEN 10
 #define TT_IPPROTO_TCP 6
 #define TT_EINPROGRESS 115
 #define TT_EADDRNOTAVAIL 99

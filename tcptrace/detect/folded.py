@@ -13,6 +13,7 @@ import collections
 
 from tcptrace import states as S
 from tcptrace.detect.base import Detector
+from tcptrace.detect.timewait import TIME_WAIT_NS, TW_CELL
 from tcptrace.findings import Finding
 from tcptrace.wire import AGG, AGG_PASSIVE as PASSIVE, AGG_REMOTE as REMOTE
 
@@ -32,8 +33,6 @@ CELLS = {shape: _cells(shape) for shape in (0, PASSIVE, REMOTE, PASSIVE | REMOTE
 
 
 INTO_TW = S.FIN_WAIT2 << 4 | S.TIME_WAIT
-OUT_OF_TW = S.TIME_WAIT << 4 | S.CLOSE
-TIME_WAIT_NS = 60_000_000_000
 
 
 class Folded(Detector):
@@ -44,7 +43,7 @@ class Folded(Detector):
     def clock(self, now_ns):
         w = self.waiting
         while w and w[0][0] <= now_ns:
-            self.tr.stats.mx[OUT_OF_TW] += w.popleft()[1]
+            self.tr.stats.mx[TW_CELL] += w.popleft()[1]
 
     def sample(self, rec):
         if rec.what != AGG:

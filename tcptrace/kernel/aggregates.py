@@ -37,7 +37,6 @@ class Aggregates:
         self._hist = struct.Struct(f"<{histogram.N}I")
         self._scan = MapScanner(map_fd, ksize, self.stride * self.ncpu)
         self._last = {}         # raw key -> (count, hs_sum, hs_max, life_sum, [per bucket])
-        self.keys = 0
 
     def _sum(self, raw):
         """A key's values summed over its CPUs."""
@@ -82,5 +81,4 @@ class Aggregates:
                              None if other else _addr(family, addr), None if other else port,
                              None if other else comm.split(b"\0", 1)[0].decode(errors="replace"),
                              count - c0, hs_sum - hs0, hs_max, life - life0, buckets])
-        self.keys = len(self._last)
         return [Sample(now_ns, AGG, 0, {"rows": rows})] if rows else []

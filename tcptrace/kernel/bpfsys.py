@@ -27,32 +27,35 @@ class _InfoAttr(ctypes.Structure):
                 ("info", ctypes.c_uint64)]
 
 
-def prog_stats(fd):
-    """(run_cnt, run_time_ns, recursion_misses) of a loaded program, from BPF_OBJ_GET_INFO_BY_FD.
-    Offsets are those of the uapi struct bpf_prog_info (stable ABI; recursion_misses since 5.12,
-    None before)."""
+def _obj_info(fd, size):
+    """(the kernel's info struct of the object behind fd as bytes, the length it filled) from
+    BPF_OBJ_GET_INFO_BY_FD, or None."""
     if NR_BPF is None:
         return None
-    buf = ctypes.create_string_buffer(256)
-    attr = _InfoAttr(fd, 256, ctypes.addressof(buf))
+    buf = ctypes.create_string_buffer(size)
+    attr = _InfoAttr(fd, size, ctypes.addressof(buf))
     if bpf(BPF_OBJ_GET_INFO_BY_FD, attr)[0] != 0:
         return None
-    run_time, run_cnt, misses = struct.unpack_from("<QQQ", buf, 192)
-    if attr.info_len < 216:
-        misses = None
-    return run_cnt, run_time, misses
+    return buf.raw, attr.info_len
+
+
+def prog_stats(fd):
+    """(run_cnt, run_time_ns, recursion_misses) of a loaded program. Offsets are those of the
+    uapi struct bpf_prog_info (stable ABI; recursion_misses since 5.12, None before)."""
+    got = _obj_info(fd, 256)
+    if got is None:
+        return None
+    run_time, run_cnt, misses = struct.unpack_from("<QQQ", got[0], 192)
+    return run_cnt, run_time, (misses if got[1] >= 216 else None)
 
 
 def map_info(fd):
-    """(type, key_size, value_size, max_entries) of a map, from the kernel (uapi struct
-    bpf_map_info's first members), or None."""
-    if NR_BPF is None:
+    """(type, key_size, value_size, max_entries) of a map (uapi struct bpf_map_info's first
+    members), or None."""
+    got = _obj_info(fd, 80)
+    if got is None:
         return None
-    buf = ctypes.create_string_buffer(80)
-    attr = _InfoAttr(fd, 80, ctypes.addressof(buf))
-    if bpf(BPF_OBJ_GET_INFO_BY_FD, attr)[0] != 0:
-        return None
-    typ, _id, ksize, vsize, entries = struct.unpack_from("<5I", buf, 0)
+    typ, _id, ksize, vsize, entries = struct.unpack_from("<5I", got[0], 0)
     return typ, ksize, vsize, entries
 
 

@@ -72,6 +72,13 @@ class Metrics:
         """The label of an accepted connection: its listener's port, or the command."""
         return self._svc(f.comm or "" if self.by == "comm" else str(f.lport))
 
+    def _handshakes(self, key):
+        """A label's handshake histogram: a count per histogram.py bucket, then the sum (s)."""
+        h = self.handshakes.get(key)
+        if h is None:
+            h = self.handshakes[key] = [0] * (histogram.N + 1)
+        return h
+
     def fold(self, f):
         """Connections the kernel folded (detect/folded.py): n connects or accepts, and closes,
         and the connects' handshake buckets."""
@@ -80,9 +87,7 @@ class Metrics:
         if f.role == "active":
             key = self._dest("other") if f.other else self.dest(f)
             self.connects[key] = self.connects.get(key, 0) + n
-            h = self.handshakes.get(key)
-            if h is None:
-                h = self.handshakes[key] = [0] * (histogram.N + 1)
+            h = self._handshakes(key)
             for b, k in f.handshake_buckets.items():
                 h[b] += k
             h[-1] += f.handshake_sum_ns / 1e9
@@ -96,9 +101,7 @@ class Metrics:
         if t == "connect":
             key = self.dest(f)
             self.connects[key] = self.connects.get(key, 0) + 1
-            h = self.handshakes.get(key)
-            if h is None:
-                h = self.handshakes[key] = [0] * (histogram.N + 1)
+            h = self._handshakes(key)
             h[histogram.bucket(f.handshake_ns)] += 1
             h[-1] += f.handshake_ns / 1e9
         elif t == "aggregate":
@@ -120,6 +123,15 @@ class Metrics:
             self.evicted += f.count
 
 
+def _labelled(family, name, doc, labels, values):
+    """A metric family with a sample per label value in `values` ({value or tuple of values:
+    number}), read from a copy: the pipeline's thread may add to it meanwhile."""
+    fam = family(name, doc, labels=labels)
+    for k, n in dict(values).items():
+        fam.add_metric(list(k) if isinstance(k, tuple) else [k], n)
+    return fam
+
+
 class Collector:
     """prometheus_client's view of a Metrics, made at each scrape from copies."""
 
@@ -127,16 +139,13 @@ class Collector:
         self.m = m
 
     def collect(self):
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import (CounterMetricFamily as Counter,
+                                            GaugeMetricFamily as Gauge, HistogramMetricFamily)
         m = self.m
         label = {"dest": "dest", "port": "port", "comm": "comm"}[m.by]
         svc = "comm" if m.by == "comm" else "port"
-        c = CounterMetricFamily("tcptrace_connects", "Connects that completed (SYN_SENT to "
-                                "ESTABLISHED).", labels=[label])
-        for k, n in dict(m.connects).items():
-            c.add_metric([k], n)
-        yield c
+        yield _labelled(Counter, "tcptrace_connects", "Connects that completed (SYN_SENT to "
+                        "ESTABLISHED).", [label], m.connects)
         h = HistogramMetricFamily("tcptrace_handshake_seconds", "Handshake time of completed "
                                   "connects (SYN_SENT to ESTABLISHED).", labels=[label])
         for k, counts in dict(m.handshakes).items():
@@ -147,43 +156,25 @@ class Collector:
                 buckets.append((repr(le) if le != float("inf") else "+Inf", cum))
             h.add_metric([k], buckets, counts[-1])
         yield h
-        c = CounterMetricFamily("tcptrace_accepts", "Accepted connections.", labels=[svc])
-        for k, n in dict(m.accepts).items():
-            c.add_metric([k], n)
-        yield c
-        c = CounterMetricFamily("tcptrace_connect_failures", "Connects that failed, by cause "
-                                "(refused, timeout, unreachable, cancelled, ...).",
-                                labels=["cause", label])
-        for (cause, k), n in dict(m.failures).items():
-            c.add_metric([cause, k], n)
-        yield c
-        c = CounterMetricFamily("tcptrace_resets", "Established connections ended by a reset, "
-                                "by which side sent it.", labels=["by"])
-        for k, n in dict(m.resets).items():
-            c.add_metric([k], n)
-        yield c
-        c = CounterMetricFamily("tcptrace_closes", "Connections closed normally, by which side "
-                                "closed first.", labels=["closed_by"])
-        for k, n in dict(m.closes).items():
-            c.add_metric([k], n)
-        yield c
-        g = GaugeMetricFamily("tcptrace_stuck_sockets", "Sockets reported stuck in a "
-                              "half-closed state now.", labels=["state"])
-        for k, n in dict(m.stuck).items():
-            g.add_metric([k], n)
-        yield g
-        c = CounterMetricFamily("tcptrace_lost_events", "Kernel events tcptrace could not "
-                                "see, by where they were lost.", labels=["source"])
-        for k, n in dict(m.lost).items():
-            c.add_metric([k], n)
-        yield c
-        yield CounterMetricFamily("tcptrace_evicted_connections", "Connections dropped to "
-                                  "stay within --max-conns.", value=m.evicted)
-        yield CounterMetricFamily("tcptrace_folded_sockets", "Healthy short-lived sockets the "
-                                  "kernel counted instead of sending (included in the counts "
-                                  "above).", value=m.folded)
-        yield CounterMetricFamily("tcptrace_label_overflow", "Label values beyond the cap, "
-                                  "counted under \"other\".", value=m.overflow)
+        yield _labelled(Counter, "tcptrace_accepts", "Accepted connections.", [svc], m.accepts)
+        yield _labelled(Counter, "tcptrace_connect_failures", "Connects that failed, by cause "
+                        "(refused, timeout, unreachable, cancelled, ...).", ["cause", label],
+                        m.failures)
+        yield _labelled(Counter, "tcptrace_resets", "Established connections ended by a reset, "
+                        "by which side sent it.", ["by"], m.resets)
+        yield _labelled(Counter, "tcptrace_closes", "Connections closed normally, by which side "
+                        "closed first.", ["closed_by"], m.closes)
+        yield _labelled(Gauge, "tcptrace_stuck_sockets", "Sockets reported stuck in a "
+                        "half-closed state now.", ["state"], m.stuck)
+        yield _labelled(Counter, "tcptrace_lost_events", "Kernel events tcptrace could not "
+                        "see, by where they were lost.", ["source"], m.lost)
+        yield Counter("tcptrace_evicted_connections", "Connections dropped to stay within "
+                      "--max-conns.", value=m.evicted)
+        yield Counter("tcptrace_folded_sockets", "Healthy short-lived sockets the kernel "
+                      "counted instead of sending (included in the counts above).",
+                      value=m.folded)
+        yield Counter("tcptrace_label_overflow", "Label values beyond the cap, counted under "
+                      "\"other\".", value=m.overflow)
 
 
 class MetricsSink(Sink):
