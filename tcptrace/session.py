@@ -130,14 +130,15 @@ def samplers_for(detectors, shown=None, **scope):
     what the kernel-side filters keep (ports, families), so that a dump keeps the same. With
     `shown` (the finding types the output will show; None: all), only those of detectors whose
     samples change one of them (SAMPLED_FOR): a dump of every TIME_WAIT socket each second is
-    half of what `metrics` or `watch --only refused` would otherwise cost, for nothing shown."""
+    half of what `metrics` or `watch --only refused` would otherwise cost, for nothing shown.
+    A detector's `sampler_options` (a dict) are passed to its samplers too."""
     wanted = {}
     for d in detectors:
         if shown is not None and not shown & getattr(d, "SAMPLED_FOR", frozenset()):
             continue
         for make in getattr(d, "SAMPLERS", ()):
-            wanted.setdefault(make, None)
-    return [make(**scope) for make in wanted]
+            wanted.setdefault(make, getattr(d, "sampler_options", {}))
+    return [make(**scope, **options) for make, options in wanted.items()]
 
 
 def run(source, pipe, recorder=None):

@@ -19,6 +19,10 @@ the ones it defines) and makes findings with `self.tr.finding()` / `self.tr.conc
   sample(rec)               a sampler's reading of the kernel's tables or counters (wire.Sample)
   clock(now_ns)             the clock moved on (every poll)
 
+A detector that needs readings of the host's tables names their samplers (tcptrace/host) in
+SAMPLERS, the finding types those readings change in SAMPLED_FOR (they run only when one of
+those is shown), and any keyword arguments for them in a `sampler_options` dict.
+
 tests/unit/test_detectors.py shows each in isolation; docs/design.md walks through adding one.
 """
 

@@ -53,6 +53,7 @@ class TimeWaits(Detector):
         # Follow each timewait sock to its exit (TIME_WAIT -> CLOSE): only for what shows
         # transitions (--transitions, the report's matrix); nothing else reads it.
         self.follow = follow
+        self.sampler_options = {"follow": follow}
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first
         self.waiting = collections.OrderedDict()

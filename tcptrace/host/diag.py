@@ -33,6 +33,14 @@ STATES = {"ESTABLISHED": 1, "SYN_SENT": 2, "SYN_RECV": 3, "FIN_WAIT1": 4, "FIN_W
           "CLOSING": 11}
 
 
+# What raw() readers take from an inet_diag_msg: its head (state, local port, then the remote
+# port and the local and remote addresses as one 34-byte key: ports big-endian, addresses 16
+# bytes, IPv4 in the first 4) and, at RAW_EXPIRES_AT, `expires` (ms; native u32).
+RAW_HEAD = struct.Struct(">xBxxH34s")
+RAW_EXPIRES = struct.Struct("=I")
+RAW_EXPIRES_AT = 52
+
+
 class DiagSock(NamedTuple):
     family: int
     state: int
@@ -58,7 +66,7 @@ def _text(key):
 
 
 # (family, 16 raw bytes) -> text: a dump of thousands of sockets names a handful of addresses
-_ADDR = Memo(_text, limit=100_000)
+ADDR = Memo(_text, limit=100_000)
 
 
 def port_filter(ports, local=False):
@@ -94,14 +102,30 @@ class Diag:
     def dump(self, states, families=(socket.AF_INET, socket.AF_INET6), ports=(), local=False):
         """[DiagSock] of the TCP sockets in these states (names), optionally only those with a
         local or remote port (only a local one, if `local`) in `ports`."""
+        out = []
+        addr, unpack_msg = ADDR, _MSG.unpack_from
+        for _fam, buf, offsets in self.raw(states, families, ports, local):
+            for off in offsets:
+                (fam, st, timer, retrans, sp, dp, src, dst, _if, cookie, expires, rq, wq, uid,
+                 inode) = unpack_msg(buf, off)
+                out.append(DiagSock(fam, st, timer, retrans, addr[(fam, src)],
+                                    int.from_bytes(sp, "big"), addr[(fam, dst)],
+                                    int.from_bytes(dp, "big"), expires, rq, wq, uid, inode,
+                                    int.from_bytes(cookie, "little")))
+        return out
+
+    def raw(self, states, families=(socket.AF_INET, socket.AF_INET6), ports=(), local=False):
+        """The same dump unparsed, for a reader of a few fields of very many sockets (the
+        TIME_WAIT sampler: tens of thousands a dump, where building a DiagSock each costs more
+        than the kernel's whole walk): yields (family, buffer, [offset of each inet_diag_msg])
+        per read from the socket. The buffer is overwritten by the next read: take what is
+        needed before asking for more. Fields at their uapi offsets (RAW_*)."""
         mask = 0
         for s in states:
             mask |= 1 << STATES[s]
-        out = []
         for fam in families:
             self._request(fam, mask, port_filter(ports, local) if ports else b"")
-            self._collect(out)
-        return out
+            yield from self._chunks(fam)
 
     def _request(self, family, mask, bytecode):
         self._seq += 1
@@ -113,28 +137,26 @@ class Diag:
                            NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
         self.sock.sendall(head + body)
 
-    def _collect(self, out):
-        buf, view = self._buf, memoryview(self._buf)
-        unpack_msg, unpack_nl = _MSG.unpack_from, _NLMSG.unpack_from
-        addr = _ADDR
+    def _chunks(self, family):
+        buf = self._buf
+        unpack_nl, hdr = _NLMSG.unpack_from, _NLMSG.size
         while True:
             n = self.sock.recv_into(buf)
-            off = 0
-            while off + _NLMSG.size <= n:
+            off, offsets = 0, []
+            while off + hdr <= n:
                 length, typ, _flags, seq, _pid = unpack_nl(buf, off)
-                if length < _NLMSG.size:
+                if length < hdr:
                     raise OSError("sock_diag: a malformed netlink message")
                 if seq == self._seq:
                     if typ == NLMSG_DONE:
+                        if offsets:
+                            yield family, buf, offsets
                         return
                     if typ == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", buf, off + _NLMSG.size)[0]
+                        err = -struct.unpack_from("=i", buf, off + hdr)[0]
                         raise OSError(err, f"sock_diag: {socket.errno.errorcode.get(err, err)}")
                     if typ == SOCK_DIAG_BY_FAMILY:
-                        (fam, st, timer, retrans, sp, dp, src, dst, _if, cookie, expires, rq,
-                         wq, uid, inode) = unpack_msg(view, off + _NLMSG.size)
-                        out.append(DiagSock(fam, st, timer, retrans, addr[(fam, src)],
-                                            int.from_bytes(sp, "big"), addr[(fam, dst)],
-                                            int.from_bytes(dp, "big"), expires, rq, wq, uid,
-                                            inode, int.from_bytes(cookie, "little")))
+                        offsets.append(off + hdr)
                 off += (length + 3) & ~3
+            if offsets:
+                yield family, buf, offsets

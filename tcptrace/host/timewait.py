@@ -32,13 +32,13 @@ import socket
 import time
 
 from tcptrace.host import counters, netns
-from tcptrace.host.diag import STATES, Diag
+from tcptrace.host.diag import ADDR, RAW_EXPIRES, RAW_EXPIRES_AT, RAW_HEAD, STATES, Diag
 from tcptrace.host.samplers import Namespaces, Sampler
 from tcptrace.wire import Sample
 
 CONNECTED = ("SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK",
              "CLOSING", "TIME_WAIT")
-TW, LISTEN = STATES["TIME_WAIT"], STATES["LISTEN"]
+TW = STATES["TIME_WAIT"]
 SETTINGS = ("ip_local_port_range", "tcp_tw_reuse", "tcp_max_tw_buckets")
 MAX_ROWS = 256
 BUDGET = 0.05          # at most this share of a CPU spent sampling: the period stretches
@@ -72,50 +72,71 @@ class _Namespace:
             os.close(fd)
 
 
-def _largest(d):
-    return sorted(d.items(), key=lambda kv: -sum(kv[1]))[:MAX_ROWS]
+def _largest(rows):
+    return sorted(rows, key=lambda kv: -sum(kv[1]))[:MAX_ROWS]
 
 
-def aggregate(socks, lo, hi):
-    """(dests, locals, services, {4-tuple in TIME_WAIT: ms left}) of a dump: see the module's
-    docstring. A socket whose local port is a listener's was accepted: it took no port of the
-    range (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's."""
-    listening = {s.lport for s in socks if s.state == LISTEN}
-    dests, locs, services, tw = {}, {}, {}, {}
-    # Runs per socket of every dump (tens of thousands): plain dict and list operations only.
-    for s in socks:
-        st, lport = s.state, s.lport
-        if st == LISTEN:
-            continue
-        in_tw = st == TW
-        if in_tw:
-            tw[(s.laddr, lport, s.raddr, s.rport)] = s.expires_ms
-        if lo <= lport <= hi and lport not in listening:
-            i = 0 if in_tw else 1
-            k = (s.laddr, s.raddr, s.rport)
-            row = dests.get(k)
-            if row is None:
-                row = dests[k] = [0, 0]
-            row[i] += 1
-            row = locs.get(s.laddr)
-            if row is None:
-                row = locs[s.laddr] = [0, 0]
-            row[i] += 1
-        elif in_tw:
-            k = (s.laddr, lport)
-            services[k] = services.get(k, 0) + 1
-    locs = {(a,): v for a, v in locs.items()}
-    services = {k: [n] for k, n in services.items()}
-    return tuple([list(k) + v for k, v in _largest(d)] for d in (dests, locs, services)) + (tw,)
+_HEAD, _EXPIRES = RAW_HEAD.unpack_from, RAW_EXPIRES.unpack_from
+
+
+def _text(fam, key, at):
+    """The address at key[at:at+16] (a raw key: remote port, local, remote address) as text."""
+    return ADDR[(fam, key[at:at + 16])]
+
+
+def tuple_text(tup):
+    """A timewait sock's raw (family, local port, key) as (laddr, lport, raddr, rport)."""
+    fam, lport, key = tup
+    return (_text(fam, key, 2), lport, _text(fam, key, 18), key[0] << 8 | key[1])
+
+
+def aggregate(listening, chunks, lo, hi, follow=True):
+    """(dests, locals, services, {raw 4-tuple in TIME_WAIT: ms left}, or None unless `follow`)
+    of a dump (Diag.raw chunks) of the connected states: see the module's docstring. A socket
+    whose local port is a listener's (`listening`) was accepted: it took no port of the range
+    (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's. Runs per
+    socket of every dump (tens of thousands, 5,000 more a second under a 5k conn/s storm): one
+    unpack and plain dict operations on raw bytes per socket; text only for what is returned."""
+    dests, locs, services, tw = {}, {}, {}, {} if follow else None
+    for fam, buf, offsets in chunks:
+        fd, fl, fs = (d.setdefault(fam, {}) for d in (dests, locs, services))
+        for o in offsets:
+            st, lport, key = _HEAD(buf, o)
+            in_tw = st == TW
+            if in_tw and follow:
+                tw[(fam, lport, key)] = _EXPIRES(buf, o + RAW_EXPIRES_AT)[0]
+            if lo <= lport <= hi and lport not in listening:
+                i = 0 if in_tw else 1
+                row = fd.get(key)
+                if row is None:
+                    row = fd[key] = [0, 0]
+                row[i] += 1
+                src = key[2:18]
+                row = fl.get(src)
+                if row is None:
+                    row = fl[src] = [0, 0]
+                row[i] += 1
+            elif in_tw:
+                k = (lport, key[2:18])
+                fs[k] = fs.get(k, 0) + 1
+    rows = (
+        [([_text(f, k, 2), _text(f, k, 18), k[0] << 8 | k[1]], v)
+         for f, d in dests.items() for k, v in d.items()],
+        [([ADDR[(f, k)]], v) for f, d in locs.items() for k, v in d.items()],
+        [([ADDR[(f, k[1])], k[0]], [n]) for f, d in services.items() for k, n in d.items()])
+    return tuple([k + v for k, v in _largest(r)] for r in rows) + (tw,)
 
 
 class TimeWaitSampler(Sampler):
     name = "time_wait"
 
-    def __init__(self, namespaces=None, ports=(), families=()):
+    def __init__(self, namespaces=None, ports=(), families=(), follow=True):
         self.namespaces = namespaces or Namespaces()
         self.ports = tuple(ports)           # only sockets with one of these ports (--port)
         self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
+        # Say which 4-tuples entered and left TIME_WAIT: only for a detector that follows each
+        # timewait sock to its exit (detect/timewait.py); else no sample carries them
+        self.follow = follow
         self.open = {}          # netns inode -> _Namespace
         self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
         self.samples = 0
@@ -129,7 +150,7 @@ class TimeWaitSampler(Sampler):
         for ino in [i for i in self.open if i not in known]:
             ns = self.open.pop(ino)
             out.append(Sample(now_ns, self.name, ino,
-                              {"gone": True, "left": [list(k) for k in ns.tw]}))
+                              {"gone": True, "left": [list(tuple_text(k)) for k in ns.tw]}))
             ns.close()
         for ino, base in known.items():
             try:
@@ -152,21 +173,26 @@ class TimeWaitSampler(Sampler):
             ns = self.open[ino] = _Namespace(base)
         st = ns.settings()
         lo, hi = st["ip_local_port_range"]
-        socks = ns.diag.dump(CONNECTED + ("LISTEN",), self.families, self.ports)
+        # The listeners first: whether a socket took a port of the range depends on them, and
+        # a dump of both families would bring an IPv6 wildcard listener after the IPv4 sockets
+        listening = {s.lport for s in ns.diag.dump(["LISTEN"], self.families, self.ports)}
+        dests, locs, services, tw = aggregate(
+            listening, ns.diag.raw(CONNECTED, self.families, self.ports), lo, hi, self.follow)
         self.dumps += 1
-        dests, locs, services, tw = aggregate(socks, lo, hi)
-        prev = ns.tw
-        ns.tw = tw
         c = counters.tcp_counters(base)
-        return Sample(now_ns, self.name, ino, {
+        data = {
             "tw": counters.sockstat(base).get("tw", 0),
             "counters": {k: c.get(k, 0) for k in ("TW", "TWRecycled", "TWKilled",
                                                   "TCPTimeWaitOverflow")},
             "port_range": [lo, hi], "tw_reuse": st["tcp_tw_reuse"],
             "max_tw_buckets": st["tcp_max_tw_buckets"],
-            "dests": dests, "locals": locs, "services": services,
-            "entered": [list(k) + [e] for k, e in tw.items() if k not in prev],
-            "left": [list(k) for k in prev if k not in tw]})
+            "dests": dests, "locals": locs, "services": services}
+        if self.follow:
+            prev = ns.tw
+            ns.tw = tw
+            data["entered"] = [list(tuple_text(k)) + [e] for k, e in tw.items() if k not in prev]
+            data["left"] = [list(tuple_text(k)) for k in prev if k not in tw]
+        return Sample(now_ns, self.name, ino, data)
 
     def close(self):
         for ns in self.open.values():

@@ -2,11 +2,12 @@
 from the sampler's dumps (or the 60 s rule), the namespace view, port pressure, overflow, and
 connects that found no local port. Hand-built streams and samples; no root, no BCC."""
 import io
+import socket
 
 from tcptrace import states as S
 from tcptrace.detect.timewait import TIME_WAIT_NS
-from tcptrace.host.diag import DiagSock, STATES
-from tcptrace.host.timewait import aggregate
+from tcptrace.host.diag import _MSG, STATES, DiagSock
+from tcptrace.host.timewait import aggregate, tuple_text
 from tcptrace.lifecycle import Tracker
 from tcptrace.output.report import Report
 from tcptrace.output.text import TextSink
@@ -194,27 +195,59 @@ def test_a_connect_that_found_no_local_port_names_its_destination():
     assert [f["reason"] for f in of(out, "failed")] == ["cancelled"]
 
 
+def raw_chunks(socks, per_chunk=4):
+    """Diag.raw's chunks for these DiagSocks: inet_diag_msgs as the kernel lays them out, a few
+    per read, each family's in reads of its own, as the dump is made per family."""
+    out = []
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        mine = [s for s in socks if s.family == fam]
+        for i in range(0, len(mine), per_chunk):
+            buf, offsets = bytearray(b"junk"), []
+            for s in mine[i:i + per_chunk]:
+                offsets.append(len(buf))
+                buf += _MSG.pack(s.family, s.state, s.timer, s.retrans,
+                                 s.lport.to_bytes(2, "big"), s.rport.to_bytes(2, "big"),
+                                 socket.inet_pton(fam, s.laddr).ljust(16, b"\0"),
+                                 socket.inet_pton(fam, s.raddr).ljust(16, b"\0"), 0,
+                                 s.cookie.to_bytes(8, "little"), s.expires_ms, s.rqueue,
+                                 s.wqueue, s.uid, s.inode) + b"pad!"
+            out.append((fam, buf, offsets))
+    return out
+
+
 def test_a_dump_is_aggregated_per_destination_local_address_and_service():
-    def sock(state, lport, raddr="10.0.0.2", rport=80, laddr="10.0.0.1"):
-        return DiagSock(2, STATES[state], 0, 0, laddr, lport, raddr, rport, 1000, 0, 0, 0, 0, 0)
+    def sock(state, lport, raddr="10.0.0.2", rport=80, laddr="10.0.0.1", expires=1000):
+        fam = socket.AF_INET6 if ":" in laddr else socket.AF_INET
+        return DiagSock(fam, STATES[state], 0, 0, laddr, lport, raddr, rport, expires, 0, 0, 0,
+                        0, 0)
     socks = [sock("TIME_WAIT", 40000), sock("TIME_WAIT", 40001), sock("ESTABLISHED", 40002),
-             sock("TIME_WAIT", 40003, rport=443), sock("FIN_WAIT2", 40004),
+             sock("TIME_WAIT", 40003, rport=443, expires=59000), sock("FIN_WAIT2", 40004),
              sock("TIME_WAIT", 80, raddr="10.0.0.9", rport=50000),      # a server's
              sock("ESTABLISHED", 80, raddr="10.0.0.9", rport=50001),
              sock("TIME_WAIT", 40005, laddr="10.0.0.3"),
-             # a listener on a port of the range, and what it accepted
-             sock("LISTEN", 40006, raddr="0.0.0.0", rport=0),
+             # what a listener on a port of the range accepted
              sock("TIME_WAIT", 40006, raddr="10.0.0.9", rport=50002),
-             sock("ESTABLISHED", 40006, raddr="10.0.0.9", rport=50003)]
-    dests, locs, services, tw = aggregate(socks, 40000, 40009)
-    assert dests == [["10.0.0.1", "10.0.0.2", 80, 2, 2], ["10.0.0.1", "10.0.0.2", 443, 1, 0],
-                     ["10.0.0.3", "10.0.0.2", 80, 1, 0]]
-    assert locs == [["10.0.0.1", 3, 2], ["10.0.0.3", 1, 0]]
-    assert services == [["10.0.0.1", 80, 1], ["10.0.0.1", 40006, 1]]
-    assert sorted(tw) == [("10.0.0.1", 80, "10.0.0.9", 50000), ("10.0.0.1", 40000, "10.0.0.2", 80),
-                          ("10.0.0.1", 40001, "10.0.0.2", 80), ("10.0.0.1", 40003, "10.0.0.2", 443),
-                          ("10.0.0.1", 40006, "10.0.0.9", 50002),
-                          ("10.0.0.3", 40005, "10.0.0.2", 80)]
+             sock("ESTABLISHED", 40006, raddr="10.0.0.9", rport=50003),
+             # IPv6: its own rows, though the raw addresses share their first bytes with IPv4's
+             sock("TIME_WAIT", 40007, laddr="a00:1::", raddr="a00:2::"),
+             sock("TIME_WAIT", 40008, laddr="a00:1::", raddr="a00:2::"),
+             sock("TIME_WAIT", 443, laddr="a00:1::", raddr="a00:9::", rport=50004)]
+    dests, locs, services, tw = aggregate({40006}, raw_chunks(socks), 40000, 40009)
+    assert dests == [["10.0.0.1", "10.0.0.2", 80, 2, 2], ["a00:1::", "a00:2::", 80, 2, 0],
+                     ["10.0.0.1", "10.0.0.2", 443, 1, 0], ["10.0.0.3", "10.0.0.2", 80, 1, 0]]
+    assert locs == [["10.0.0.1", 3, 2], ["a00:1::", 2, 0], ["10.0.0.3", 1, 0]]
+    assert services == [["10.0.0.1", 80, 1], ["10.0.0.1", 40006, 1], ["a00:1::", 443, 1]]
+    assert sorted((tuple_text(k), ms) for k, ms in tw.items()) == [
+        (("10.0.0.1", 80, "10.0.0.9", 50000), 1000),
+        (("10.0.0.1", 40000, "10.0.0.2", 80), 1000), (("10.0.0.1", 40001, "10.0.0.2", 80), 1000),
+        (("10.0.0.1", 40003, "10.0.0.2", 443), 59000),
+        (("10.0.0.1", 40006, "10.0.0.9", 50002), 1000),
+        (("10.0.0.3", 40005, "10.0.0.2", 80), 1000),
+        (("a00:1::", 443, "a00:9::", 50004), 1000), (("a00:1::", 40007, "a00:2::", 80), 1000),
+        (("a00:1::", 40008, "a00:2::", 80), 1000)]
+    # not following exits: the same rows, no 4-tuples kept
+    assert aggregate({40006}, raw_chunks(socks), 40000, 40009, follow=False) == \
+        (dests, locs, services, None)
 
 
 def test_report_has_a_time_wait_table_within_80_columns():
