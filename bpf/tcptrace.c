@@ -74,18 +74,22 @@
 #include "rescue.c"
 #include "listen.c"
 
-/* state_hits: runs of the inet_sock_set_state program, per CPU, with or without the rescue:
- * incremented first thing on every run, never reset. With the kernel's recursion misses of the
- * program, what BPF was shown of the hook, which user space sets against a count of the
- * tracepoint's hits that needs no BPF (tcptrace/kernel/tally.py). */
-BPF_PERCPU_ARRAY(state_hits, u64, 1);
+/* hits: runs of the tallied tracepoint programs (inet_sock_set_state, tcp_retransmit_skb), per
+ * kind and CPU, with or without the rescue: incremented first thing on every run, never reset.
+ * With the kernel's recursion misses of the program, what BPF was shown of the hook, which user
+ * space sets against a count of the tracepoint's hits that needs no BPF (kernel/tally.py). */
+BPF_PERCPU_ARRAY(hits, u64, TT_KIND_MAX);
+
+static __always_inline void tt_hit(u32 kind)
+{
+    u64 *n = hits.lookup(&kind);
+    if (n)
+        (*n)++;
+}
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-    int zero = 0;
-    u64 *hits = state_hits.lookup(&zero);
-    if (hits)
-        (*hits)++;
+    tt_hit(TT_STATE);
     TT_STEP_ASIDE();
     TT_MARK(TT_STATE, TT_ID_STATE(args->skaddr, args->oldstate, args->newstate));
     if (args->protocol == TT_IPPROTO_TCP) {
@@ -151,6 +155,7 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 #ifdef TT_HOOK_RETRANS
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+    tt_hit(TT_RETRANS);
     TT_STEP_ASIDE();
     TT_MARK(TT_RETRANS, (u64)args->skaddr);
     if (args->state == TT_SYN_SENT) {

@@ -80,7 +80,7 @@ class Lost(NamedTuple):
     ts_ns: int
     count: int
     where: str        # "bpf:<kind>" (output refused), "recursion:<prog>", "perf:cpuN",
-                      # "unseen:inet_sock_set_state" (no program ran; kernel/tally.py)
+                      # "unseen:<tracepoint>" (no program ran; kernel/tally.py)
 
 
 steps_struct = Memo(lambda m: struct.Struct(f"<{m}Q{m}I{m}B{m}B"), limit=64)  # M -> M steps

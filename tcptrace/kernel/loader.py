@@ -19,14 +19,15 @@ from tcptrace.wire import Kind
 # The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
 # tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
 # `rescued` counter they keep, the plan's hook name or None when always attached).
-STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's name for it
+STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's names for them
+RETRANS_PROG = "tracepoint__tcp__tcp_retransmit_skb"
 TWINS = (
     ("state", "inet_sock_set_state", STATE_PROG, Kind.STATE, None),
     ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
      "tcp:tcp_receive_reset"),
     ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
      Kind.SOCK_ERROR, "sock:inet_sk_error_report"),
-    ("retrans", "tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb", Kind.RETRANS,
+    ("retrans", "tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS,
      "tcp:tcp_retransmit_skb"),
 )
 

@@ -5,9 +5,9 @@
   - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
     running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the
     ones the raw tracepoint twins recovered (the recursion rescue, bpf/rescue.c);
-  - "unseen:inet_sock_set_state": state transitions the kernel made without running the BPF
-    program and without counting a miss either, found by counting the same tracepoint in a
-    tracefs instance (kernel/tally.py).
+  - "unseen:<tracepoint>": hits of inet_sock_set_state and tcp_retransmit_skb the kernel made
+    without running the BPF program and without counting a miss either, found by counting the
+    same tracepoint in a tracefs instance (kernel/tally.py).
 
 Every pair of counters is read in the order that lets a race only under-report, never report a
 loss that did not happen.
@@ -15,7 +15,7 @@ loss that did not happen.
 import ctypes
 
 from tcptrace.kernel.bpfsys import prog_stats
-from tcptrace.kernel.loader import STATE_PROG
+from tcptrace.kernel.loader import RETRANS_PROG, STATE_PROG
 from tcptrace.kernel.tally import Tally
 from tcptrace.wire import Kind, Lost
 
@@ -30,31 +30,39 @@ class Losses:
         self.spill = spill
         self.spilled_total = 0
         self.rescued_total = 0
-        self.unseen_total = 0
         self._seen_drops = {}
         self._seen_misses = {}
-        self._state_fd = progs.fd(STATE_PROG)
-        self.tally = None
-        try:
-            self.tally = Tally(tracefs)
-        except (OSError, ValueError) as e:
-            notes.append(f"no tracefs count of inet_sock_set_state ({e}): transitions the "
-                         "kernel makes without running BPF would go uncounted")
-        else:
-            self._tally_base = self._tally_baseline()
+        self.tallied = []
+        for event, prog, kind, tag in TALLIED:
+            fd = progs.fd(prog)
+            if fd is None:
+                continue                    # a hook this plan does not attach
+            try:
+                tally = Tally(tracefs, event, tag)
+            except (OSError, ValueError) as e:
+                notes.append(f"no tracefs count of {event} ({e}): its hits the kernel makes "
+                             "without running BPF would go uncounted")
+                continue
+            self.tallied.append(_Tallied(self, tally, prog, fd, kind))
+
+    @property
+    def tally(self):
+        """The tally of inet_sock_set_state, or None."""
+        return next((t.tally for t in self.tallied if t.kind == Kind.STATE), None)
+
+    @property
+    def unseen_total(self):
+        return sum(t.unseen_total for t in self.tallied)
 
     def read(self, now_ns):
         """Lost records for what was lost since the last call."""
         if self.spill:
             self.spilled_total = sum(sum(v) for _k, v in self.progs.b["spilled"].items())
         out = self._drops(now_ns) + self._misses(now_ns)
-        if self.tally is not None:
-            # The tally first, BPF's count after (Tally: the difference can only fall short)
-            t = self.tally.count()
-            unseen = t - self._visible() - self._tally_base
-            if unseen > self.unseen_total:
-                out.append(Lost(now_ns, unseen - self.unseen_total, "unseen:inet_sock_set_state"))
-                self.unseen_total = unseen
+        for t in self.tallied:
+            n = t.read()
+            if n:
+                out.append(Lost(now_ns, n, t.where))
         return out
 
     def _drops(self, now_ns):
@@ -93,35 +101,60 @@ class Losses:
                 self._seen_misses[name] = misses
         return out
 
-    def _visible(self):
-        """Hits of inet_sock_set_state BPF was shown: the program's runs, and the hits it was
-        skipped for, which the kernel counts as misses (since 6.7 on this path: earlier kernels
-        skip without counting) and the twins count as rescued. Where both count, the rescued
-        are some of the misses; where only the twins do, they are all we know of."""
-        b = self.progs.b
-        runs = sum(b[b"state_hits"][ctypes.c_int(0)])
-        st = prog_stats(self._state_fd) if self._state_fd is not None else None
+    def close(self):
+        for t in self.tallied:
+            t.tally.close()
+        self.tallied = []
+
+
+# The tracepoints counted without BPF: (event, its program, the Kind of its `hits` and `rescued`
+# slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
+# ran no program for leaves a failed connect's count short with nothing to say so.
+TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
+           ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))
+
+
+class _Tallied:
+    """One tallied tracepoint: its hits counted in tracefs against those BPF was shown."""
+
+    def __init__(self, losses, tally, prog, fd, kind):
+        self.losses, self.tally, self.prog, self.fd, self.kind = losses, tally, prog, fd, kind
+        self.where = "unseen:" + tally.event.rsplit("/", 1)[1]
+        self.unseen_total = 0
+        self.base = self._baseline()
+
+    def visible(self):
+        """Hits BPF was shown: the program's runs, and the hits it was skipped for, which the
+        kernel counts as misses (since 6.7 on this path: earlier kernels skip without counting)
+        and the twins count as rescued. Where both count, the rescued are some of the misses;
+        where only the twins do, they are all we know of."""
+        b, key = self.losses.progs.b, ctypes.c_int(self.kind)
+        runs = sum(b[b"hits"][key])
+        st = prog_stats(self.fd)
         misses = (st[2] or 0) if st else 0
-        kind = self.progs.twins.get(STATE_PROG)
-        rescued = sum(b[b"rescued"][ctypes.c_int(kind)]) if kind is not None else 0
+        rescued = sum(b[b"rescued"][key]) if self.prog in self.losses.progs.twins else 0
         return runs + max(misses, rescued)
 
-    def _tally_baseline(self):
+    def read(self):
+        """Hits unseen since the last read. The tally first, BPF's count after (Tally: the
+        difference can only fall short)."""
+        unseen = self.tally.count() - self.visible() - self.base
+        if unseen <= self.unseen_total:
+            return 0
+        n, self.unseen_total = unseen - self.unseen_total, unseen
+        return n
+
+    def _baseline(self):
         """Tally less BPF-visible hits at start, read as BPF, tally, BPF: the first difference
         can only exceed the true one (hits that ran their program between the reads count as
         unseen), so losses measured against it can only fall short. Equal BPF reads mean no
         hit came in between: the difference is exact. A few tries for such a moment."""
         best = None
         for _ in range(8):
-            v1 = self._visible()
+            v1 = self.visible()
             t = self.tally.count()
-            v2 = self._visible()
+            v2 = self.visible()
             best = t - v1 if best is None else min(best, t - v1)
             if v1 == v2:
                 break
         return best
-
-    def close(self):
-        if self.tally is not None:
-            self.tally.close()
-            self.tally = None

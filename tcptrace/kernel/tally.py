@@ -1,5 +1,6 @@
-"""A count of every sock:inet_sock_set_state hit that needs no BPF: the yardstick for hits the
-kernel made without running any BPF program (reported as `unseen:` losses, kernel/losses.py)."""
+"""A count of every hit of a tracepoint that needs no BPF (sock:inet_sock_set_state,
+tcp:tcp_retransmit_skb): the yardstick for hits the kernel made without running any BPF program
+(reported as `unseen:` losses, kernel/losses.py)."""
 import contextlib
 import os
 
@@ -15,8 +16,8 @@ def _start_time(pid):
 
 
 class Tally:
-    """Counts every hit of sock:inet_sock_set_state without BPF, in a tracefs instance of our
-    own, so that hits the kernel makes without running any BPF program for them (and without
+    """Counts every hit of one tracepoint (`event`, "system/name") without BPF, in a tracefs
+    instance of our own (one per event: an instance's counts are not per event), so that hits the kernel makes without running any BPF program for them (and without
     counting them as recursion misses) are counted too. Such hits exist: on the 6.18 guest this
     was developed on, BPF never runs in softirqs that interrupt a thread of pid 1 (docs/bench.md,
     "Sixth session"); before 6.7 the kernel skips a tracepoint program for recursion without
@@ -30,17 +31,18 @@ class Tally:
     The instance's probe is registered after the BPF program's, so on each hit BPF runs (or
     misses) first: read this count first and BPF's after, and their difference can only fall
     short of the truth, never report a loss that did not happen."""
-    EVENT = "events/sock/inet_sock_set_state"
-
-    def __init__(self, tracefs):
+    def __init__(self, tracefs, event="sock/inet_sock_set_state", tag=None):
+        """`tag` names the instance of a second event: tcptrace-<pid>-<start time>-<tag>."""
         base = os.path.join(tracefs, "instances")
         self._sweep(base)
-        self.dir = os.path.join(base, self.name(os.getpid()))
+        self.event = os.path.join("events", event)
+        name = self.name(os.getpid())
+        self.dir = os.path.join(base, f"{name}-{tag}" if tag else name)
         os.mkdir(self.dir)
         try:
             self._write("options/overwrite", "0")
             self._write("buffer_size_kb", "4")
-            self._write(os.path.join(self.EVENT, "enable"), "1")
+            self._write(os.path.join(self.event, "enable"), "1")
             self._stats = [os.path.join(self.dir, "per_cpu", d, "stats")
                            for d in os.listdir(os.path.join(self.dir, "per_cpu"))]
             self.count()
@@ -61,17 +63,18 @@ class Tally:
         """Which of these instance names a tcptrace that died without closing its instance
         left: its process is gone, or its pid now belongs to a process started since. Names
         without a start time (tcptrace-<pid>, as older versions named them) go by the pid
-        alone."""
+        alone; a tagged one (tcptrace-<pid>-<start time>-<tag>) by its first three parts."""
         out = []
         for name in names:
             parts = name.split("-")
-            if parts[0] != "tcptrace" or not all(p.isdigit() for p in parts[1:]) \
-                    or len(parts) not in (2, 3):
+            if parts[0] != "tcptrace" or len(parts) not in (2, 3, 4) \
+                    or not all(p.isdigit() for p in parts[1:3]) \
+                    or (len(parts) == 4 and not parts[3].isalpha()):
                 continue
             if len(parts) == 2:
                 if not os.path.exists(f"/proc/{parts[1]}"):
                     out.append(name)
-            elif Tally.name(int(parts[1])) != name:
+            elif Tally.name(int(parts[1])) != "-".join(parts[:3]):
                 out.append(name)
         return out
 
@@ -91,8 +94,8 @@ class Tally:
         gone = []
         for name in Tally.stale(os.listdir(base)):
             with contextlib.suppress(OSError):
-                with open(os.path.join(base, name, Tally.EVENT, "enable"), "w") as f:
-                    f.write("0")
+                with open(os.path.join(base, name, "events", "enable"), "w") as f:
+                    f.write("0")        # every event of the instance, whichever it counts
                 os.rmdir(os.path.join(base, name))
                 gone.append(name)
         return gone
@@ -117,6 +120,6 @@ class Tally:
 
     def close(self):
         with contextlib.suppress(OSError):
-            self._write(os.path.join(self.EVENT, "enable"), "0")
+            self._write(os.path.join(self.event, "enable"), "0")
         with contextlib.suppress(OSError):
             os.rmdir(self.dir)

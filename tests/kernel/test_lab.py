@@ -112,6 +112,13 @@ def test_timeout(tracer, lab):
     # pid in the predicate: failures carry no local port to tell this attempt from another
     # run's in its own lab; the attribution itself is checked on loopback, by port.
     [f] = expect(tracer, where(new, "failed", rport=PORT, raddr=SERVER4, pid=cli.pid))
+    unseen = tracer.matching(lambda r: new(r) and r["type"] == "lost"
+                             and r["where"] == "unseen:tcp_retransmit_skb")
+    if f["syn_retransmits"] < 2 and unseen:
+        # The kernel ran no BPF program for a retransmission (this guest: a softirq on top of
+        # a pid-1 thread, docs/bench.md), and tcptrace said so: no verdict on the count
+        pytest.skip(f"{sum(r['count'] for r in unseen)} tcp_retransmit_skb hits ran no BPF "
+                    f"program (counted unseen): {f['syn_retransmits']} of 2 counted")
     assert (f["reason"], f["errno"], f["syn_retransmits"]) == ("timeout", "ETIMEDOUT", 2), \
         f"{f}\nthe recording of its socket, and losses:\n" \
         f"{socket_evidence(tracer, since, cli.pid, SERVER4, PORT)}\n" \
@@ -127,8 +134,7 @@ class RetransHits:
     hit, with its time (CLOCK_MONOTONIC, the records' clock), CPU, and the task and process
     (TGID) it ran on: a softirq's bystander, which matters, because on the 6.18 development
     guest BPF never runs in a softirq on top of a thread of pid 1 and nothing counts that
-    (docs/bench.md), and tcptrace's tally of such hits (kernel/tally.py) covers only
-    inet_sock_set_state. In `seen` after the block; a witness that cannot be set up says why
+    (docs/bench.md): tcptrace counts those (kernel/tally.py), and this shows which they were. In `seen` after the block; a witness that cannot be set up says why
     there instead of failing the test."""
     EVENT = "events/tcp/tcp_retransmit_skb"
 
