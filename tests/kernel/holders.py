@@ -3,7 +3,9 @@ share to a listener of its own, accepting in batches, holds them, then closes th
 a script by tests/kernel/test_many_open.py: one JSON line per phase on stdout, so the test
 knows when every connection is open (and since when) without sleeping.
 
-    holders.py ADDR PORT COUNT HOLD_S      (HOLD_S 0: hold until stdin closes)
+    holders.py ADDR PORT COUNT HOLD_S [RATE]   (HOLD_S 0: hold until stdin closes; RATE:
+                                                connections opened per second, 0 or none:
+                                                as fast as they can be)
 """
 import json
 import resource
@@ -14,6 +16,7 @@ import time
 
 def main():
     addr, port, count, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    rate = float(sys.argv[5]) if len(sys.argv) > 5 else 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * count + 64), hard))
     srv = socket.socket()
@@ -31,6 +34,8 @@ def main():
             clients.append(c)
         while len(accepted) < len(clients):
             accepted.append(srv.accept()[0])
+        if rate:                             # pacing the opens, not waiting for anything
+            time.sleep(max(0.0, t0 + len(clients) / rate - time.time()))
     print(json.dumps({"open": count, "t0": t0, "t1": time.time(),
                       "ports": [c.getsockname()[1] for c in clients]}), flush=True)
     if hold:

@@ -12,6 +12,9 @@ pytestmark = pytest.mark.kernel
 
 F_OWNER, F_HELD, F_SCAN = 0x04, 0x08, 0x80
 HELD = lambda tracer: "held opens on" in tracer.stderr_path.read_text()
+# TCPTRACE_STRESS=1: the long-lived connection's test 50 times in a row (issue 17: its close
+# finding once never came in CI; run so under load, it did not recur)
+RUNS = 50 if os.environ.get("TCPTRACE_STRESS") == "1" else 1
 
 
 def pair():
@@ -93,7 +96,8 @@ def _traffic(stop):
     srv.close()
 
 
-def test_a_long_lived_connection_is_reported_while_open_by_a_later_hit(tracer):
+@pytest.mark.parametrize("run", range(RUNS))
+def test_a_long_lived_connection_is_reported_while_open_by_a_later_hit(tracer, run):
     assert HELD(tracer), "no queue maps on this kernel"
     srv, cli, acc = pair()
     cport, port = cli.getsockname()[1], srv.getsockname()[1]

@@ -6,12 +6,13 @@ Under a burst the transport can be full when an early copy is due; such a copy w
 and its connection then reported only when it closed (17-40 s late in the issue's run). The
 test makes the ring small (TCPTRACE_TEST_RING_PAGES) so that refusals happen for certain, and
 checks that every opening still arrives before the close. TCPTRACE_STRESS=1 runs the issue's
-scale instead: 100,000 connections from four processes, each finding within 1 s of its event.
+scale instead: 100,000 connections from several processes, each finding within 1 s of its event.
 """
 import collections
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -22,9 +23,27 @@ import pytest
 pytestmark = pytest.mark.kernel
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS = os.environ.get("TCPTRACE_STRESS") == "1"
+
+
+def _stress_scale(total=100_000):
+    """(processes, connections each) for `total` connections: a holder keeps both ends of each
+    (2 descriptors), within the hard RLIMIT_NOFILE a process may raise itself to (20,000 where
+    CAP_SYS_RESOURCE is not there to raise it)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    each = min(25_000, (hard - 100) // 2) if hard != resource.RLIM_INFINITY else 25_000
+    procs = -(-total // each)
+    return procs, -(-total // procs)
+
+
 # (processes, connections each, ring pages): a burst the small ring cannot take whole; or the
 # issue's 100k with the default ring
-SCALE = (4, 25_000, None) if STRESS else (3, 2_000, 32)
+SCALE = _stress_scale() + (None,) if STRESS else (3, 2_000, 32)
+# Stress: opened at 10,000 connections a second in all (20,000 findings a second: what one
+# core of Python follows with room to spare), in 10 s. Flat out the holders open 50,000 a
+# second; the ring buffer then overflows within the burst (lost records, counted), which the
+# benchmarks measure (docs/bench.md), and is not what this checks: the held openings of
+# 100,000 connections open at once.
+RATE = 10_000
 PORTS = [31_950 + i for i in range(SCALE[0])]      # clear of the storms' 20000-21000
 
 
@@ -56,7 +75,8 @@ def test_every_opening_is_reported_while_open_and_once(tmp_path):
     holders = []
     for i, port in enumerate(PORTS):
         h = subprocess.Popen([sys.executable, os.path.join(HERE, "holders.py"), f"127.0.{70 + i}.1",
-                              str(port), str(each), "0"], stdin=subprocess.PIPE,
+                              str(port), str(each), "0",
+                              str(RATE / procs if STRESS else 0)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         assert json.loads(h.stdout.readline())["listening"] == port
         holders.append(h)
