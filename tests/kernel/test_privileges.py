@@ -90,16 +90,18 @@ def test_doctor_names_a_killed_tracers_instance_and_fix_removes_it(tmp_path):
     while not ready.exists():
         assert p.poll() is None
         time.sleep(0.05)        # polling the readiness file itself
-    name = [n for n in os.listdir("/sys/kernel/tracing/instances")
-            if n.startswith(f"tcptrace-{p.pid}-")]
-    assert len(name) == 1
+    # One instance per tallied tracepoint: transitions, and SYN retransmissions (tagged)
+    names = sorted(n for n in os.listdir("/sys/kernel/tracing/instances")
+                   if n.startswith(f"tcptrace-{p.pid}-"))
+    assert len(names) == 2 and names[1] == names[0] + "-retrans", names
     p.send_signal(signal.SIGKILL)
     p.wait()
     doc = json.loads(subprocess.run([sys.executable, "-m", "tcptrace", "doctor", "--json"],
                                     cwd=ROOT, capture_output=True, text=True).stdout)
     tally = {c["name"]: c for c in doc["checks"]}["transition tally"]
-    assert name[0] in tally["detail"] and "stale" in tally["detail"]
+    assert all(n in tally["detail"] for n in names) and "stale" in tally["detail"]
     r = subprocess.run([sys.executable, "-m", "tcptrace", "doctor", "--fix"], cwd=ROOT,
                        capture_output=True, text=True)
-    assert f"removed stale tracefs instance {name[0]}" in r.stderr
-    assert not os.path.exists(f"/sys/kernel/tracing/instances/{name[0]}")
+    for n in names:
+        assert f"removed stale tracefs instance {n}" in r.stderr
+        assert not os.path.exists(f"/sys/kernel/tracing/instances/{n}")
