@@ -84,8 +84,13 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     steps = lambda s: {(t["old"], t["new"]): t["count"] for t in s["transitions"]
                        if (t["old"], t["new"]) != ("TIME_WAIT", "CLOSE")}
     assert steps(a) == steps(b)
-    tw = lambda s: sorted((r["side"], r["addr"], r["port"], r["entries"]) for r in s["time_wait"])
-    assert tw(a) == tw(b)
+    # TIME_WAIT rows with entries: the connections', which both see whole. A row without
+    # entries is only what a dump of the sampler happened to find (each tracer dumps at its
+    # own moments: in the 6.1 VM the full stream's caught a passing 127.0.0.1 destination that
+    # the other's never did)
+    tw = lambda s: sorted((r["side"], r["addr"], r["port"], r["entries"]) for r in s["time_wait"]
+                          if r["entries"])
+    assert tw(a) == tw(b) and tw(a)
     # per destination: counts exact; times close. Each tracer's programs stamp a hit with
     # their own clock reading, after the programs attached before them ran, so the same
     # handshake measures a few microseconds apart in two tracers (up to 15% of a 25 us
