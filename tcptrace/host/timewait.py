@@ -138,7 +138,7 @@ class TimeWaitSampler(Sampler):
         # timewait sock to its exit (detect/timewait.py); else no sample carries them
         self.follow = follow
         self.open = {}          # netns inode -> _Namespace
-        self.dumps = 0          # sock_diag dumps made (one per namespace and sample)
+        self.dumps = 0          # namespace readings: each a dump of its listeners, then of the rest
         self.samples = 0
         self.spent_ns = 0       # CPU time spent sampling
         self.failed = {}        # why a namespace could not be read -> times
