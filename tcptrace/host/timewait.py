@@ -138,7 +138,7 @@ class TimeWaitSampler(Sampler):
         # timewait sock to its exit (detect/timewait.py); else no sample carries them
         self.follow = follow
         self.open = {}          # netns inode -> _Namespace
-        self.dumps = 0          # namespace readings: each a dump of its listeners, then of the rest
+        self.dumps = 0          # namespace readings (each two dumps: listeners, then the rest)
         self.samples = 0
         self.spent_ns = 0       # CPU time spent sampling
         self.failed = {}        # why a namespace could not be read -> times
@@ -203,4 +203,4 @@ class TimeWaitSampler(Sampler):
         failed = "".join(f"; {n} namespace readings failed: {why}"
                          for why, n in sorted(self.failed.items()))
         # its CPU is said by samplers.Background, as every sampler's is
-        return f"TIME_WAIT sampler: {self.dumps} sock_diag dumps{failed}"
+        return f"TIME_WAIT sampler: {self.dumps} namespace readings{failed}"

@@ -43,16 +43,7 @@ class Losses:
                 notes.append(f"no tracefs count of {event} ({e}): its hits the kernel makes "
                              "without running BPF would go uncounted")
                 continue
-            self.tallied.append(_Tallied(self, tally, prog, fd, kind))
-
-    @property
-    def tally(self):
-        """The tally of inet_sock_set_state, or None."""
-        return next((t.tally for t in self.tallied if t.kind == Kind.STATE), None)
-
-    @property
-    def unseen_total(self):
-        return sum(t.unseen_total for t in self.tallied)
+            self.tallied.append(_Tallied(progs, tally, prog, fd, kind))
 
     def read(self, now_ns):
         """Lost records for what was lost since the last call."""
@@ -117,8 +108,8 @@ TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
 class _Tallied:
     """One tallied tracepoint: its hits counted in tracefs against those BPF was shown."""
 
-    def __init__(self, losses, tally, prog, fd, kind):
-        self.losses, self.tally, self.prog, self.fd, self.kind = losses, tally, prog, fd, kind
+    def __init__(self, progs, tally, prog, fd, kind):
+        self.progs, self.tally, self.prog, self.fd, self.kind = progs, tally, prog, fd, kind
         self.where = "unseen:" + tally.event.rsplit("/", 1)[1]
         self.unseen_total = 0
         self.base = self._baseline()
@@ -128,11 +119,11 @@ class _Tallied:
         kernel counts as misses (since 6.7 on this path: earlier kernels skip without counting)
         and the twins count as rescued. Where both count, the rescued are some of the misses;
         where only the twins do, they are all we know of."""
-        b, key = self.losses.progs.b, ctypes.c_int(self.kind)
+        b, key = self.progs.b, ctypes.c_int(self.kind)
         runs = sum(b[b"hits"][key])
         st = prog_stats(self.fd)
         misses = (st[2] or 0) if st else 0
-        rescued = sum(b[b"rescued"][key]) if self.prog in self.losses.progs.twins else 0
+        rescued = sum(b[b"rescued"][key]) if self.prog in self.progs.twins else 0
         return runs + max(misses, rescued)
 
     def read(self):

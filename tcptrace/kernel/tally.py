@@ -17,8 +17,9 @@ def _start_time(pid):
 
 class Tally:
     """Counts every hit of one tracepoint (`event`, "system/name") without BPF, in a tracefs
-    instance of our own (one per event: an instance's counts are not per event), so that hits the kernel makes without running any BPF program for them (and without
-    counting them as recursion misses) are counted too. Such hits exist: on the 6.18 guest this
+    instance of our own (one per event: an instance's counts are not per event), so that hits
+    the kernel makes without running any BPF program for them (and without counting them as
+    recursion misses) are counted too. Such hits exist: on the 6.18 guest this
     was developed on, BPF never runs in softirqs that interrupt a thread of pid 1 (docs/bench.md,
     "Sixth session"); before 6.7 the kernel skips a tracepoint program for recursion without
     counting a miss; and the perf tracepoint path drops a hit uncounted when perf's own
