@@ -3,6 +3,7 @@
 # kernel, where kprobes exist, and exit with that command's exit status.
 #
 #   vagrant/vm-test.sh                       # python3 -m pytest -q -p no:cacheprovider tests/kernel
+#                                            #   tests/unit/test_golden.py (see below)
 #   vagrant/vm-test.sh python3 -m tcptrace doctor --json
 #   vagrant/vm-test.sh bash -c 'cmd1; cmd2'  # anything; runs from the checkout root
 #   vagrant/vm-test.sh --self-test           # one boot: proves exit statuses come back, and that
@@ -57,7 +58,9 @@ esac
 if [ $self_test = 1 ]; then
   set -- bash vagrant/vm-selftest-guest.sh
 elif [ $# -eq 0 ]; then
-  set -- python3 -m pytest -q -p no:cacheprovider tests/kernel
+  # The golden outputs too: the guest has Debian 12's click and tabulate, the oldest versions
+  # pyproject.toml accepts, and the report's tables must be the same bytes with them.
+  set -- python3 -m pytest -q -p no:cacheprovider tests/kernel tests/unit/test_golden.py
 fi
 
 [ "$(id -u)" -eq 0 ] || { say "must run as root (builds the image with debootstrap)"; exit 77; }

@@ -284,9 +284,9 @@ class Report:
         out = [f"REPORT {s['start'][:10]} {s['start'][11:23]} .. {s['time'][11:23]} UTC "
                f"({_ns(s['duration_ns'])})"]
 
-        def section(title, rows, headers):
+        def section(title, rows, headers, colalign=None):
             out.append(f"\n{title}")
-            out.append(tabulate(rows, headers=headers) if rows else "  (none)")
+            out.append(tabulate(rows, headers=headers, colalign=colalign) if rows else "  (none)")
 
         section("CONNECTS (handshake SYN_SENT -> ESTABLISHED)",
                 [(endpoint(r["raddr"], r["rport"]), r["comm"], r["count"], _ns(r["p50_ns"]),
@@ -328,8 +328,11 @@ class Report:
                 ["USECS", "COUNT", "DISTRIBUTION"])
         m = {(STATE_BY_NAME[t["old"]], STATE_BY_NAME[t["new"]]): t["count"]
              for t in s["transitions"]}
+        cols = _matrix_cols(m)
+        # aligned explicitly: tabulate guesses a column of counts and blanks to be numbers
+        # from 0.9 on and text before, so the table would depend on the installed version
         section("TRANSITIONS (row: old state, column: new state)", _matrix_rows(m),
-                ["OLD"] + _matrix_cols(m))
+                ["OLD"] + cols, ("left",) + ("right",) * len(cols))
         if m:
             out.append(LEGEND)
         lost = s["lost"]
