@@ -32,6 +32,22 @@ INTO_TIME_WAIT = frozenset((S.FIN_WAIT2, S.CLOSING, S.FIN_WAIT1))
 TW_CELL = S.TIME_WAIT << 4 | S.CLOSE
 MAX_WAITING = 65_536        # timewait socks followed for their exit; the oldest go first
 RECENT_NS = 1_000_000_000   # how long a dump's new TIME_WAIT 4-tuples wait for their close
+# How often `report` samples (watch: every second, for port_pressure's warning). Its tables are
+# read once per window, and a TIME_WAIT count changes slowly by nature: each timewait sock lives
+# 60 s, so in 5 s a pile-up grows by at most 5/60 of its steady height, which is what a peak
+# read every 5 s can miss. Sampling every second made the sampler half of report's CPU under a
+# 5k conn/s storm (docs/bench.md).
+REPORT_PERIOD_NS = 5_000_000_000
+
+
+def sample_period_ns(report, interval_s):
+    """The TIME_WAIT sampler's period for a run (None: the sampler's own, 1 s): for report,
+    REPORT_PERIOD_NS, or the report's --interval when that is shorter (but not under 1 s)."""
+    if not report:
+        return None
+    if not interval_s:
+        return REPORT_PERIOD_NS
+    return max(1_000_000_000, min(REPORT_PERIOD_NS, int(interval_s * 1e9)))
 
 
 def entered_time_wait(c):
@@ -47,13 +63,15 @@ class TimeWaits(Detector):
     # what its samples change: its own findings, and when a timewait sock's exit is told
     SAMPLED_FOR = frozenset(("time_wait", "port_pressure", "time_wait_overflow", "transition"))
 
-    def __init__(self, tracker, threshold=0.8, follow=True):
+    def __init__(self, tracker, threshold=0.8, follow=True, period_ns=None):
         super().__init__(tracker)
         self.threshold = threshold
         # Follow each timewait sock to its exit (TIME_WAIT -> CLOSE): only for what shows
         # transitions (--transitions, the report's matrix); nothing else reads it.
         self.follow = follow
         self.sampler_options = {"follow": follow}
+        if period_ns is not None:           # how often to sample (None: the sampler's own)
+            self.sampler_options["period_ns"] = period_ns
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first
         self.waiting = collections.OrderedDict()

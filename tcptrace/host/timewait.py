@@ -130,13 +130,15 @@ def aggregate(listening, chunks, lo, hi, follow=True):
 class TimeWaitSampler(Sampler):
     name = "time_wait"
 
-    def __init__(self, namespaces=None, ports=(), families=(), follow=True):
+    def __init__(self, namespaces=None, ports=(), families=(), follow=True,
+                 period_ns=Sampler.period_ns):
         self.namespaces = namespaces or Namespaces()
         self.ports = tuple(ports)           # only sockets with one of these ports (--port)
         self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
         # Say which 4-tuples entered and left TIME_WAIT: only for a detector that follows each
         # timewait sock to its exit (detect/timewait.py); else no sample carries them
         self.follow = follow
+        self.min_period_ns = self.period_ns = period_ns
         self.open = {}          # netns inode -> _Namespace
         self.dumps = 0          # namespace readings (each two dumps: listeners, then the rest)
         self.samples = 0
@@ -164,7 +166,7 @@ class TimeWaitSampler(Sampler):
         spent = time.thread_time_ns() - t0
         self.spent_ns += spent
         self.samples += 1
-        self.period_ns = max(Sampler.period_ns, int(spent / BUDGET))
+        self.period_ns = max(self.min_period_ns, int(spent / BUDGET))
         return out
 
     def _one(self, ino, base, now_ns):

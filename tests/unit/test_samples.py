@@ -1,6 +1,7 @@
 """Samples (readings of the kernel's tables and counters, host/samplers.py) travel as records:
 in time order with the events, into the detectors' sample hook, and through a recording."""
 import io
+import time
 
 from tcptrace.detect.base import Detector
 from tcptrace.lifecycle import Tracker
@@ -154,3 +155,45 @@ def test_samplers_run_only_for_findings_the_output_shows():
     assert kinds(Options(filter=only)) == set()
     assert kinds(Options(filter=only, record="r")) == {ListenSampler, TimeWaitSampler}
     assert kinds(Options(filter=Filter(types=frozenset({"time_wait"})))) == {TimeWaitSampler}
+
+
+def test_report_samples_time_wait_every_5_s_or_its_interval_watch_every_second():
+    from tcptrace.host.timewait import TimeWaitSampler
+    from tcptrace.session import shown_types
+
+    def period(**kw):
+        opts = Options(**kw)
+        pipe = Pipeline(opts, JsonSink(io.StringIO(), 0))
+        tw = [s for s in samplers_for(pipe.tracker.detectors, shown_types(opts))
+              if type(s) is TimeWaitSampler]
+        assert len(tw) == 1
+        assert tw[0].period_ns == tw[0].min_period_ns       # before any sample has cost
+        return tw[0].period_ns / SEC
+    assert period(json=True) == 1
+    assert period(json=True, transitions=True) == 1
+    assert period(report=True) == 5
+    assert period(report=True, interval=2.5) == 2.5
+    assert period(report=True, interval=60) == 5
+    assert period(report=True, interval=0.2) == 1
+
+
+def test_the_time_wait_period_stretches_past_its_floor_only_for_the_cpu_budget():
+    from tcptrace.host import timewait
+
+    class Busy(timewait.TimeWaitSampler):
+        def _one(self, ino, base, now_ns):         # a namespace reading that costs CPU
+            t = time.thread_time_ns()
+            while time.thread_time_ns() - t < self.cost_ns:
+                pass
+            return Sample(now_ns, self.name, ino, {})
+
+    class One:
+        def get(self, now_ns):
+            return {1: "base"}
+    for floor_s, cost_ms in ((1, 1), (5, 1), (1, 100), (5, 100)):
+        s = Busy(namespaces=One(), period_ns=floor_s * SEC)
+        s.cost_ns = cost_ms * 1_000_000
+        s.sample(0)
+        # the budget's period: the sample's CPU over BUDGET (at least cost / 0.05)
+        want = max(floor_s, cost_ms / 1000 / timewait.BUDGET)
+        assert want <= s.period_ns / SEC < max(floor_s, 1.5 * want), (floor_s, cost_ms)
