@@ -2,7 +2,7 @@
 # Run a command (default: the kernel test suite) as root inside a Debian 12 VM on its stock 6.1
 # kernel, where kprobes exist, and exit with that command's exit status.
 #
-#   vagrant/vm-test.sh                       # python3 -m pytest -q -p no:cacheprovider tests/kernel
+#   vagrant/vm-test.sh                       # python3 -m pytest -v -p no:cacheprovider tests/kernel
 #                                            #   tests/unit/test_golden.py (see below)
 #   vagrant/vm-test.sh python3 -m tcptrace doctor --json
 #   vagrant/vm-test.sh bash -c 'cmd1; cmd2'  # anything; runs from the checkout root
@@ -59,8 +59,10 @@ if [ $self_test = 1 ]; then
   set -- bash vagrant/vm-selftest-guest.sh
 elif [ $# -eq 0 ]; then
   # The golden outputs too: the guest has Debian 12's click and tabulate, the oldest versions
-  # pyproject.toml accepts, and the report's tables must be the same bytes with them.
-  set -- python3 -m pytest -q -p no:cacheprovider tests/kernel tests/unit/test_golden.py
+  # pyproject.toml accepts, and the report's tables must be the same bytes with them. -v: each
+  # test's name and result reach the log as it ends, so a run killed at CI's time limit still
+  # says which tests failed and which one it was in.
+  set -- python3 -m pytest -v -p no:cacheprovider tests/kernel tests/unit/test_golden.py
 fi
 
 [ "$(id -u)" -eq 0 ] || { say "must run as root (builds the image with debootstrap)"; exit 77; }
