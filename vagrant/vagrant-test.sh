@@ -128,4 +128,10 @@ rc=$?
 set -e
 t2=$(date +%s)
 say "test command exited $rc after $(( t2 - t1 )) s; whole run $(( t2 - t_all )) s"
+if [ $rc -ne 0 ]; then
+  # Before the VM goes: what the guest kernel saw (a process killed for memory says 137 and
+  # nothing more in the test log) and its memory now.
+  say "the guest's kernel log, last lines, and its memory:"
+  vg ssh -c 'sudo dmesg | tail -n 25; free -m' 2>&1 >&2 || true
+fi
 exit $rc
