@@ -244,12 +244,14 @@ def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tra
 STORM_S = 3
 
 
-def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer):
+def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer, pace):
     """10k connections/s offered on loopback against listeners with a big backlog
     (bench/storm.py): the tracer reads the storm's namespace before, during and after it and
     reports no pressure there, and the kernel agrees (no ListenDrops). What the box achieves
-    depends on what else runs on it (the session tracer prints every transition): at least a
-    storm's worth is asked."""
+    depends on the box (the host, the CI VM and a Vagrant box nested in emulation are 10-50x
+    apart) and on what else runs on it (the session tracer prints every transition): at least
+    what one client connecting one by one makes in that time here (the calibrated pace) is
+    asked."""
     name = f"ttstorm-{os.getpid()}"
     run(["ip", "netns", "add", name])
     try:
@@ -274,8 +276,9 @@ def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer):
         run(["ip", "netns", "del", name], check=False)
     res = json.loads(out)
     assert res["snmp"]["ListenDrops"] == 0 and res["errors"] == {}, res
-    # a storm, even on a busy box (1,230/s in the emulated VM, where everything is slower)
-    assert res["connections"] >= 2000 * STORM_S / SLOW, res
+    # a storm, even on a busy box (1,230/s in the emulated VM, where everything is slower):
+    # two workers with many connections in flight beat one connection at a time
+    assert res["connections"] >= STORM_S / pace.per_conn_s, (res, str(pace))
     assert any(d["lport"] >= 20000 for s in rec.samples(ns) for d in s["data"]["listeners"]), \
         "the tracer never saw the storm's listeners"
     assert tracer.matching(lambda r: since(r) and r["type"].startswith("listen_")
