@@ -163,10 +163,14 @@ class Tracer:
         return self.proc.returncode
 
 
+_SESSION_TRACERS = []
+
+
 def _session_tracer(tmp_path_factory, env=None):
     t = Tracer(["--transitions", "--stuck-after", str(STUCK_AFTER),
                 "--pressure-interval", str(PRESSURE_INTERVAL)],
                tmp_path_factory.mktemp("tracer"), env)
+    _SESSION_TRACERS.append(t)
     yield t
     rc = t.stop()
     assert rc == 0, t.stderr_path.read_text()
@@ -247,6 +251,14 @@ def pace(tracer):
 def pytest_terminal_summary(terminalreporter):
     if _pace:
         terminalreporter.write_line(f"machine pace (tests/kernel/conftest.py): {_pace[0]}")
+    if _SESSION_TRACERS:
+        # Every record of a session tracer stays in this process (fresh() tells a test's own
+        # by identity): what that costs in a small guest is worth seeing in every log.
+        with open("/proc/self/status") as f:
+            hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), "?")
+        terminalreporter.write_line(
+            "session tracers: " + ", ".join(f"{len(t.records)} records" for t in _SESSION_TRACERS)
+            + f" held; this process's peak RSS {int(hwm) // 1024 if hwm != '?' else '?'} MiB")
 
 
 @pytest.fixture(scope="session")
