@@ -69,6 +69,9 @@ class Listener:
                                     #   or its last one (4-tuples, up to MAX_REQUESTS)
         self.starting = set()       # the same, since then, for a pressure about to begin
         self.cause = []
+        # (window start, end, cause) of its recent findings: what a connect that waited on it
+        # met over its whole wait, not only in the window last reported
+        self.causes = collections.deque(maxlen=32)
 
     def read(self, d):
         # half_open is None where the sampler did not count request socks this time (it does
@@ -316,6 +319,7 @@ class Listeners(Detector):
         lst.episode.update(c)
         lst.totals.update(c)
         lst.cause, words = _cause(lst, c, settings)
+        lst.causes.append((ts if lst.window_ns is None else lst.window_ns, ts, lst.cause))
         extra = {"netns": lst.netns, "cause": lst.cause, "reason": "; ".join(words),
                  "interval_ns": ts - lst.window_ns if lst.window_ns is not None else None,
                  "duration_ns": ts - lst.since_ns,
@@ -349,15 +353,23 @@ class Listeners(Detector):
         """The local listener a connect's SYNs waited on: the one listener that was under
         pressure at some time between c's connect() and until_ns and takes connections to c's
         destination; None if none or several are. As a finding member: laddr, lport, pid,
-        comm, netns, cause."""
+        comm, netns, cause: the causes of its findings whose windows overlap the wait, in the
+        order they first came (a SYN dropped for a full request queue during a flood, then let
+        in while only SYN-ACK retransmissions were left, met both); its latest cause if none
+        does."""
         start = c.opened_ns if c.opened_ns is not None else until_ns
         hits = [lst for space in self.spaces.values() for lst in space.values()
                 if lst.takes(c.family, c.raddr, c.rport) and lst.pressed_within(start, until_ns)]
         if len(hits) != 1:
             return None
         lst = hits[0]
+        slack = samplers.Listeners.period_ns
+        met = []
+        for lo, hi, cause in lst.causes:
+            if lo - slack <= until_ns and hi >= start:
+                met += [k for k in cause if k not in met]
         return {"laddr": lst.laddr, "lport": lst.lport, "pid": lst.pid, "comm": lst.comm,
-                "netns": lst.netns, "cause": lst.cause}
+                "netns": lst.netns, "cause": met or list(lst.cause)}
 
     def table(self):
         """Every listener known, and those gone since start: [Listener]."""

@@ -235,6 +235,32 @@ def test_connects_that_waited_on_a_local_listener_under_pressure_name_it():
                      ("connect", 9999, 2): None, ("connect", 8080, 0): None}
 
 
+
+def test_a_connect_that_waited_through_a_flood_names_every_cause_it_met():
+    """A SYN flood drops SYNs (request queue full) until 5 s; after it, only the flood's
+    SYN-ACK retransmissions go on, and the listener's findings of those windows say just
+    that. A client whose SYNs were dropped during the flood and let in at 7.5 s met both:
+    its finding says both, in that order, not only the last window's cause (the CI VM, slower,
+    let the client in only after the drops had stopped)."""
+    drops = lambda t: 1000 * min(t, 5)
+    flood = [reading(t * SEC, [lsn(half_open=17 if 1 <= t < 5 else 0)], ListenDrops=drops(t),
+                     TCPReqQFullDrop=drops(t)) for t in range(12)]
+    flood += [synack(t * SEC + MS, rport=41000 + t) for t in range(5, 10)]
+    recs = flood + client(SEC // 2, 0xC1, 8080, 6, "ok")
+    tr = tracker(everything=True)
+    out = []
+    for r in sorted(recs, key=lambda r: r.ts_ns):
+        tr.process(r)
+        tr.tick(r.ts_ns)
+        out += tr.take()
+    tr.finish()
+    out += tr.take()
+    windows = [f.cause for f in out if f.type == "listen_pressure"]
+    assert windows[0] == ["request_queue_full"] and ["synack_retransmits"] in windows
+    conn, = [f for f in out if f.type == "connect" and f.rport == 8080]
+    assert conn.syn_retransmits == 6
+    assert conn.listener["cause"] == ["request_queue_full", "synack_retransmits"]
+
 def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch):
     """host/samplers.py: counting request socks walks the host's whole connection table in
     the kernel, so a reading counts them when the namespace's counters moved and for
