@@ -53,6 +53,18 @@ def feed(tr, recs):
     return [f for f in out if f.type.startswith("listen")]
 
 
+def run_all(recs):
+    """Every finding of the whole tracker (all detectors) on recs, to the end."""
+    tr = tracker(everything=True)
+    out = []
+    for r in sorted(recs, key=lambda r: r.ts_ns):
+        tr.process(r)
+        tr.tick(r.ts_ns)
+        out += tr.take()
+    tr.finish()
+    return out + tr.take()
+
+
 def test_a_syn_flood_without_cookies_is_reported_while_it_lasts_and_every_syn_counted_once():
     drops = [0, 0, 7000, 14000, 21000, 28000, 36411, 36411, 36411, 36411, 36411]
     recs = [reading(t * SEC, [lsn(backlog=16, half_open=17 if 2 <= t <= 6 else 0)],
@@ -219,14 +231,7 @@ def test_connects_that_waited_on_a_local_listener_under_pressure_name_it():
                      TCPReqQFullDrop=1000 * t) for t in range(12)]
     recs = flood + client(SEC // 2, 0xC1, 8080, 5, "ok") + client(SEC, 0xC2, 8080, 3, "fail") \
         + client(2 * SEC, 0xC3, 9999, 2, "ok") + client(3 * SEC, 0xC4, 8080, 0, "ok")
-    tr = tracker(everything=True)
-    out = []
-    for r in sorted(recs, key=lambda r: r.ts_ns):
-        tr.process(r)
-        tr.tick(r.ts_ns)
-        out += tr.take()
-    tr.finish()
-    out += tr.take()
+    out = run_all(recs)
     conns = {f.raddr and (f.type, f.rport, f.syn_retransmits): getattr(f, "listener", None)
              for f in out if f.type in ("connect", "failed")}
     want = {"laddr": ADDR, "lport": 8080, "pid": 50, "comm": "server", "netns": NS,
@@ -247,14 +252,7 @@ def test_a_connect_that_waited_through_a_flood_names_every_cause_it_met():
                      TCPReqQFullDrop=drops(t)) for t in range(12)]
     flood += [synack(t * SEC + MS, rport=41000 + t) for t in range(5, 10)]
     recs = flood + client(SEC // 2, 0xC1, 8080, 6, "ok")
-    tr = tracker(everything=True)
-    out = []
-    for r in sorted(recs, key=lambda r: r.ts_ns):
-        tr.process(r)
-        tr.tick(r.ts_ns)
-        out += tr.take()
-    tr.finish()
-    out += tr.take()
+    out = run_all(recs)
     windows = [f.cause for f in out if f.type == "listen_pressure"]
     assert windows[0] == ["request_queue_full"] and ["synack_retransmits"] in windows
     conn, = [f for f in out if f.type == "connect" and f.rport == 8080]
