@@ -68,9 +68,8 @@ class Listener:
         self.requests = set()       # requests whose SYN-ACK it retransmitted in its pressure,
                                     #   or its last one (4-tuples, up to MAX_REQUESTS)
         self.starting = set()       # the same, since then, for a pressure about to begin
-        self.cause = []
-        # (window start, end, cause) of its recent findings: what a connect that waited on it
-        # met over its whole wait, not only in the window last reported
+        # (window start, end, cause) of its recent findings, the last one's latest: what a
+        # connect that waited on it met over its whole wait, not only in the window last reported
         self.causes = collections.deque(maxlen=32)
 
     def read(self, d):
@@ -318,9 +317,9 @@ class Listeners(Detector):
         c = lst.counts
         lst.episode.update(c)
         lst.totals.update(c)
-        lst.cause, words = _cause(lst, c, settings)
-        lst.causes.append((ts if lst.window_ns is None else lst.window_ns, ts, lst.cause))
-        extra = {"netns": lst.netns, "cause": lst.cause, "reason": "; ".join(words),
+        cause, words = _cause(lst, c, settings)
+        lst.causes.append((ts if lst.window_ns is None else lst.window_ns, ts, cause))
+        extra = {"netns": lst.netns, "cause": cause, "reason": "; ".join(words),
                  "interval_ns": ts - lst.window_ns if lst.window_ns is not None else None,
                  "duration_ns": ts - lst.since_ns,
                  "accept_queue": lst.accept_queue, "backlog": lst.backlog,
@@ -369,7 +368,8 @@ class Listeners(Detector):
             if lo - slack <= until_ns and hi >= start:
                 met += [k for k in cause if k not in met]
         return {"laddr": lst.laddr, "lport": lst.lport, "pid": lst.pid, "comm": lst.comm,
-                "netns": lst.netns, "cause": met or list(lst.cause)}
+                "netns": lst.netns,
+                "cause": met or (list(lst.causes[-1][2]) if lst.causes else [])}
 
     def table(self):
         """Every listener known, and those gone since start: [Listener]."""

@@ -42,12 +42,13 @@ REPORT_PERIOD_NS = 5_000_000_000
 
 def sample_period_ns(report, interval_s):
     """The TIME_WAIT sampler's period for a run (None: the sampler's own, 1 s): for report,
-    REPORT_PERIOD_NS, or the report's --interval when that is shorter (but not under 1 s)."""
+    REPORT_PERIOD_NS, or the report's --interval when that is shorter (but not under the
+    sampler's own)."""
     if not report:
         return None
     if not interval_s:
         return REPORT_PERIOD_NS
-    return max(1_000_000_000, min(REPORT_PERIOD_NS, int(interval_s * 1e9)))
+    return max(TimeWaitSampler.period_ns, min(REPORT_PERIOD_NS, int(interval_s * 1e9)))
 
 
 def entered_time_wait(c):
