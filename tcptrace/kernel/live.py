@@ -103,7 +103,8 @@ class LiveSource:
             evs.extend(sampling.take(now))
             scanned = ()
             if now >= next_scan:
-                scanned = src.scan()
+                # the pipeline takes scanned steps up to its ordering window (session.py)
+                scanned = src.scan(now - opts.window_ms * 1_000_000)
                 next_scan = now + scan_every
             yield Batch(evs, now, scanned, seeds)
             seeds = ()

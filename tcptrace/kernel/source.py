@@ -94,10 +94,12 @@ class KernelSource:
         self.read_ns, out = self._drain.poll(timeout_ms)
         return out
 
-    def scan(self):
+    def scan(self, upto_ns):
         """The steps still pending in the kernel's `socks` map (sockets resting between the
         states at which the kernel sends them), as STATE Events flagged F_SCAN. Steps already
-        taken this way are skipped when the record carrying them arrives (tcptrace/lifecycle)."""
+        taken this way are skipped when the record carrying them arrives (tcptrace/lifecycle).
+        The pipeline takes only those stamped up to upto_ns (the end of its ordering window)
+        and leaves the rest to a later scan."""
         out = []
         chunks = self._scanner.values() if self._scanner is not None else None
         if chunks is None:
@@ -115,16 +117,18 @@ class KernelSource:
                 if ev.nsteps and not (young and _opening_after(ev, young)):
                     out.append(ev._replace(flags=ev.flags | flag))
         if self.hold_ns:
-            out += self._due_held()
+            out += self._due_held(upto_ns)
         return out
 
-    def _due_held(self, most=256):
+    def _due_held(self, upto_ns, most=256):
         """Held sockets (bpf/hold.c: held) that no hit has sent early: on a quiet host
         nothing runs tt_flush. Taken once they are twice hold_us old, which under traffic the
         kernel has long done; read, not sent, so they come as scans (and again with their next
-        transition, which user space skips as already taken)."""
+        transition, which user space skips as already taken). Popped, so read once: never one
+        stamped after upto_ns, which the pipeline would not take (a slow drain between the
+        clock read and this scan can put the due time past it)."""
         q, held = self.progs.b["held_q"], self.progs.b["held"]
-        due = time.monotonic_ns() - 2 * self.hold_ns
+        due = min(time.monotonic_ns() - 2 * self.hold_ns, upto_ns)
         out = []
         for _ in range(most):
             try:

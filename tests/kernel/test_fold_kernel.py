@@ -109,4 +109,10 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     lines = [json.loads(line) for line in only[1].read_text().splitlines()]
     assert sorted({r["type"] for r in lines}) == ["refused"]
     assert len(lines) == snmp["AttemptFails"]
-    assert folded_count(only[2]) == n_folded
+    # Each tracer's programs decide to fold on their own clock readings (bpf/aggregate.c: a
+    # life shorter than half the hold time, no early copy sent), so a socket whose life is
+    # at that edge can be folded by one and sent by the other (in the TCG VM: 692 and 693 of
+    # about 700). Both fold nearly all; the reports' exact counts above show nothing was lost.
+    n_only = folded_count(only[2])
+    assert n_only >= snmp["PassiveOpens"], only[2].read_text()
+    assert abs(n_only - n_folded) <= max(2, n_folded // 100), (n_only, n_folded)

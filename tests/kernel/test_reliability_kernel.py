@@ -3,10 +3,13 @@ connection once, output that cannot be written ends the run with 74 after a summ
 stopped while compiling writes nothing, and --ready-file is removed at exit."""
 import collections
 import json
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -35,18 +38,37 @@ def test_eviction_reports_each_connection_once_and_says_so(tmp_path):
         c = socket.create_connection(("127.0.0.1", port))
         pairs.append((c, srv.accept()[0]))
     # held past the kernel's hold time, so each opening is sent early and again at close
+    lines = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in iter(p.stdout.readline, "")],
+                              daemon=True)
+    reader.start()
     got = []
-    while sum(1 for r in got if r["type"] in ("connect", "accept")) < 20:
-        got.append(json.loads(p.stdout.readline()))
+
+    def until(enough, what, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not enough():
+            try:
+                got.append(json.loads(lines.get(timeout=max(0, deadline - time.monotonic()))))
+            except queue.Empty:
+                p.kill()
+                raise AssertionError(f"no {what} in {timeout} s: "
+                                     f"{collections.Counter(r['type'] for r in got)}; "
+                                     f"tracer's stderr: {p.stderr.read()[-2000:]}") from None
+
+    until(lambda: sum(1 for r in got if r["type"] in ("connect", "accept")) >= 20,
+          "20 connects and accepts")
     for c, a in pairs:
         c.close()
         a.close()
     srv.close()
     settled(port)
-    while sum(1 for r in got if r["type"] == "close") < 20:
-        got.append(json.loads(p.stdout.readline()))
-    rest, err = finish(p)
-    got += [json.loads(line) for line in rest.splitlines()]
+    until(lambda: sum(1 for r in got if r["type"] == "close") >= 20, "20 closes")
+    p.send_signal(signal.SIGTERM)
+    reader.join(60)
+    err = p.stderr.read()
+    p.wait(60)
+    while not lines.empty():
+        got.append(json.loads(lines.get()))
     assert p.returncode == 0, err
     types = collections.Counter(r["type"] for r in got)
     assert types["connect"] == 10 and types["accept"] == 10 and types["close"] == 20, types

@@ -58,3 +58,49 @@ def test_a_finding_later_than_the_output_window_is_written_and_counted():
     assert found != sorted(found)
     assert pipe._held.late == 1
     assert "1 findings written out of time order" in pipe.summary_line()
+
+
+def test_a_held_opening_is_popped_only_once_the_pipeline_will_take_it():
+    """KernelSource._due_held pops held openings from the kernel's queue: read once. It must
+    not pop one stamped after the end of the pipeline's ordering window, which the pipeline
+    would drop (the drain before a scan can take longer than the hold time in a slow VM:
+    the CI VM's eviction test then waited 900 s for an opening popped and dropped)."""
+    import time
+    from types import SimpleNamespace
+    from test_wire import header_struct
+    from tcptrace.kernel.source import KernelSource
+    from tcptrace.wire import decoder_for
+
+    S = header_struct()
+    now = time.monotonic_ns()
+    held, q = {}, []
+    for sk, age in ((0x1000, 900 * MS), (0x2000, 200 * MS)):    # both past twice the hold time
+        raw = S(ts_ns=now - age, skaddr=sk, sport=40000, dport=443, kind=int(Kind.STATE),
+                family=2, oldstate=2, newstate=1, nsteps=1)
+        raw.step_ts[0], raw.step_old[0], raw.step_new[0] = now - age, 2, 1
+        held[sk] = bytes(raw)
+        q.append(SimpleNamespace(sk=sk, ts=now - age))
+
+    class Queue:
+        def peek(self):
+            if not q:
+                raise KeyError
+            return q[0]
+
+        def pop(self):
+            if not q:
+                raise KeyError
+            return q.pop(0)
+
+    class Held(dict):
+        Key = staticmethod(lambda sk: sk)
+
+    src = KernelSource.__new__(KernelSource)
+    src.progs = SimpleNamespace(b={"held_q": Queue(), "held": Held(held)})
+    src._st, src._perm = decoder_for(S)
+    src.hold_ns = 50 * MS
+    # the clock read before the drain was 300 ms ago; the window is 20 ms before that
+    got = src._due_held(upto_ns=now - 320 * MS)
+    assert [e.skaddr for e in got] == [0x1000]
+    assert [x.sk for x in q] == [0x2000]                 # still queued for a later scan
+    assert [e.skaddr for e in src._due_held(upto_ns=now)] == [0x2000]
