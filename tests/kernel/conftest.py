@@ -64,8 +64,14 @@ def _kernel_required():
     pytest.fail(f"TCPTRACE_REQUIRE_KERNEL=1 but {_cannot_run()}")
 
 
+class Rec(dict):
+    """A record the tracer wrote, with its place in the tracer's output (0 for the first)."""
+    __slots__ = ("seq",)
+
+
 class Tracer:
-    """A running `tcptrace watch --json` whose records tests wait for."""
+    """A running `tcptrace watch --json` whose records tests wait for. Records are kept in
+    arrival order from `base` on: a session tracer's are trimmed between tests (trim)."""
 
     def __init__(self, args, tmp_path, env=None):
         ready = tmp_path / "ready"
@@ -78,6 +84,7 @@ class Tracer:
                                      stderr=open(self.stderr_path, "w"), text=True,
                                      env=dict(os.environ, **(env or {})))
         self.records = []
+        self.base = 0           # the seq of records[0]
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -94,13 +101,30 @@ class Tracer:
     def _read(self):
         for line in self.proc.stdout:
             try:
-                rec = json.loads(line)
+                rec = Rec(json.loads(line))
             except ValueError:
                 self.bad_lines.append(line)      # anything but JSON on stdout is a bug
                 continue
             with self.cond:
+                rec.seq = self.base + len(self.records)
                 self.records.append(rec)
                 self.cond.notify_all()
+
+    @property
+    def next_seq(self):
+        """The seq the next record will have."""
+        with self.cond:
+            return self.base + len(self.records)
+
+    def trim(self, keep):
+        """Forget all but the last `keep` records. Between tests only: a test looks at what
+        arrived since it began (lab.fresh), and a session tracer's every record kept for the
+        whole tier took 3.5 GiB on the host and most of a 2 GiB VM."""
+        with self.cond:
+            drop = len(self.records) - keep
+            if drop > 0:
+                del self.records[:drop]
+                self.base += drop
 
     def wait_for(self, pred, timeout=10.0, count=1):
         """Records matching pred, once at least `count` exist; fails the test on timeout, or
@@ -123,12 +147,12 @@ class Tracer:
 
     def _wait_for(self, pred, timeout, count):
         deadline = time.monotonic() + timeout
-        got, pos = [], 0
+        got, pos = [], 0            # pos: the next index to look at, as a seq
         with self.cond:
             while True:
                 recs = self.records
-                got.extend(r for r in recs[pos:] if pred(r))
-                pos = len(recs)
+                got.extend(r for r in recs[max(0, pos - self.base):] if pred(r))
+                pos = self.base + len(recs)
                 if len(got) >= count:
                     return got
                 left = deadline - time.monotonic()
@@ -252,13 +276,24 @@ def pytest_terminal_summary(terminalreporter):
     if _pace:
         terminalreporter.write_line(f"machine pace (tests/kernel/conftest.py): {_pace[0]}")
     if _SESSION_TRACERS:
-        # Every record of a session tracer stays in this process (fresh() tells a test's own
-        # by identity): what that costs in a small guest is worth seeing in every log.
+        # What the session tracers' records cost in a small guest is worth seeing in every log
         with open("/proc/self/status") as f:
             hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), "?")
         terminalreporter.write_line(
-            "session tracers: " + ", ".join(f"{len(t.records)} records" for t in _SESSION_TRACERS)
-            + f" held; this process's peak RSS {int(hwm) // 1024 if hwm != '?' else '?'} MiB")
+            "session tracers: " + ", ".join(f"{t.next_seq} records ({len(t.records)} held)"
+                                            for t in _SESSION_TRACERS)
+            + f"; this process's peak RSS {int(hwm) // 1024 if hwm != '?' else '?'} MiB")
+
+
+# Records a session tracer keeps from before each test: a test looks only at its own, and at
+# `lost` records of the last SCENARIO_S seconds (Tracer.wait_for), far fewer than this.
+KEEP_BETWEEN_TESTS = 20_000
+
+
+@pytest.fixture(autouse=True)
+def _trim_session_tracers():
+    for t in _SESSION_TRACERS:
+        t.trim(KEEP_BETWEEN_TESTS)
 
 
 @pytest.fixture(scope="session")

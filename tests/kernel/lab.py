@@ -74,11 +74,10 @@ def ss_users(state, port, ns=None):
 # -- reading the tracer's records -----------------------------------------------------------------
 
 def fresh(tracer):
-    """Predicate: records that arrive after this call. The session tracer's list only grows, and
-    ports and lab addresses are reused from test to test, so each test looks only at its own."""
-    with tracer.cond:
-        seen = {id(r) for r in tracer.records}
-    return lambda r: id(r) not in seen
+    """Predicate: records that arrive after this call. The session tracer runs from test to
+    test, and ports and lab addresses are reused, so each test looks only at its own."""
+    start = tracer.next_seq
+    return lambda r: r.seq >= start
 
 
 def where(fresh_pred, type_, **fields):
