@@ -71,7 +71,8 @@ class Rec(dict):
 
 class Tracer:
     """A running `tcptrace watch --json` whose records tests wait for. Records are kept in
-    arrival order from `base` on: a session tracer's are trimmed between tests (trim)."""
+    arrival order from `base` on: a session tracer's are trimmed between tests (trim), but for
+    those a predicate in `pins` matches, moved to `pinned`."""
 
     def __init__(self, args, tmp_path, env=None):
         ready = tmp_path / "ready"
@@ -85,6 +86,7 @@ class Tracer:
                                      env=dict(os.environ, **(env or {})))
         self.records = []
         self.base = 0           # the seq of records[0]
+        self.pins, self.pinned = [], []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -117,12 +119,16 @@ class Tracer:
             return self.base + len(self.records)
 
     def trim(self, keep):
-        """Forget all but the last `keep` records. Between tests only: a test looks at what
-        arrived since it began (lab.fresh), and a session tracer's every record kept for the
+        """Forget all but the last `keep` records and the pinned ones. Between tests only: a
+        test looks at what arrived since it began (lab.fresh; a session fixture that looks
+        later pins what it wants), and a session tracer's every record kept for the
         whole tier took 3.5 GiB on the host and most of a 2 GiB VM."""
         with self.cond:
             drop = len(self.records) - keep
             if drop > 0:
+                if self.pins:
+                    self.pinned += [r for r in self.records[:drop]
+                                    if any(p(r) for p in self.pins)]
                 del self.records[:drop]
                 self.base += drop
 
@@ -149,6 +155,7 @@ class Tracer:
         deadline = time.monotonic() + timeout
         got, pos = [], 0            # pos: the next index to look at, as a seq
         with self.cond:
+            got.extend(r for r in self.pinned if pred(r))
             while True:
                 recs = self.records
                 got.extend(r for r in recs[max(0, pos - self.base):] if pred(r))
@@ -174,7 +181,7 @@ class Tracer:
 
     def matching(self, pred):
         with self.cond:
-            return [r for r in self.records if pred(r)]
+            return [r for r in self.pinned + self.records if pred(r)]
 
     def stop(self):
         if self.proc.poll() is None:
