@@ -29,6 +29,7 @@ sampling under 5% of a CPU.
 """
 import os
 import socket
+import struct
 import time
 
 from tcptrace.host import counters, netns
@@ -47,7 +48,8 @@ BUDGET = 0.05          # at most this share of a CPU spent sampling: the period 
 class _Namespace:
     """What is kept open in one namespace: a sock_diag socket and its settings' files (both
     belong to the namespace they were opened in, so they are opened there once and read from
-    here after), and the 4-tuples its last dump had in TIME_WAIT."""
+    here after), and the 4-tuples its last dump had in TIME_WAIT ({family: {tuple: ms}}, see
+    aggregate)."""
 
     def __init__(self, base):
         self.base = base
@@ -77,6 +79,10 @@ def _largest(rows):
 
 
 _HEAD, _EXPIRES = RAW_HEAD.unpack_from, RAW_EXPIRES.unpack_from
+# A timewait sock's 4-tuple as one bytes object: the ports and addresses of inet_diag_sockid.
+# Bytes keys and int values keep a dump's dict of 100,000 socks out of the cyclic garbage
+# collector, which walked tuple keys again and again as they were made: 3x the dump's cost.
+_TUPLE = struct.Struct("4x36s").unpack_from
 
 
 def _text(fam, key, at):
@@ -84,15 +90,26 @@ def _text(fam, key, at):
     return ADDR[(fam, key[at:at + 16])]
 
 
-def tuple_text(tup):
-    """A timewait sock's raw (family, local port, key) as (laddr, lport, raddr, rport)."""
-    fam, lport, key = tup
-    return (_text(fam, key, 2), lport, _text(fam, key, 18), key[0] << 8 | key[1])
+def tuple_text(fam, tup):
+    """A timewait sock's raw 4-tuple (aggregate) as (laddr, lport, raddr, rport)."""
+    return (_text(fam, tup, 4), tup[0] << 8 | tup[1], _text(fam, tup, 20), tup[2] << 8 | tup[3])
+
+
+def tuple_diff(now, prev):
+    """([laddr, lport, raddr, rport, ms left] of each 4-tuple in `now` and not in `prev`,
+    [laddr, lport, raddr, rport] of each in `prev` and not in `now`): two dumps' TIME_WAIT
+    ({family: {tuple: ms}})."""
+    entered, left = [], []
+    for fam in sorted(now.keys() | prev.keys()):        # in dump order: output is repeatable
+        n, p = now.get(fam, {}), prev.get(fam, {})
+        entered += [list(tuple_text(fam, t)) + [ms] for t, ms in n.items() if t not in p]
+        left += [list(tuple_text(fam, t)) for t in p if t not in n]
+    return entered, left
 
 
 def aggregate(listening, chunks, lo, hi, follow=True):
-    """(dests, locals, services, {raw 4-tuple in TIME_WAIT: ms left}, or None unless `follow`)
-    of a dump (Diag.raw chunks) of the connected states: see the module's docstring. A socket
+    """(dests, locals, services, {family: {raw 4-tuple in TIME_WAIT: ms left}}, or None
+    unless `follow`) of a dump (Diag.raw chunks) of the connected states: see the module's docstring. A socket
     whose local port is a listener's (`listening`) was accepted: it took no port of the range
     (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's. Runs per
     socket of every dump (tens of thousands, 5,000 more a second under a 5k conn/s storm): one
@@ -100,11 +117,12 @@ def aggregate(listening, chunks, lo, hi, follow=True):
     dests, locs, services, tw = {}, {}, {}, {} if follow else None
     for fam, buf, offsets in chunks:
         fd, fl, fs = (d.setdefault(fam, {}) for d in (dests, locs, services))
+        ft = tw.setdefault(fam, {}) if follow else None
         for o in offsets:
             st, lport, key = _HEAD(buf, o)
             in_tw = st == TW
             if in_tw and follow:
-                tw[(fam, lport, key)] = _EXPIRES(buf, o + RAW_EXPIRES_AT)[0]
+                ft[_TUPLE(buf, o)[0]] = _EXPIRES(buf, o + RAW_EXPIRES_AT)[0]
             if lo <= lport <= hi and lport not in listening:
                 i = 0 if in_tw else 1
                 row = fd.get(key)
@@ -152,7 +170,7 @@ class TimeWaitSampler(Sampler):
         for ino in [i for i in self.open if i not in known]:
             ns = self.open.pop(ino)
             out.append(Sample(now_ns, self.name, ino,
-                              {"gone": True, "left": [list(tuple_text(k)) for k in ns.tw]}))
+                              {"gone": True, "left": tuple_diff({}, ns.tw)[1]}))
             ns.close()
         for ino, base in known.items():
             try:
@@ -190,10 +208,8 @@ class TimeWaitSampler(Sampler):
             "max_tw_buckets": st["tcp_max_tw_buckets"],
             "dests": dests, "locals": locs, "services": services}
         if self.follow:
-            prev = ns.tw
+            data["entered"], data["left"] = tuple_diff(tw, ns.tw)
             ns.tw = tw
-            data["entered"] = [list(tuple_text(k)) + [e] for k, e in tw.items() if k not in prev]
-            data["left"] = [list(tuple_text(k)) for k in prev if k not in tw]
         return Sample(now_ns, self.name, ino, data)
 
     def close(self):
