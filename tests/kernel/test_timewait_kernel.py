@@ -146,8 +146,19 @@ def test_client_closes_first_2000_times(tracer):
         assert all(c["time_wait"] is True and c["time_wait_ns"] == 60_000_000_000
                    and c["role"] == "active" and c["path"][-2:] == ["FIN_WAIT2", "CLOSE"]
                    for c in closes)
-        served = expect(tracer, where(f, "close", laddr=SERVER4, lport=port), count=n,
-                        timeout=SLOW)
+        try:
+            served = expect(tracer, where(f, "close", laddr=SERVER4, lport=port), count=n,
+                            timeout=SLOW)
+        except AssertionError as e:
+            # which server sockets: everything the tracer said and recorded about them
+            done = {c["rport"] for c in tracer.matching(where(f, "close", laddr=SERVER4,
+                                                              lport=port))}
+            missing = sorted({c["lport"] for c in closes} - done)
+            said = tracer.matching(lambda r: f(r) and r.get("lport") == port
+                                   and r.get("rport") in missing)
+            raw = tracer.raw(lambda r: r.get("sport") == port and r.get("dport") in missing)
+            raise AssertionError(f"{e}; no server close for client ports {missing}; "
+                                 f"findings: {said}; records: {raw}") from None
         assert len(served) == n
         assert all(c["time_wait"] is False and c["time_wait_ns"] is None for c in served)
         # ss's count at some moment between the two readings of it. It moves both ways after
