@@ -31,17 +31,24 @@ VANISH_FLOOR = 0.5
 SLOW = 60.0
 
 
-def _tw_view(tracer, f, ino, pred, timeout=15.0):
+def _tw_view(tracer, f, ino, pred, timeout=SLOW):
     """The first fresh time_wait record of namespace ino that satisfies pred (the namespace is
     found by the tracer's walk of /proc within 5 s, then sampled every second, or less often
     where dumps cost more: the sampler keeps to 5% of a CPU, and in the TCG guest of CI its
-    period stretched to several seconds; the records say it, as interval_ns)."""
+    period stretched to several seconds, more than 15 s in all for the session's first view;
+    the records say the period, as interval_ns). A wait returns once the view is there; a
+    short timeout is stretched to three of those periods."""
     periods = [r["interval_ns"] for r in tracer.matching(lambda r: r["type"] == "time_wait")
                if r.get("interval_ns")]
     if periods:
         timeout = max(timeout, 5 + 3 * max(periods[-20:]) / 1e9)
-    return expect(tracer, lambda r: r["type"] == "time_wait" and f(r) and r["netns"] == ino
-                  and pred(r), timeout=timeout)[0]
+    mine = lambda r: r["type"] == "time_wait" and f(r) and r["netns"] == ino
+    try:
+        return expect(tracer, lambda r: mine(r) and pred(r), timeout=timeout)[0]
+    except AssertionError as e:
+        views = [(r["time"], r["time_wait"], r["destinations"][:3])
+                 for r in tracer.matching(mine)[-3:]]
+        raise AssertionError(f"{e}; the namespace's latest views: {views}") from None
 
 
 def _states(ns):
