@@ -42,6 +42,12 @@ class Options:
     full_stream: bool = False     # --full-stream: never fold (every connection's records)
 
     @property
+    def window_ns(self):
+        """The ordering window: how long records wait for earlier ones (session.Pipeline);
+        scanned steps later than its end are not taken (kernel/live.py)."""
+        return self.window_ms * 1_000_000
+
+    @property
     def fold(self):
         """Should the kernel fold healthy short connections into its aggregates
         (bpf/aggregate.c) instead of sending them? When nothing will show them one by one:

@@ -29,7 +29,7 @@ class Pipeline:
     def __init__(self, opts, sink, confirm=None, resolve_owner=None):
         self.opts = opts
         self.sink = sink
-        self.order = Reorderer(opts.window_ms * 1_000_000)
+        self.order = Reorderer(opts.window_ns)
         self.tracker = Tracker(stuck_after_ns=int(opts.stuck_after * 1e9),
                                pressure_interval_ns=int(opts.pressure_interval * 1e9),
                                transitions=opts.transitions, max_conns=opts.max_conns,

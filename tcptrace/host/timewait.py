@@ -109,11 +109,12 @@ def tuple_diff(now, prev):
 
 def aggregate(listening, chunks, lo, hi, follow=True):
     """(dests, locals, services, {family: {raw 4-tuple in TIME_WAIT: ms left}}, or None
-    unless `follow`) of a dump (Diag.raw chunks) of the connected states: see the module's docstring. A socket
-    whose local port is a listener's (`listening`) was accepted: it took no port of the range
-    (a listener bound to port 0 gets one from it), and its TIME_WAIT is a service's. Runs per
-    socket of every dump (tens of thousands, 5,000 more a second under a 5k conn/s storm): one
-    unpack and plain dict operations on raw bytes per socket; text only for what is returned."""
+    unless `follow`) of a dump (Diag.raw chunks) of the connected states: see the module's
+    docstring. A socket whose local port is a listener's (`listening`) was accepted: it took
+    no port of the range (a listener bound to port 0 gets one from it), and its TIME_WAIT is
+    a service's. Runs per socket of every dump (tens of thousands, 5,000 more a second under
+    a 5k conn/s storm): one unpack and plain dict operations on raw bytes per socket; text
+    only for what is returned."""
     dests, locs, services, tw = {}, {}, {}, {} if follow else None
     for fam, buf, offsets in chunks:
         fd, fl, fs = (d.setdefault(fam, {}) for d in (dests, locs, services))

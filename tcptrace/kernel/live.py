@@ -104,7 +104,7 @@ class LiveSource:
             scanned = ()
             if now >= next_scan:
                 # the pipeline takes scanned steps up to its ordering window (session.py)
-                scanned = src.scan(now - opts.window_ms * 1_000_000)
+                scanned = src.scan(now - opts.window_ns)
                 next_scan = now + scan_every
             yield Batch(evs, now, scanned, seeds)
             seeds = ()

@@ -240,7 +240,6 @@ def test_connects_that_waited_on_a_local_listener_under_pressure_name_it():
                      ("connect", 9999, 2): None, ("connect", 8080, 0): None}
 
 
-
 def test_a_connect_that_waited_through_a_flood_names_every_cause_it_met():
     """A SYN flood drops SYNs (request queue full) until 5 s; after it, only the flood's
     SYN-ACK retransmissions go on, and the listener's findings of those windows say just
@@ -258,6 +257,7 @@ def test_a_connect_that_waited_through_a_flood_names_every_cause_it_met():
     conn, = [f for f in out if f.type == "connect" and f.rport == 8080]
     assert conn.syn_retransmits == 6
     assert conn.listener["cause"] == ["request_queue_full", "synack_retransmits"]
+
 
 def test_the_sampler_counts_request_socks_only_when_they_can_matter(monkeypatch):
     """host/samplers.py: counting request socks walks the host's whole connection table in
