@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from tcptrace import errors
-from tcptrace.detect.timewait import sample_period_ns
+from tcptrace.detect.timewait import sample_options
 from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer, by_ts
 from tcptrace.output import Closed, make_sink
@@ -36,7 +36,8 @@ class Pipeline:
                                confirm=confirm, resolve_owner=resolve_owner,
                                port_pressure=opts.port_pressure,
                                follow_time_wait=opts.report or opts.transitions,
-                               time_wait_period_ns=sample_period_ns(opts.report, opts.interval))
+                               time_wait_sampling=sample_options(opts.report, opts.interval,
+                                                                 opts.port_pressure))
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection

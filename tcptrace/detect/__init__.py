@@ -19,14 +19,14 @@ from tcptrace.detect.transitions import Transitions
 
 def standard(stuck_after_ns, transitions=False, confirm=None, resolve_owner=None,
              port_pressure=0.8, pressure_interval_ns=5_000_000_000, follow_time_wait=True,
-             time_wait_period_ns=None):
+             time_wait_sampling=None):
     """Detector factories (each called with the tracker). Closes, FailedConnects and Resets
     each conclude connections the others do not (a normal close, an opening that failed, a
     reset), so each connection gets one conclusion; the commonest is asked first. TimeWaits
     is asked before them and concludes nothing: it notes the step into TIME_WAIT."""
     out = [Handshakes, functools.partial(TimeWaits, threshold=port_pressure,
                                          follow=follow_time_wait,
-                                         period_ns=time_wait_period_ns), Closes,
+                                         sampling=time_wait_sampling), Closes,
            FailedConnects, Resets,
            functools.partial(Stuck, stuck_after_ns=stuck_after_ns, confirm=confirm,
                              resolve_owner=resolve_owner),

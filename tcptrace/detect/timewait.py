@@ -32,23 +32,26 @@ INTO_TIME_WAIT = frozenset((S.FIN_WAIT2, S.CLOSING, S.FIN_WAIT1))
 TW_CELL = S.TIME_WAIT << 4 | S.CLOSE
 MAX_WAITING = 65_536        # timewait socks followed for their exit; the oldest go first
 RECENT_NS = 1_000_000_000   # how long a dump's new TIME_WAIT 4-tuples wait for their close
-# How often `report` samples (watch: every second, for port_pressure's warning). Its tables are
-# read once per window, and a TIME_WAIT count changes slowly by nature: each timewait sock lives
-# 60 s, so in 5 s a pile-up grows by at most 5/60 of its steady height, which is what a peak
-# read every 5 s can miss. Sampling every second made the sampler half of report's CPU under a
-# 5k conn/s storm (docs/bench.md).
-REPORT_PERIOD_NS = 5_000_000_000
+# How often the sampler reads a namespace. A TIME_WAIT count changes slowly by nature: each
+# timewait sock lives 60 s, so in 5 s a pile-up grows by at most 5/60 of its steady height,
+# which is what a peak read every 5 s can miss; and a reading costs about a microsecond per
+# socket, every timewait sock of the namespace each time, so reading every second made the
+# sampler half of report's CPU under a 5k conn/s storm, and a third of watch's (docs/bench.md).
+# So every 5 s, `report` every --interval when that is shorter; but `watch` samples every
+# second while a destination is near port_pressure's threshold (host/timewait.near: half of it
+# used, or growing as fast as would reach it in 5 s), where a second can matter: at 5k
+# connections/s to one destination, 80% to 100% of a 28k-port range takes a second.
+PERIOD_NS = 5_000_000_000
 
 
-def sample_period_ns(report, interval_s):
-    """The TIME_WAIT sampler's period for a run (None: the sampler's own, 1 s): for report,
-    REPORT_PERIOD_NS, or the report's --interval when that is shorter (but not under the
-    sampler's own)."""
-    if not report:
-        return None
-    if not interval_s:
-        return REPORT_PERIOD_NS
-    return max(TimeWaitSampler.period_ns, min(REPORT_PERIOD_NS, int(interval_s * 1e9)))
+def sample_options(report, interval_s, threshold):
+    """The TIME_WAIT sampler's period options for a run (see PERIOD_NS)."""
+    if report:
+        if interval_s:
+            return {"period_ns": max(TimeWaitSampler.period_ns,
+                                     min(PERIOD_NS, int(interval_s * 1e9)))}
+        return {"period_ns": PERIOD_NS}
+    return {"calm_period_ns": PERIOD_NS, "threshold": threshold}
 
 
 def entered_time_wait(c):
@@ -64,15 +67,14 @@ class TimeWaits(Detector):
     # what its samples change: its own findings, and when a timewait sock's exit is told
     SAMPLED_FOR = frozenset(("time_wait", "port_pressure", "time_wait_overflow", "transition"))
 
-    def __init__(self, tracker, threshold=0.8, follow=True, period_ns=None):
+    def __init__(self, tracker, threshold=0.8, follow=True, sampling=None):
         super().__init__(tracker)
         self.threshold = threshold
         # Follow each timewait sock to its exit (TIME_WAIT -> CLOSE): only for what shows
         # transitions (--transitions, the report's matrix); nothing else reads it.
         self.follow = follow
-        self.sampler_options = {"follow": follow}
-        if period_ns is not None:           # how often to sample (None: the sampler's own)
-            self.sampler_options["period_ns"] = period_ns
+        # how often to sample (sample_options; None: the sampler's own, every second)
+        self.sampler_options = {"follow": follow, **(sampling or {})}
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first
         self.waiting = collections.OrderedDict()

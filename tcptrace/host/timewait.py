@@ -55,6 +55,8 @@ class _Namespace:
         self.base = base
         self.diag, self.fds = netns.run_in(base, self._open)
         self.tw = {}
+        self.in_use = {}            # (laddr, raddr, rport) -> sockets, at the last dump
+        self.in_use_ns = None
 
     @staticmethod
     def _open():
@@ -100,10 +102,14 @@ def tuple_diff(now, prev):
     [laddr, lport, raddr, rport] of each in `prev` and not in `now`): two dumps' TIME_WAIT
     ({family: {tuple: ms}})."""
     entered, left = [], []
+    a = ADDR
     for fam in sorted(now.keys() | prev.keys()):        # in dump order: output is repeatable
         n, p = now.get(fam, {}), prev.get(fam, {})
-        entered += [list(tuple_text(fam, t)) + [ms] for t, ms in n.items() if t not in p]
-        left += [list(tuple_text(fam, t)) for t in p if t not in n]
+        # tuple_text inlined: a storm's dump has tens of thousands entered
+        entered += [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3], ms]
+                    for t, ms in n.items() if t not in p]
+        left += [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3]]
+                 for t in p if t not in n]
     return entered, left
 
 
@@ -115,9 +121,9 @@ def aggregate(listening, chunks, lo, hi, follow=True):
     a service's. Runs per socket of every dump (tens of thousands, 5,000 more a second under
     a 5k conn/s storm): one unpack and plain dict operations on raw bytes per socket; text
     only for what is returned."""
-    dests, locs, services, tw = {}, {}, {}, {} if follow else None
+    dests, services, tw = {}, {}, {} if follow else None
     for fam, buf, offsets in chunks:
-        fd, fl, fs = (d.setdefault(fam, {}) for d in (dests, locs, services))
+        fd, fs = dests.setdefault(fam, {}), services.setdefault(fam, {})
         ft = tw.setdefault(fam, {}) if follow else None
         for o in offsets:
             st, lport, key = _HEAD(buf, o)
@@ -125,19 +131,23 @@ def aggregate(listening, chunks, lo, hi, follow=True):
             if in_tw and follow:
                 ft[_TUPLE(buf, o)[0]] = _EXPIRES(buf, o + RAW_EXPIRES_AT)[0]
             if lo <= lport <= hi and lport not in listening:
-                i = 0 if in_tw else 1
                 row = fd.get(key)
                 if row is None:
                     row = fd[key] = [0, 0]
-                row[i] += 1
-                src = key[2:18]
-                row = fl.get(src)
-                if row is None:
-                    row = fl[src] = [0, 0]
-                row[i] += 1
+                row[0 if in_tw else 1] += 1
             elif in_tw:
                 k = (lport, key[2:18])
                 fs[k] = fs.get(k, 0) + 1
+    # a local address's sockets are its destinations': summed per destination, not per socket
+    locs = {}
+    for fam, fd in dests.items():
+        fl = locs.setdefault(fam, {})
+        for key, (n_tw, n_other) in fd.items():
+            row = fl.get(key[2:18])
+            if row is None:
+                row = fl[key[2:18]] = [0, 0]
+            row[0] += n_tw
+            row[1] += n_other
     rows = (
         [([_text(f, k, 2), _text(f, k, 18), k[0] << 8 | k[1]], v)
          for f, d in dests.items() for k, v in d.items()],
@@ -146,11 +156,25 @@ def aggregate(listening, chunks, lo, hi, follow=True):
     return tuple([k + v for k, v in _largest(r)] for r in rows) + (tw,)
 
 
+def near(before, now, dt_s, ports, threshold, ahead_s):
+    """Is a destination near port_pressure's threshold: using half of it now, or, growing as
+    it did since the last dump (`before`, dt_s ago), at it ahead_s from now? ({(laddr, raddr,
+    rport): sockets in use} of two dumps; ports in the range; dt_s 0: no dump before.) A
+    destination the last dump did not show grows from none."""
+    for k, n in now.items():
+        if n >= threshold / 2 * ports:
+            return True
+        grown = n - before.get(k, 0)
+        if grown > 0 and dt_s > 0 and n + grown / dt_s * ahead_s >= threshold * ports:
+            return True
+    return False
+
+
 class TimeWaitSampler(Sampler):
     name = "time_wait"
 
     def __init__(self, namespaces=None, ports=(), families=(), follow=True,
-                 period_ns=Sampler.period_ns):
+                 period_ns=Sampler.period_ns, calm_period_ns=None, threshold=None):
         self.namespaces = namespaces or Namespaces()
         self.ports = tuple(ports)           # only sockets with one of these ports (--port)
         self.families = tuple(families) or (socket.AF_INET, socket.AF_INET6)
@@ -158,6 +182,11 @@ class TimeWaitSampler(Sampler):
         # timewait sock to its exit (detect/timewait.py); else no sample carries them
         self.follow = follow
         self.min_period_ns = self.period_ns = period_ns
+        # With a port_pressure threshold: every calm_period_ns, but every period_ns while a
+        # destination is near it (see near())
+        self.calm_period_ns = calm_period_ns or period_ns
+        self.threshold = threshold
+        self.near = False       # the last sample found a destination near the threshold
         self.open = {}          # netns inode -> _Namespace
         self.dumps = 0          # namespace readings (each two dumps: listeners, then the rest)
         self.samples = 0
@@ -167,6 +196,7 @@ class TimeWaitSampler(Sampler):
     def sample(self, now_ns):
         t0 = time.thread_time_ns()
         out = []
+        self.near = False
         known = self.namespaces.get(now_ns)
         for ino in [i for i in self.open if i not in known]:
             ns = self.open.pop(ino)
@@ -185,8 +215,14 @@ class TimeWaitSampler(Sampler):
         spent = time.thread_time_ns() - t0
         self.spent_ns += spent
         self.samples += 1
-        self.period_ns = max(self.min_period_ns, int(spent / BUDGET))
+        self.period_ns = self.next_period_ns(spent)
         return out
+
+    def next_period_ns(self, spent_ns):
+        """The period after a sample that took spent_ns of CPU: see __init__, stretched to
+        keep sampling under BUDGET of a CPU."""
+        base = self.min_period_ns if self.near else self.calm_period_ns
+        return max(base, int(spent_ns / BUDGET))
 
     def _one(self, ino, base, now_ns):
         ns = self.open.get(ino)
@@ -200,6 +236,12 @@ class TimeWaitSampler(Sampler):
         dests, locs, services, tw = aggregate(
             listening, ns.diag.raw(CONNECTED, self.families, self.ports), lo, hi, self.follow)
         self.dumps += 1
+        in_use = {(r[0], r[1], r[2]): r[3] + r[4] for r in dests}
+        since = (now_ns - ns.in_use_ns) / 1e9 if ns.in_use_ns is not None else 0
+        if self.threshold is not None and near(ns.in_use, in_use, since, hi - lo + 1,
+                                               self.threshold, self.calm_period_ns / 1e9):
+            self.near = True
+        ns.in_use, ns.in_use_ns = in_use, now_ns
         c = counters.tcp_counters(base)
         data = {
             "tw": counters.sockstat(base).get("tw", 0),

@@ -63,7 +63,7 @@ class Tracker:
     def __init__(self, stuck_after_ns=30_000_000_000, grace_ns=10_000_000, max_conns=262_144,
                  transitions=False, confirm=None, resolve_owner=None, detectors=None,
                  port_pressure=0.8, pressure_interval_ns=5_000_000_000, follow_time_wait=True,
-                 time_wait_period_ns=None):
+                 time_wait_sampling=None):
         from tcptrace import detect
         self.grace_ns = grace_ns
         self.table = ConnTable(max_conns)
@@ -79,7 +79,7 @@ class Tracker:
         if detectors is None:
             detectors = detect.standard(stuck_after_ns, transitions, confirm, resolve_owner,
                                         port_pressure, pressure_interval_ns, follow_time_wait,
-                                        time_wait_period_ns)
+                                        time_wait_sampling)
         self.detectors = [make(self) for make in detectors]
         for name in hooks.HOOKS:
             setattr(self, name, hooks.dispatch(self.detectors, name))

@@ -33,11 +33,11 @@ SLOW = 60.0
 
 def _tw_view(tracer, f, ino, pred, timeout=SLOW):
     """The first fresh time_wait record of namespace ino that satisfies pred (the namespace is
-    found by the tracer's walk of /proc within 5 s, then sampled every second, or less often
-    where dumps cost more: the sampler keeps to 5% of a CPU, and in the TCG guest of CI its
-    period stretched to several seconds, more than 15 s in all for the session's first view;
-    the records say the period, as interval_ns). A wait returns once the view is there; a
-    short timeout is stretched to three of those periods."""
+    found by the tracer's walk of /proc within 5 s, then sampled every 5 s, every second near
+    port pressure, or less often where dumps cost more: the sampler keeps to 5% of a CPU, and
+    in the TCG guest of CI its period stretched to several seconds, more than 15 s in all for
+    the session's first view; the records say the period, as interval_ns). A wait returns once
+    the view is there; a short timeout is stretched to three of those periods."""
     periods = [r["interval_ns"] for r in tracer.matching(lambda r: r["type"] == "time_wait")
                if r.get("interval_ns")]
     if periods:

@@ -157,24 +157,81 @@ def test_samplers_run_only_for_findings_the_output_shows():
     assert kinds(Options(filter=Filter(types=frozenset({"time_wait"})))) == {TimeWaitSampler}
 
 
-def test_report_samples_time_wait_every_5_s_or_its_interval_watch_every_second():
+def test_time_wait_is_sampled_every_5_s_watch_every_second_near_port_pressure():
     from tcptrace.host.timewait import TimeWaitSampler
     from tcptrace.session import shown_types
 
-    def period(**kw):
+    def periods(**kw):
+        """The period after a cheap sample that found no namespace near port pressure, and
+        after one that did."""
         opts = Options(**kw)
         pipe = Pipeline(opts, JsonSink(io.StringIO(), 0))
-        tw = [s for s in samplers_for(pipe.tracker.detectors, shown_types(opts))
-              if type(s) is TimeWaitSampler]
-        assert len(tw) == 1
-        assert tw[0].period_ns == tw[0].min_period_ns       # before any sample has cost
-        return tw[0].period_ns / SEC
-    assert period(json=True) == 1
-    assert period(json=True, transitions=True) == 1
-    assert period(report=True) == 5
-    assert period(report=True, interval=2.5) == 2.5
-    assert period(report=True, interval=60) == 5
-    assert period(report=True, interval=0.2) == 1
+        [tw] = [s for s in samplers_for(pipe.tracker.detectors, shown_types(opts))
+                if type(s) is TimeWaitSampler]
+        out = []
+        for near in (False, True):
+            tw.near = near
+            out.append(tw.next_period_ns(0) / SEC)
+        return tuple(out)
+    assert periods(json=True) == (5, 1)       # 1: near port pressure (next tests)
+    assert periods(json=True, transitions=True) == (5, 1)
+    assert periods(report=True) == (5, 5)
+    assert periods(report=True, interval=2.5) == (2.5, 2.5)
+    assert periods(report=True, interval=60) == (5, 5)
+    assert periods(report=True, interval=0.2) == (1, 1)
+
+
+def test_a_destination_is_near_port_pressure_at_half_of_it_or_growing_to_it_in_5_s():
+    from tcptrace.host.timewait import near
+    d, e = ("10.0.0.1", "10.0.0.2", 80), ("10.0.0.1", "10.0.0.3", 80)
+    # 1,000 ports, threshold 0.8: near at 400 in use, or on course for 800 five seconds on
+    assert not near({}, {d: 399}, 10, 1000, 0.8, 5)         # 39.9/s: 599 in 5 s
+    assert near({}, {d: 400}, 10, 1000, 0.8, 5)
+    assert near({d: 300}, {d: 399, e: 1}, 1, 1000, 0.8, 5)  # +99/s: 894 in 5 s
+    assert not near({d: 350}, {d: 399}, 1, 1000, 0.8, 5)    # +49/s: 644 in 5 s
+    assert not near({d: 399}, {d: 10}, 1, 1000, 0.8, 5)     # shrinking
+    assert near({d: 399}, {d: 10, e: 360}, 4, 1000, 0.8, 5)   # a new one: 0 -> 360 in 4 s
+    assert not near({d: 1}, {d: 1}, 0, 1000, 0.8, 5)
+
+
+def test_watch_samples_every_second_while_a_destination_is_near(monkeypatch):
+    """The sampler's own rows decide: the period after a dump is a second while near() holds
+    for one of the namespace's destinations, 5 s after."""
+    from tcptrace.host import timewait
+
+    class Diag:
+        def dump(self, *a, **k):
+            return []
+
+        def raw(self, *a, **k):
+            return []
+
+    class Ns(timewait._Namespace):
+        def __init__(self):
+            self.base, self.tw, self.in_use, self.in_use_ns = "base", {}, {}, None
+            self.diag = Diag()
+
+        def settings(self):
+            return {"ip_local_port_range": [40000, 40999], "tcp_tw_reuse": 2,
+                    "tcp_max_tw_buckets": 1000}
+
+    class One:
+        def get(self, now_ns):
+            return {1: "base"}
+
+    monkeypatch.setattr(timewait.counters, "sockstat", lambda base: {"tw": 0})
+    monkeypatch.setattr(timewait.counters, "tcp_counters", lambda base: {})
+    s = timewait.TimeWaitSampler(One(), calm_period_ns=5 * SEC, threshold=0.8)
+    s.open[1] = Ns()
+    periods = []
+    for t, used in ((0, 400), (1, 100), (6, 200), (11, 500), (12, 300), (17, 300)):
+        monkeypatch.setattr(timewait, "aggregate", lambda *a, n=used: (
+            [["10.0.0.1", "10.0.0.2", 80, n, 0]], [], [], {}))
+        s.sample(t * SEC)
+        periods.append(s.period_ns // SEC)
+    # 400 used (half of 0.8) at the first dump; 100: falling; 20/s: 300 in 5 s; 500 used;
+    # falling; still
+    assert periods == [1, 5, 5, 1, 5, 5]
 
 
 def test_the_time_wait_period_stretches_past_its_floor_only_for_the_cpu_budget():
