@@ -92,9 +92,12 @@ def _text(fam, key, at):
     return ADDR[(fam, key[at:at + 16])]
 
 
-def tuple_text(fam, tup):
-    """A timewait sock's raw 4-tuple (aggregate) as (laddr, lport, raddr, rport)."""
-    return (_text(fam, tup, 4), tup[0] << 8 | tup[1], _text(fam, tup, 20), tup[2] << 8 | tup[3])
+def tuples_text(fam, tuples):
+    """[laddr, lport, raddr, rport] of each of a family's raw 4-tuples (aggregate's keys): one
+    comprehension for the tens of thousands a storm's dump can enter or leave."""
+    a = ADDR
+    return [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3]]
+            for t in tuples]
 
 
 def tuple_diff(now, prev):
@@ -102,14 +105,14 @@ def tuple_diff(now, prev):
     [laddr, lport, raddr, rport] of each in `prev` and not in `now`): two dumps' TIME_WAIT
     ({family: {tuple: ms}})."""
     entered, left = [], []
-    a = ADDR
     for fam in sorted(now.keys() | prev.keys()):        # in dump order: output is repeatable
         n, p = now.get(fam, {}), prev.get(fam, {})
-        # tuple_text inlined: a storm's dump has tens of thousands entered
-        entered += [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3], ms]
-                    for t, ms in n.items() if t not in p]
-        left += [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3]]
-                 for t in p if t not in n]
+        new = [t for t in n if t not in p]
+        rows = tuples_text(fam, new)
+        for row, t in zip(rows, new):
+            row.append(n[t])
+        entered += rows
+        left += tuples_text(fam, [t for t in p if t not in n])
     return entered, left
 
 

@@ -7,7 +7,7 @@ import socket
 from tcptrace import states as S
 from tcptrace.detect.timewait import TIME_WAIT_NS
 from tcptrace.host.diag import _MSG, STATES, DiagSock
-from tcptrace.host.timewait import aggregate, tuple_text
+from tcptrace.host.timewait import aggregate, tuples_text
 from tcptrace.lifecycle import Tracker
 from tcptrace.output.report import Report
 from tcptrace.output.text import TextSink
@@ -237,7 +237,8 @@ def test_a_dump_is_aggregated_per_destination_local_address_and_service():
                      ["10.0.0.1", "10.0.0.2", 443, 1, 0], ["10.0.0.3", "10.0.0.2", 80, 1, 0]]
     assert locs == [["10.0.0.1", 3, 2], ["a00:1::", 2, 0], ["10.0.0.3", 1, 0]]
     assert services == [["10.0.0.1", 80, 1], ["10.0.0.1", 40006, 1], ["a00:1::", 443, 1]]
-    assert sorted((tuple_text(f, k), ms) for f, d in tw.items() for k, ms in d.items()) == [
+    assert sorted((tuple(tuples_text(f, [k])[0]), ms) for f, d in tw.items()
+                  for k, ms in d.items()) == [
         (("10.0.0.1", 80, "10.0.0.9", 50000), 1000),
         (("10.0.0.1", 40000, "10.0.0.2", 80), 1000), (("10.0.0.1", 40001, "10.0.0.2", 80), 1000),
         (("10.0.0.1", 40003, "10.0.0.2", 443), 59000),
