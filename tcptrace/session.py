@@ -37,7 +37,8 @@ class Pipeline:
                                port_pressure=opts.port_pressure,
                                follow_time_wait=opts.report or opts.transitions,
                                time_wait_sampling=sample_options(opts.report, opts.interval,
-                                                                 opts.port_pressure))
+                                                                 opts.port_pressure,
+                                                                 opts.transitions))
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection

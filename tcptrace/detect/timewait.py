@@ -44,14 +44,21 @@ RECENT_NS = 1_000_000_000   # how long a dump's new TIME_WAIT 4-tuples wait for 
 PERIOD_NS = 5_000_000_000
 
 
-def sample_options(report, interval_s, threshold):
-    """The TIME_WAIT sampler's period options for a run (see PERIOD_NS)."""
-    if report:
-        if interval_s:
-            return {"period_ns": max(TimeWaitSampler.period_ns,
-                                     min(PERIOD_NS, int(interval_s * 1e9)))}
-        return {"period_ns": PERIOD_NS}
-    return {"calm_period_ns": PERIOD_NS, "threshold": threshold}
+def sample_options(report, interval_s, threshold, transitions):
+    """The TIME_WAIT sampler's options for a run: how often (see PERIOD_NS), and whether its
+    samples name the 4-tuples that entered and left TIME_WAIT (`follow`): only for
+    --transitions, whose lines show each step out when a dump no longer shows the sock.
+    report's matrix counts those steps by the 60 s rule, as it does for the connections the
+    kernel folds: each reading's diff of every timewait sock's 4-tuple was over half of its
+    sampling's cost with a 60 s pile at 5k connections/s (docs/bench.md)."""
+    out = {"follow": transitions}
+    if not report:
+        out.update(calm_period_ns=PERIOD_NS, threshold=threshold)
+    elif interval_s:
+        out["period_ns"] = max(TimeWaitSampler.period_ns, min(PERIOD_NS, int(interval_s * 1e9)))
+    else:
+        out["period_ns"] = PERIOD_NS
+    return out
 
 
 def entered_time_wait(c):
@@ -71,9 +78,10 @@ class TimeWaits(Detector):
         super().__init__(tracker)
         self.threshold = threshold
         # Follow each timewait sock to its exit (TIME_WAIT -> CLOSE): only for what shows
-        # transitions (--transitions, the report's matrix); nothing else reads it.
+        # transitions (--transitions, the report's matrix); nothing else reads it. Told by a
+        # dump where the samples name exits (the sampler's `follow`), else by the 60 s rule.
         self.follow = follow
-        # how often to sample (sample_options; None: the sampler's own, every second)
+        # how the sampler reads (sample_options; None: following, every second)
         self.sampler_options = {"follow": follow, **(sampling or {})}
         # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
         # whose exit is still to be told, oldest first

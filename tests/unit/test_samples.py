@@ -172,10 +172,14 @@ def test_time_wait_is_sampled_every_5_s_watch_every_second_near_port_pressure():
         for near in (False, True):
             tw.near = near
             out.append(tw.next_period_ns(0) / SEC)
+        # Only --transitions shows exits when a dump no longer has the sock: report's matrix
+        # counts them by the 60 s rule (test_timewait), and nothing else reads them
+        assert tw.follow is bool(kw.get("transitions"))
         return tuple(out)
     assert periods(json=True) == (5, 1)       # 1: near port pressure (next tests)
     assert periods(json=True, transitions=True) == (5, 1)
     assert periods(report=True) == (5, 5)
+    assert periods(report=True, transitions=True) == (5, 5)
     assert periods(report=True, interval=2.5) == (2.5, 2.5)
     assert periods(report=True, interval=60) == (5, 5)
     assert periods(report=True, interval=0.2) == (1, 1)
