@@ -93,10 +93,8 @@ def _text(fam, key, at):
 
 
 def tuples_text(fam, tuples):
-    """[laddr, lport, raddr, rport] of each of a family's raw 4-tuples (aggregate's keys): one
-    comprehension for the tens of thousands a storm's dump can enter or leave."""
-    a = ADDR
-    return [[a[(fam, t[4:20])], t[0] << 8 | t[1], a[(fam, t[20:36])], t[2] << 8 | t[3]]
+    """[laddr, lport, raddr, rport] of each of a family's raw 4-tuples (aggregate's keys)."""
+    return [[_text(fam, t, 4), t[0] << 8 | t[1], _text(fam, t, 20), t[2] << 8 | t[3]]
             for t in tuples]
 
 
@@ -239,12 +237,13 @@ class TimeWaitSampler(Sampler):
         dests, locs, services, tw = aggregate(
             listening, ns.diag.raw(CONNECTED, self.families, self.ports), lo, hi, self.follow)
         self.dumps += 1
-        in_use = {(r[0], r[1], r[2]): r[3] + r[4] for r in dests}
-        since = (now_ns - ns.in_use_ns) / 1e9 if ns.in_use_ns is not None else 0
-        if self.threshold is not None and near(ns.in_use, in_use, since, hi - lo + 1,
-                                               self.threshold, self.calm_period_ns / 1e9):
-            self.near = True
-        ns.in_use, ns.in_use_ns = in_use, now_ns
+        if self.threshold is not None:
+            in_use = {(r[0], r[1], r[2]): r[3] + r[4] for r in dests}
+            since = (now_ns - ns.in_use_ns) / 1e9 if ns.in_use_ns is not None else 0
+            if near(ns.in_use, in_use, since, hi - lo + 1, self.threshold,
+                    self.calm_period_ns / 1e9):
+                self.near = True
+            ns.in_use, ns.in_use_ns = in_use, now_ns
         c = counters.tcp_counters(base)
         data = {
             "tw": counters.sockstat(base).get("tw", 0),
