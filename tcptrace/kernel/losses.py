@@ -34,6 +34,7 @@ class Losses:
         self._seen_misses = {}
         self.tallied = []
         for event, prog, kind, tag in TALLIED:
+            prog = progs.state_prog if prog == STATE_PROG else prog
             fd = progs.fd(prog)
             if fd is None:
                 continue                    # a hook this plan does not attach
@@ -80,8 +81,8 @@ class Losses:
         out = []
         for name, (_cnt, _t, misses) in stats.items():
             if misses is None or name.startswith("tt_rescue"):
-                # A twin is skipped only when it re-enters itself on a CPU, and then the
-                # tracepoint program was not blocked: nothing is lost.
+                # A twin is skipped only when it re-enters itself on a CPU, and then the program
+                # it stands in for ran (a hit both missed is the program's miss, unrescued).
                 continue
             kind = twins.get(name)
             if kind is not None:
@@ -98,8 +99,9 @@ class Losses:
         self.tallied = []
 
 
-# The tracepoints counted without BPF: (event, its program, the Kind of its `hits` and `rescued`
-# slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
+# The tracepoints counted without BPF: (event, its program (STATE_PROG: whichever program the
+# plan traces transitions with, loader.Programs.state_prog), the Kind of its `hits` and
+# `rescued` slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
 # ran no program for leaves a failed connect's count short with nothing to say so.
 TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
            ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))
