@@ -11,17 +11,23 @@
  * must know whether the program ran for its hit: see `taken`.
  * Part of tcptrace.c, after the parts tt_state and tt_flush come from. */
 
-/* taken: per CPU, the ids (TT_ID_STATE) of the hits the program took, as a stack: the program
- * pushes its hit's id first thing, and its twin, which runs after it on the same hit, pops
- * down to that id. A twin that finds its id in none of the top TT_TAKEN slots knows that the
- * program was skipped for its hit, and does the work. Why a stack: hits nest only through
- * interrupts, and an interrupt's hits (program and twin each) are done before the interrupted
- * one resumes. So a hit that nests anywhere in the program's run, even before its push or
- * after its end (the kernel marks the program busy around it), pushes nothing and finds
- * nothing; a hit that nests between the program and its twin is pushed and popped above the
- * outer hit's id; and one that nests in the twin itself, whose own twin the kernel then skips,
- * leaves its id above, which the outer twin's pop drops. No ids per interrupt level, so no
- * reads of the stack pointer or the task: two map lookups a hit. */
+/* taken: per CPU, the ids (TT_ID_STATE) of the hits the program took and whose twin has not run
+ * yet, as a stack: the program pushes its hit's id first thing, and its twin, which runs after
+ * it on the same hit, pops down to that id. A twin that finds its id in none of the top
+ * TT_TAKEN slots knows that the program was skipped for its hit, and does the work. Why a
+ * stack: hits nest only through interrupts, and an interrupt's hits (program and twin each)
+ * are done before the interrupted one resumes. So
+ *   - a hit nesting anywhere in the program's run (even before its push or after its end: the
+ *     kernel marks the program busy around it) pushes nothing and finds nothing;
+ *   - one nesting between the program and its twin is pushed and popped above the outer id;
+ *   - one nesting in a twin, whose own twin the kernel then skips, is pushed above; the outer
+ *     twin drops it with its pop, or, if it did the work instead, by putting the stack back
+ *     as it found it.
+ * So the stack holds only hits whose twin is still to come, a slot per level of nesting, and a
+ * stale id can never match a later hit. No per-level marks, so no reads of the stack pointer
+ * or of the task: two map lookups a hit. Only a softirq with more than TT_TAKEN transitions
+ * landing in the few instructions before a twin reads the stack could push its hit's id out of
+ * reach, making the twin take a hit the program took (counted in `rescued`). */
 #define TT_TAKEN 16
 /* A hit's id: sockets lie more than 256 bytes apart, so the states can share the pointer's
  * word. */
@@ -42,7 +48,7 @@ static __always_inline void tt_state_raw(void *ctx, u64 sk, u8 old, u8 new)
     tt_state(ctx, sk, old, new, &s);
 }
 
-int tt_state_hook(struct bpf_raw_tracepoint_args *ctx)
+int tt_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk = ctx->args[0];
     u8 old = ctx->args[1], new = ctx->args[2];
@@ -93,5 +99,8 @@ int tt_rescue_state_raw(struct bpf_raw_tracepoint_args *ctx)
     if (n)
         (*n)++;
     tt_state_raw(ctx, sk, old, new);
+    /* What was pushed meanwhile came from hits nesting in this twin: their programs ran, their
+     * twins were skipped (this one was running). */
+    t->top = top;
     return 0;
 }

@@ -21,7 +21,7 @@ STATE_PROG = "tracepoint__sock__inet_sock_set_state"
 RETRANS_PROG = "tracepoint__tcp__tcp_retransmit_skb"
 # The raw state hook (bpf/state_raw.c), in place of STATE_PROG where the plan has it, and its
 # twin, attached in this order
-STATE_RAW = ("tt_state_hook", "tt_rescue_state_raw")
+STATE_RAW = ("tt_inet_sock_set_state", "tt_rescue_state_raw")
 # The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
 # tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
 # `rescued` counter they keep, the plan's hook name).
@@ -158,9 +158,6 @@ class Programs:
         self.notes = []
         self.twins = {}
         self._raw_fds = []
-        # The program that takes inet_sock_set_state's hits: its runs and misses are what the
-        # loss accounting sets against the tally (kernel/losses.py)
-        self.state_prog = STATE_PROG
         try:
             if plan.state_hook == "raw":
                 self._attach_state_raw()
@@ -191,7 +188,6 @@ class Programs:
                 self._attach_raw(name, "inet_sock_set_state")
         except Exception as e:     # BCC raises bare Exception
             raise errors.Unavailable(f"attaching the raw state hook failed: {e}") from e
-        self.state_prog = STATE_RAW[0]
         self.twins[STATE_RAW[0]] = Kind.STATE
 
     def _attach_twins(self, plan):

@@ -34,7 +34,6 @@ class Losses:
         self._seen_misses = {}
         self.tallied = []
         for event, prog, kind, tag in TALLIED:
-            prog = progs.state_prog if prog == STATE_PROG else prog
             fd = progs.fd(prog)
             if fd is None:
                 continue                    # a hook this plan does not attach
@@ -99,9 +98,12 @@ class Losses:
         self.tallied = []
 
 
-# The tracepoints counted without BPF: (event, its program (STATE_PROG: whichever program the
-# plan traces transitions with, loader.Programs.state_prog), the Kind of its `hits` and
-# `rescued` slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
+# The tracepoint programs whose hits are also counted without BPF: (event, its program, the Kind
+# of its `hits` and `rescued` slots, the tally instance's tag). Not the raw state hook
+# (bpf/state_raw.c): the kernel skips a raw tracepoint program only for re-entering itself,
+# and counts each such skip as a recursion miss (__bpf_trace_run; kernels without that check
+# never skip), so no hit of it can pass unseen; a tally per hit would cost 3% of a loopback
+# storm's rate for nothing. Retransmissions, because a SYN retransmission the kernel
 # ran no program for leaves a failed connect's count short with nothing to say so.
 TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
            ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))

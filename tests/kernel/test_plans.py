@@ -125,8 +125,8 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
             twins |= {loader.STATE_RAW[0]} if raw else set()
             assert set(src.progs.twins) == twins
             # transitions come from the hook the plan chose (the steps below show they come)
-            assert src.progs.state_prog == (loader.STATE_RAW[0] if raw else loader.STATE_PROG)
-            assert src.progs.fd(src.progs.state_prog) is not None
+            assert src.progs.fd(loader.STATE_RAW[0] if raw else loader.STATE_PROG) is not None
+            assert src.progs.fd(loader.STATE_PROG if raw else loader.STATE_RAW[0]) is None
             assert bpf_prog_fds() > progs_before
             traffic.run()
             evs, seen = collect(src, traffic, expect(row))
