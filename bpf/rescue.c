@@ -20,8 +20,8 @@
      ((u32)(sport) << 16) | (dport))
 
 #ifdef TT_RESCUE_ONLY
-/* Tests only: the tracepoint programs step aside and the twins handle every hit, so the rescue
- * path meets real sockets (tests/kernel/test_foundation.py). */
+/* Tests only: the programs (the raw state hook's too, state_raw.c) step aside and the twins
+ * handle every hit, so the twins' path meets real sockets (tests/kernel/test_foundation.py). */
 #define TT_STEP_ASIDE() return 0
 #else
 #define TT_STEP_ASIDE()

@@ -45,7 +45,7 @@
  *   TT_OWNER_STEP(o,n), TT_OPENING_STEP(o,n), TT_SEND_AT(n)
  *                           which transitions name the owner, start a new socket, send what is
  *                           pending: tcptrace/lifecycle/rules.py, as user space reads them
- * Tests only: TT_RESCUE_ONLY=1 (rescue.c).
+ * Tests only: TT_RESCUE_ONLY=1 (rescue.c, state_raw.c: the twins take every hit).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/socket.h>

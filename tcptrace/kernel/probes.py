@@ -546,10 +546,9 @@ def checks():
                          "every transition: `tcptrace doctor --fix` (or the next start) "
                          "removes them", "3.10"))
     elif os.path.isdir(os.path.join(td, "instances")):
-        out.append(Check("transition tally", SUPPORTED, "a tracefs instance counts the hits "
-                         "of each tracepoint program's tracepoint (SYN retransmissions; "
-                         "transitions where the state hook is one): hits no BPF program ran "
-                         "for are reported lost (unseen:)", "3.10"))
+        out.append(Check("transition tally", SUPPORTED, "a tracefs instance counts every "
+                         "inet_sock_set_state hit: transitions no BPF program ran for are "
+                         "reported lost (unseen:)", "3.10"))
     else:
         out.append(Check("transition tally", UNSUPPORTED, "no tracefs instances: transitions "
                          "no BPF program ran for would go uncounted", "3.10"))
