@@ -2,7 +2,7 @@
  * tcptrace.c. */
 
 /* The socket fields the tracepoints report, in the record's layout: from the tracepoint record
- * (TT_SK_FROM_ARGS), or read from the socket (tt_read_sk). */
+ * (TT_SK_FROM_ARGS, tcptrace.c), or, in a rescue, read from the socket (rescue.c). */
 struct tt_sk {
     u16 family;
     u16 sport;        /* host byte order */
@@ -28,46 +28,6 @@ struct tt_sk {
             __builtin_memcpy((s)->daddr, (args)->daddr_v6, 16);                     \
         }                                                                           \
     } while (0)
-
-#if defined(TT_STATE_RAW) || defined(TT_RESCUE)
-/* The same fields read from the socket, for a program that has no tracepoint record (the raw
- * state hook, state_raw.c, and the rescue's twins, rescue.c), at offsets from the running
- * kernel's BTF (TT_OFF_*): what TP_fast_assign reads, family and ports from sock_common and
- * inet_sock, inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. Every read is a helper
- * call, and calls are dear where retpolines and Safe-RET guard them, so skc_dport and
- * skc_family, a few bytes apart in sock_common (4 on 6.1 and 6.18), are read as one. */
-static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
-{
-    u16 port = 0;
-    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_SPORT));
-    s->sport = ntohs(port);
-#if TT_OFF_FAMILY > TT_OFF_DPORT && TT_OFF_FAMILY - TT_OFF_DPORT <= 14
-    u16 span[(TT_OFF_FAMILY - TT_OFF_DPORT) / 2 + 1] = {};
-    bpf_probe_read_kernel(span, sizeof(span), (void *)(sk + TT_OFF_DPORT));
-    s->dport = ntohs(span[0]);
-    s->family = span[(TT_OFF_FAMILY - TT_OFF_DPORT) / 2];
-#else
-    bpf_probe_read_kernel(&s->family, 2, (void *)(sk + TT_OFF_FAMILY));
-    port = 0;
-    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_DPORT));
-    s->dport = ntohs(port);
-#endif
-    if (s->family == AF_INET) {
-        bpf_probe_read_kernel(s->saddr, 4, (void *)(sk + TT_OFF_SADDR));
-        bpf_probe_read_kernel(s->daddr, 4, (void *)(sk + TT_OFF_DADDR));
-    } else {
-        bpf_probe_read_kernel(s->saddr, 16, (void *)(sk + TT_OFF_V6_SADDR));
-        bpf_probe_read_kernel(s->daddr, 16, (void *)(sk + TT_OFF_V6_DADDR));
-    }
-}
-
-static __always_inline u16 tt_read_protocol(u64 sk)
-{
-    u16 proto = 0;
-    bpf_probe_read_kernel(&proto, 2, (void *)(sk + TT_OFF_PROTOCOL));
-    return proto;
-}
-#endif
 
 static __always_inline void tt_put_sk(struct tt_event *ev, struct tt_sk *s)
 {

@@ -1,36 +1,31 @@
-/* The recursion rescue of the tracepoint programs (resets received, error reports, SYN
- * retransmissions; transitions have a raw hook of their own where BTF allows, state_raw.c). A
- * tracepoint program runs through trace_call_bpf(), which skips it (and counts a recursion miss)
- * whenever the CPU's bpf_prog_active is taken: by any kprobe or tracepoint BPF program running
- * there (ours or another tool's), and by every bpf(2) map operation user space makes
- * (bpf_disable_instrumentation(); reading the `socks` map walks all its buckets that way). A
- * softirq that interrupts one of those makes hits that were lost. Raw tracepoint programs are
- * not subject to that check. So each tracepoint program first writes a mark naming the hit (per
- * CPU and level, see `marks`), and two raw tracepoint twins on the same hook, running after it,
- * find the mark, or, finding none, know the program was skipped and do its work.
+/* The recursion rescue. A tracepoint program runs through trace_call_bpf(), which skips it (and
+ * counts a recursion miss) whenever the CPU's bpf_prog_active is taken: by any kprobe or
+ * tracepoint BPF program running there (ours or another tool's), and by every bpf(2) map
+ * operation user space makes (bpf_disable_instrumentation(); reading the `socks` map walks all
+ * its buckets that way). A softirq that interrupts one of those makes transitions that were
+ * lost. Raw tracepoint programs are not subject to that check. So each tracepoint program first
+ * writes a mark naming the hit (per CPU and level, see `marks`), and two raw tracepoint twins on
+ * the same hook, running after it, find the mark, or, finding none, know the program was skipped
+ * and do its work.
  * The twin has no tracepoint record, so it reads the socket's fields itself, at offsets from the
  * running kernel's BTF (never from the compile-time headers, which may be another version's).
- * Part of tcptrace.c, after the handlers the twins call (facts.c). */
+ * Part of tcptrace.c, after the handlers the twins call (state.c, facts.c). */
 
-/* What identifies a hit to both a tracepoint program and its twin: the socket's address (a
- * reset received, a retransmission), or, for sock_error, which has no socket pointer in its
- * record, ports and errno; bit 63 keeps that id from being 0 (an empty mark). */
+/* What identifies a hit to both a tracepoint program and its twin. Sockets lie more than 256
+ * bytes apart, so the states can share the pointer's word; bit 63 keeps an id from being 0 (an
+ * empty mark). sock_error has no socket pointer in its record: ports and errno stand in. */
+#define TT_ID_STATE(sk, old, new) ((u64)(sk) ^ (((u64)(old) << 4) | (new)))
 #define TT_ID_ERROR(family, sport, dport, err)                                      \
     ((1ULL << 63) | ((u64)(family) << 48) | ((u64)(u32)(err) << 32) |             \
      ((u32)(sport) << 16) | (dport))
 
 #ifdef TT_RESCUE_ONLY
-/* Tests only: the programs (the raw state hook's too, state_raw.c) step aside and the twins
- * handle every hit, so the twins' path meets real sockets (tests/kernel/test_foundation.py). */
+/* Tests only: the tracepoint programs step aside and the twins handle every hit, so the rescue
+ * path meets real sockets (tests/kernel/test_foundation.py). */
 #define TT_STEP_ASIDE() return 0
 #else
 #define TT_STEP_ASIDE()
 #endif
-
-/* rescued: per kind, per CPU, hits a twin handled because the program it stands in for was
- * skipped (here, and the raw state hook's twin, state_raw.c); incremented by the twins, never
- * reset. User space subtracts them from the programs' recursion misses. */
-BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
 
 #ifdef TT_RESCUE
 /* marks: per kind, per CPU, per level, the hit the tracepoint program took last and the hit the
@@ -46,6 +41,10 @@ struct tt_marks {
     u64 done[2];    /* first twin */
 };
 BPF_PERCPU_ARRAY(marks, struct tt_marks, TT_KIND_MAX);
+/* rescued: per kind, per CPU, hits the twins handled because the tracepoint program was
+ * skipped; incremented by the twins, never reset. User space subtracts them from the programs'
+ * recursion misses. */
+BPF_PERCPU_ARRAY(rescued, u64, TT_KIND_MAX);
 
 /* A pointer's value as a number (the verifier keeps a pointer a pointer). */
 static __always_inline u64 tt_addr(void *p)
@@ -129,6 +128,47 @@ static __always_inline int tt_taken(struct bpf_raw_tracepoint_args *ctx, u32 kin
         (*n)++;
     return 0;
 }
+
+/* What the tracepoints' TP_fast_assign reads: family and ports from sock_common and inet_sock,
+ * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. */
+static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
+{
+    u16 port = 0;
+    bpf_probe_read_kernel(&s->family, 2, (void *)(sk + TT_OFF_FAMILY));
+    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_SPORT));
+    s->sport = ntohs(port);
+    port = 0;
+    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_DPORT));
+    s->dport = ntohs(port);
+    if (s->family == AF_INET) {
+        bpf_probe_read_kernel(s->saddr, 4, (void *)(sk + TT_OFF_SADDR));
+        bpf_probe_read_kernel(s->daddr, 4, (void *)(sk + TT_OFF_DADDR));
+    } else {
+        bpf_probe_read_kernel(s->saddr, 16, (void *)(sk + TT_OFF_V6_SADDR));
+        bpf_probe_read_kernel(s->daddr, 16, (void *)(sk + TT_OFF_V6_DADDR));
+    }
+}
+
+static __always_inline u16 tt_read_protocol(u64 sk)
+{
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, 2, (void *)(sk + TT_OFF_PROTOCOL));
+    return proto;
+}
+
+static __always_inline int tt_twin_state(struct bpf_raw_tracepoint_args *ctx, int second)
+{
+    u64 sk = ctx->args[0];
+    u8 old = ctx->args[1], new = ctx->args[2];
+    if (tt_taken(ctx, TT_STATE, TT_ID_STATE(sk, old, new), second) ||
+        tt_read_protocol(sk) != TT_IPPROTO_TCP)
+        return 0;
+    struct tt_sk s = {};
+    tt_read_sk(sk, &s);
+    tt_state(ctx, sk, old, new, &s);
+    return 0;
+}
+TT_TWINS(state)
 
 #ifdef TT_HOOK_RECV_RESET
 static __always_inline int tt_twin_recv_reset(struct bpf_raw_tracepoint_args *ctx, int second)

@@ -1,10 +1,9 @@
 /* tcptrace kernel side: TCP state transitions and the facts that explain failed connects.
  *
- * Reads tracepoint fields (BCC lays them out from tracefs, so they are right on any kernel) and
- * opaque pointers used as keys. Nothing dereferences a kernel struct through the headers BCC
- * compiles against, which may belong to another kernel version than the one running; the raw
- * state hook and the recursion rescue read struct sock only at offsets from the running
- * kernel's BTF.
+ * Reads only tracepoint fields (BCC lays them out from tracefs, so they are right on any kernel)
+ * and opaque pointers used as keys. Nothing dereferences a kernel struct through the headers BCC
+ * compiles against, which may belong to another kernel version than the one running; the
+ * recursion rescue reads struct sock only at offsets from the running kernel's BTF.
  *
  * BCC compiles one source text, and rewrites its map calls (`socks.lookup(&k)`) and tracepoint
  * arguments only in that text, not in the files it #includes. So the loader puts each part
@@ -20,8 +19,6 @@
  *   facts.c      resets, error reports, SYN retransmissions
  *   rescue.c     the recursion rescue: marks, and the raw tracepoint twins
  *   listen.c     listener facts: SYN-ACK retransmits, accept queues full at the final ACK
- *   state_raw.c  the state hook as a raw tracepoint, and its twin (in place of the tracepoint
- *                program, after the counters below)
  *
  * Compile-time switches (-D). The plan's, chosen by tcptrace/kernel/probes.py (SWITCHES):
  *   TT_RINGBUF=1            BPF ring buffer transport (else a perf event array)
@@ -33,8 +30,6 @@
  *   TT_RESCUE=1             the recursion rescue, with TT_OFF_* (struct sock and task_struct
  *                           member offsets) and TT_SZ_STACK (THREAD_SIZE) of the running kernel,
  *                           from its BTF (tcptrace/kernel/btf.py)
- *   TT_STATE_RAW=1          inet_sock_set_state as a raw tracepoint (state_raw.c), with the same
- *                           TT_OFF_* from BTF
  *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
  *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
  *                           and the raw arguments' positions of the running kernel (BTF)
@@ -45,7 +40,7 @@
  *   TT_OWNER_STEP(o,n), TT_OPENING_STEP(o,n), TT_SEND_AT(n)
  *                           which transitions name the owner, start a new socket, send what is
  *                           pending: tcptrace/lifecycle/rules.py, as user space reads them
- * Tests only: TT_RESCUE_ONLY=1 (rescue.c, state_raw.c: the twins take every hit).
+ * Tests only: TT_RESCUE_ONLY=1 (rescue.c).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/socket.h>
@@ -79,11 +74,10 @@
 #include "rescue.c"
 #include "listen.c"
 
-/* hits: runs of the tallied programs (inet_sock_set_state's, tcp_retransmit_skb's), per kind
- * and CPU, with or without the rescue: incremented first thing on every run, never reset.
- * With the kernel's recursion misses of the program and the twins' `rescued` (rescue.c), what
- * BPF was shown of the hook, which user space sets against a count of the tracepoint's hits
- * that needs no BPF (kernel/tally.py). */
+/* hits: runs of the tallied tracepoint programs (inet_sock_set_state, tcp_retransmit_skb), per
+ * kind and CPU, with or without the rescue: incremented first thing on every run, never reset.
+ * With the kernel's recursion misses of the program, what BPF was shown of the hook, which user
+ * space sets against a count of the tracepoint's hits that needs no BPF (kernel/tally.py). */
 BPF_PERCPU_ARRAY(hits, u64, TT_KIND_MAX);
 
 static __always_inline void tt_hit(u32 kind)
@@ -93,12 +87,11 @@ static __always_inline void tt_hit(u32 kind)
         (*n)++;
 }
 
-#ifdef TT_STATE_RAW
-#include "state_raw.c"
-#else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     tt_hit(TT_STATE);
+    TT_STEP_ASIDE();
+    TT_MARK(TT_STATE, TT_ID_STATE(args->skaddr, args->oldstate, args->newstate));
     if (args->protocol == TT_IPPROTO_TCP) {
         struct tt_sk s = {};
         TT_SK_FROM_ARGS(&s, args);
@@ -107,7 +100,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
     return 0;
 }
-#endif
 
 #ifdef TT_HOOK_RECV_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)

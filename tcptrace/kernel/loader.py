@@ -16,16 +16,13 @@ from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
 
-# BCC's names for the tracepoint programs the loss accounting reads by name
-STATE_PROG = "tracepoint__sock__inet_sock_set_state"
-RETRANS_PROG = "tracepoint__tcp__tcp_retransmit_skb"
-# The raw state hook (bpf/state_raw.c), in place of STATE_PROG where the plan has it, and its
-# twin, attached in this order
-STATE_RAW = ("tt_inet_sock_set_state", "tt_rescue_state_raw")
 # The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
 # tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
-# `rescued` counter they keep, the plan's hook name).
+# `rescued` counter they keep, the plan's hook name or None when always attached).
+STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's names for them
+RETRANS_PROG = "tracepoint__tcp__tcp_retransmit_skb"
 TWINS = (
+    ("state", "inet_sock_set_state", STATE_PROG, Kind.STATE, None),
     ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
      "tcp:tcp_receive_reset"),
     ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
@@ -137,9 +134,8 @@ def _name(n):
 
 class Programs:
     """bpf/tcptrace.c compiled for a plan, its programs attached: the tracepoint programs by BCC
-    while loading, then the raw ones (the raw state hook, the twins). `b` is the BCC module
-    (maps by name); `twins` maps each program a twin stands in for to the Kind of its
-    `rescued` slot."""
+    while loading, the rescue's twins after them. `b` is the BCC module (maps by name); `twins`
+    maps each tracepoint program the rescue stands in for to the Kind of its `rescued` slot."""
 
     def __init__(self, plan, ringbuf_pages):
         try:
@@ -157,59 +153,39 @@ class Programs:
         self.compile_s = time.monotonic() - t0
         self.notes = []
         self.twins = {}
-        self._raw_fds = []
-        try:
-            if plan.state_hook == "raw":
-                self._attach_state_raw()
-            if plan.rescue:
-                self._attach_twins(plan)
-        except Exception:
-            self.close()
-            raise
+        self._twin_fds = []
+        if plan.rescue:
+            self._attach_twins(plan)
         release_compiler_memory()
-
-    def _attach_raw(self, name, raw):
-        """Load program `name` and attach it to raw tracepoint `raw`, after those before it."""
-        import bcc
-        from bcc.libbcc import lib
-        with _stdout_to_stderr():
-            fn = self.b.load_func(name.encode(), bcc.BPF.RAW_TRACEPOINT)
-        # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
-        fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), f"attaching {name} failed")
-        self._raw_fds.append(fd)
-
-    def _attach_state_raw(self):
-        """The raw state hook, then its twin (it decides by what ran before it on the hit).
-        Without the program nothing would be traced: a failure here is the load's failure."""
-        try:
-            for name in STATE_RAW:
-                self._attach_raw(name, "inet_sock_set_state")
-        except Exception as e:     # BCC raises bare Exception
-            raise errors.Unavailable(f"attaching the raw state hook failed: {e}") from e
-        self.twins[STATE_RAW[0]] = Kind.STATE
 
     def _attach_twins(self, plan):
         """Attach each hook's two twins after its tracepoint program (BCC attached those while
         loading): a tracepoint calls its probes in the order they were attached, and a twin
         decides by what ran before it on the same hit."""
+        import bcc
+        from bcc.libbcc import lib
         hooks = set(plan.tracepoints)
         for hook, raw, prog, kind, plan_name in TWINS:
-            if plan_name not in hooks:
+            if plan_name is not None and plan_name not in hooks:
                 continue
-            before = len(self._raw_fds)
+            fds = []
             try:
                 for twin in (f"tt_rescue_{hook}", f"tt_rescue2_{hook}"):
-                    self._attach_raw(twin, raw)
+                    with _stdout_to_stderr():
+                        fn = self.b.load_func(twin.encode(), bcc.BPF.RAW_TRACEPOINT)
+                    # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
+                    fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
+                    if fd < 0:
+                        raise OSError(ctypes.get_errno(), f"attaching {twin} failed")
+                    fds.append(fd)
             except Exception as e:     # BCC raises bare Exception
                 # A hit both twins cannot take is counted as a miss either way; a lone twin
                 # would only make the accounting harder to state.
                 self.notes.append(f"recursion rescue off for {raw}: {e}")
-                for fd in self._raw_fds[before:]:
+                for fd in fds:
                     os.close(fd)
-                del self._raw_fds[before:]
                 continue
+            self._twin_fds += fds
             self.twins[prog] = kind
 
     def record_type(self):
@@ -246,8 +222,8 @@ class Programs:
         return out
 
     def close(self):
-        for fd in self._raw_fds:
+        for fd in self._twin_fds:
             os.close(fd)
-        self._raw_fds = []
+        self._twin_fds = []
         with contextlib.suppress(Exception):
             self.b.cleanup()

@@ -15,7 +15,7 @@ loss that did not happen.
 import ctypes
 
 from tcptrace.kernel.bpfsys import prog_stats
-from tcptrace.kernel.loader import RETRANS_PROG, STATE_PROG, STATE_RAW
+from tcptrace.kernel.loader import RETRANS_PROG, STATE_PROG
 from tcptrace.kernel.tally import Tally
 from tcptrace.wire import Kind, Lost
 
@@ -80,8 +80,8 @@ class Losses:
         out = []
         for name, (_cnt, _t, misses) in stats.items():
             if misses is None or name.startswith("tt_rescue"):
-                # A twin is skipped only when it re-enters itself on a CPU, and then the program
-                # it stands in for ran (a hit both missed is the program's miss, unrescued).
+                # A twin is skipped only when it re-enters itself on a CPU, and then the
+                # tracepoint program was not blocked: nothing is lost.
                 continue
             kind = twins.get(name)
             if kind is not None:
@@ -98,13 +98,10 @@ class Losses:
         self.tallied = []
 
 
-# The hooks whose hits are also counted without BPF: (event, its program, the Kind of its `hits`
-# and `rescued` slots, the tally instance's tag); a program the plan did not load is passed
-# over, so the state hook is tallied as whichever program traces it. The raw state hook too:
-# on the EPYC host of docs/bench.md, 150-200 hits in a flat-out 5 s storm run neither it nor a
-# tracepoint program, and the kernel counts no miss for them.
+# The tracepoints counted without BPF: (event, its program, the Kind of its `hits` and `rescued`
+# slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
+# ran no program for leaves a failed connect's count short with nothing to say so.
 TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
-           ("sock/inet_sock_set_state", STATE_RAW[0], Kind.STATE, None),
            ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))
 
 

@@ -282,20 +282,6 @@ def rescue_offsets(path=None):
 
 
 @functools.lru_cache(maxsize=4)
-def state_raw_offsets(path=None):
-    """(Check, {macro: value}) for the state hook as a raw tracepoint (bpf/state_raw.c): the
-    socket's fields at the recursion rescue's offsets, from the running kernel's BTF."""
-    check, offs = rescue_offsets(path)
-    name, minver = "raw state hook", "5.5"
-    if check.status != SUPPORTED:
-        return Check(name, check.status, check.detail.split(":")[0] + ": inet_sock_set_state "
-                     "is traced by a tracepoint program", minver), {}
-    return Check(name, SUPPORTED, "inet_sock_set_state traced by a raw tracepoint program "
-                 "reading the socket at offsets from BTF: no record assembled per hit, and "
-                 "never skipped for another BPF program or a map read", minver), offs
-
-
-@functools.lru_cache(maxsize=4)
 def sock_id_offsets(path=None):
     """(Check, {macro: value}): where a socket's network namespace, family and local port are,
     from the running kernel's BTF (bpf/listen.c: tt_sock_id)."""
@@ -365,8 +351,8 @@ def reset_reasons(path=None):
 
 # What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
 # the loader compiles in as -DTT_<macro>=<value> with the option's switches.
-CONSTS = {"rescue": rescue_offsets, "state_hook": state_raw_offsets, "sock_id": sock_id_offsets,
-          "overflow": overflow_args, "rst_reason": lambda: reset_reasons()[:2]}
+CONSTS = {"rescue": rescue_offsets, "sock_id": sock_id_offsets, "overflow": overflow_args,
+          "rst_reason": lambda: reset_reasons()[:2]}
 
 
 @dataclass(frozen=True)
@@ -411,9 +397,6 @@ SWITCHES = (
     _hook("tcp:tcp_retransmit_skb", "TT_HOOK_RETRANS"),
     _hook("raw:tcp_send_reset", "TT_HOOK_SEND_RESET"),
     _hook("tcp:tcp_retransmit_synack", "TT_HOOK_SYNACK"),
-    Switch("state_hook", (
-        Option("raw", "raw state hook", ("-DTT_STATE_RAW=1",), consts="state_hook"),
-        Option("tracepoint", note="raw state hook {status}: {detail}"))),
     Switch("rescue", (
         Option(True, "recursion rescue", ("-DTT_RESCUE=1",), consts="rescue"),
         Option(False, note="recursion rescue {status}: {detail}"))),
@@ -446,7 +429,6 @@ class Plan:
     transport: str = "perf"
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
-    state_hook: str = "tracepoint"                       # raw (bpf/state_raw.c) | tracepoint
     rescue: bool = False                                 # bpf/rescue.c (BTF offsets)
     hold: bool = False                                   # bpf/hold.c (queue maps)
     sock_id: bool = False                                # bpf/listen.c: a listener's namespace
@@ -476,9 +458,7 @@ class Plan:
         hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
                 "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
                 "none": "none"}[self.connect_hook]
-        state = "a raw tracepoint" if self.state_hook == "raw" else "a tracepoint program"
-        return (f"transport {self.transport}; transitions by {state}; "
-                f"tracepoints {', '.join(self.tracepoints)}; "
+        return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
                 f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}; "
                 f"held opens {'on' if self.hold else 'off'}; listener namespaces "
                 f"{'on' if self.sock_id else 'off'}; listen overflows "
@@ -534,8 +514,7 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out += [CONSTS[name]()[0] for name in ("state_hook", "rescue", "sock_id", "overflow",
-                                           "rst_reason")]
+    out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow", "rst_reason")]
     if td is None:
         out.append(Check("transition tally", UNKNOWN,
                          "tracefs not readable" if mounted else "tracefs not mounted", "3.10"))

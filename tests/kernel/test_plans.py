@@ -1,7 +1,7 @@
 """Every plan the planner can choose compiles, loads, attaches, delivers, and detaches.
 
-The planner's switches (probes.SWITCHES: transport, each optional tracepoint, the state hook, the
-rescue, held opens, the connect hook) make hundreds of programs; compiling one costs 1-2 s here and about
+The planner's switches (probes.SWITCHES: transport, each optional tracepoint, the rescue, held
+opens, the connect hook) make hundreds of programs; compiling one costs 1-2 s here and about
 40 s in the emulated CI VM. So the plans built are a pairwise covering set of the switches'
 options (tests/pairwise.py): every option, and every pair of options of any two switches, is
 compiled together at least once. The set is derived from SWITCHES, so a switch added there is
@@ -119,14 +119,9 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
         src = KernelSource(plan, ports=traffic.ports)
         try:
             assert not [n for n in src.notes if "rescue off" in n], src.notes
-            raw = plan.state_hook == "raw"
             twins = {prog for _h, _raw, prog, _k, hook in loader.TWINS
-                     if hook in plan.tracepoints} if plan.rescue else set()
-            twins |= {loader.STATE_RAW[0]} if raw else set()
+                     if hook is None or hook in plan.tracepoints} if plan.rescue else set()
             assert set(src.progs.twins) == twins
-            # transitions come from the hook the plan chose (the steps below show they come)
-            assert src.progs.fd(loader.STATE_RAW[0] if raw else loader.STATE_PROG) is not None
-            assert src.progs.fd(loader.STATE_PROG if raw else loader.STATE_RAW[0]) is None
             assert bpf_prog_fds() > progs_before
             traffic.run()
             evs, seen = collect(src, traffic, expect(row))
