@@ -133,8 +133,8 @@ def samplers_for(detectors, shown=None, **scope):
     """One of each sampler the detectors ask for (their SAMPLERS), each made with `scope`:
     what the kernel-side filters keep (ports, families), so that a dump keeps the same. With
     `shown` (the finding types the output will show; None: all), only those of detectors whose
-    samples change one of them (SAMPLED_FOR): dumps of every TIME_WAIT socket were half of
-    what `metrics` or `watch --only refused` would otherwise cost, for nothing shown.
+    samples change one of them (SAMPLED_FOR): in a long storm, a dump of every TIME_WAIT socket
+    costs more than all the rest of `report` (docs/bench.md), for nothing shown.
     A detector's `sampler_options` (a dict) are passed to its samplers too."""
     wanted = {}
     for d in detectors:
