@@ -261,12 +261,19 @@ def _offsets(b, fields):
     return offs
 
 
+@functools.lru_cache(maxsize=1)
+def _vmlinux_btf(path):
+    """The kernel's BTF, parsed once for all the checks below (each reads a few types of it; a
+    parse takes about 0.2 s of CPU). checks() drops it when they have run: it holds ~20 MB."""
+    return btf.BTF.load(path)
+
+
 @functools.lru_cache(maxsize=4)
 def rescue_offsets(path=None):
     """(Check, {macro: value}) for the recursion rescue, from the running kernel's BTF."""
     name, minver = "recursion rescue", "5.5"
     try:
-        b = btf.BTF.load(path or btf.VMLINUX)
+        b = _vmlinux_btf(path or btf.VMLINUX)
         if b.offset("inet_sock", "sk")[0] != 0:
             raise btf.BTFError("struct inet_sock does not begin with its sock")
         offs = _offsets(b, RESCUE_FIELDS)
@@ -287,7 +294,7 @@ def sock_id_offsets(path=None):
     from the running kernel's BTF (bpf/listen.c: tt_sock_id)."""
     name, minver = "socket namespaces", "5.5"
     try:
-        offs = _offsets(btf.BTF.load(path or btf.VMLINUX), SOCK_ID_FIELDS)
+        offs = _offsets(_vmlinux_btf(path or btf.VMLINUX), SOCK_ID_FIELDS)
     except btf.BTFError as e:
         return Check(name, UNSUPPORTED, f"{e}: listener facts are matched to listeners by "
                      "address and port alone", minver), {}
@@ -302,7 +309,7 @@ def overflow_args(path=None):
     the receiving socket (rx_sk), and the running kernel's number for TCP_LISTEN_OVERFLOW."""
     name, minver = "listen overflow drops", ">6.1"
     try:
-        b = btf.BTF.load(path or btf.VMLINUX)
+        b = _vmlinux_btf(path or btf.VMLINUX)
         args = b.tracepoint_args("kfree_skb")
         reasons = b.enum("skb_drop_reason") or {}
     except btf.BTFError as e:
@@ -333,7 +340,7 @@ def reset_reasons(path=None):
     and {number: name} of the running kernel's reasons (names without SK_RST_REASON_)."""
     name, minver = "reset reasons", ">6.1"
     try:
-        b = btf.BTF.load(path or btf.VMLINUX)
+        b = _vmlinux_btf(path or btf.VMLINUX)
         args = b.tracepoint_args("tcp_send_reset") or []
         values = b.enum("sk_rst_reason") or {}
     except btf.BTFError as e:
@@ -515,6 +522,7 @@ def checks():
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
     out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow", "rst_reason")]
+    _vmlinux_btf.cache_clear()
     if td is None:
         out.append(Check("transition tally", UNKNOWN,
                          "tracefs not readable" if mounted else "tracefs not mounted", "3.10"))
