@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lab import SERVER4, SERVER6, Lab, run
+from lab import SERVER4, SERVER6, Lab, run, ss_count
 from tcptrace.host import counters, netns
 from tcptrace.host.diag import Diag
 
@@ -62,6 +62,40 @@ def test_dumps_counters_and_settings_are_the_namespaces_own(lab):
         run(["sysctl", "-n", "net.ipv4.tcp_max_syn_backlog"]).strip() == "77"
     ino = int(re.search(r"\[(\d+)\]", run(["readlink", f"{base}/ns/net"])).group(1))
     assert ino in netns.namespaces() and ino != netns.own()
+
+
+def test_one_walk_dumps_both_families_as_the_per_family_dumps_do(lab):
+    """Diag asks for both families with one TCPDIAG_GETSOCK request (one walk of the kernel's
+    table): on this kernel it is taken, and it returns what a SOCK_DIAG_BY_FAMILY request per
+    family does, with and without a port filter, for listeners, connections and TIME_WAIT."""
+    srv, cli = lab.agent(lab.server), lab.agent(lab.client)
+    ports = []
+    for addr in (SERVER4, SERVER6):
+        lsn = srv.call("listen", addr=addr, backlog=64)
+        ports.append(lsn["port"])
+        srv.send("serve", fd=lsn["fd"], n=20, close_first=False)
+        assert cli.call("churn", addr=addr, port=lsn["port"], n=20) == {"done": 20}
+        assert srv.answer() == {"served": 20}
+    held = [cli.call("connect", addr=addr, port=p) for addr, p in zip((SERVER4, SERVER6), ports)]
+    assert all("fd" in h for h in held)
+    for agent in (srv, cli):        # listeners there, TIME_WAIT here, connected in both
+        one, per = (netns.run_in(f"/proc/{agent.pid}", Diag) for _ in range(2))
+        per.both = False
+        try:
+            for states in (["LISTEN"], ["ESTABLISHED", "SYN_SENT", "TIME_WAIT"]):
+                for flt in ((), ports[:1]):
+                    got, want = ([(s.family, s.state, s.lport, s.rport)
+                                  for s in d.dump(states, ports=flt)] for d in (one, per))
+                    assert sorted(got) == sorted(want), (states, flt)
+                    assert got or (agent is cli and states == ["LISTEN"])
+            if agent is cli:
+                tw = one.dump(["TIME_WAIT"])
+                assert {s.family for s in tw} == {socket.AF_INET, socket.AF_INET6}
+                assert len(tw) == ss_count(lab.client, "time-wait") == 40
+            assert one.both is True     # taken: else the test compared per-family twice
+        finally:
+            one.close()
+            per.close()
 
 
 def _ss_listen(ns, port):
