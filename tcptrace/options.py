@@ -42,6 +42,19 @@ class Options:
     full_stream: bool = False     # --full-stream: never fold (every connection's records)
 
     @property
+    def quiet_tick_ms(self):
+        """How often the buffers are drained while records come slowly enough that this long
+        fills under a quarter of the buffer (kernel/live.py). `report` and `metrics` show
+        nothing per connection, so they wake less often: on a host with costly kernel entry an
+        idle drain costs 2-5 ms of CPU, cold caches included, which at 10 a second was most of
+        `report`'s cost under 5k connections/s (docs/bench.md). Their intervals still get
+        several drains each. `watch` keeps tick_ms: its lines are wanted as they happen."""
+        if not (self.report or self.metrics):
+            return self.tick_ms
+        slow = 1000 if not self.interval else min(1000, int(self.interval * 250))
+        return max(self.tick_ms, slow)
+
+    @property
     def window_ns(self):
         """The ordering window: how long records wait for earlier ones (session.Pipeline);
         scanned steps later than its end are not taken (kernel/live.py)."""

@@ -48,8 +48,9 @@ class Pipeline:
         # held socket's opening steps on a quiet host up to twice the hold time later still
         # (kernel/source.py: KernelSource._due_held). A finding later than this is still
         # written, and counted.
+        tick = max(opts.tick_ms, opts.quiet_tick_ms)
         self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns
-                               + (2 * opts.hold_ms + opts.scan_ms + opts.tick_ms) * 1_000_000)
+                               + (2 * opts.hold_ms + max(opts.scan_ms, tick) + tick) * 1_000_000)
 
     def feed(self, batch):
         tr = self.tracker

@@ -19,6 +19,17 @@ countOf = operator.countOf
 _kind = operator.attrgetter("kind")
 
 
+def next_tick_ms(opts, records, since_ms, capacity):
+    """The wait before the next drain: opts.quiet_tick_ms while records come slowly enough that
+    a quiet tick of them, at the rate the last drain saw (`records` in `since_ms`), fills under
+    a quarter of the buffer (`capacity` records); else opts.tick_ms, so a burst is read at the
+    pace the buffer was sized for."""
+    quiet = opts.quiet_tick_ms
+    if quiet == opts.tick_ms or records * quiet * 4 > capacity * max(since_ms, opts.tick_ms):
+        return opts.tick_ms
+    return quiet
+
+
 class LiveSource:
     def __init__(self, plan, opts, stop, samplers=()):
         self.opts = opts
@@ -89,9 +100,13 @@ class LiveSource:
         scan_every = opts.scan_ms * 1_000_000
         sampling = self.sampling = Background(self.samplers)
         sampling.start()
+        tick, last = opts.tick_ms, None
         while not stop.flag:
-            evs = self._not_tcp(src.poll(opts.tick_ms))
+            got = src.poll(tick)
             now = src.read_ns
+            tick = next_tick_ms(opts, len(got), (now - last) / 1e6 if last else 0, src.capacity)
+            last = now
+            evs = self._not_tcp(got)
             if now >= next_loss:
                 evs.extend(src.names(now))
                 evs.extend(src.losses(now))

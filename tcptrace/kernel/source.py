@@ -88,6 +88,11 @@ class KernelSource:
         m = self.progs.b["requeued"]
         return tuple(sum(m[m.Key(i)]) for i in (0, 1))
 
+    @property
+    def capacity(self):
+        """Records the transport's buffer holds (transport.Drain)."""
+        return self._drain.capacity
+
     def poll(self, timeout_ms):
         """Wait up to timeout_ms, then drain everything buffered. Returns [Event]; `read_ns` is
         then the time up to which the stream is complete (transport.Drain.poll)."""

@@ -124,6 +124,11 @@ class Drain:
         self._pacer = Pacer()
         st, perm = decoder
         unpack, size, string_at = st.unpack_from, st.size, ctypes.string_at
+        # How many records the buffer holds (for perf, one CPU's: each fills its own), so the
+        # caller can pace its reads to what is coming
+        page = os.sysconf("SC_PAGE_SIZE")
+        self.capacity = (ringbuf_pages * page // ((8 + size + 7) & ~7) if self.ring_buffer
+                         else perf_pages * page // (size + 16))
 
         def on_record(_cpu_or_ctx, data, _size):
             batch.append(build_event(unpack(string_at(data, size)), perm))

@@ -95,15 +95,22 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     # their own clock reading, after the programs attached before them ran, so the same
     # handshake measures a few microseconds apart in two tracers (up to 15% of a 25 us
     # loopback handshake here): that, not the histogram (within 4.5%: test_histogram_kernel.py
-    # and tests/unit/test_histogram.py), bounds the difference
+    # and tests/unit/test_histogram.py), bounds the difference. And the connect() that makes
+    # the SYN_SENT step runs in process context: it can be preempted between the folding
+    # tracer's program (attached first) and the other's, for up to a scheduler slice, and that
+    # connection's handshake is then longer by as much for the folding tracer only (seen: a
+    # 125 us handshake measured 257 us, on a 2-CPU host while the tracers drained). A tail
+    # value is one connection's when a destination has few, so it gets that allowance.
     rows = {(r["raddr"], r["rport"], r["comm"]): r for r in b["connects"]}
     assert len(a["connects"]) == len(rows)
     hist = {h["low"]: h["count"] for h in b["handshake_histogram_us"]}
+    slice_ns = 5_000_000
     for r in a["connects"]:
         e = rows[(r["raddr"], r["rport"], r["comm"])]
         assert r["count"] == e["count"]
-        for p in ("p50_ns", "p90_ns", "p99_ns", "max_ns"):
-            assert e[p] / 1.5 <= r[p] <= e[p] * 1.5, (p, r, e)
+        assert e["p50_ns"] / 1.5 <= r["p50_ns"] <= e["p50_ns"] * 1.5, (r, e)
+        for p in ("p90_ns", "p99_ns", "max_ns"):
+            assert e[p] / 1.5 <= r[p] <= e[p] * 1.5 + slice_ns, (p, r, e)
     assert sum(h["count"] for h in a["handshake_histogram_us"]) == sum(hist.values())
     # watch --only: exactly the refused connects, folding the rest
     lines = [json.loads(line) for line in only[1].read_text().splitlines()]

@@ -13,11 +13,11 @@ from streams import MS, SEC, active_open, ev, grouped, state
 WALL = 1_700_000_000 * SEC
 
 
-def _run(opts, scan_delay_ns):
+def _run(opts, scan_delay_ns, tick_ms=None):
     """A connection opened at 1 s and left open, whose opening steps the tracer takes from the
     kernel's held map (a quiet host: kernel/source.py: KernelSource._due_held) scan_delay_ns later, and a
-    refused connect 10 ms after it, whose record comes through the buffer at once. Fed in 100 ms
-    ticks, as the live loop does. Returns the pipeline and the findings' (time, type)."""
+    refused connect 10 ms after it, whose record comes through the buffer at once. Fed in ticks
+    of tick_ms (opts.tick_ms: 100 ms), as the live loop does. Returns the pipeline and the findings' (time, type)."""
     t0 = SEC
     opening, = grouped(active_open(t0, 0x1000, 40000, 443, comm="long"))
     early = opening._replace(flags=opening.flags | F_SCAN)
@@ -30,7 +30,8 @@ def _run(opts, scan_delay_ns):
     pipe = Pipeline(opts, JsonSink(out, WALL))
     queue = sorted(refused, key=lambda r: r.ts_ns)
     scan_at = opening.ts_ns + scan_delay_ns
-    for now in sorted({t0 + i * opts.tick_ms * MS for i in range(1, 21)} | {scan_at}):
+    tick = tick_ms or opts.tick_ms
+    for now in sorted({t0 + i * tick * MS for i in range(1, 21)} | {scan_at}):
         pipe.feed(Batch([r for r in queue if r.ts_ns <= now], now,
                         [early] if now == scan_at else ()))
         queue = [r for r in queue if r.ts_ns > now]
@@ -49,6 +50,18 @@ def test_a_held_opening_taken_from_the_map_on_a_quiet_host_is_still_written_in_o
     assert found == sorted(found)
     assert pipe._held.late == 0
     assert "out of time order" not in pipe.summary_line()
+
+
+def test_in_order_too_where_report_drains_at_its_quiet_pace():
+    """`report --interval` is written in time order, and drains every quiet tick while little
+    comes (kernel/live.py: next_tick_ms); a scan then runs every quiet tick, after a poll."""
+    opts = Options(report=True, interval=2.0)
+    quiet = opts.quiet_tick_ms
+    assert quiet == 500
+    worst = (2 * opts.hold_ms + quiet + quiet) * MS
+    pipe, found = _run(opts, worst, tick_ms=quiet)
+    assert found == sorted(found) and len(found) == 2
+    assert pipe._held.late == 0
 
 
 def test_a_finding_later_than_the_output_window_is_written_and_counted():
