@@ -44,14 +44,21 @@ class Options:
     @property
     def quiet_tick_ms(self):
         """How often the buffers are drained while records come slowly enough that this long
-        fills under a quarter of the buffer (kernel/live.py). `report` and `metrics` show
-        nothing per connection, so they wake less often: on a host with costly kernel entry an
-        idle drain costs 2-5 ms of CPU, cold caches included, which at 10 a second was most of
-        `report`'s cost under 5k connections/s (docs/bench.md). Their intervals still get
-        several drains each. `watch` keeps tick_ms: its lines are wanted as they happen."""
-        if not (self.report or self.metrics):
+        fills under a quarter of the buffer (kernel/live.py: next_tick_ms). A drain costs 2-5 ms
+        of CPU even when idle on this project's 2-core test hosts (its code and data gone cold
+        in the caches while asleep): at 10 a second that was about half of `report`'s cost
+        under 5k connections/s (docs/bench.md).
+        `report` and `metrics` show nothing per connection: every second, or four times an
+        --interval. `watch --only` that the kernel folds for (what goes wrong, not every
+        connection) is there to be cheap on a busy host: every half second; its lines then
+        wait up to about 1.1 s for time order instead of 0.3 s (session.Pipeline). Any other `watch` keeps tick_ms: its lines are wanted as they
+        happen."""
+        if self.report or self.metrics:
+            slow = 1000 if not self.interval else min(1000, int(self.interval * 250))
+        elif self.fold:
+            slow = 500
+        else:
             return self.tick_ms
-        slow = 1000 if not self.interval else min(1000, int(self.interval * 250))
         return max(self.tick_ms, slow)
 
     @property

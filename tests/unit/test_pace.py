@@ -1,15 +1,30 @@
 """How often the live loop drains the kernel's buffer (kernel/live.py: next_tick_ms): `watch`
-every tick; `report` and `metrics` every quiet tick while little comes, every tick in a burst."""
+every tick; `report` and `metrics` every quiet tick while little comes, every tick in a burst;
+`watch --only` of what goes wrong at a pace between."""
+from tcptrace.filters import Filter
 from tcptrace.kernel.live import next_tick_ms
 from tcptrace.options import Options
 
 CAPACITY = 40_000       # records the buffer holds
 
 
+def only(*types):
+    return Options(json=True, filter=Filter(types=frozenset(types)))
+
+
 def test_watch_drains_every_tick_whatever_comes():
-    for opts in (Options(), Options(json=True), Options(transitions=True)):
-        assert opts.quiet_tick_ms == opts.tick_ms == 100
+    for opts in (Options(), Options(json=True), Options(transitions=True),
+                 only("refused", "connect")):
+        assert opts.quiet_tick_ms == opts.tick_ms == 100, opts
         assert next_tick_ms(opts, 0, 100, CAPACITY) == 100
+
+
+def test_watch_only_what_goes_wrong_drains_every_half_second_while_quiet():
+    opts = only("refused", "failed", "reset", "stuck")
+    assert opts.fold and opts.quiet_tick_ms == 500
+    assert next_tick_ms(opts, 0, 500, CAPACITY) == 500
+    assert next_tick_ms(opts, 10_000, 500, CAPACITY) == 500      # a quarter in half a second
+    assert next_tick_ms(opts, 10_001, 500, CAPACITY) == 100
 
 
 def test_report_and_metrics_drain_every_second_while_a_second_fills_under_a_quarter():
