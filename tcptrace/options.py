@@ -47,12 +47,12 @@ class Options:
         fills under a quarter of the buffer (kernel/live.py: next_tick_ms). A drain costs 2-5 ms
         of CPU even when idle on this project's 2-core test hosts (its code and data gone cold
         in the caches while asleep): at 10 a second that was about half of `report`'s cost
-        under 5k connections/s (docs/bench.md).
-        `report` and `metrics` show nothing per connection: every second, or four times an
-        --interval. `watch --only` that the kernel folds for (what goes wrong, not every
-        connection) is there to be cheap on a busy host: every half second; its lines then
-        wait up to about 1.1 s for time order instead of 0.3 s (session.Pipeline). Any other `watch` keeps tick_ms: its lines are wanted as they
-        happen."""
+        under 5k connections/s (docs/bench.md). `report` and `metrics` show nothing per
+        connection: every second, or four times an --interval. `watch --only` that the kernel
+        folds for (what goes wrong, not every connection) is there to be cheap on a busy host:
+        every half second; its lines then wait up to about 1.1 s for time order instead of
+        0.3 s (session.Pipeline). Any other `watch` keeps tick_ms: its lines are wanted as
+        they happen."""
         if self.report or self.metrics:
             slow = 1000 if not self.interval else min(1000, int(self.interval * 250))
         elif self.fold:

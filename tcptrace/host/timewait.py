@@ -24,8 +24,8 @@ tw and counters are the namespace's whole.
 sock still waiting for the peer's FIN (the kernel's FIN_WAIT2 substate) is reported as
 FIN_WAIT2 and counted as connected. One dump per namespace and sample, of every state that
 holds a 4-tuple and of the listeners, filtered by state in the kernel. A sample costs about
-1.4 us per socket (30,000 TIME_WAIT sockets in 0.041 s: docs/man/overhead.md), so the period
-stretches to keep sampling under 5% of a CPU.
+0.7-1.4 us per socket, by host (30,000 TIME_WAIT sockets in 0.021-0.041 s: docs/man/overhead.md),
+so the period stretches to keep sampling under 5% of a CPU.
 """
 import os
 import socket
