@@ -44,11 +44,12 @@ class Pipeline:
         # Findings wait here until nothing earlier can still be concluded (a closed connection
         # waits out the tracker's grace), so output is in time order: the same hold-and-release
         # by timestamp as for the events, longer. Steps read from the kernel's socks map arrive
-        # up to one scan interval late (a scan runs after a poll, so up to a tick more), and a
+        # up to one scan interval late (a scan runs after a poll, so up to a tick more; where
+        # the source drains at a quiet pace, polls and so scans are a quiet tick apart), and a
         # held socket's opening steps on a quiet host up to twice the hold time later still
         # (kernel/source.py: KernelSource._due_held). A finding later than this is still
         # written, and counted.
-        tick = max(opts.tick_ms, opts.quiet_tick_ms)
+        tick = opts.quiet_tick_ms           # never under tick_ms
         self._held = Reorderer(self.tracker.grace_ns + self.order.window_ns
                                + (2 * opts.hold_ms + max(opts.scan_ms, tick) + tick) * 1_000_000)
 

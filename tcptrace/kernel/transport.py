@@ -15,6 +15,12 @@ import time
 from tcptrace.wire import Event, build_event
 
 
+def ring_stride(payload):
+    """Bytes a record of `payload` bytes takes in a BPF ring buffer: its 8-byte header, then the
+    payload padded to 8 bytes (kernel/bpf/ringbuf.c)."""
+    return (8 + payload + 7) & ~7
+
+
 class Pacer:
     """Spaces the ring's reads `period` apart, counting the time the caller spent on the last
     batch against the wait (a sleep of `period` after each batch would not): the ring then
@@ -61,7 +67,7 @@ class RingReader:
         self._base = pg
         self._mask = data_size - 1
         self.payload = event_struct.size
-        self.stride = (8 + self.payload + 7) & ~7
+        self.stride = ring_stride(self.payload)
         pad = self.stride - 8 - self.payload
         self._st = struct.Struct("<II" + event_struct.format.lstrip("<@=") + (f"{pad}x" if pad else ""))
         self._perm = perm
@@ -127,7 +133,7 @@ class Drain:
         # How many records the buffer holds (for perf, one CPU's: each fills its own), so the
         # caller can pace its reads to what is coming
         page = os.sysconf("SC_PAGE_SIZE")
-        self.capacity = (ringbuf_pages * page // ((8 + size + 7) & ~7) if self.ring_buffer
+        self.capacity = (ringbuf_pages * page // ring_stride(size) if self.ring_buffer
                          else perf_pages * page // (size + 16))
 
         def on_record(_cpu_or_ctx, data, _size):

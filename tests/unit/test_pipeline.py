@@ -17,7 +17,8 @@ def _run(opts, scan_delay_ns, tick_ms=None):
     """A connection opened at 1 s and left open, whose opening steps the tracer takes from the
     kernel's held map (a quiet host: kernel/source.py: KernelSource._due_held) scan_delay_ns later, and a
     refused connect 10 ms after it, whose record comes through the buffer at once. Fed in ticks
-    of tick_ms (opts.tick_ms: 100 ms), as the live loop does. Returns the pipeline and the findings' (time, type)."""
+    of tick_ms (opts.tick_ms: 100 ms), as the live loop does. Returns the pipeline and the
+    findings' (time, type)."""
     t0 = SEC
     opening, = grouped(active_open(t0, 0x1000, 40000, 443, comm="long"))
     early = opening._replace(flags=opening.flags | F_SCAN)
