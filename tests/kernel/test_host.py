@@ -76,8 +76,12 @@ def test_one_walk_dumps_both_families_as_the_per_family_dumps_do(lab):
         srv.send("serve", fd=lsn["fd"], n=20, close_first=False)
         assert cli.call("churn", addr=addr, port=lsn["port"], n=20) == {"done": 20}
         assert srv.answer() == {"served": 20}
+    # the server's FINs cross the veth after its close() returns: the client's sockets are in
+    # TIME_WAIT only once they arrive, and a state change between two dumps would differ them
+    _until(lambda: ss_count(lab.client, "time-wait") == 40)
     held = [cli.call("connect", addr=addr, port=p) for addr, p in zip((SERVER4, SERVER6), ports)]
     assert all("fd" in h for h in held)
+    _until(lambda: ss_count(lab.server, "established") == 2)    # the client's ACKs arrived
     for agent in (srv, cli):        # listeners there, TIME_WAIT here, connected in both
         one, per = (netns.run_in(f"/proc/{agent.pid}", Diag) for _ in range(2))
         per.both = False
