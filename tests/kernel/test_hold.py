@@ -2,8 +2,11 @@
 for its next transition, which carries them; a socket still held after the hold time is sent
 early, by a later hit (tt_flush) or, on a quiet host, by user space; and a record still names
 the one task that made its owner's steps."""
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,9 +15,44 @@ pytestmark = pytest.mark.kernel
 
 F_OWNER, F_HELD, F_SCAN = 0x04, 0x08, 0x80
 HELD = lambda tracer: "held opens on" in tracer.stderr_path.read_text()
-# TCPTRACE_STRESS=1: the long-lived connection's test 50 times in a row (issue 17: its close
-# finding once never came in CI; run so under load, it did not recur)
-RUNS = 50 if os.environ.get("TCPTRACE_STRESS") == "1" else 1
+STRESS = os.environ.get("TCPTRACE_STRESS") == "1"
+# TCPTRACE_STRESS=1: the long-lived connection's test 50 times in a row, under load (`load`)
+RUNS = 50 if STRESS else 1
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load():
+    """TCPTRACE_STRESS=1: this module's tests under the load that made the long-lived
+    connection's close finding miss its 10 s wait in CI, 1 run in 3 to 8 here: a paced storm
+    of 300 connections a second per CPU, and 2,000 connections held open. Otherwise none."""
+    if not STRESS:
+        yield
+        return
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "storm.py"), "300"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(os.cpu_count() or 1)]
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "holders.py"),
+                                   "127.0.0.1", str(port), "2000", "0"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    try:
+        for p in procs[:-1]:
+            assert p.stdout.readline() == "storming\n"
+        holder = procs[-1]
+        assert json.loads(holder.stdout.readline()) == {"listening": port}
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert json.loads(holder.stdout.readline())["open"] == 2000
+        yield
+    finally:
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(60)
 
 
 def pair():
@@ -48,12 +86,13 @@ def connect_finding(tracer, lport, rport, timeout=10.0):
 
 def wait_closed(tracer, lport, rport):
     """The close finding of this socket. If it never comes, the failure shows what the kernel
-    sent for the socket and what the tracer reported lost, to tell a missed transition from
-    one the tracker did not conclude (this failed once in a fresh-clone CI, not since)."""
+    sent for the socket and what the tracer counted lost (as read, from the recording: its
+    findings can be further behind), to tell a missed transition from one the tracker did not
+    conclude."""
     try:
         return tracer.wait_for(of("close", lport, rport))
     except AssertionError as e:
-        lost = tracer.matching(lambda r: r["type"] == "lost")
+        lost = tracer.raw(lambda r: r.get("kind") == "lost")
         seen = tracer.matching(lambda r: r["type"] != "lost" and lport in (r["lport"], r["rport"])
                                and rport in (r["lport"], r["rport"]))
         raise AssertionError(f"{e}; records: {raw_of(tracer, lport, rport)}; findings: {seen}; "
@@ -84,11 +123,15 @@ def test_a_short_connection_is_one_record_per_socket(tracer):
 
 
 def _traffic(stop):
-    """Other connections, each making hits of inet_sock_set_state (what runs tt_flush)."""
+    """Other connections, each making hits of inet_sock_set_state (what runs tt_flush): one
+    every 2 ms, about 5,000 hits a second, where one after the hold time would do. Not flat
+    out: that put the session tracer (--transitions, every transition a line) more than the
+    10 s wait behind the kernel on a slow host, and the close finding, still in the ring,
+    looked missing (issue 17)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(64)
-    while not stop.is_set():
+    while not stop.wait(0.002):
         c = socket.create_connection(srv.getsockname())
         a, _ = srv.accept()
         c.close()
