@@ -129,3 +129,30 @@ class MapScanner:
                 return out
             self._tok[0] = self._tok[1]
             first = False
+
+
+class Counters:
+    """A per-CPU array of u64 counters (bpf/*.c: drops, spilled, rescued, hits), each slot summed
+    over the CPUs, read with one BPF_MAP_LOOKUP_BATCH (arrays: 5.6+) instead of BCC's lookup
+    and ctypes array per slot: the loss counters are read on every drain, about 10 times a
+    second even when idle. `fallback(i)`: a slot's sum by other means, used where the kernel
+    has no batch lookup."""
+
+    def __init__(self, map_fd, entries, fallback):
+        self.entries = entries
+        self.fallback = fallback
+        self.ncpu = possible_cpus()
+        self._scan = MapScanner(map_fd, 4, 8 * self.ncpu, chunk=entries)
+        self._sum = struct.Struct(f"<{self.ncpu}Q")
+        self._batch = True
+
+    def sums(self):
+        """[sum over CPUs of slot i for i in range(entries)]."""
+        got = self._scan.items() if self._batch else None
+        if got is None:
+            self._batch = False
+            return [self.fallback(i) for i in range(self.entries)]
+        out = []
+        for _keys, vals in got:
+            out.extend(sum(v) for v in self._sum.iter_unpack(vals))
+        return out

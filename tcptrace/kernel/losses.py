@@ -14,7 +14,7 @@ loss that did not happen.
 """
 import ctypes
 
-from tcptrace.kernel.bpfsys import prog_stats
+from tcptrace.kernel.bpfsys import Counters, map_info
 from tcptrace.kernel.loader import RETRANS_PROG, STATE_PROG
 from tcptrace.kernel.tally import Tally
 from tcptrace.wire import Kind, Lost
@@ -32,6 +32,10 @@ class Losses:
         self.rescued_total = 0
         self._seen_drops = {}
         self._seen_misses = {}
+        self._drops_c = _counters(progs, "drops")
+        self._spilled = _counters(progs, "spilled") if spill else None
+        self._rescued = _counters(progs, "rescued") if progs.twins else None
+        self._hits = _counters(progs, "hits")
         self.tallied = []
         for event, prog, kind, tag in TALLIED:
             fd = progs.fd(prog)
@@ -43,49 +47,57 @@ class Losses:
                 notes.append(f"no tracefs count of {event} ({e}): its hits the kernel makes "
                              "without running BPF would go uncounted")
                 continue
-            self.tallied.append(_Tallied(progs, tally, prog, fd, kind))
+            self.tallied.append(_Tallied(self, tally, prog, fd, kind))
 
     def read(self, now_ns):
-        """Lost records for what was lost since the last call."""
+        """Lost records for what was lost since the last call. The tallies first, then BPF's
+        counts, then the rescues (see _misses and _Tallied)."""
+        tallies = [t.tally.count() for t in self.tallied]
         if self.spill:
-            self.spilled_total = sum(sum(v) for _k, v in self.progs.b["spilled"].items())
-        out = self._drops(now_ns) + self._misses(now_ns)
-        for t in self.tallied:
-            n = t.read()
-            if n:
-                out.append(Lost(now_ns, n, t.where))
+            self.spilled_total = sum(self._spilled.sums())
+        out = self._drops(now_ns)
+        stats, rescued = self.bpf_counts()
+        out += self._misses(now_ns, stats, rescued)
+        if self.tallied:
+            hits = self._hits.sums()
+            for t, count in zip(self.tallied, tallies):
+                n = t.read(count, t.visible_in(hits, stats, rescued))
+                if n:
+                    out.append(Lost(now_ns, n, t.where))
         return out
+
+    def bpf_counts(self):
+        """({program: (runs, run time, recursion misses)} of the programs that can miss hits,
+        [hits the twins rescued, per Kind] or None). Misses before rescues: a twin counts its
+        rescue after the kernel counted the miss, so read in this order the difference can only
+        fall short, never report a false loss."""
+        stats = self.progs.prog_stats(twins=False)
+        rescued = self._rescued.sums() if self._rescued is not None else None
+        if rescued is not None:
+            self.rescued_total = sum(rescued)
+        return stats, rescued
 
     def _drops(self, now_ns):
         out = []
-        for k, v in self.progs.b["drops"].items():
-            total = sum(v)
-            kind = Kind.NAMES.get(k.value, str(k.value))
+        for k, total in enumerate(self._drops_c.sums()):
+            kind = Kind.NAMES.get(k, str(k))
             prev = self._seen_drops.get(kind, 0)
             if total > prev:
                 out.append(Lost(now_ns, total - prev, f"bpf:{kind}"))
                 self._seen_drops[kind] = total
         return out
 
-    def _misses(self, now_ns):
-        # Misses before rescues: a twin counts its rescue after the kernel counted the miss, so
-        # read in this order the difference can only fall short, never report a false loss.
-        stats = self.progs.prog_stats()
+    def _misses(self, now_ns, stats, rescued):
+        # A twin is skipped only when it re-enters itself on a CPU, and then the tracepoint
+        # program was not blocked: nothing is lost (prog_stats leaves the twins out).
         twins = self.progs.twins
-        rescued = {}
-        if twins:
-            for k, v in self.progs.b["rescued"].items():
-                rescued[k.value] = sum(v)
-            self.rescued_total = sum(rescued.values())
         out = []
         for name, (_cnt, _t, misses) in stats.items():
-            if misses is None or name.startswith("tt_rescue"):
-                # A twin is skipped only when it re-enters itself on a CPU, and then the
-                # tracepoint program was not blocked: nothing is lost.
+            if misses is None:
                 continue
             kind = twins.get(name)
-            if kind is not None:
-                misses -= rescued.get(kind, 0)
+            if kind is not None and rescued is not None:
+                misses -= rescued[kind]
             prev = self._seen_misses.get(name, 0)
             if misses > prev:
                 out.append(Lost(now_ns, misses - prev, f"recursion:{name}"))
@@ -105,31 +117,45 @@ TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
            ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))
 
 
+def _counters(progs, name):
+    """A per-CPU counter array of the loaded program, read whole (bpfsys.Counters)."""
+    table = progs.b[name]
+    return Counters(table.map_fd, map_info(table.map_fd)[3],
+                    lambda i: sum(table[ctypes.c_int(i)]))
+
+
 class _Tallied:
     """One tallied tracepoint: its hits counted in tracefs against those BPF was shown."""
 
-    def __init__(self, progs, tally, prog, fd, kind):
-        self.progs, self.tally, self.prog, self.fd, self.kind = progs, tally, prog, fd, kind
+    def __init__(self, losses, tally, prog, fd, kind):
+        self.losses, self.tally, self.prog, self.fd, self.kind = losses, tally, prog, fd, kind
+        self.twinned = prog in losses.progs.twins
         self.where = "unseen:" + tally.event.rsplit("/", 1)[1]
         self.unseen_total = 0
         self.base = self._baseline()
 
-    def visible(self):
-        """Hits BPF was shown: the program's runs, and the hits it was skipped for, which the
-        kernel counts as misses (since 6.7 on this path: earlier kernels skip without counting)
-        and the twins count as rescued. Where both count, the rescued are some of the misses;
-        where only the twins do, they are all we know of."""
-        b, key = self.progs.b, ctypes.c_int(self.kind)
-        runs = sum(b[b"hits"][key])
-        st = prog_stats(self.fd)
+    def visible_in(self, hits, stats, rescued):
+        """Hits BPF was shown, from counts read after the tally: the program's runs, and the
+        hits it was skipped for, which the kernel counts as misses (since 6.7 on this path:
+        earlier kernels skip without counting) and the twins count as rescued. Where both
+        count, the rescued are some of the misses; where only the twins do, they are all we
+        know of."""
+        st = stats.get(self.prog)
         misses = (st[2] or 0) if st else 0
-        rescued = sum(b[b"rescued"][key]) if self.prog in self.progs.twins else 0
-        return runs + max(misses, rescued)
+        saved = rescued[self.kind] if self.twinned and rescued is not None else 0
+        return hits[self.kind] + max(misses, saved)
 
-    def read(self):
-        """Hits unseen since the last read. The tally first, BPF's count after (Tally: the
-        difference can only fall short)."""
-        unseen = self.tally.count() - self.visible() - self.base
+    def visible(self):
+        """visible_in() with counts read now."""
+        losses = self.losses
+        hits = losses._hits.sums()
+        stats, rescued = losses.bpf_counts()
+        return self.visible_in(hits, stats, rescued)
+
+    def read(self, count, visible):
+        """Hits unseen since the last read, from the tally's count and BPF's, read in that
+        order (Tally: the difference can only fall short)."""
+        unseen = count - visible - self.base
         if unseen <= self.unseen_total:
             return 0
         n, self.unseen_total = unseen - self.unseen_total, unseen
