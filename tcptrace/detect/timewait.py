@@ -61,12 +61,16 @@ def sample_options(report, interval_s, threshold, transitions):
     return out
 
 
+# the last two states of a path (Conn.path's low byte) that end in a timewait sock
+_INTO_TW_ENDS = frozenset(s << 4 | S.CLOSE for s in INTO_TIME_WAIT)
+
+
 def entered_time_wait(c):
     """Did c's socket leave a timewait sock behind? Inferred from its last step: one of
     INTO_TIME_WAIT -> CLOSE with no reset either way and no error (a reset, an abort or a
     timeout closes from those states too, and leaves none)."""
-    return (c.path & 0xF == S.CLOSE and (c.path >> 4) & 0xF in INTO_TIME_WAIT
-            and c.recv_reset_ns is None and c.send_reset_ns is None and not c.error)
+    return (c.path & 0xFF in _INTO_TW_ENDS and c.recv_reset_ns is None
+            and c.send_reset_ns is None and not c.error)
 
 
 class TimeWaits(Detector):

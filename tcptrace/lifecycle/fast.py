@@ -33,8 +33,9 @@ def _open(active):
     opening = start << 4 | first
 
     def open_(tr, ev, t0, t1):
-        c = tr.table.get(ev.skaddr)
-        if (c is not None and c.closed_ns is None) or (tr.table.tombs and ev.skaddr in tr.table.tombs):
+        table = tr.table
+        c = table.by_sk.get(ev.skaddr)
+        if (c is not None and c.closed_ns is None) or (table.tombs and ev.skaddr in table.tombs):
             return None
         laddr, lport, raddr, rport = endpoints(ev)
         if active and not lport:
@@ -105,7 +106,7 @@ def _close(first_fin, states):
 
 def _closable(tr, ev):
     """The open connection a close record continues, if a fast path may take it."""
-    c = tr.table.get(ev.skaddr)
+    c = tr.table.by_sk.get(ev.skaddr)
     if c is None or c.state != ESTABLISHED or c.closed_ns is not None \
             or c.stuck_state is not None or c.scan_ts:
         return None

@@ -392,12 +392,15 @@ class Tracker:
 
     def _conclude_due(self, now_ns):
         p = self.pending
-        while p and p[0].closed_ns + self.grace_ns < now_ns:
-            self._conclude(p.popleft())
+        due = now_ns - self.grace_ns
+        conclude = self._conclude
+        while p and p[0].closed_ns < due:
+            conclude(p.popleft())
 
     def _conclude(self, c):
         """c is over: the detectors conclude it (one of them, at most)."""
-        self.forget(c)
+        self.gone(c)                # forget(c), without its call: this runs for every socket
+        self.table.forget(c)
         if c.role == LISTENER:
             listeners = self.table.listeners
             if listeners.get((c.family, c.lport)) == (c.pid, c.comm):
