@@ -59,6 +59,18 @@ def ss_count(ns, state, *flt):
     return len(run(["ss", "-tanH", "state", state, *flt], ns).splitlines())
 
 
+def settle(ns, *flt, timeout=90.0):
+    """Wait until namespace ns has no socket (matching the ss filter) in FIN_WAIT1, FIN_WAIT2 or
+    CLOSING. A close's FIN, and the peer's, cross the veth after close() returns, and until they
+    have, a socket still moves on into TIME_WAIT: a count read before then can change under a
+    test (in a TCG guest, 2 of 40 sockets stayed in FIN_WAIT2 past 10 s; an orphan there expires
+    within tcp_fin_timeout, 60 s)."""
+    deadline = time.monotonic() + timeout
+    while any(ss_count(ns, st, *flt) for st in ("fin-wait-1", "fin-wait-2", "closing")):
+        assert time.monotonic() < deadline, f"sockets of {ns} still closing after {timeout} s"
+        time.sleep(0.05)      # polling the kernel's own table: the signal itself
+
+
 def netns_inode(pid):
     """The network namespace of a process, as tcptrace names it (the inode of its ns/net)."""
     return os.stat(f"/proc/{pid}/ns/net").st_ino

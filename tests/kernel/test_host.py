@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lab import SERVER4, SERVER6, Lab, run, ss_count
+from lab import SERVER4, SERVER6, Lab, run, settle, ss_count
 from tcptrace.host import counters, netns
 from tcptrace.host.diag import Diag
 
@@ -76,12 +76,7 @@ def test_one_walk_dumps_both_families_as_the_per_family_dumps_do(lab):
         srv.send("serve", fd=lsn["fd"], n=20, close_first=False)
         assert cli.call("churn", addr=addr, port=lsn["port"], n=20) == {"done": 20}
         assert srv.answer() == {"served": 20}
-    # The server's FINs cross the veth after its close() returns: a client socket moves from
-    # FIN_WAIT2 to TIME_WAIT when one arrives, and a change between two dumps would differ
-    # them. Wait until none is left in the states before (in a TCG guest 2 of 40 stayed in
-    # FIN_WAIT2 past 10 s; an orphan there expires within tcp_fin_timeout, 60 s).
-    _until(lambda: not any(ss_count(lab.client, st) for st in
-                           ("fin-wait-1", "fin-wait-2", "closing")), timeout=90)
+    settle(lab.client)      # a state change between two dumps would differ them
     waiting = ss_count(lab.client, "time-wait")
     assert 0 < waiting <= 40
     held = [cli.call("connect", addr=addr, port=p) for addr, p in zip((SERVER4, SERVER6), ports)]

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from lab import SERVER4, Lab, expect, fresh, netns_inode, run, ss_count, wall_ns, where
+from lab import (SERVER4, Lab, expect, fresh, netns_inode, run, settle, ss_count, wall_ns,
+                 where)
 from tcptrace.host.timewait import TimeWaitSampler
 
 pytestmark = pytest.mark.kernel
@@ -107,6 +108,7 @@ class Expiring:
         tracer.pins.append(lambda r: r.get("netns") == self.ino or (
             r["type"] == "transition" and r.get("rport") == self.lab.port))
         _churn(self.lab, srv, self.cli, fd, EXPIRING, client_first=True)
+        settle(self.lab.client, f"( dport = :{self.lab.port} )")   # before ss's count is read
         self.closed_wall = time.time()
         self.gone_wall = None
         self.watch = threading.Thread(target=self._watch, daemon=True)
@@ -156,6 +158,7 @@ def test_client_closes_first_2000_times(tracer):
         tw0 = cli.call("netstat")["netstat"]["TW"]
         f = fresh(tracer)
         _churn(lab, srv, cli, fd, n, client_first=True)
+        settle(lab.client, f"( dport = :{port} )")
         tw1 = cli.call("netstat")["netstat"]["TW"]
         assert tw1 - tw0 == n
         ss = ss_count(lab.client, "time-wait", f"( dport = :{port} )")
@@ -205,6 +208,7 @@ def test_server_closes_first_and_the_time_wait_moves_there(tracer):
         port, ino = lab.port, netns_inode(srv.pid)
         f = fresh(tracer)
         _churn(lab, srv, cli, fd, n, client_first=False)
+        settle(lab.server, f"( sport = :{port} )")
         ss = ss_count(lab.server, "time-wait", f"( sport = :{port} )")
         assert VANISH_FLOOR * n <= ss <= n, _states(lab.server)
         assert ss_count(lab.client, "time-wait", f"( dport = :{port} )") == 0
