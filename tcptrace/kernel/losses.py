@@ -38,8 +38,7 @@ class Losses:
         self._hits = _counters(progs, "hits")
         self.tallied = []
         for event, prog, kind, tag in TALLIED:
-            fd = progs.fd(prog)
-            if fd is None:
+            if progs.fd(prog) is None:
                 continue                    # a hook this plan does not attach
             try:
                 tally = Tally(tracefs, event, tag)
@@ -47,7 +46,7 @@ class Losses:
                 notes.append(f"no tracefs count of {event} ({e}): its hits the kernel makes "
                              "without running BPF would go uncounted")
                 continue
-            self.tallied.append(_Tallied(self, tally, prog, fd, kind))
+            self.tallied.append(_Tallied(self, tally, prog, kind))
 
     def read(self, now_ns):
         """Lost records for what was lost since the last call. The tallies first, then BPF's
@@ -127,8 +126,8 @@ def _counters(progs, name):
 class _Tallied:
     """One tallied tracepoint: its hits counted in tracefs against those BPF was shown."""
 
-    def __init__(self, losses, tally, prog, fd, kind):
-        self.losses, self.tally, self.prog, self.fd, self.kind = losses, tally, prog, fd, kind
+    def __init__(self, losses, tally, prog, kind):
+        self.losses, self.tally, self.prog, self.kind = losses, tally, prog, kind
         self.twinned = prog in losses.progs.twins
         self.where = "unseen:" + tally.event.rsplit("/", 1)[1]
         self.unseen_total = 0
