@@ -19,11 +19,15 @@ the ones it defines) and makes findings with `self.tr.finding()` / `self.tr.conc
   sample(rec)               a sampler's reading of the kernel's tables or counters (wire.Sample)
   clock(now_ns)             the clock moved on (every poll)
 
+A detector whose options make a hook pointless sets it to None in __init__: the tracker then
+does not call it (hooks like `closed` run for every socket).
+
 A detector that needs readings of the host's tables names their samplers (tcptrace/host) in
 SAMPLERS, the finding types those readings change in SAMPLED_FOR (they run only when one of
 those is shown), and any keyword arguments for them in a `sampler_options` dict.
 
-tests/unit/test_detectors.py shows each in isolation; docs/design.md walks through adding one.
+tests/unit/test_lifecycle.py and the other unit tests drive them on hand-built streams
+(tests/streams.py); docs/design.md walks through adding one.
 """
 
 HOOKS = ("established", "closing", "closed", "resting", "moved", "gone", "step", "fact", "lost",
@@ -42,7 +46,7 @@ def nothing(*_args):
 def dispatch(detectors, hook):
     """One callable for a hook: nothing, the only subscriber's method itself (most hooks have
     one, and they run per connection), or a loop. `closed` stops at the first True."""
-    fns = [getattr(d, hook) for d in detectors if hasattr(d, hook)]
+    fns = [fn for fn in (getattr(d, hook, None) for d in detectors) if fn is not None]
     if not fns:
         return nothing
     if len(fns) == 1:

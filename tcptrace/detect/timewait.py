@@ -95,6 +95,10 @@ class TimeWaits(Detector):
         # can come between a socket's CLOSE and its conclusion (the tracker's grace)
         self.recent = {}
         self.ns = {}                # netns -> what its last sample said (_Namespace)
+        if not follow:
+            # The step into TIME_WAIT is then neither shown nor counted in a matrix anyone
+            # reads: not asked of every closed socket
+            self.closed = None
 
     # -- connections --------------------------------------------------------------------------
     def closed(self, c):
@@ -104,20 +108,22 @@ class TimeWaits(Detector):
             return False
         ts = c.closed_ns
         old = (c.path >> 4) & 0xF
-        self.tr.stats.mx[old << 4 | S.TIME_WAIT] += 1
-        if not self.follow:
+        tr = self.tr
+        tr.stats.mx[old << 4 | S.TIME_WAIT] += 1
+        if not c.lport:
             return False
-        ends = ends_of(c, c.skaddr) if c.lport else None
-        if self.tr.transitions and ends is not None:
-            self.tr.emit(InferredTransition(ts, ends, old << 8 | S.TIME_WAIT, "close"))
-        if ends is not None:
-            key = (c.laddr, c.lport, c.raddr, c.rport)
-            # A tuple still waiting was taken over (tcp_tw_reuse): the new one replaces it, and
-            # beyond MAX_WAITING the oldest goes untold (the matrix's TW -> CLOSE counts less)
-            self.waiting.pop(key, None)
-            self.waiting[key] = [ends, ts, key in self.recent]
-            if len(self.waiting) > MAX_WAITING:
-                self.waiting.popitem(last=False)
+        ends = ends_of(c, c.skaddr)
+        if tr.transitions:
+            tr.out.append(InferredTransition(ts, ends, old << 8 | S.TIME_WAIT, "close"))
+        key = (c.laddr, c.lport, c.raddr, c.rport)
+        # A tuple still waiting was taken over (tcp_tw_reuse): the new one replaces it, and
+        # beyond MAX_WAITING the oldest goes untold (the matrix's TW -> CLOSE counts less)
+        waiting = self.waiting
+        if key in waiting:
+            del waiting[key]
+        waiting[key] = [ends, ts, key in self.recent]
+        if len(waiting) > MAX_WAITING:
+            waiting.popitem(last=False)
         return False
 
     def _leave(self, key, ts, by):

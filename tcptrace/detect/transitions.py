@@ -20,4 +20,9 @@ class Transitions(Detector):
         self.emit = tracker.out.append      # one per transition: the list's own method
 
     def step(self, c, ev, ts, old, new):
-        self.emit(Transition(ts, ends_of(c, ev.skaddr), old << 8 | new))
+        # ends_of(c, ev.skaddr), inline: this runs for every transition
+        e = c.ends
+        if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
+            e = c.ends = Ends(c.pid, c.comm, c.family, c.laddr, c.lport, c.raddr, c.rport,
+                              ev.skaddr)
+        self.emit(Transition(ts, e, old << 8 | new))

@@ -9,7 +9,7 @@ import json
 
 from tcptrace import SCHEMA_VERSION, states
 from tcptrace.cache import Memo, ObjectMemo
-from tcptrace.findings import Conclusion, Transition, _SEC, _second
+from tcptrace.findings import Conclusion, InferredTransition, Transition, _SEC, _second
 from tcptrace.output import Sink
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -91,10 +91,10 @@ def _compile(cls):
 
 def _ends_json(e):
     """A transition's owner and endpoints (shared by its connection's transitions), and its
-    closing skaddr member."""
+    skaddr value."""
     lport, rport = e.lport, e.rport
     return (f'{NEAR[(e.pid, e.comm, e.family, e.laddr)]}{"null" if lport is None else lport}'
-            f'{FAR[e.raddr]}{"null" if rport is None else rport}', f'"{e.sk:x}"}}')
+            f'{FAR[e.raddr]}{"null" if rport is None else rport}', f'"{e.sk:x}"')
 
 
 # Keyed by the Ends itself: it hashes by identity, and the key keeps it alive while cached
@@ -106,9 +106,20 @@ TRANSITION_HEAD = HEAD["transition"]
 
 def _transition(f, w):
     sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
-    ends, tail = ENDS[f.ends]
+    ends, sk = ENDS[f.ends]
     return (f'{TRANSITION_HEAD}{_SEC[1] if _SEC[0] == sec else _second(sec)}.{ns // 1000:06d}Z'
-            f'{ends}{PAIR[f.pair]}{tail}')
+            f'{ends}{PAIR[f.pair]}{sk}}}')
+
+
+BY = Memo(lambda by: f',"inferred":true,"by":{SCALAR[by]}}}')
+
+
+def _inferred(f, w):
+    """An InferredTransition: a transition's line, then its own two members."""
+    sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
+    ends, sk = ENDS[f.ends]
+    return (f'{TRANSITION_HEAD}{_SEC[1] if _SEC[0] == sec else _second(sec)}.{ns // 1000:06d}Z'
+            f'{ends}{PAIR[f.pair]}{sk}{BY[f.by]}')
 
 
 def _finding(f, w):
@@ -121,8 +132,9 @@ def _finding(f, w):
 
 
 # A finding's type -> the function writing its line
-LINE = Memo(lambda cls: _transition if cls is Transition
-            else _compile(cls) if issubclass(cls, Conclusion) else _finding)
+LINE = Memo(lambda cls: _transition if cls is Transition else _inferred
+            if cls is InferredTransition else _compile(cls) if issubclass(cls, Conclusion)
+            else _finding)
 
 
 def encode(f, wall_offset_ns):

@@ -5,7 +5,7 @@ import io
 import socket
 
 from tcptrace import states as S
-from tcptrace.detect.timewait import TIME_WAIT_NS
+from tcptrace.detect.timewait import TIME_WAIT_NS, TimeWaits
 from tcptrace.host.diag import _MSG, STATES, DiagSock
 from tcptrace.host.timewait import aggregate, tuples_text
 from tcptrace.lifecycle import Tracker
@@ -104,6 +104,18 @@ def test_transitions_show_the_step_into_time_wait_and_out_of_it_from_a_dump():
     assert inferred[1][3] == "1970-01-01T00:01:02.000000Z"
     assert tr.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 1
     assert tr.stats.matrix[(S.TIME_WAIT, S.CLOSE)] == 1
+
+
+def test_without_following_the_closed_hook_is_off_and_findings_are_the_same():
+    # watch without --transitions or report shows neither the step into TIME_WAIT nor the
+    # matrix that counts it: the hook, which would run for every closed socket, is not called
+    followed, out = feed(conn())
+    quiet, quiet_out = feed(conn(), follow_time_wait=False)
+    assert followed.detector(TimeWaits).closed is not None
+    assert quiet.detector(TimeWaits).closed is None
+    assert quiet_out == out and of(out, "close")
+    assert followed.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 1
+    assert quiet.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 0
 
 
 def test_a_timewait_sock_no_dump_showed_leaves_by_the_60_s_rule():
