@@ -141,12 +141,11 @@ class Ends(Endpoints):
     """A socket and its owner as its transitions show them. A connection's transitions share
     one (a new one when the owner or the tuple changes: detect/transitions.py), so sinks can
     format it once per connection rather than once per transition."""
-    __slots__ = ("sk", "key")
+    __slots__ = ("sk",)
 
     def __init__(self, pid, comm, family, laddr, lport, raddr, rport, sk):
         self._set_endpoints(pid, comm, family, laddr, lport, raddr, rport)
         self.sk = sk
-        self.key = (pid, comm, laddr, lport, raddr, rport)    # what may change mid-life
 
 
 def _ends_field(name):

@@ -6,10 +6,11 @@ from tcptrace.findings import Ends, Transition
 
 def ends_of(c, skaddr):
     """c's Ends as they are now. A connection's transitions share one, made anew only when the
-    owner or the tuple has changed since its last transition (an Ends remembers what it was
-    made for): sinks format it once per connection."""
+    owner or the tuple has changed since its last transition: sinks format it once per
+    connection."""
     e = c.ends
-    if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
+    if e is None or e.lport != c.lport or e.pid != c.pid or e.comm != c.comm \
+            or e.rport != c.rport or e.laddr != c.laddr or e.raddr != c.raddr:
         e = c.ends = Ends(c.pid, c.comm, c.family, c.laddr, c.lport, c.raddr, c.rport, skaddr)
     return e
 
@@ -22,7 +23,8 @@ class Transitions(Detector):
     def step(self, c, ev, ts, old, new):
         # ends_of(c, ev.skaddr), inline: this runs for every transition
         e = c.ends
-        if e is None or e.key != (c.pid, c.comm, c.laddr, c.lport, c.raddr, c.rport):
+        if e is None or e.lport != c.lport or e.pid != c.pid or e.comm != c.comm \
+                or e.rport != c.rport or e.laddr != c.laddr or e.raddr != c.raddr:
             e = c.ends = Ends(c.pid, c.comm, c.family, c.laddr, c.lport, c.raddr, c.rport,
                               ev.skaddr)
         self.emit(Transition(ts, e, old << 8 | new))

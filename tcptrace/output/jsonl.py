@@ -97,8 +97,10 @@ def _ends_json(e):
             f'{FAR[e.raddr]}{"null" if rport is None else rport}', f'"{e.sk:x}"')
 
 
-# Keyed by the Ends itself: it hashes by identity, and the key keeps it alive while cached
-ENDS = Memo(_ends_json)
+# Keyed by the Ends itself: it hashes by identity, and the key keeps it alive while cached.
+# A connection's transitions come close together, so a small cache hits as often as a big
+# one, and does not keep thousands of dead connections' Ends and lines in the CPU's caches.
+ENDS = Memo(_ends_json, limit=1024)
 PAIR = Memo(lambda k: (f',"oldstate":"{states.name(k >> 8)}",'
                        f'"newstate":"{states.name(k & 0xff)}","skaddr":'))
 TRANSITION_HEAD = HEAD["transition"]

@@ -230,8 +230,9 @@ class TextSink(Sink):
         # (pid, comm, type) -> the PID, COMM and EVENT columns, with the spaces around them
         self._cols = Memo(lambda k: (f" {'-' if k[0] is None else str(k[0]):>7} "
                                      f"{(k[1] or '-')[:width]:<12} {k[2]:<8} "))
-        # a transition's columns and connection, per Ends (which hashes by identity)
-        self._ends = Memo(self._ends_text)
+        # a transition's columns and connection, per Ends (which hashes by identity; small,
+        # as jsonl.ENDS)
+        self._ends = Memo(self._ends_text, limit=1024)
         self._sec = [None, ""]                      # the second last formatted, as HH:MM:SS
 
     def _ends_text(self, e):
