@@ -285,6 +285,16 @@ class Pace:
                         and r["lport"] == cport and r["rport"] == port, timeout=120)
         return time.monotonic() - t0
 
+    # The most a connection takes here on a quiet host of this machine kind (2-3 ms measured;
+    # the emulated CI guest takes about 23 ms: docs/vm.md)
+    QUIET_PER_CONN_S = 0.003
+
+    @property
+    def slowness(self):
+        """How many times slower than a quiet host this machine makes and traces a connection
+        (at least 1): what a bound on how soon something happens is scaled by."""
+        return max(1.0, self.per_conn_s / self.QUIET_PER_CONN_S)
+
     def deadline(self, conns, floor=30.0, factor=10.0):
         """Seconds to allow for `conns` connections' records to come out after they were made:
         `factor` times what calibration says they take (the tests that use this load the

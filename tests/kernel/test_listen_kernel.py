@@ -17,14 +17,20 @@ import time
 
 import pytest
 
+from conftest import BEHIND_S, OUTPUT_WINDOW_S
 from lab import (CLIENT4, SERVER4, Agent, Lab, expect, fresh, run, ss_count, tcp_ext, wall_ns,
                  where)
 from tcptrace.kernel import probes
 
 pytestmark = pytest.mark.kernel
 
-IN_VM = os.environ.get("TCPTRACE_IN_VM") == "1"
-SLOW = 4 if IN_VM else 1            # the emulated VM runs everything several times slower
+
+@pytest.fixture(scope="module")
+def slow(pace):
+    """What the bounds on how soon things happen here are scaled by: this machine's measured
+    slowness (conftest.Pace), not a flag naming the machine."""
+    return pace.slowness
+
 LEGIT = "10.77.0.3"                 # a second client address: its SYN-ACKs are not dropped
 FLOOD_S = 5
 LISTEN_COUNTERS = ("ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "SyncookiesSent",
@@ -46,6 +52,7 @@ class Recording:
     every test's records: reading it from the start each time would cost more and more)."""
 
     def __init__(self, tracer):
+        self.tracer = tracer
         self.path = tracer.record_path
         self.pos = os.path.getsize(self.path)
 
@@ -60,13 +67,24 @@ class Recording:
                         out.append(r)
         return out
 
-    def wait_read(self, netns, port, timeout=10.0 * SLOW):
-        """Until the tracer has read the namespace with this listener in it."""
+    def until(self, check, what, timeout=10.0):
+        """Until check() is true. The timeout counts in the tracer's own time, as
+        tracer.wait_for's does: a tracer still reading a backlog gets up to BEHIND_S more."""
         deadline = time.monotonic() + timeout
-        while not any(d["lport"] == port for s in self.samples(netns)
-                      for d in s["data"]["listeners"]):
-            assert time.monotonic() < deadline, f"the tracer never read netns {netns}"
+        due_ns = int((deadline + OUTPUT_WINDOW_S) * 1e9)
+        while not check():
+            now = time.monotonic()
+            if now >= deadline:
+                assert self.tracer.horizon_ns() < due_ns and now < deadline + BEHIND_S, \
+                    f"{what} (the tracer had read the kernel's stream up to " \
+                    f"{now - self.tracer.horizon_ns() / 1e9:.1f} s ago)"
             time.sleep(0.05)        # polling the tracer's own output: the signal itself
+
+    def wait_read(self, netns, port):
+        """Until the tracer has read the namespace with this listener in it."""
+        self.until(lambda: any(d["lport"] == port for s in self.samples(netns)
+                               for d in s["data"]["listeners"]),
+                   f"the tracer never read netns {netns}")
 
 
 def listen_findings(tracer, since, port):
@@ -92,7 +110,7 @@ needs_hping3 = pytest.mark.skipif(subprocess.run(["which", "hping3"], capture_ou
 
 @needs_hping3
 @pytest.mark.parametrize("cookies", [0, 1])
-def test_syn_flood(tracer, lab, cookies):
+def test_syn_flood(tracer, lab, cookies, slow):
     """listen(16), tcp_max_syn_backlog=64, SYN-ACKs dropped at the attacker: a listen_pressure
     within 2 s of the flood's start naming the listener, its owner and the cause; dropped SYNs
     (no cookies) or cookies sent equal to the namespace's counters over the whole pressure;
@@ -116,7 +134,7 @@ def test_syn_flood(tracer, lab, cookies):
         legit = lab.agent(lab.client)
         time.sleep(0.2)     # the flood has filled the request queue: this SYN meets it
         legit.send("connect", addr=SERVER4, port=port, src=LEGIT)
-        first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * SLOW)
+        first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
         half_open = ss_count(lab.server, "syn-recv", f"( sport = :{port} )")
         if cookies:
             run(["hping3", "-q", "-A", "-c", "100", "-i", "u1000", "-p", str(port), SERVER4],
@@ -124,7 +142,7 @@ def test_syn_flood(tracer, lab, cookies):
         assert attacker.poll() is None, "the flood ended before the checks during it"
     finally:
         attacker.wait(30)
-    assert wall_ns(first["time"]) - start <= 2_000_000_000 * SLOW
+    assert wall_ns(first["time"]) - start <= 2_000_000_000 * slow
     assert (first["pid"], first["laddr"], first["netns"]) == (srv.pid, SERVER4, ns)
     assert first["comm"].startswith("python")
     assert "request_queue_full" in first["cause"]
@@ -134,9 +152,9 @@ def test_syn_flood(tracer, lab, cookies):
     else:
         assert first["reason"].startswith("SYN flood: request queue full (17/16), ")
         assert first["reason"].endswith("SYNs dropped, no SYN cookies")
-    connected = legit.answer(timeout=30 * SLOW)
+    connected = legit.answer(timeout=30 * slow)
     assert "errno" not in connected, connected
-    expect(tracer, where(since, "listen_recovered", lport=port), timeout=40 * SLOW)
+    expect(tracer, where(since, "listen_recovered", lport=port), timeout=40 * slow)
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
     assert [f["type"] for f in got][-1] == "listen_recovered"
@@ -157,7 +175,7 @@ def test_syn_flood(tracer, lab, cookies):
         assert grew["TCPReqQFullDrop"] > 1000 and grew["SyncookiesSent"] == 0
         # the legitimate client waited: its SYNs were dropped until the queue had room
         conn, = expect(tracer, where(since, "connect", raddr=SERVER4, rport=port,
-                                     pid=legit.pid), timeout=10 * SLOW)
+                                     pid=legit.pid), timeout=10 * slow)
         assert conn["syn_retransmits"] >= 1
         assert conn["listener"] == {"laddr": SERVER4, "lport": port, "pid": srv.pid,
                                     "comm": first["comm"], "netns": ns,
@@ -165,7 +183,7 @@ def test_syn_flood(tracer, lab, cookies):
         assert "request_queue_full" in conn["listener"]["cause"]
 
 
-def test_accept_queue_full_then_accepting_again(tracer, lab):
+def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
     """listen(4), never accept()ed, 50 clients: the accept queue is full (5/4) as ss shows it,
     overflows equal ListenOverflows, the 45 clients that never got in fail with ETIMEDOUT and
     name the listener; once the application accepts, listen_recovered follows."""
@@ -180,7 +198,7 @@ def test_accept_queue_full_then_accepting_again(tracer, lab):
     for _ in range(50):
         assert cli.call("connect", addr=SERVER4, port=port, nonblock=True)["errno"] == \
             "EINPROGRESS"
-    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * SLOW)
+    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
     ss = run(["ss", "-ltnH", f"( sport = :{port} )"], lab.server).split()
     assert (first["accept_queue"], first["backlog"]) == (int(ss[1]), int(ss[2])) == (5, 4)
     assert first["cause"][0] == "accept_queue_full"
@@ -188,7 +206,7 @@ def test_accept_queue_full_then_accepting_again(tracer, lab):
                                       "calling accept()")
     assert (first["pid"], first["netns"]) == (srv.pid, ns)
     failed = expect(tracer, where(since, "failed", pid=cli.pid, rport=port), count=45,
-                    timeout=30 * SLOW)
+                    timeout=30 * slow)
     assert {(f["reason"], f["errno"]) for f in failed} == {("timeout", "ETIMEDOUT")}
     assert all(f["listener"]["lport"] == port and f["listener"]["pid"] == srv.pid
                and "accept_queue_full" in f["listener"]["cause"] for f in failed), failed[0]
@@ -197,7 +215,7 @@ def test_accept_queue_full_then_accepting_again(tracer, lab):
     assert all(f["type"] == "listen_pressure" for f in pressure)
     for _ in range(5):
         assert "errno" not in srv.call("accept", fd=lsn["fd"])
-    last = expect(tracer, where(since, "listen_recovered", lport=port), timeout=20 * SLOW)[0]
+    last = expect(tracer, where(since, "listen_recovered", lport=port), timeout=20 * slow)[0]
     assert last["accept_queue"] == 0 and last["closed"] is False
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
@@ -209,7 +227,8 @@ def test_accept_queue_full_then_accepting_again(tracer, lab):
     assert {f["overflows"] for f in got} == ({0} if plan.overflow else {None})
 
 
-def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tracer, lab):
+def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tracer, lab,
+                                                                           slow):
     """Two listeners in one namespace make its counters namespace-wide; an overflow at the
     final ACK (TCP_LISTEN_OVERFLOW) names its listener all the same, where the kernel can.
     TCP_DEFER_ACCEPT keeps the handshakes open until data comes, so both clients get past the
@@ -230,10 +249,10 @@ def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tra
     b = cli.call("connect", addr=SERVER4, port=port)
     cli.call("send", fd=a["fd"])
     cli.call("send", fd=b["fd"])
-    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * SLOW)
+    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
     for _ in range(2):      # a, then b, whose data retransmitted finds room: the drops end
-        assert "errno" not in srv.call("accept", fd=lsn["fd"], timeout=30 * SLOW)
-    expect(tracer, where(since, "listen_recovered", lport=port), timeout=30 * SLOW)
+        assert "errno" not in srv.call("accept", fd=lsn["fd"], timeout=30 * slow)
+    expect(tracer, where(since, "listen_recovered", lport=port), timeout=30 * slow)
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
     assert sum(f["overflows"] for f in got) == grew["ListenOverflows"] >= 1
@@ -268,10 +287,8 @@ def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer, pace):
             out = run(["ip", "netns", "exec", name, sys.executable, storm, "--no-netns",
                        "--rate", "10000", "--duration", str(STORM_S), "--workers", "2"])
             ended = time.monotonic_ns()
-            deadline = time.monotonic() + 10 * SLOW
-            while not any(s["ts_ns"] > ended for s in rec.samples(ns)):
-                assert time.monotonic() < deadline, "no reading of the namespace after the storm"
-                time.sleep(0.05)    # polling the tracer's own output: the signal itself
+            rec.until(lambda: any(s["ts_ns"] > ended for s in rec.samples(ns)),
+                      "no reading of the namespace after the storm")
     finally:
         run(["ip", "netns", "del", name], check=False)
     res = json.loads(out)
