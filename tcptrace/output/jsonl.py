@@ -54,24 +54,16 @@ def member(k, v):
     return KEY[k] + _encode(v)
 
 
-def value(v):
-    """The JSON of a member's value that is not an int (those are written as they are)."""
-    t = type(v)
-    if t is str or t is bool or v is None:
-        return SCALAR[v]
-    if t is list:
-        return LIST.of(v)
-    return _encode(v)
-
-
 def _compile(cls):
     """The whole line of a Conclusion type, as one function generated from its OWN (as
     dataclasses generate their methods): the common head, its members, then its flags. Written
-    out per type because a loop over members, with a call per member, cost a fifth of a line."""
+    out per type because a loop over members, with a call per member, cost a fifth of a line;
+    each member's value is written as member() would, inline."""
     own = "".join(f"    v{i} = f.{name}\n" for i, name in enumerate(cls.OWN))
     members = "".join(
-        f"{{K{i}}}{{v{i} if type(v{i}) is int else SCALAR[v{i}] "
-        f"if type(v{i}) is str or v{i} is None else value(v{i})}}"
+        f"{{K{i}}}{{v{i} if type(v{i}) is int else SCALAR[v{i}] if type(v{i}) is str "
+        f"or type(v{i}) is bool or v{i} is None else LIST.of(v{i}) if type(v{i}) is list "
+        f"else _encode(v{i})}}"
         for i in range(len(cls.OWN)))
     src = ("def line(f, w):\n"
            "    sec, ns = divmod(f.ts_ns + w, 1_000_000_000)\n"
@@ -82,7 +74,8 @@ def _compile(cls):
            "            f'{\"null\" if rport is None else rport}'\n"
            f"            f'{members}'\n"
            "            f'{FLAGS[(f.partial, f.incomplete, f.evicted, f.role)]}}}')\n")
-    scope = {"value": value, "FLAGS": FLAGS, "SCALAR": SCALAR, "NEAR": NEAR, "FAR": FAR,
+    scope = {"LIST": LIST, "_encode": _encode, "FLAGS": FLAGS, "SCALAR": SCALAR, "NEAR": NEAR,
+             "FAR": FAR,
              "_SEC": _SEC, "_second": _second, "H": HEAD[cls.TYPE]}
     scope.update((f"K{i}", KEY[name]) for i, name in enumerate(cls.OWN))
     exec(src, scope)
