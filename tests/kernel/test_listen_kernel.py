@@ -27,9 +27,17 @@ pytestmark = pytest.mark.kernel
 
 @pytest.fixture(scope="module")
 def slow(pace):
-    """What the bounds on how soon things happen here are scaled by: this machine's measured
+    """What a bound on how soon something happens is scaled by: this machine's measured
     slowness (conftest.Pace), not a flag naming the machine."""
     return pace.slowness
+
+
+@pytest.fixture(scope="module")
+def patience(slow):
+    """What a wait is scaled by. A wait ends as soon as what it waits for happens, so a long one
+    costs only a failing run: at least 4, and more on a machine measured slower than that (the
+    calibration runs once, and a shared host can slow down after it)."""
+    return max(4.0, slow)
 
 LEGIT = "10.77.0.3"                 # a second client address: its SYN-ACKs are not dropped
 FLOOD_S = 5
@@ -110,7 +118,7 @@ needs_hping3 = pytest.mark.skipif(subprocess.run(["which", "hping3"], capture_ou
 
 @needs_hping3
 @pytest.mark.parametrize("cookies", [0, 1])
-def test_syn_flood(tracer, lab, cookies, slow):
+def test_syn_flood(tracer, lab, cookies, slow, patience):
     """listen(16), tcp_max_syn_backlog=64, SYN-ACKs dropped at the attacker: a listen_pressure
     within 2 s of the flood's start naming the listener, its owner and the cause; dropped SYNs
     (no cookies) or cookies sent equal to the namespace's counters over the whole pressure;
@@ -134,7 +142,8 @@ def test_syn_flood(tracer, lab, cookies, slow):
         legit = lab.agent(lab.client)
         time.sleep(0.2)     # the flood has filled the request queue: this SYN meets it
         legit.send("connect", addr=SERVER4, port=port, src=LEGIT)
-        first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
+        first, = expect(tracer, where(since, "listen_pressure", lport=port),
+                        timeout=5 * patience)
         half_open = ss_count(lab.server, "syn-recv", f"( sport = :{port} )")
         if cookies:
             run(["hping3", "-q", "-A", "-c", "100", "-i", "u1000", "-p", str(port), SERVER4],
@@ -152,9 +161,9 @@ def test_syn_flood(tracer, lab, cookies, slow):
     else:
         assert first["reason"].startswith("SYN flood: request queue full (17/16), ")
         assert first["reason"].endswith("SYNs dropped, no SYN cookies")
-    connected = legit.answer(timeout=30 * slow)
+    connected = legit.answer(timeout=30 * patience)
     assert "errno" not in connected, connected
-    expect(tracer, where(since, "listen_recovered", lport=port), timeout=40 * slow)
+    expect(tracer, where(since, "listen_recovered", lport=port), timeout=40 * patience)
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
     assert [f["type"] for f in got][-1] == "listen_recovered"
@@ -175,7 +184,7 @@ def test_syn_flood(tracer, lab, cookies, slow):
         assert grew["TCPReqQFullDrop"] > 1000 and grew["SyncookiesSent"] == 0
         # the legitimate client waited: its SYNs were dropped until the queue had room
         conn, = expect(tracer, where(since, "connect", raddr=SERVER4, rport=port,
-                                     pid=legit.pid), timeout=10 * slow)
+                                     pid=legit.pid), timeout=10 * patience)
         assert conn["syn_retransmits"] >= 1
         assert conn["listener"] == {"laddr": SERVER4, "lport": port, "pid": srv.pid,
                                     "comm": first["comm"], "netns": ns,
@@ -183,7 +192,7 @@ def test_syn_flood(tracer, lab, cookies, slow):
         assert "request_queue_full" in conn["listener"]["cause"]
 
 
-def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
+def test_accept_queue_full_then_accepting_again(tracer, lab, patience):
     """listen(4), never accept()ed, 50 clients: the accept queue is full (5/4) as ss shows it,
     overflows equal ListenOverflows, the 45 clients that never got in fail with ETIMEDOUT and
     name the listener; once the application accepts, listen_recovered follows."""
@@ -198,7 +207,8 @@ def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
     for _ in range(50):
         assert cli.call("connect", addr=SERVER4, port=port, nonblock=True)["errno"] == \
             "EINPROGRESS"
-    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
+    first, = expect(tracer, where(since, "listen_pressure", lport=port),
+                    timeout=5 * patience)
     ss = run(["ss", "-ltnH", f"( sport = :{port} )"], lab.server).split()
     assert (first["accept_queue"], first["backlog"]) == (int(ss[1]), int(ss[2])) == (5, 4)
     assert first["cause"][0] == "accept_queue_full"
@@ -206,7 +216,7 @@ def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
                                       "calling accept()")
     assert (first["pid"], first["netns"]) == (srv.pid, ns)
     failed = expect(tracer, where(since, "failed", pid=cli.pid, rport=port), count=45,
-                    timeout=30 * slow)
+                    timeout=30 * patience)
     assert {(f["reason"], f["errno"]) for f in failed} == {("timeout", "ETIMEDOUT")}
     assert all(f["listener"]["lport"] == port and f["listener"]["pid"] == srv.pid
                and "accept_queue_full" in f["listener"]["cause"] for f in failed), failed[0]
@@ -215,7 +225,8 @@ def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
     assert all(f["type"] == "listen_pressure" for f in pressure)
     for _ in range(5):
         assert "errno" not in srv.call("accept", fd=lsn["fd"])
-    last = expect(tracer, where(since, "listen_recovered", lport=port), timeout=20 * slow)[0]
+    last = expect(tracer, where(since, "listen_recovered", lport=port),
+                  timeout=20 * patience)[0]
     assert last["accept_queue"] == 0 and last["closed"] is False
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
@@ -228,7 +239,7 @@ def test_accept_queue_full_then_accepting_again(tracer, lab, slow):
 
 
 def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tracer, lab,
-                                                                           slow):
+                                                                           patience):
     """Two listeners in one namespace make its counters namespace-wide; an overflow at the
     final ACK (TCP_LISTEN_OVERFLOW) names its listener all the same, where the kernel can.
     TCP_DEFER_ACCEPT keeps the handshakes open until data comes, so both clients get past the
@@ -249,10 +260,11 @@ def test_final_acks_dropped_with_the_accept_queue_full_are_the_listeners_own(tra
     b = cli.call("connect", addr=SERVER4, port=port)
     cli.call("send", fd=a["fd"])
     cli.call("send", fd=b["fd"])
-    first, = expect(tracer, where(since, "listen_pressure", lport=port), timeout=5 * slow)
+    first, = expect(tracer, where(since, "listen_pressure", lport=port),
+                    timeout=5 * patience)
     for _ in range(2):      # a, then b, whose data retransmitted finds room: the drops end
-        assert "errno" not in srv.call("accept", fd=lsn["fd"], timeout=30 * slow)
-    expect(tracer, where(since, "listen_recovered", lport=port), timeout=30 * slow)
+        assert "errno" not in srv.call("accept", fd=lsn["fd"], timeout=30 * patience)
+    expect(tracer, where(since, "listen_recovered", lport=port), timeout=30 * patience)
     grew = growth(before, tcp_ext(lab.server))
     got = listen_findings(tracer, since, port)
     assert sum(f["overflows"] for f in got) == grew["ListenOverflows"] >= 1
