@@ -104,7 +104,15 @@ def storm_until_scraped(base):
             "sum(tcptrace_accepts_total)": snmp["PassiveOpens"],
             'sum(tcptrace_connect_failures_total{cause="refused"})': snmp["AttemptFails"],
             "sum(tcptrace_closes_total)": 2 * snmp["PassiveOpens"]}
-    wait_until(lambda: all(query(base, q) == n for q, n in want.items()), 60)
+    held = {}
+
+    def holds():
+        held.update((q, query(base, q)) for q in want)
+        return held == want
+    try:
+        wait_until(holds, 60)
+    except AssertionError:
+        raise AssertionError(f"Prometheus holds {held}, the storm made {want}") from None
     return snmp, want
 
 
