@@ -21,10 +21,4 @@ class Transitions(Detector):
         self.emit = tracker.out.append      # one per transition: the list's own method
 
     def step(self, c, ev, ts, old, new):
-        # ends_of(c, ev.skaddr), inline: this runs for every transition
-        e = c.ends
-        if e is None or e.lport != c.lport or e.pid != c.pid or e.comm != c.comm \
-                or e.rport != c.rport or e.laddr != c.laddr or e.raddr != c.raddr:
-            e = c.ends = Ends(c.pid, c.comm, c.family, c.laddr, c.lport, c.raddr, c.rport,
-                              ev.skaddr)
-        self.emit(Transition(ts, e, old << 8 | new))
+        self.emit(Transition(ts, ends_of(c, ev.skaddr), old << 8 | new))
