@@ -160,9 +160,7 @@ class Tracer:
         far it has), and its output window has passed. A tracer working off a backlog (a test's
         own load can put one on a slow host: issue 17) is behind, not wrong; one still behind
         after BEHIND_S more is a failure of its own."""
-        start = time.monotonic()
-        deadline, cap = start + timeout, start + timeout + BEHIND_S
-        due_ns = int((deadline + OUTPUT_WINDOW_S) * 1e9)
+        deadline = time.monotonic() + timeout
         got, pos = [], 0            # pos: the next index to look at, as a seq
         with self.cond:
             got.extend(r for r in self.pinned if pred(r))
@@ -174,15 +172,22 @@ class Tracer:
                     return got
                 now = time.monotonic()
                 if now >= deadline:
-                    read_ns = self.horizon_ns()
-                    if read_ns >= due_ns or now >= cap:
-                        behind = now - read_ns / 1e9
-                        raise AssertionError(
-                            f"timed out waiting for {count} records; have {len(got)} (the "
-                            f"tracer had read the kernel's stream up to {behind:.1f} s ago)")
+                    over = self.overdue(deadline)
+                    if over:
+                        raise AssertionError(f"timed out waiting for {count} records; have "
+                                             f"{len(got)} ({over})")
                     self.cond.wait(0.2)         # re-read the horizon at most 5 times a second
                     continue
                 self.cond.wait(deadline - now)
+
+    def overdue(self, deadline):
+        """For a wait whose deadline (time.monotonic()) has passed: None while the tracer has not
+        yet read the kernel's stream up to it (and its output window), up to BEHIND_S more; else
+        what to say of how far behind it was."""
+        now, read_ns = time.monotonic(), self.horizon_ns()
+        if read_ns < int((deadline + OUTPUT_WINDOW_S) * 1e9) and now < deadline + BEHIND_S:
+            return None
+        return f"the tracer had read the kernel's stream up to {now - read_ns / 1e9:.1f} s ago"
 
     def horizon_ns(self):
         """How far the tracer has read the kernel's stream: its recording's newest tick

@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from conftest import BEHIND_S, OUTPUT_WINDOW_S
 from lab import (CLIENT4, SERVER4, Agent, Lab, expect, fresh, run, ss_count, tcp_ext, wall_ns,
                  where)
 from tcptrace.kernel import probes
@@ -77,15 +76,12 @@ class Recording:
 
     def until(self, check, what, timeout=10.0):
         """Until check() is true. The timeout counts in the tracer's own time, as
-        tracer.wait_for's does: a tracer still reading a backlog gets up to BEHIND_S more."""
+        tracer.wait_for's does (Tracer.overdue)."""
         deadline = time.monotonic() + timeout
-        due_ns = int((deadline + OUTPUT_WINDOW_S) * 1e9)
         while not check():
-            now = time.monotonic()
-            if now >= deadline:
-                assert self.tracer.horizon_ns() < due_ns and now < deadline + BEHIND_S, \
-                    f"{what} (the tracer had read the kernel's stream up to " \
-                    f"{now - self.tracer.horizon_ns() / 1e9:.1f} s ago)"
+            if time.monotonic() >= deadline:
+                over = self.tracer.overdue(deadline)
+                assert over is None, f"{what} ({over})"
             time.sleep(0.05)        # polling the tracer's own output: the signal itself
 
     def wait_read(self, netns, port):
