@@ -91,9 +91,10 @@ def query(base, q):
 PORTS = [20000, 20001, 20002, 20010, 20011, 20012]         # bench/storm.py's, 2 workers
 
 
-def storm_until_scraped(base):
+def storm_until_scraped(base, err):
     """Run the storm; wait until Prometheus holds its counts (a scrape a second, and the
-    tracer's output delay). Returns its /proc/net/snmp deltas and {PromQL: count}."""
+    tracer's output delay). Returns its /proc/net/snmp deltas and {PromQL: count}. `err` is
+    the tracer's stderr, quoted when Prometheus never holds the counts."""
     wait_until(lambda: query(base, 'up{job="tcptrace"}') == 1)
     storm = json.loads(subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "storm.py"), "--rate", "1000",
@@ -112,8 +113,20 @@ def storm_until_scraped(base):
     try:
         wait_until(holds, 60)
     except AssertionError:
-        raise AssertionError(f"Prometheus holds {held}, the storm made {want}") from None
+        raise AssertionError(f"Prometheus holds {held}, the storm made {want}; "
+                             f"its scrapes: {scrapes(base)}; the tracer said: "
+                             f"{err.read_text()[-2000:]!r}") from None
     return snmp, want
+
+
+def scrapes(base):
+    """What Prometheus says of its last scrape of tcptrace: why a query finds no series."""
+    try:
+        targets = json.loads(get(f"{base}/api/v1/targets"))["data"]["activeTargets"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unknown ({e!r})"
+    return [{k: t.get(k) for k in ("health", "lastError", "lastScrapeDuration", "lastScrape",
+                                   "scrapeTimeout")} for t in targets]
 
 
 def test_prometheus_holds_the_storms_counts_when_the_kernel_folds(tmp_path, prometheus):
@@ -132,7 +145,7 @@ def test_prometheus_holds_the_storms_counts_when_the_kernel_folds(tmp_path, prom
                             text=True)
     try:
         wait_until(lambda: ready.exists() or full.poll() is not None, 300)
-        snmp, want = storm_until_scraped(base)
+        snmp, want = storm_until_scraped(base, tmp_path / "err")
         p99 = query(base, "histogram_quantile(0.99, sum by (le) "
                           "(tcptrace_handshake_seconds_bucket))")
     finally:
@@ -156,7 +169,7 @@ def test_prometheus_holds_the_storms_counts_and_p99(tmp_path, prometheus):
     m = start_metrics(tmp_path, "--listen", f"127.0.0.1:{port}", "--record", str(rec),
                       *[a for p in ports for a in ("--port", str(p))])
     try:
-        snmp, want = storm_until_scraped(base)
+        snmp, want = storm_until_scraped(base, tmp_path / "err")
         assert query(base, "sum(tcptrace_resets_total)") in (None, 0)
         p99 = query(base, "histogram_quantile(0.99, sum by (le) "
                           "(tcptrace_handshake_seconds_bucket))")
