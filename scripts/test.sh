@@ -61,7 +61,7 @@ trap report EXIT
 stage set-up scripts/setup.sh
 # A kernel tier that cannot run is a failure here, not a skip.
 export TCPTRACE_REQUIRE_KERNEL=1
-stage "host tiers" "${TCPTRACE_VENV:-$here/.venv}/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+stage "host tiers" "${TCPTRACE_VENV:-$here/.venv}/bin/python" -m pytest -q -rs -p no:cacheprovider tests "$@"
 
 if [ "${TCPTRACE_SKIP_VM:-0}" = 1 ]; then
   say "TCPTRACE_SKIP_VM=1: no VM stage"
