@@ -98,9 +98,12 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     # and tests/unit/test_histogram.py), bounds the difference. And the connect() that makes
     # the SYN_SENT step runs in process context: it can be preempted between the folding
     # tracer's program (attached first) and the other's, for up to a scheduler slice, and that
-    # connection's handshake is then longer by as much for the folding tracer only (seen: a
-    # 125 us handshake measured 257 us, on a 2-CPU host while the tracers drained). A tail
-    # value is one connection's when a destination has few, so it gets that allowance.
+    # connection's handshake is then longer by as much for the folding tracer (seen: a 125 us
+    # handshake measured 257 us, on a 2-CPU host while the tracers drained). The ESTABLISHED
+    # step's two programs can be as far apart the other way: in a VM the host can stop the
+    # vCPU between them (seen in the TCG guest: 456 us for the folding tracer, 1,184 us for
+    # the other). A tail value is one connection's when a destination has few, so it gets
+    # that allowance either way.
     rows = {(r["raddr"], r["rport"], r["comm"]): r for r in b["connects"]}
     assert len(a["connects"]) == len(rows)
     hist = {h["low"]: h["count"] for h in b["handshake_histogram_us"]}
@@ -110,7 +113,7 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
         assert r["count"] == e["count"]
         assert e["p50_ns"] / 1.5 <= r["p50_ns"] <= e["p50_ns"] * 1.5, (r, e)
         for p in ("p90_ns", "p99_ns", "max_ns"):
-            assert e[p] / 1.5 <= r[p] <= e[p] * 1.5 + slice_ns, (p, r, e)
+            assert e[p] / 1.5 - slice_ns <= r[p] <= e[p] * 1.5 + slice_ns, (p, r, e)
     assert sum(h["count"] for h in a["handshake_histogram_us"]) == sum(hist.values())
     # watch --only: exactly the refused connects, folding the rest
     lines = [json.loads(line) for line in only[1].read_text().splitlines()]

@@ -347,7 +347,13 @@ def test_counts_match_snmp(tracer):
     assert connects + refused == d["ActiveOpens"]
     assert accepts == d["PassiveOpens"]
     assert refused == d["AttemptFails"]
-    assert count("failed") == 0 and count("reset") == 0
+    # No failure and no reset among the burst's connections, told by their ports: the pid alone
+    # can also name a socket of an earlier process that had this pid number (pids wrap in the
+    # VM's long session), concluded in the same window
+    ports = {5071, hold["port"], 5073}
+    odd = tracer.matching(lambda r: new(r) and r["type"] in ("failed", "reset")
+                          and r.get("pid") == a.pid)
+    assert not [r for r in odd if {r.get("lport"), r.get("rport")} & ports], odd
 
 
 def test_preexisting_close_wait_in_another_namespace(tmp_path):
