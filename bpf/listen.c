@@ -9,31 +9,6 @@
  * SYNs the kernel drops because a queue is full fire no tracepoint at all; user space reads those
  * from the namespace's counters (tcptrace/host/samplers.py). Part of tcptrace.c. */
 
-/* A socket's network namespace (the inode number of its struct net, as /proc/<pid>/ns/net
- * shows it), family and local port, all 0 where unknown. */
-struct tt_sock_id {
-    u32 netns;
-    u16 family;
-    u16 port;         /* host byte order (skc_num) */
-};
-
-#ifdef TT_SOCK_ID
-/* Read at offsets from the running kernel's BTF (tcptrace/kernel/probes.py: SOCK_ID_FIELDS),
- * never through the compile-time headers, which may be another kernel's. */
-static __always_inline void tt_sock_id(u64 sk, struct tt_sock_id *id)
-{
-    u64 net = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + TT_OFF_NET));
-    if (net)
-        bpf_probe_read_kernel(&id->netns, sizeof(id->netns), (void *)(net + TT_OFF_NET_INUM));
-    bpf_probe_read_kernel(&id->family, sizeof(id->family), (void *)(sk + TT_OFF_FAMILY));
-    bpf_probe_read_kernel(&id->port, sizeof(id->port), (void *)(sk + TT_OFF_NUM));
-}
-#else
-/* Without BTF, user space matches listener facts to listeners by address and port. */
-static __always_inline void tt_sock_id(u64 sk, struct tt_sock_id *id) {}
-#endif
-
 #ifdef TT_HOOK_SYNACK
 /* The tracepoint's skaddr is the listener; its ports and addresses are the request's (local
  * side first: the address the SYN was sent to, the listener's port). */

@@ -38,6 +38,39 @@ static __always_inline void tt_put_sk(struct tt_event *ev, struct tt_sk *s)
     __builtin_memcpy(ev->daddr, s->daddr, 16);
 }
 
+/* A socket's network namespace (the inode number of its struct net, as /proc/<pid>/ns/net
+ * shows it), family and local port, all 0 where unknown. */
+struct tt_sock_id {
+    u32 netns;
+    u16 family;
+    u16 port;         /* host byte order (skc_num) */
+};
+
+#ifdef TT_SOCK_ID
+/* Read at offsets from the running kernel's BTF (tcptrace/kernel/probes.py: SOCK_ID_FIELDS),
+ * never through the compile-time headers, which may be another kernel's. */
+static __always_inline u32 tt_netns(u64 sk)
+{
+    u64 net = 0;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + TT_OFF_NET));
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + TT_OFF_NET_INUM));
+    return inum;
+}
+
+static __always_inline void tt_sock_id(u64 sk, struct tt_sock_id *id)
+{
+    id->netns = tt_netns(sk);
+    bpf_probe_read_kernel(&id->family, sizeof(id->family), (void *)(sk + TT_OFF_FAMILY));
+    bpf_probe_read_kernel(&id->port, sizeof(id->port), (void *)(sk + TT_OFF_NUM));
+}
+#else
+/* Without BTF, user space matches listeners and their facts by address and port alone. */
+static __always_inline u32 tt_netns(u64 sk) { return 0; }
+static __always_inline void tt_sock_id(u64 sk, struct tt_sock_id *id) {}
+#endif
+
 /* The current task. In softirq (every transition the network causes) this is whichever task was
  * interrupted, not the socket's owner: user space decides which transitions name the owner. */
 static __always_inline void tt_set_task(struct tt_event *ev, u64 id)

@@ -100,6 +100,11 @@ static __always_inline struct tt_event *tt_start(void *ctx, struct tt_hit *h, st
     ev.oldstate = h->old;
     ev.newstate = h->new;
     tt_put_sk(&ev, s);
+    /* A listener's and its children's records name their namespace: user space matches an
+     * accepted connection to its listener's owner by it (many namespaces listen on one port).
+     * Only those, since the read costs two probe reads. */
+    if (h->old == TT_LISTEN || h->new == TT_LISTEN)
+        ev.aux = tt_netns(h->sk);
     if (!h->send && socks.insert(&h->sk, &ev) == 0) {
         struct tt_event *e = socks.lookup(&h->sk);
         if (e)

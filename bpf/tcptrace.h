@@ -46,8 +46,9 @@ struct tt_event {
     u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
     s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
-    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK), reason
-                       * (TT_SEND_RESET with TT_F_REASON) */
+    u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK; TT_STATE of a
+                       * listener or its child, else 0), reason (TT_SEND_RESET with
+                       * TT_F_REASON) */
     u16 sport;        /* host byte order */
     u16 dport;
     u8  kind;         /* TT_* */

@@ -156,11 +156,11 @@ class Recorder:
                 from None
 
     def _write(self, batch):
-        for fam, la, lp, ra, rp, st, ts, owner in batch.seeds:
+        for fam, la, lp, ra, rp, st, ts, owner, ns in batch.seeds:
             pid, comm, fd = owner or (None, None, None)
             self._line(json.dumps({"kind": "seed", "ts_ns": ts, "family": fam, "laddr": la,
                                    "lport": lp, "raddr": ra, "rport": rp, "state": st,
-                                   "pid": pid, "comm": comm, "fd": fd}))
+                                   "pid": pid, "comm": comm, "fd": fd, "netns": ns}))
         for r in batch.records:
             self._line(record_to_json(r))
         # replay feeds what came before a tick against it, as the live loop did
@@ -178,7 +178,8 @@ class Recorder:
 
 
 def _seed(d):
-    """A seed line -> (family, laddr, lport, raddr, rport, state, ts_ns, owner or None)."""
+    """A seed line -> (family, laddr, lport, raddr, rport, state, ts_ns, owner or None, netns).
+    Recordings before the namespace was recorded have none: 0, as their records carry."""
     fam = _int(d, "family")
     if fam not in FAMILIES[1:]:
         raise ValueError(f"family {fam} is neither AF_INET (2) nor AF_INET6 (10)")
@@ -197,7 +198,10 @@ def _seed(d):
     state = _int(d, "state")
     if not 1 <= state <= 12:
         raise ValueError("bad state")
-    return (fam, la, _int(d, "lport"), ra, _int(d, "rport"), state, _int(d, "ts_ns"), owner)
+    ns = _int(d, "netns", 0)
+    if not 0 <= ns < 1 << 32:
+        raise ValueError("bad netns")
+    return (fam, la, _int(d, "lport"), ra, _int(d, "rport"), state, _int(d, "ts_ns"), owner, ns)
 
 
 class RecordingSource:

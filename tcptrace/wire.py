@@ -56,7 +56,8 @@ class Event(NamedTuple):
     pid: int          # tgid of the task current when the hook ran (may be a bystander in softirq)
     tid: int
     err: int
-    aux: int
+    aux: int          # bpf/tcptrace.h: a fd, a reason, or a network namespace (STATE: of a
+                      #   listener or its child, 0 if unknown or another socket)
     sport: int
     dport: int
     kind: int
@@ -233,4 +234,4 @@ class Batch(NamedTuple):
     horizon_ns: int           # the stream is complete up to this time (the clock at the read)
     scanned: list = ()        # STATE records read from the kernel's maps (F_SCAN), after those
     seeds: list = ()          # sockets that existed before start: (family, laddr, lport, raddr,
-                              #   rport, state, ts_ns, owner (pid, comm, fd) or None)
+                              #   rport, state, ts_ns, owner (pid, comm, fd) or None, netns)

@@ -33,14 +33,22 @@ def active_open(t0, sk, lport, rport, pid=100, comm="client", hs=50_000):
                   lport=lport, rport=rport)]
 
 
-def passive_open(t0, sk, lport, rport, pid=7, comm="ksoftirqd/0"):
-    return [state(t0, sk, S.LISTEN, S.SYN_RECV, pid=pid, comm=comm, lport=lport, rport=rport),
+def passive_open(t0, sk, lport, rport, pid=7, comm="ksoftirqd/0", netns=0, **kw):
+    """A listener's child: its first step names the namespace (bpf/state.c), the next not."""
+    return [state(t0, sk, S.LISTEN, S.SYN_RECV, pid=pid, comm=comm, lport=lport, rport=rport,
+                  aux=netns, **kw),
             state(t0 + 1000, sk, S.SYN_RECV, S.ESTABLISHED, pid=pid, comm=comm, lport=lport,
-                  rport=rport)]
+                  rport=rport, **kw)]
 
 
-def listen(t0, sk, lport, pid=200, comm="server"):
-    return [state(t0, sk, S.CLOSE, S.LISTEN, pid=pid, comm=comm, lport=lport, raddr="0.0.0.0")]
+def listen(t0, sk, lport, pid=200, comm="server", netns=0, **kw):
+    kw.setdefault("raddr", "0.0.0.0")
+    return [state(t0, sk, S.CLOSE, S.LISTEN, pid=pid, comm=comm, lport=lport, aux=netns, **kw)]
+
+
+def unlisten(t0, sk, lport, pid=200, comm="server", netns=0, **kw):
+    kw.setdefault("raddr", "0.0.0.0")
+    return [state(t0, sk, S.LISTEN, S.CLOSE, pid=pid, comm=comm, lport=lport, aux=netns, **kw)]
 
 
 def active_close(t0, sk, lport, rport, pid=100, comm="client"):
@@ -49,10 +57,13 @@ def active_close(t0, sk, lport, rport, pid=100, comm="client"):
             state(t0 + 2000, sk, S.FIN_WAIT2, S.CLOSE, pid=0, comm="swapper/0", lport=lport, rport=rport)]
 
 
-def passive_close(t0, sk, lport, rport, pid=200, comm="server", wait=1000):
-    return [state(t0, sk, S.ESTABLISHED, S.CLOSE_WAIT, pid=0, comm="swapper/0", lport=lport, rport=rport),
-            state(t0 + wait, sk, S.CLOSE_WAIT, S.LAST_ACK, pid=pid, comm=comm, lport=lport, rport=rport),
-            state(t0 + wait + 1000, sk, S.LAST_ACK, S.CLOSE, pid=0, comm="swapper/0", lport=lport, rport=rport)]
+def passive_close(t0, sk, lport, rport, pid=200, comm="server", wait=1000, **kw):
+    return [state(t0, sk, S.ESTABLISHED, S.CLOSE_WAIT, pid=0, comm="swapper/0", lport=lport,
+                  rport=rport, **kw),
+            state(t0 + wait, sk, S.CLOSE_WAIT, S.LAST_ACK, pid=pid, comm=comm, lport=lport,
+                  rport=rport, **kw),
+            state(t0 + wait + 1000, sk, S.LAST_ACK, S.CLOSE, pid=0, comm="swapper/0",
+                  lport=lport, rport=rport, **kw)]
 
 
 def write_recording(path, recs, wall_offset_ns=1_700_000_000 * SEC, ticks=()):

@@ -29,15 +29,14 @@ from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.host import samplers
-from tcptrace.host.samplers import owning_listener
 from tcptrace.lifecycle.conn import LISTENER
+from tcptrace.states import owning_listener
 from tcptrace.wire import F_REASON, NAMES, OVERFLOWS, Kind, addr_str
 
 # The namespace counters (host/samplers.py: LISTEN_COUNTERS) under the names findings give them
 COUNTER_NAMES = {"ListenDrops": "dropped", "ListenOverflows": "accept_queue_full",
                  "TCPReqQFullDrop": "request_queue_full", "SyncookiesSent": "cookies_sent",
                  "SyncookiesRecv": "cookies_validated", "SyncookiesFailed": "cookies_failed"}
-WILDCARDS = ("0.0.0.0", "::")
 # Requests remembered per listener: under a SYN flood without cookies the request queue holds
 # at most the backlog, and with cookies the kernel keeps no request beyond it either.
 MAX_REQUESTS = 4096
@@ -109,7 +108,7 @@ class Listener:
         """Would a connection to addr:port of this family reach this listener?"""
         if self.lport != port or self.family is None:
             return False
-        if self.laddr in WILDCARDS:
+        if self.laddr in S.WILDCARD.values():
             return self.family == family or (self.laddr == "::" and family == S.AF_INET)
         return self.family == family and self.laddr == addr
 
@@ -182,7 +181,7 @@ class Listeners(Detector):
             c = self.tr.table.get(ev.skaddr)
             if c is None or c.role != LISTENER:
                 return
-            lst = self._find(0, c.family, c.laddr, c.lport)
+            lst = self._find(c.netns, c.family, c.laddr, c.lport)
             if lst is None:
                 return
         if lst.since_ns is None:

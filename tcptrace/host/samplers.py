@@ -11,6 +11,7 @@ import time
 
 from tcptrace.host import counters, netns, owners
 from tcptrace.host.diag import Diag
+from tcptrace.states import owning_listener
 from tcptrace.wire import Sample
 
 
@@ -152,7 +153,6 @@ LISTEN_COUNTERS = ("ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "TCPReqQ
                    "SyncookiesSent", "SyncookiesRecv", "SyncookiesFailed")
 LISTEN_SETTINGS = ("net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
                    "net/ipv4/tcp_syncookies", "net/ipv4/tcp_synack_retries")
-WILDCARD = {2: "0.0.0.0", 10: "::"}
 
 
 def requests_moved(last, now):
@@ -182,17 +182,6 @@ def _dumps(diag, families, ports, requests):
     fams |= {s.family for s in listeners if s.family == socket.AF_INET6}
     return listeners, diag.dump(["SYN_RECV"], [f for f in families if f in fams],
                                 ports={s.lport for s in listeners}, local=True)
-
-
-def owning_listener(family, laddr, lport, keys):
-    """The listener key (family, laddr, lport) among `keys` that takes a connection to laddr:
-    the one bound to that address, else one bound to the wildcard address of the family, else
-    (IPv4) an IPv6 wildcard listener, which takes IPv4 too unless IPV6_V6ONLY; None if none."""
-    for key in ((family, laddr, lport), (family, WILDCARD.get(family), lport),
-                (10, "::", lport) if family == 2 else None):
-        if key in keys:
-            return key
-    return None
 
 
 class Listeners(Sampler):

@@ -10,7 +10,7 @@ class Conn:
                  "opened_ns", "established_ns", "state", "since_ns", "path", "pid", "comm",
                  "owner_sure", "syn_retrans", "recv_reset_ns", "send_reset_ns", "error",
                  "first_fin", "partial", "incomplete", "preexisting", "stuck_state", "closed_ns",
-                 "fd", "epoch", "scan_ts", "tkey", "ends", "evicted")
+                 "fd", "epoch", "scan_ts", "tkey", "ends", "evicted", "netns")
 
     def __init__(self, cid, skaddr, family, role, state, ts_ns, partial=False, epoch=0):
         self.id = cid
@@ -43,6 +43,7 @@ class Conn:
         self.tkey = None            # the key it is filed under in ConnTable.by_tuple, if it is
         self.ends = None            # with --transitions: the Ends its latest transition showed
         self.evicted = False        # the table dropped it once (--max-conns): partial since
+        self.netns = 0              # a listener's network namespace (0: unknown)
 
     def tuple_key(self):
         return (self.family, self.laddr, self.lport, self.raddr, self.rport)

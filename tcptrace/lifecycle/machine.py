@@ -175,10 +175,11 @@ class Tracker:
         self.gone(c)
         self.table.forget(c)
 
-    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner=None):
-        """A socket that existed before tracing started (ConnTable.seed)."""
+    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner=None, netns=0):
+        """A socket that existed before tracing started (ConnTable.seed), in namespace netns
+        (the records', 0 where they carry none)."""
         c = self.table.seed(family, laddr, lport, raddr, rport, state, now_ns, owner,
-                            self.loss_epoch)
+                            self.loss_epoch, netns)
         if c is not None and state in HALF_CLOSED:
             self.resting(c)
         return c
@@ -292,14 +293,14 @@ class Tracker:
         elif old == LISTEN:
             c = self.new(ev.skaddr, ev.family, PASSIVE, new, ts)
             self.table.set_tuple(c, laddr, lport, raddr, rport)
-            owner = self.table.listeners.get((ev.family, lport))
+            owner = self.table.listener_owner(ev.aux, ev.family, laddr, lport)
             if owner:   # the listener's owner accepts it; the current task is a softirq bystander
                 c.pid, c.comm = owner
         else:
             c = self.new(ev.skaddr, ev.family, LISTENER, new, ts)
             c.pid, c.comm, c.owner_sure = ev.pid, COMM_TEXT[ev.comm], True
-            c.laddr, c.lport = laddr, lport
-            self.table.listeners[(ev.family, lport)] = (c.pid, c.comm)
+            c.laddr, c.lport, c.netns = laddr, lport, ev.aux
+            self.table.listening(c.netns, ev.family, laddr, lport, (c.pid, c.comm))
         if self.transitions:
             self.step(c, ev, ts, old, new)
         return c
@@ -321,7 +322,7 @@ class Tracker:
             # closing it is its owner (LISTEN -> CLOSE runs in close() or the process's exit)
             c = self.new(ev.skaddr, ev.family, LISTENER, oldstate, ts, partial=True)
             c.pid, c.comm = ev.pid, COMM_TEXT[ev.comm]
-            c.laddr, c.lport = laddr, lport
+            c.laddr, c.lport, c.netns = laddr, lport, ev.aux
             return c
         role = PASSIVE if oldstate == S.SYN_RECV else (ACTIVE if oldstate == S.SYN_SENT else None)
         return self.new(ev.skaddr, ev.family, role, oldstate, ts, partial=True)
@@ -402,9 +403,7 @@ class Tracker:
         self.gone(c)                # forget(c), without its call: this runs for every socket
         self.table.forget(c)
         if c.role == LISTENER:
-            listeners = self.table.listeners
-            if listeners.get((c.family, c.lport)) == (c.pid, c.comm):
-                del listeners[(c.family, c.lport)]
+            self.table.unlisten(c.netns, c.family, c.laddr, c.lport, (c.pid, c.comm))
             return
         if c.established_ns is None and c.role == ACTIVE and not c.partial and not c.error \
                 and self.early_errors:

@@ -5,9 +5,11 @@ CLOSE -> SYN_SENT, so a connection is keyed by its socket address and lives for 
 of it (from CLOSE -> SYN_SENT, LISTEN -> SYN_RECV or CLOSE -> LISTEN to its -> CLOSE), never by
 its 4-tuple. Two secondary indexes: by 4-tuple, only while a connect is unresolved (error
 reports carry no socket address), and the sockets seeded from /proc that no event has claimed.
+And who listens where, which names the owner of an accepted connection.
 """
 from tcptrace import states as S
 from tcptrace.lifecycle.conn import LISTENER, Conn
+from tcptrace.states import owning_listener
 
 
 class ConnTable:
@@ -18,7 +20,10 @@ class ConnTable:
         # error reports (no skaddr) matter only for connects that fail. Kept small on purpose.
         self.by_tuple = {}
         self.seeded = {}            # tuple -> Conn seeded from /proc, no skaddr yet
-        self.listeners = {}         # (family, lport) -> (pid, comm) of its listening socket
+        # netns -> {(family, laddr, lport): (pid, comm)}: who listens where, to name the owner
+        # of what a listener accepts. The namespace is the records' (0 where the kernel side
+        # cannot read it): containers all listen on 0.0.0.0:8080.
+        self.listeners = {}
         # skaddr -> the newest step taken of a connection dropped to stay within max_conns:
         # its socket's later records may carry those steps again (a held opening, sent early
         # and again with its close), and they must not be taken twice. About 100 bytes each
@@ -98,13 +103,13 @@ class ConnTable:
         if c.laddr is None:
             c.laddr = laddr
 
-    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner, epoch):
+    def seed(self, family, laddr, lport, raddr, rport, state, now_ns, owner, epoch, netns):
         """A socket that existed before tracing started (from /proc/net/tcp). Claimed by the
         first event whose 4-tuple matches (`claim`); its start is unknown. A listener only
         names the owner of the connections it will accept."""
         if state == S.LISTEN:
             if owner:
-                self.listeners[(family, lport)] = owner[:2]
+                self.listening(netns, family, laddr, lport, owner[:2])
             return None
         c = Conn(self._next_id, 0, family, None, state, now_ns, True, epoch)
         self._next_id += 1
@@ -115,6 +120,29 @@ class ConnTable:
             c.owner_sure = True
         self.seeded[c.tuple_key()] = c
         return c
+
+    def listening(self, netns, family, laddr, lport, owner):
+        """(pid, comm) `owner` listens on laddr:lport in namespace netns."""
+        self.listeners.setdefault(netns, {})[(family, laddr, lport)] = owner
+
+    def unlisten(self, netns, family, laddr, lport, owner):
+        """That listener closed: forgotten, unless another owner listens there since."""
+        space = self.listeners.get(netns)
+        key = (family, laddr, lport)
+        if space is not None and space.get(key) == owner:
+            del space[key]
+            if not space:
+                del self.listeners[netns]
+
+    def listener_owner(self, netns, family, laddr, lport):
+        """(pid, comm) of the listener that takes a connection to laddr:lport in namespace
+        netns, or None."""
+        space = self.listeners.get(netns)
+        if space:
+            key = owning_listener(family, laddr, lport, space)
+            if key is not None:
+                return space[key]
+        return None
 
     def claim(self, skaddr, key):
         """(the seeded connection with this 4-tuple, now known by its socket address, or None;

@@ -8,6 +8,7 @@ finding's pid must be that agent's.
 import itertools
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -315,6 +316,35 @@ def test_last_ack_lingers_when_final_ack_is_lost(tracer, lab):
 
 
 N_OK, N_REFUSED = 500, 100
+
+
+def test_accepts_are_owned_by_the_listener_of_their_namespace(tracer, lab):
+    """Containers all listen on one port, each in its own namespace: an accepted connection
+    belongs to the listener of its namespace (and address), whichever listened last."""
+    root = socket.socket()
+    root.bind(("127.0.0.1", 0))
+    root.listen()
+    port = root.getsockname()[1]        # free here; the lab's namespaces are new: free there
+    try:
+        agents = [lab.agent(lab.client), lab.agent(lab.server)]
+        for a in agents:                # listening after this process: the newest listeners
+            assert a.call("listen", addr="0.0.0.0", port=port)["listening"]
+        new = fresh(tracer)
+        cli = socket.create_connection(("127.0.0.1", port))
+        mine = cli.getsockname()[1]
+        theirs = []
+        for a, src in zip(agents, ("127.0.0.2", "127.0.0.3")):   # ports may repeat: sources not
+            got = a.call("connect", addr="127.0.0.1", port=port, src=src)
+            assert "errno" not in got, got
+            theirs.append((src, got["lport"]))
+        [acc] = expect(tracer, where(new, "accept", lport=port, raddr="127.0.0.1", rport=mine))
+        assert (acc["pid"], acc["comm"]) == (os.getpid(), open("/proc/self/comm").read().strip())
+        for a, (src, cport) in zip(agents, theirs):
+            [acc] = expect(tracer, where(new, "accept", lport=port, raddr=src, rport=cport))
+            assert acc["pid"] == a.pid, (acc, [x.pid for x in agents])
+        cli.close()
+    finally:
+        root.close()
 
 
 def test_counts_match_snmp(tracer):

@@ -7,8 +7,8 @@ import pytest
 from tcptrace import states as S
 from tcptrace.wire import Kind, F_KPROBE
 from tcptrace.lifecycle import Tracker
-from streams import (MS, SEC, active_close, active_open, ev, listen, lost, passive_close,
-                     passive_open, state)
+from streams import (MS, SEC, active_close, active_open, ev, grouped, listen, lost,
+                     passive_close, passive_open, state, unlisten)
 
 CLIENT_SK, SERVER_SK, LISTEN_SK = 0xA1, 0xB1, 0xC1
 
@@ -274,6 +274,49 @@ def test_listener_owner_seeded_from_proc_attributes_accepts():
         tr.process(r)
     a = only(tr.take(), "accept")
     assert (a.pid, a.comm) == (55, "haproxy")
+
+
+def same_port_listeners():
+    """Four listeners on port 8080 of one host: 0.0.0.0 in two namespaces (two containers),
+    127.0.0.1 and 127.0.0.2 in the first (a specific address outscores the wildcard), then
+    one connection accepted by each."""
+    t = SEC
+    recs = (listen(t, 0xC1, 8080, pid=201, comm="web-a", netns=111, laddr="0.0.0.0")
+            + listen(t + 1, 0xC2, 8080, pid=202, comm="web-b", netns=222, laddr="0.0.0.0")
+            + listen(t + 2, 0xC3, 8080, pid=203, comm="lo-1", netns=111, laddr="127.0.0.1")
+            + listen(t + 3, 0xC4, 8080, pid=204, comm="lo-2", netns=111, laddr="127.0.0.2"))
+    accepts = [(0xB1, 111, "10.0.0.5", 40001), (0xB2, 222, "10.0.0.6", 40002),
+               (0xB3, 111, "127.0.0.1", 40003), (0xB4, 111, "127.0.0.2", 40004)]
+    for i, (sk, ns, laddr, rport) in enumerate(accepts):
+        t0 = 2 * SEC + i * 10 * MS
+        recs += passive_open(t0, sk, 8080, rport, netns=ns, laddr=laddr, raddr="10.9.9.9")
+        recs += passive_close(t0 + MS, sk, 8080, rport, laddr=laddr, raddr="10.9.9.9",
+                              pid=300 + i, comm="closer")
+    return recs
+
+
+@pytest.mark.parametrize("kernel", ["one step a record", "grouped and held"])
+def test_accepts_take_the_owner_of_their_own_namespace_and_address(kernel):
+    recs = same_port_listeners()
+    if kernel != "one step a record":
+        recs = grouped(recs, hold_ns=10 * MS)
+    _, out = run(recs, end_ns=5 * SEC)
+    owners = {f.rport: (f.pid, f.comm) for f in out if f.type == "accept"}
+    assert owners == {40001: (201, "web-a"), 40002: (202, "web-b"), 40003: (203, "lo-1"),
+                      40004: (204, "lo-2")}
+
+
+def test_listener_closed_in_one_namespace_leaves_the_others():
+    recs = (listen(SEC, 0xC1, 8080, pid=201, comm="web-a", netns=111, laddr="0.0.0.0")
+            + listen(SEC + 1, 0xC2, 8080, pid=202, comm="web-b", netns=222, laddr="0.0.0.0")
+            + unlisten(SEC + MS, 0xC2, 8080, pid=202, comm="web-b", netns=222,
+                       laddr="0.0.0.0"))
+    tr, _ = run(recs, end_ns=3 * SEC)       # past the grace: the closed listener concluded
+    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 8080) == (201, "web-a")
+    assert tr.table.listener_owner(222, S.AF_INET, "10.0.0.6", 8080) is None
+    # an IPv6 wildcard listener takes IPv4 (unless IPV6_V6ONLY)
+    tr.table.listening(111, S.AF_INET6, "::", 9090, (205, "v6"))
+    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 9090) == (205, "v6")
 
 
 def test_eviction_is_bounded_and_counted():
