@@ -46,7 +46,7 @@ def _open(active):
             c.pid, c.comm, c.owner_sure = ev.pid, COMM_TEXT[ev.comm], True
         else:           # the listener's owner accepts it
             c.lport = lport
-            owner = tr.table.listener_owner(ev.aux, ev.family, laddr, lport)
+            owner = tr.table.owner_at[(ev.aux, ev.family, laddr, lport)]
             if owner:
                 c.pid, c.comm = owner
         if tr.transitions:

@@ -293,7 +293,7 @@ class Tracker:
         elif old == LISTEN:
             c = self.new(ev.skaddr, ev.family, PASSIVE, new, ts)
             self.table.set_tuple(c, laddr, lport, raddr, rport)
-            owner = self.table.listener_owner(ev.aux, ev.family, laddr, lport)
+            owner = self.table.owner_at[(ev.aux, ev.family, laddr, lport)]
             if owner:   # the listener's owner accepts it; the current task is a softirq bystander
                 c.pid, c.comm = owner
         else:

@@ -8,6 +8,7 @@ reports carry no socket address), and the sockets seeded from /proc that no even
 And who listens where, which names the owner of an accepted connection.
 """
 from tcptrace import states as S
+from tcptrace.cache import Memo
 from tcptrace.lifecycle.conn import LISTENER, Conn
 from tcptrace.states import owning_listener
 
@@ -24,6 +25,9 @@ class ConnTable:
         # of what a listener accepts. The namespace is the records' (0 where the kernel side
         # cannot read it): containers all listen on 0.0.0.0:8080.
         self.listeners = {}
+        # (netns, family, laddr, lport) -> the owner listener_owner() finds there, or None:
+        # every accept asks, and a host's answers are few. Emptied when a listener comes or goes.
+        self.owner_at = Memo(lambda key: self._owner(*key), limit=4096)
         # skaddr -> the newest step taken of a connection dropped to stay within max_conns:
         # its socket's later records may carry those steps again (a held opening, sent early
         # and again with its close), and they must not be taken twice. About 100 bytes each
@@ -124,6 +128,7 @@ class ConnTable:
     def listening(self, netns, family, laddr, lport, owner):
         """(pid, comm) `owner` listens on laddr:lport in namespace netns."""
         self.listeners.setdefault(netns, {})[(family, laddr, lport)] = owner
+        self.owner_at.clear()
 
     def unlisten(self, netns, family, laddr, lport, owner):
         """That listener closed: forgotten, unless another owner listens there since."""
@@ -133,10 +138,14 @@ class ConnTable:
             del space[key]
             if not space:
                 del self.listeners[netns]
+            self.owner_at.clear()
 
     def listener_owner(self, netns, family, laddr, lport):
         """(pid, comm) of the listener that takes a connection to laddr:lport in namespace
         netns, or None."""
+        return self.owner_at[(netns, family, laddr, lport)]
+
+    def _owner(self, netns, family, laddr, lport):
         space = self.listeners.get(netns)
         if space:
             key = owning_listener(family, laddr, lport, space)
