@@ -45,11 +45,8 @@ def sockets(base="/proc/self"):
 
 
 def all_sockets(root="/proc"):
-    """sockets() of every network namespace."""
-    out = []
-    for base in netns.namespaces(root).values():
-        out.extend(sockets(base))
-    return out
+    """{netns inode: sockets() of it} for every network namespace."""
+    return {ino: sockets(base) for ino, base in netns.namespaces(root).items()}
 
 
 def inode_owners(inodes, root="/proc", likely=()):

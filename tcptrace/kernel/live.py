@@ -10,7 +10,7 @@ import operator
 import time
 
 from tcptrace import errors
-from tcptrace.host import netns, owners
+from tcptrace.host import owners
 from tcptrace.kernel import probes
 from tcptrace.host.samplers import Background
 from tcptrace.wire import F_SYSCALL, Batch, Kind
@@ -69,16 +69,17 @@ class LiveSource:
     def _seeds(self):
         """Sockets that existed before start, read after attaching, so a socket changing state
         now is in the snapshot, in the buffer, or both (the tracker tolerates that). Their
-        owners are handed to the samplers too: one scan of every process's descriptors. They
-        are this namespace's, named as the kernel side names it in records (0 if it does not)."""
+        owners are handed to the samplers too: one scan of every process's descriptors. Each
+        names its namespace as the kernel side names it in records (0 if it does not)."""
         now = time.monotonic_ns()
-        ns = netns.own() if self.plan.sock_id else 0
-        socks = owners.all_sockets()
-        inodes = {s[6] for s in socks}
+        spaces = owners.all_sockets()
+        inodes = {s[6] for socks in spaces.values() for s in socks}
         own = owners.inode_owners(inodes)
         for s in self.samplers:
             s.known_owners({ino: own.get(ino) for ino in inodes})
-        return [(s[0], s[1], s[2], s[3], s[4], s[5], now, own.get(s[6]), ns) for s in socks]
+        named = self.plan.sock_id
+        return [(s[0], s[1], s[2], s[3], s[4], s[5], now, own.get(s[6]), ns if named else 0)
+                for ns, socks in spaces.items() for s in socks]
 
     def _not_tcp(self, evs):
         """connect() returns from the syscall hook include non-TCP sockets: dropped here. They

@@ -405,3 +405,23 @@ def test_preexisting_close_wait_in_another_namespace(tmp_path):
             assert (st["state"], st["pid"], st["fd"]) == ("CLOSE_WAIT", srv.pid, acc["fd"])
         finally:
             t.stop()
+
+
+def test_listeners_from_before_start_own_their_accepts_in_each_namespace(tmp_path):
+    """Listeners that predate the tracer are seeded from every namespace's socket table, each
+    with its namespace: two containers' servers on one port keep their own accepts."""
+    from conftest import Tracer
+    with Lab(veth=False) as lab:
+        agents = [lab.agent(lab.client), lab.agent(lab.server)]
+        for a in agents:
+            assert a.call("listen", addr="0.0.0.0", port=PORT)["listening"]
+        t = Tracer([], tmp_path)
+        try:
+            for a, src in zip(agents, ("127.0.0.2", "127.0.0.3")):
+                got = a.call("connect", addr="127.0.0.1", port=PORT, src=src)
+                assert "errno" not in got, got
+                [acc] = expect(t, lambda r: r["type"] == "accept" and r["lport"] == PORT
+                               and r["raddr"] == src and r["rport"] == got["lport"])
+                assert acc["pid"] == a.pid, (acc, [x.pid for x in agents])
+        finally:
+            t.stop()

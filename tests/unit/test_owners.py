@@ -73,7 +73,10 @@ def test_all_namespaces_are_read_once_each(tmp_path):
     os.link(tmp_path / "self" / "ns" / "net", tmp_path / "10" / "ns" / "net")
     from tcptrace.host import netns
     assert list(netns.namespaces(str(tmp_path)).values()) == [f"{tmp_path}/self", f"{tmp_path}/11"]
-    assert sorted(s[2] for s in owners.all_sockets(str(tmp_path))) == [80, 443]
+    spaces = owners.all_sockets(str(tmp_path))
+    ino = {name: os.stat(tmp_path / name / "ns" / "net").st_ino for name in ("self", "11")}
+    assert {ns: [s[2] for s in socks] for ns, socks in spaces.items()} == \
+        {ino["self"]: [80], ino["11"]: [443]}
 
 
 def test_borrowing_a_descriptor_that_is_no_socket_leaks_nothing():
