@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from conftest import Tracer, delivery_loss
+from lab import fresh
 from tcptrace.wire import Kind
 
 
@@ -33,11 +34,12 @@ SERVER_SEQ = [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED
 TRANSITION = lambda r: r["type"] == "transition" and not r.get("inferred")
 
 
-def lifecycle(tracer, first, lport, rport):
+def lifecycle(tracer, first, lport, rport, new):
     """The transitions of one socket generation: find the record `first` (old, new) with these
-    ports, then follow its skaddr from that generation's start to its CLOSE."""
+    ports among the `new` ones (lab.fresh: the session tracer has earlier tests' records, and
+    ports repeat), then follow its skaddr from that generation's start to its CLOSE."""
     anchor = tracer.wait_for(lambda r: TRANSITION(r) and (r["oldstate"], r["newstate"]) == first
-                             and r["lport"] == lport and r["rport"] == rport)[0]
+                             and r["lport"] == lport and r["rport"] == rport and new(r))[0]
     sk = anchor["skaddr"]
     same = tracer.wait_for(lambda r: TRANSITION(r) and r["skaddr"] == sk and r["newstate"] == "CLOSE"
                            and r["time"] >= anchor["time"])
@@ -72,6 +74,7 @@ def tracer_for(request, path):
                          ids=["ipv4", "ipv6"])
 def test_loopback_connection_exact_transitions(request, path, family, host):
     tracer = tracer_for(request, path)
+    new = fresh(tracer)
     srv = socket.socket(family)
     srv.bind((host, 0))
     srv.listen()
@@ -84,10 +87,10 @@ def test_loopback_connection_exact_transitions(request, path, family, host):
     acc.recv(1)                      # EOF: the FIN has arrived, the server is in CLOSE_WAIT
     acc.close()
     srv.close()
-    client = lifecycle(tracer, ("SYN_SENT", "ESTABLISHED"), cport, port)
+    client = lifecycle(tracer, ("SYN_SENT", "ESTABLISHED"), cport, port, new)
     # anchored on SYN_RECV -> ESTABLISHED: on 6.1 the child's first record still carries the
     # listener's tuple (inet_csk_clone_lock sets the state before copying the peer's)
-    server = lifecycle(tracer, ("SYN_RECV", "ESTABLISHED"), port, cport)
+    server = lifecycle(tracer, ("SYN_RECV", "ESTABLISHED"), port, cport, new)
     assert [(r["oldstate"], r["newstate"]) for r in client] == CLIENT_SEQ
     assert [(r["oldstate"], r["newstate"]) for r in server] == SERVER_SEQ
     # the local port is not yet bound when the SYN_SENT transition fires
@@ -98,17 +101,19 @@ def test_loopback_connection_exact_transitions(request, path, family, host):
     assert {r["family"] for r in client + server} == {fam}
     assert client[1]["laddr"] == host and client[1]["raddr"] == host
     conn = tracer.wait_for(lambda r: r["type"] == "connect" and r["lport"] == cport
-                           and r["rport"] == port)[0]
+                           and r["rport"] == port and new(r))[0]
     # A plausible handshake, not a step's time mixed up: microseconds on loopback, but the
     # emulated CI guest (Debian 6.1) once took 61 ms; every wrong pairing is off by far more.
     assert conn["pid"] == os.getpid() and 0 < conn["handshake_ns"] < 1_000_000_000
-    acc_f = tracer.wait_for(lambda r: r["type"] == "accept" and r["rport"] == cport)[0]
+    acc_f = tracer.wait_for(lambda r: r["type"] == "accept" and r["lport"] == port
+                            and r["rport"] == cport and new(r))[0]
     assert acc_f["pid"] == os.getpid()
 
 
 @BOTH_PATHS
 def test_refused_connect_transitions_and_facts_tied_to_one_socket(request, path):
     tracer = tracer_for(request, path)
+    new = fresh(tracer)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]          # bound, never listening: a closed port
@@ -118,15 +123,15 @@ def test_refused_connect_transitions_and_facts_tied_to_one_socket(request, path)
     cport = c.getsockname()[1]
     c.close()
     probe.close()
-    f = tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port)[0]
+    f = tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port and new(r))[0]
     assert (f["errno"], f["pid"], f["lport"]) == ("ECONNREFUSED", os.getpid(), cport)
-    seq = lifecycle(tracer, ("SYN_SENT", "CLOSE"), cport, port)
+    seq = lifecycle(tracer, ("SYN_SENT", "CLOSE"), cport, port, new)
     assert [(r["oldstate"], r["newstate"]) for r in seq] == [("CLOSE", "SYN_SENT"),
                                                             ("SYN_SENT", "CLOSE")]
     sk = seq[0]["skaddr"]
     # The raw facts, from the recording: the reset on that very socket, and the error report
     # (which carries no socket pointer) on its 4-tuple.
-    tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port)
+    tracer.wait_for(lambda r: r["type"] == "refused" and r["rport"] == port and new(r))
     # (an skaddr spans many generations on a busy host: the ports pin this one)
     # The reset came while the socket's steps were pending in the kernel, so it is told in the
     # record that carries them (rst_ns), between its SYN and its CLOSE.
@@ -146,14 +151,15 @@ def test_refused_connect_transitions_and_facts_tied_to_one_socket(request, path)
 def wait_past_marker(tracer, timeout=30):
     """Make a connection on 127.0.0.1 and wait for its client's CLOSE: records leave the tracer
     in time order, so once it is out, every record of what happened before it is."""
+    new = fresh(tracer)
     m = socket.socket()
     m.bind(("127.0.0.1", 0))
     m.listen()
     socket.create_connection(m.getsockname()).close()
     mport = m.getsockname()[1]
     m.close()
-    tracer.wait_for(lambda r: TRANSITION(r) and r["rport"] == mport and r["newstate"] == "CLOSE",
-                    timeout=timeout)
+    tracer.wait_for(lambda r: TRANSITION(r) and r["rport"] == mport and r["newstate"] == "CLOSE"
+                    and new(r), timeout=timeout)
 
 
 BURST = r"""
@@ -538,12 +544,13 @@ def test_connect_failing_before_any_syn_is_reported(tracer, netns):
               "try: s.connect(('10.200.0.1', 4242))\n"
               "except OSError as e: print(e.errno, flush=True)\n"
               "sys.stdin.readline()\n")
+    new = fresh(tracer)
     p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", script],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert int(p.stdout.readline()) == 101          # ENETUNREACH
         f = tracer.wait_for(lambda r: r["type"] == "failed" and r["raddr"] == "10.200.0.1"
-                            and r["rport"] == 4242)[0]
+                            and r["rport"] == 4242 and new(r))[0]
     finally:
         p.stdin.write("\n")
         p.stdin.close()
