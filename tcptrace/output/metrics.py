@@ -8,7 +8,8 @@ and in tcptrace_label_overflow_total. Served on 127.0.0.1 unless told otherwise:
 name the hosts and services this one talks to, and an exporter has no authentication.
 
 The sink runs on the pipeline's thread and only increments plain dicts; the HTTP server's thread
-copies them when scraped (a dict copy is one step under the GIL, so no lock is needed).
+copies them when scraped (a dict copy is one step under the GIL, so no lock is needed), and
+renders them again only if they changed since the last scrape (`_Exposition`).
 """
 from tcptrace import histogram
 from tcptrace.output import Sink
@@ -56,6 +57,7 @@ class Metrics:
         self.evicted = 0
         self.folded = 0               # sockets the kernel counted instead of sending
         self.stuck = {}               # state -> sockets now (set by the sink on its tick)
+        self.changes = 0              # grows with every change: /metrics renders anew then
         self._dest = _Labels(self)
         self._svc = _Labels(self)
 
@@ -97,6 +99,7 @@ class Metrics:
         self.closes[f.closed_by] = self.closes.get(f.closed_by, 0) + n
 
     def add(self, f):
+        self.changes += 1
         t = f.type
         if t == "connect":
             key = self.dest(f)
@@ -201,18 +204,69 @@ class MetricsSink(Sink):
                 name = c.stuck_state
                 stuck[name] = stuck.get(name, 0) + 1
             from tcptrace import states
-            self.metrics.stuck = {states.name(k): n for k, n in stuck.items()}
+            stuck = {states.name(k): n for k, n in stuck.items()}
+            if stuck != self.metrics.stuck:
+                self.metrics.stuck = stuck
+                self.metrics.changes += 1
 
     def close(self, end_ns):
         self.advance(end_ns)
 
 
+class _Exposition:
+    """The text /metrics serves. Ours is rendered again only when the metrics changed since it
+    was last rendered: 210 buckets per histogram series take about 10 ms to collect and format
+    here, and over a second in an emulated guest, where a scrape outlasting Prometheus's
+    scrape_timeout makes every series stale. The process's few metrics are rendered each time."""
+
+    def __init__(self, metrics):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+        self.m = metrics
+        self.ours = CollectorRegistry()
+        self.ours.register(Collector(metrics))
+        self.process = CollectorRegistry()
+        ProcessCollector(namespace="tcptrace", registry=self.process)
+        self.rendered = None          # Metrics.changes when `text` was rendered
+        self.text = b""
+
+    def render(self):
+        from prometheus_client import generate_latest
+        n = self.m.changes            # read first: a change while rendering renders again
+        if n != self.rendered:
+            self.text = generate_latest(self.ours)
+            self.rendered = n
+        return self.text + generate_latest(self.process)
+
+    def app(self, environ, start_response):
+        from prometheus_client import CONTENT_TYPE_LATEST
+        if environ.get("PATH_INFO") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: /metrics\n"]
+        body = self.render()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+
 def serve(metrics, addr, port):
-    """Start the HTTP server on its own thread; returns the registry it serves."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.process_collector import ProcessCollector
-    registry = CollectorRegistry()
-    registry.register(Collector(metrics))
-    ProcessCollector(namespace="tcptrace", registry=registry)
-    start_http_server(port, addr=addr, registry=registry)
-    return registry
+    """Start the HTTP server on its own thread; returns its _Exposition."""
+    import socket
+    import socketserver
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):       # a line per scrape on stderr helps nobody
+            pass
+
+    exposition = _Exposition(metrics)
+    httpd = make_server(addr, port, exposition.app, server_class=Server, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return exposition

@@ -71,3 +71,47 @@ def test_by_chooses_the_label(by, label):
     m = M.Metrics(by)
     m.add(connect("10.0.0.2", 443, 10_000))
     assert scrape(m)[("tcptrace_connects_total", (label,))] == 1
+
+
+def test_the_served_text_is_rendered_again_only_after_a_change(monkeypatch):
+    """/metrics renders the histograms only when the metrics changed since the last render:
+    a scrape of unchanged numbers costs the process metrics alone, and serves the same text."""
+    from prometheus_client import exposition
+    m = M.Metrics("dest")
+    m.add(connect("10.0.0.2", 443, 10_000))
+    ex = M._Exposition(m)
+    renders = []
+    real = exposition.generate_latest
+
+    def counting(registry):
+        renders.append(registry is ex.ours)
+        return real(registry)
+    monkeypatch.setattr("prometheus_client.generate_latest", counting)
+    first = ex.render()
+    second = ex.render()
+    assert renders.count(True) == 1 and renders.count(False) == 2
+    ours = lambda text: [l for l in text.decode().splitlines()              # noqa: E731
+                         if not l.startswith(("process_", "tcptrace_process_", "# "))]
+    assert ours(first) == ours(second) and b'tcptrace_connects_total{dest="10.0.0.2:443"} 1.0' in first
+    m.add(connect("10.0.0.2", 443, 10_000))
+    third = ex.render()
+    assert renders.count(True) == 2
+    assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 2.0' in third
+
+
+def test_the_endpoint_serves_metrics_and_nothing_else():
+    import socket
+    import urllib.error
+    import urllib.request
+    m = M.Metrics("dest")
+    m.add(connect("10.0.0.2", 443, 10_000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    M.serve(m, "127.0.0.1", port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 1.0' in r.read()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert e.value.code == 404
