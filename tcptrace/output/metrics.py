@@ -253,6 +253,7 @@ def serve(metrics, addr, port):
     """Start the HTTP server on its own thread; returns its _Exposition."""
     import socket
     import socketserver
+    import sys
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -266,6 +267,11 @@ def serve(metrics, addr, port):
         def log_message(self, *args):       # a line per scrape on stderr helps nobody
             pass
 
+    # A scrape's thread takes the GIL back after each socket call. While the pipeline or a
+    # sampler thread computes, each such take waits out the switch interval (5 ms by default),
+    # and a scrape makes a few hundred: over a second on a slow machine, past a 1 s scrape
+    # timeout. A shorter interval bounds that wait.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     exposition = _Exposition(metrics)
     httpd = make_server(addr, port, exposition.app, server_class=Server, handler_class=Quiet)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
