@@ -25,7 +25,6 @@ finding, and `listen_recovered` the rest.
 """
 import collections
 
-from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.host import samplers
@@ -106,11 +105,10 @@ class Listener:
 
     def takes(self, family, addr, port):
         """Would a connection to addr:port of this family reach this listener?"""
-        if self.lport != port or self.family is None:
+        if self.family is None:
             return False
-        if self.laddr in S.WILDCARD.values():
-            return self.family == family or (self.laddr == "::" and family == S.AF_INET)
-        return self.family == family and self.laddr == addr
+        return owning_listener(family, addr, port, {(self.family, self.laddr, self.lport)}) \
+            is not None
 
 
 class Listeners(Detector):
