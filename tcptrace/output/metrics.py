@@ -1,5 +1,5 @@
 """Metrics for fleets: findings folded into Prometheus counters, gauges and histograms and
-served on /metrics in the text exposition format (prometheus_client).
+served on /metrics in the Prometheus text format.
 
 Labels are bounded by design: no pid and no ephemeral port; a destination only as --by asks
 (dest: "addr:port" of connects and the local port of accepts; port: the service port alone;
@@ -7,10 +7,12 @@ comm: the command name), at most MAX_SERIES values per metric, the rest counted 
 and in tcptrace_label_overflow_total. Served on 127.0.0.1 unless told otherwise: the numbers
 name the hosts and services this one talks to, and an exporter has no authentication.
 
-The sink runs on the pipeline's thread and only increments plain dicts; the HTTP server's thread
-copies them when scraped (a dict copy is one step under the GIL, so no lock is needed), and
-renders them again only if they changed since the last scrape (`_Exposition`).
+The sink runs on the pipeline's thread and only increments plain dicts; a scrape's thread
+copies them (a dict copy is one step under the GIL, so no lock is needed), and renders them
+(`render`) again only if they changed since the last scrape (`_Exposition`).
 """
+import itertools
+
 from tcptrace import histogram
 from tcptrace.output import Sink
 
@@ -126,58 +128,72 @@ class Metrics:
             self.evicted += f.count
 
 
-def _labelled(family, name, doc, labels, values):
-    """A metric family with a sample per label value in `values` ({value or tuple of values:
-    number}), read from a copy: the pipeline's thread may add to it meanwhile."""
-    fam = family(name, doc, labels=labels)
-    for k, n in dict(values).items():
-        fam.add_metric(list(k) if isinstance(k, tuple) else [k], n)
-    return fam
+def _escape(value):
+    """A label value as the text format quotes it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-class Collector:
-    """prometheus_client's view of a Metrics, made at each scrape from copies."""
+def _number(v):
+    return repr(v) if isinstance(v, float) else str(v)
 
-    def __init__(self, m):
-        self.m = m
 
-    def collect(self):
-        from prometheus_client.core import (CounterMetricFamily as Counter,
-                                            GaugeMetricFamily as Gauge, HistogramMetricFamily)
-        m = self.m
-        label = {"dest": "dest", "port": "port", "comm": "comm"}[m.by]
-        svc = "comm" if m.by == "comm" else "port"
-        yield _labelled(Counter, "tcptrace_connects", "Connects that completed (SYN_SENT to "
-                        "ESTABLISHED).", [label], m.connects)
-        h = HistogramMetricFamily("tcptrace_handshake_seconds", "Handshake time of completed "
-                                  "connects (SYN_SENT to ESTABLISHED).", labels=[label])
-        for k, counts in dict(m.handshakes).items():
-            counts = list(counts)
-            cum, buckets = 0, []
-            for le, n in zip(BUCKETS_S + (float("inf"),), counts[:-1]):
-                cum += n
-                buckets.append((repr(le) if le != float("inf") else "+Inf", cum))
-            h.add_metric([k], buckets, counts[-1])
-        yield h
-        yield _labelled(Counter, "tcptrace_accepts", "Accepted connections.", [svc], m.accepts)
-        yield _labelled(Counter, "tcptrace_connect_failures", "Connects that failed, by cause "
-                        "(refused, timeout, unreachable, cancelled, ...).", ["cause", label],
-                        m.failures)
-        yield _labelled(Counter, "tcptrace_resets", "Established connections ended by a reset, "
-                        "by which side sent it.", ["by"], m.resets)
-        yield _labelled(Counter, "tcptrace_closes", "Connections closed normally, by which side "
-                        "closed first.", ["closed_by"], m.closes)
-        yield _labelled(Gauge, "tcptrace_stuck_sockets", "Sockets reported stuck in a "
-                        "half-closed state now.", ["state"], m.stuck)
-        yield _labelled(Counter, "tcptrace_lost_events", "Kernel events tcptrace could not "
-                        "see, by where they were lost.", ["source"], m.lost)
-        yield Counter("tcptrace_evicted_connections", "Connections dropped to stay within "
-                      "--max-conns.", value=m.evicted)
-        yield Counter("tcptrace_folded_sockets", "Healthy short-lived sockets the kernel "
-                      "counted instead of sending (included in the counts above).",
-                      value=m.folded)
-        yield Counter("tcptrace_label_overflow", "Label values beyond the cap, counted under "
-                      "\"other\".", value=m.overflow)
+# Each histogram bucket's `le` label and the space before its value, rendered once
+_LE = tuple(f',le="{le!r}"}} ' for le in BUCKETS_S) + (',le="+Inf"} ',)
+
+# What /metrics shows of a Metrics, in order: (name, type, help, label names or a function of
+# the Metrics that gives them, the samples: {label value or tuple: number} or one number).
+FAMILIES = (
+    ("tcptrace_connects_total", "counter", "Connects that completed (SYN_SENT to ESTABLISHED).",
+     lambda m: (m.by,), lambda m: m.connects),
+    ("tcptrace_handshake_seconds", "histogram", "Handshake time of completed connects "
+     "(SYN_SENT to ESTABLISHED).", lambda m: (m.by,), lambda m: m.handshakes),
+    ("tcptrace_accepts_total", "counter", "Accepted connections.",
+     lambda m: ("comm" if m.by == "comm" else "port",), lambda m: m.accepts),
+    ("tcptrace_connect_failures_total", "counter", "Connects that failed, by cause (refused, "
+     "timeout, unreachable, cancelled, ...).", lambda m: ("cause", m.by),
+     lambda m: m.failures),
+    ("tcptrace_resets_total", "counter", "Established connections ended by a reset, by which side "
+     "sent it.", lambda m: ("by",), lambda m: m.resets),
+    ("tcptrace_closes_total", "counter", "Connections closed normally, by which side closed first.",
+     lambda m: ("closed_by",), lambda m: m.closes),
+    ("tcptrace_stuck_sockets", "gauge", "Sockets reported stuck in a half-closed state now.",
+     lambda m: ("state",), lambda m: m.stuck),
+    ("tcptrace_lost_events_total", "counter", "Kernel events tcptrace could not see, by where they "
+     "were lost.", lambda m: ("source",), lambda m: m.lost),
+    ("tcptrace_evicted_connections_total", "counter", "Connections dropped to stay within "
+     "--max-conns.", lambda m: (), lambda m: m.evicted),
+    ("tcptrace_folded_sockets_total", "counter", "Healthy short-lived sockets the kernel counted "
+     "instead of sending (included in the counts above).", lambda m: (), lambda m: m.folded),
+    ("tcptrace_label_overflow_total", "counter", "Label values beyond the cap, counted under "
+     "\"other\".", lambda m: (), lambda m: m.overflow),
+)
+
+
+def render(m):
+    """Metrics m in the Prometheus text format (0.0.4), read from copies: the pipeline's thread
+    may add to the dicts meanwhile. Written out here rather than through prometheus_client's
+    collectors, which format each of a histogram's 210 samples through a generic path: 10 ms a
+    scrape for six destinations on the development machine, and over a second in an emulated
+    guest, past Prometheus's scrape timeout. This takes a twentieth of that."""
+    out = []
+    for name, kind, doc, names, values in FAMILIES:
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        names, values = names(m), values(m)
+        if not names:
+            out.append(f"{name} {_number(values)}\n")
+            continue
+        for k, v in dict(values).items():
+            k = k if isinstance(k, tuple) else (k,)
+            labels = ",".join(f'{n}="{_escape(x)}"' for n, x in zip(names, k))
+            if kind != "histogram":
+                out.append(f"{name}{{{labels}}} {_number(v)}\n")
+                continue
+            v = list(v)
+            head = f"{name}_bucket{{{labels}"
+            out.extend(f"{head}{le}{n}\n" for le, n in zip(_LE, itertools.accumulate(v[:-1])))
+            out.append(f"{name}_count{{{labels}}} {sum(v[:-1])}\n"
+                       f"{name}_sum{{{labels}}} {_number(float(v[-1]))}\n")
+    return "".join(out)
 
 
 class MetricsSink(Sink):
@@ -215,28 +231,34 @@ class MetricsSink(Sink):
 
 class _Exposition:
     """The text /metrics serves. Ours is rendered again only when the metrics changed since it
-    was last rendered: 210 buckets per histogram series take about 10 ms to collect and format
-    here, and over a second in an emulated guest, where a scrape outlasting Prometheus's
-    scrape_timeout makes every series stale. The process's few metrics are rendered each time."""
+    was last rendered, by one scrape at a time: others wait for it and serve what it rendered.
+    Without that, scrapes that outlast Prometheus's timeout pile up (it asks again each scrape
+    interval, and the server takes each on a thread of its own), all render at once, each
+    slower for the others: in an emulated guest no scrape finished for minutes after a storm.
+    The process's few metrics (prometheus_client's) are rendered each time."""
 
     def __init__(self, metrics):
+        import threading
         from prometheus_client import CollectorRegistry
         from prometheus_client.process_collector import ProcessCollector
         self.m = metrics
-        self.ours = CollectorRegistry()
-        self.ours.register(Collector(metrics))
         self.process = CollectorRegistry()
         ProcessCollector(namespace="tcptrace", registry=self.process)
         self.rendered = None          # Metrics.changes when `text` was rendered
+        self.renders = 0
         self.text = b""
+        self._lock = threading.Lock()
 
     def render(self):
         from prometheus_client import generate_latest
-        n = self.m.changes            # read first: a change while rendering renders again
-        if n != self.rendered:
-            self.text = generate_latest(self.ours)
-            self.rendered = n
-        return self.text + generate_latest(self.process)
+        with self._lock:
+            n = self.m.changes        # read first: a change while rendering renders again
+            if n != self.rendered:
+                self.text = render(self.m).encode()
+                self.rendered = n
+                self.renders += 1
+            text = self.text
+        return text + generate_latest(self.process)
 
     def app(self, environ, start_response):
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -253,7 +275,6 @@ def serve(metrics, addr, port):
     """Start the HTTP server on its own thread; returns its _Exposition."""
     import socket
     import socketserver
-    import sys
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -267,11 +288,6 @@ def serve(metrics, addr, port):
         def log_message(self, *args):       # a line per scrape on stderr helps nobody
             pass
 
-    # A scrape's thread takes the GIL back after each socket call. While the pipeline or a
-    # sampler thread computes, each such take waits out the switch interval (5 ms by default),
-    # and a scrape makes a few hundred: over a second on a slow machine, past a 1 s scrape
-    # timeout. A shorter interval bounds that wait.
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     exposition = _Exposition(metrics)
     httpd = make_server(addr, port, exposition.app, server_class=Server, handler_class=Quiet)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

@@ -12,12 +12,11 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 
 def scrape(m):
-    from prometheus_client import CollectorRegistry, generate_latest
+    """{(sample name, labels): value} of what /metrics says of m, read by prometheus_client's
+    parser."""
     from prometheus_client.parser import text_string_to_metric_families
-    reg = CollectorRegistry()
-    reg.register(M.Collector(m))
     out = {}
-    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+    for fam in text_string_to_metric_families(M.render(m)):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -73,30 +72,72 @@ def test_by_chooses_the_label(by, label):
     assert scrape(m)[("tcptrace_connects_total", (label,))] == 1
 
 
-def test_the_served_text_is_rendered_again_only_after_a_change(monkeypatch):
-    """/metrics renders the histograms only when the metrics changed since the last render:
-    a scrape of unchanged numbers costs the process metrics alone, and serves the same text."""
-    from prometheus_client import exposition
+def test_the_served_text_is_rendered_again_only_after_a_change():
+    """/metrics renders our metrics only when they changed since the last render: a scrape of
+    unchanged numbers serves the same text."""
     m = M.Metrics("dest")
     m.add(connect("10.0.0.2", 443, 10_000))
     ex = M._Exposition(m)
-    renders = []
-    real = exposition.generate_latest
-
-    def counting(registry):
-        renders.append(registry is ex.ours)
-        return real(registry)
-    monkeypatch.setattr("prometheus_client.generate_latest", counting)
     first = ex.render()
     second = ex.render()
-    assert renders.count(True) == 1 and renders.count(False) == 2
+    assert ex.renders == 1
     ours = lambda text: [l for l in text.decode().splitlines()              # noqa: E731
                          if not l.startswith(("process_", "tcptrace_process_", "# "))]
-    assert ours(first) == ours(second) and b'tcptrace_connects_total{dest="10.0.0.2:443"} 1.0' in first
+    assert ours(first) == ours(second) and b'tcptrace_connects_total{dest="10.0.0.2:443"} 1\n' in first
     m.add(connect("10.0.0.2", 443, 10_000))
     third = ex.render()
-    assert renders.count(True) == 2
-    assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 2.0' in third
+    assert ex.renders == 2
+    assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 2\n' in third
+
+
+def test_scrapes_at_once_render_once(monkeypatch):
+    """Scrapes that arrive while one renders wait for it and serve its text, rather than each
+    rendering the same numbers again (which, slower for each other, outlast the scrape
+    timeout: tests/kernel/test_metrics_kernel.py in the emulated guest)."""
+    import threading
+    m = M.Metrics("dest")
+    m.add(connect("10.0.0.2", 443, 10_000))
+    ex = M._Exposition(m)
+    inside, go = threading.Event(), threading.Event()
+    real = M.render
+
+    def slow(metrics):
+        inside.set()
+        assert go.wait(10)
+        return real(metrics)
+    monkeypatch.setattr(M, "render", slow)
+    got = []
+    first = threading.Thread(target=lambda: got.append(ex.render()))
+    first.start()
+    assert inside.wait(10)
+    others = [threading.Thread(target=lambda: got.append(ex.render())) for _ in range(4)]
+    for t in others:
+        t.start()
+    go.set()
+    for t in [first] + others:
+        t.join(10)
+    assert ex.renders == 1 and len(got) == 5
+    assert all(b'tcptrace_connects_total{dest="10.0.0.2:443"} 1\n' in g for g in got)
+
+
+def test_promtool_finds_the_text_well_formed():
+    """Prometheus's own linter (promtool check metrics) on a text with every family, a
+    histogram, and a label value that needs escaping."""
+    import shutil
+    import subprocess
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is not installed (scripts/setup.sh installs prometheus)")
+    m = M.Metrics("comm")
+    m.add(connect("10.0.0.2", 443, 10_000, comm='a "quoted\\ name\n"'))
+    m.add(Finding("refused", 2, 7, "curl", S.AF_INET, None, None, "10.0.0.3", 81,
+                  reason="refused"))
+    m.add(Finding("reset", 3, reset_by="remote"))
+    m.stuck = {"CLOSE_WAIT": 3}
+    text = M.render(m)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert scrape(m)[("tcptrace_connects_total", (("comm", 'a "quoted\\ name\n"'),))] == 1
 
 
 def test_the_endpoint_serves_metrics_and_nothing_else():
@@ -111,7 +152,7 @@ def test_the_endpoint_serves_metrics_and_nothing_else():
     M.serve(m, "127.0.0.1", port)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
-        assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 1.0' in r.read()
+        assert b'tcptrace_connects_total{dest="10.0.0.2:443"} 1\n' in r.read()
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
     assert e.value.code == 404
