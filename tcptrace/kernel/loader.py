@@ -188,16 +188,20 @@ class Programs:
             self._twin_fds += fds
             self.twins[prog] = kind
 
+    def table(self, name):
+        """A map of the loaded programs, by its name in bpf/ (BCC takes names as bytes)."""
+        return self.b[name.encode()]
+
     def record_type(self):
         """The ctypes struct BCC built for tt_event from the compiled program."""
-        return type(self.b["events"].event(ctypes.create_string_buffer(512)))
+        return type(self.table("events").event(ctypes.create_string_buffer(512)))
 
     def configure(self, families, ports, hold_us, fold=False):
         """The runtime options, into the `config` and `ports` maps (bpf/config.c)."""
-        pm = self.b["ports"]
+        pm = self.table("ports")
         for p in ports:
             pm[pm.Key(p)] = pm.Leaf(1)
-        cfg = self.b["config"]
+        cfg = self.table("config")
         v = cfg[ctypes.c_int(0)]
         v.family = families[0] if len(families) == 1 else 0
         v.port_filter = 1 if ports else 0

@@ -118,7 +118,7 @@ TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
 
 def _counters(progs, name):
     """A per-CPU counter array of the loaded program, read whole (bpfsys.Counters)."""
-    table = progs.b[name]
+    table = progs.table(name)
     return Counters(table.map_fd, map_info(table.map_fd)[3],
                     lambda i: sum(table[ctypes.c_int(i)]))
 

@@ -45,7 +45,7 @@ class KernelSource:
         self.notes += self.progs.notes
         self.compile_s = self.progs.compile_s
         self._st, self._perm = decoder = decoder_for(self.progs.record_type())
-        self._scanner = MapScanner(self.progs.b["socks"].map_fd, 8, self._st.size)
+        self._scanner = MapScanner(self.progs.table("socks").map_fd, 8, self._st.size)
         if self._scanner.values() is None:      # the map is empty now: this only asks the kernel
             self._scanner = None
             self.notes.append("BPF_MAP_LOOKUP_BATCH unsupported (kernels before 5.6): pending "
@@ -56,10 +56,10 @@ class KernelSource:
         self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0
         # Folding needs held openings (a whole life in one record)
         self.fold = bool(fold and self.hold_ns)
-        self._agg = Aggregates(self.progs.b["agg"].map_fd) if self.fold else None
+        self._agg = Aggregates(self.progs.table("agg").map_fd) if self.fold else None
         self.progs.configure(families, ports, self.hold_ns // 1000, self.fold)
         self._losses = Losses(self.progs, tdir, self.notes, plan.transport == "ringbuf")
-        self._overflows = self.progs.b["overflows"] if plan.overflow else None
+        self._overflows = self.progs.table("overflows") if plan.overflow else None
         self._overflows_seen = None     # the first reading is sent even when empty: it says
                                         # that overflows are counted per listener at all
         # The running kernel's names for the reset reasons records carry (numbers differ
@@ -85,7 +85,7 @@ class KernelSource:
         """(early copies refused and requeued, refused and not requeued) (bpf/hold.c)."""
         if not self.hold_ns:
             return 0, 0
-        m = self.progs.b["requeued"]
+        m = self.progs.table("requeued")
         return tuple(sum(m[m.Key(i)]) for i in (0, 1))
 
     @property
@@ -109,7 +109,7 @@ class KernelSource:
         chunks = self._scanner.values() if self._scanner is not None else None
         if chunks is None:
             self._scanner = None
-            socks = self.progs.b["socks"]
+            socks = self.progs.table("socks")
             chunks = [b"".join(bytes(v) for v in socks.values())]
         perm, flag = self._perm, F_SCAN
         # Folding: a socket whose opening is younger than half the hold time may yet be folded
@@ -132,7 +132,7 @@ class KernelSource:
         transition, which user space skips as already taken). Popped, so read once: never one
         stamped after upto_ns, which the pipeline would not take (a slow drain between the
         clock read and this scan can put the due time past it)."""
-        q, held = self.progs.b["held_q"], self.progs.b["held"]
+        q, held = self.progs.table("held_q"), self.progs.table("held")
         due = min(time.monotonic_ns() - 2 * self.hold_ns, upto_ns)
         out = []
         for _ in range(most):

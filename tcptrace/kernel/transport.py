@@ -140,7 +140,7 @@ class Drain:
             batch.append(build_event(unpack(string_at(data, size)), perm))
         self._cb = on_record            # keep the ctypes callback alive
         self._ring = None
-        table = b["events"]
+        table = b[b"events"]
         if self.ring_buffer:
             if os.environ.get("TCPTRACE_RING_READER", "auto") != "bcc" \
                     and platform.machine() == "x86_64":
@@ -152,7 +152,7 @@ class Drain:
             if self._ring is None:
                 table.open_ring_buffer(on_record)
             # Records the ring refused; rare, so BCC's reader will do.
-            b["spill"].open_perf_buffer(on_record, page_cnt=64, lost_cb=self._on_lost,
+            b[b"spill"].open_perf_buffer(on_record, page_cnt=64, lost_cb=self._on_lost,
                                         wakeup_events=wakeup_events)
         else:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,

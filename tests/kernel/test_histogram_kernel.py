@@ -58,7 +58,7 @@ def test_kernel_buckets_equal_the_python_ones():
     b = bcc.BPF(text=PROGRAM.encode(), cflags=flags)
     try:
         vals = values()
-        inp, out, tgt = b["input"], b["output"], b["target"]
+        inp, out, tgt = b[b"input"], b[b"output"], b[b"target"]
         tgt[ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
         got = []
         for v in vals:
