@@ -522,7 +522,7 @@ def test_transitions_no_bpf_program_ran_for_are_counted_lost(netns):
         retrans = [t for t in src._losses.tallied if t.where == "unseen:tcp_retransmit_skb"]
         assert len(retrans) == 1 and os.path.isdir(retrans[0].tally.dir)
         inst = [t.tally.dir for t in src._losses.tallied]
-        hits, key = src.progs.b[b"hits"], ctypes.c_int(Kind.STATE)
+        hits, key = src.progs.table("hits"), ctypes.c_int(Kind.STATE)
         vals = list(hits.getvalue(key))
         cpu = max(range(len(vals)), key=vals.__getitem__)
         vals[cpu] -= 37

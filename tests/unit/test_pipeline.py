@@ -110,7 +110,7 @@ def test_a_held_opening_is_popped_only_once_the_pipeline_will_take_it():
         Key = staticmethod(lambda sk: sk)
 
     src = KernelSource.__new__(KernelSource)
-    src.progs = SimpleNamespace(b={"held_q": Queue(), "held": Held(held)})
+    src.progs = SimpleNamespace(table={"held_q": Queue(), "held": Held(held)}.get)
     src._st, src._perm = decoder_for(S)
     src.hold_ns = 50 * MS
     # the clock read before the drain was 300 ms ago; the window is 20 ms before that
