@@ -50,7 +50,7 @@ class KernelSource:
             self._scanner = None
             self.notes.append("BPF_MAP_LOOKUP_BATCH unsupported (kernels before 5.6): pending "
                               "transitions are read with BCC's per-entry map iteration instead")
-        self._drain = Drain(self.progs.b, plan.transport, decoder, ringbuf_pages, perf_pages,
+        self._drain = Drain(self.progs, plan.transport, decoder, ringbuf_pages, perf_pages,
                             wakeup_events)
         self.notes += self._drain.notes
         self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0

@@ -118,11 +118,11 @@ class RingReader:
 
 class Drain:
     """The loaded program's `events` map (and, with the ring buffer, its `spill` perf buffer:
-    bpf/transport.c) read into a batch of Events. `b` is the BCC module the loader compiled;
+    bpf/transport.c) read into a batch of Events. `progs` is the loader's Programs;
     `decoder` is (struct, perm) from wire.decoder_for."""
 
-    def __init__(self, b, transport, decoder, ringbuf_pages, perf_pages, wakeup_events):
-        self.b = b
+    def __init__(self, progs, transport, decoder, ringbuf_pages, perf_pages, wakeup_events):
+        self.b = progs.b
         self.ring_buffer = transport == "ringbuf"
         self.notes = []
         self.perf_lost_total = 0        # perf's own loss records: a late cross-check of `drops`
@@ -140,7 +140,7 @@ class Drain:
             batch.append(build_event(unpack(string_at(data, size)), perm))
         self._cb = on_record            # keep the ctypes callback alive
         self._ring = None
-        table = b[b"events"]
+        table = progs.table("events")
         if self.ring_buffer:
             if os.environ.get("TCPTRACE_RING_READER", "auto") != "bcc" \
                     and platform.machine() == "x86_64":
@@ -152,8 +152,8 @@ class Drain:
             if self._ring is None:
                 table.open_ring_buffer(on_record)
             # Records the ring refused; rare, so BCC's reader will do.
-            b[b"spill"].open_perf_buffer(on_record, page_cnt=64, lost_cb=self._on_lost,
-                                        wakeup_events=wakeup_events)
+            progs.table("spill").open_perf_buffer(on_record, page_cnt=64, lost_cb=self._on_lost,
+                                                   wakeup_events=wakeup_events)
         else:
             table.open_perf_buffer(on_record, page_cnt=perf_pages, lost_cb=self._on_lost,
                                    wakeup_events=wakeup_events)

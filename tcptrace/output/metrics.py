@@ -172,9 +172,9 @@ FAMILIES = (
 def render(m):
     """Metrics m in the Prometheus text format (0.0.4), read from copies: the pipeline's thread
     may add to the dicts meanwhile. Written out here rather than through prometheus_client's
-    collectors, which format each of a histogram's 210 samples through a generic path: 10 ms a
-    scrape for six destinations on the development machine, and over a second in an emulated
-    guest, past Prometheus's scrape timeout. This takes a twentieth of that."""
+    collectors, which format each of a histogram's 210 samples through a generic path: 8.1 ms
+    a scrape for six destinations on a 2-core Xeon test host, where this takes 0.48 ms, and
+    over a second in an emulated guest, past Prometheus's scrape timeout."""
     out = []
     for name, kind, doc, names, values in FAMILIES:
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
@@ -189,9 +189,10 @@ def render(m):
                 out.append(f"{name}{{{labels}}} {_number(v)}\n")
                 continue
             v = list(v)
+            cum = list(itertools.accumulate(v[:-1]))
             head = f"{name}_bucket{{{labels}"
-            out.extend(f"{head}{le}{n}\n" for le, n in zip(_LE, itertools.accumulate(v[:-1])))
-            out.append(f"{name}_count{{{labels}}} {sum(v[:-1])}\n"
+            out.extend(f"{head}{le}{n}\n" for le, n in zip(_LE, cum))
+            out.append(f"{name}_count{{{labels}}} {cum[-1]}\n"
                        f"{name}_sum{{{labels}}} {_number(float(v[-1]))}\n")
     return "".join(out)
 
