@@ -86,6 +86,23 @@ static __always_inline struct tt_event *tt_pending(void *ctx, struct tt_hit *h)
     return e ? e : tt_carry(ctx, h);
 }
 
+/* The errno an attempt died of, at its SYN_SENT -> CLOSE: the kernel sets sk_err before it
+ * closes the socket (tcp_write_err, tcp_reset, tcp_v4_err, tcp_abort), but its error report
+ * may come after the CLOSE (tcp_done_with_error, 6.10 and the stable kernels it went to). User
+ * space waits a short grace for facts that follow a CLOSE; an emulated or loaded host can take
+ * longer than that between the two, and the attempt would be concluded "cancelled". Read here,
+ * the errno travels with the CLOSE itself, at the offset BTF gave the rescue (rescue.c reads it
+ * too); 0 without. */
+static __always_inline s32 tt_close_err(struct tt_hit *h)
+{
+    s32 err = 0;
+#ifdef TT_RESCUE
+    if (h->old == TT_SYN_SENT && h->new == TT_CLOSE)
+        bpf_probe_read_kernel(&err, sizeof(err), (void *)(h->sk + TT_OFF_ERR));
+#endif
+    return err;
+}
+
 /* A new record for this step, waiting in `socks` for the socket's next steps (the entry
  * returned); or, at a state to send at or with the map full, sent now with this step alone (0). */
 static __always_inline struct tt_event *tt_start(void *ctx, struct tt_hit *h, struct tt_sk *s)
@@ -99,6 +116,7 @@ static __always_inline struct tt_event *tt_start(void *ctx, struct tt_hit *h, st
     ev.ts_ns = h->ts;
     ev.oldstate = h->old;
     ev.newstate = h->new;
+    ev.err = tt_close_err(h);
     tt_put_sk(&ev, s);
     /* A listener's and its children's records name their namespace: user space matches an
      * accepted connection to its listener's owner by it (many namespaces listen on one port).
@@ -121,6 +139,7 @@ static __always_inline void tt_update(struct tt_event *e, struct tt_hit *h, stru
     e->ts_ns = h->ts;
     e->oldstate = h->old;
     e->newstate = h->new;
+    e->err = tt_close_err(h);
     if (s->sport)               /* CLOSE->SYN_SENT has no local port yet */
         tt_put_sk(e, s);
     if (h->owner) {

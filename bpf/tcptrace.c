@@ -29,7 +29,8 @@
  *   TT_HOLD=1               hold ESTABLISHED sockets' steps (queue maps, 4.20)
  *   TT_RESCUE=1             the recursion rescue, with TT_OFF_* (struct sock and task_struct
  *                           member offsets) and TT_SZ_STACK (THREAD_SIZE) of the running kernel,
- *                           from its BTF (tcptrace/kernel/btf.py)
+ *                           from its BTF (tcptrace/kernel/btf.py); with them, a failed
+ *                           connect's CLOSE record carries its sk_err (state.c: tt_close_err)
  *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
  *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
  *                           and the raw arguments' positions of the running kernel (BTF)

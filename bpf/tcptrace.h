@@ -45,7 +45,9 @@ struct tt_event {
     u64 skaddr;       /* struct sock address: an opaque key, never dereferenced */
     u32 pid;          /* tgid of the current task (TT_STATE: see TT_F_OWNER) */
     u32 tid;
-    s32 err;          /* errno (TT_SOCK_ERROR), return code (TT_CONNECT_RET) */
+    s32 err;          /* errno (TT_SOCK_ERROR; TT_STATE ending SYN_SENT -> CLOSE: the socket's
+                       * sk_err, where BTF gives its offset, else 0), return code
+                       * (TT_CONNECT_RET) */
     u32 aux;          /* fd (TT_CONNECT_RET), network namespace (TT_SYNACK; TT_STATE of a
                        * listener or its child, else 0), reason (TT_SEND_RESET with
                        * TT_F_REASON) */

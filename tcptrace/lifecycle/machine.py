@@ -7,6 +7,9 @@ What the kernel tells us, and in which order (checked in tests/kernel):
   refused:    tcp_receive_reset, SYN_SENT -> CLOSE, inet_sk_error_report(ECONNREFUSED)
   timeout:    tcp_retransmit_skb(SYN_SENT) x N, SYN_SENT -> CLOSE, error_report(ETIMEDOUT)
   unreachable: error_report(EHOSTUNREACH), SYN_SENT -> CLOSE          (tcp_v4_err, ICMP)
+A SYN_SENT -> CLOSE record carries the socket's errno too, where BTF gives its offset: the
+kernel sets it before the CLOSE, while the error report that follows may come later than the
+grace below (seen at 10.3 ms in an emulated guest).
   linger-0:   ESTABLISHED -> CLOSE, tcp_send_reset                      (tcp_disconnect)
 Facts can follow the CLOSE they explain, so a closed connection waits `grace_ns` before it is
 concluded. The error report carries no socket pointer: it is matched by 4-tuple.
@@ -281,6 +284,8 @@ class Tracker:
         self.stats.events += n - 1
         if ev.rst_ns and c.recv_reset_ns is None:
             c.recv_reset_ns = ev.rst_ns
+        if ev.err and c.closed_ns is not None and not c.error:
+            c.error = ev.err            # sk_err at SYN_SENT -> CLOSE (bpf/state.c: tt_close_err)
 
     def _open(self, ev, ts, old, new, laddr, lport, raddr, rport):
         """A step that starts a new generation at this socket address: connect(), a child
