@@ -9,8 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
+
+from lab import fresh
 
 pytestmark = pytest.mark.kernel
 
@@ -71,39 +74,52 @@ def states(r):
     return [(s[2], s[3]) for s in r["steps"]]
 
 
-def raw_of(tracer, lport, rport):
+class Since:
+    """What arrived since the test began: findings (lab.fresh) and recorded records (by time):
+    an earlier test's connection may have had the same two ports."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+        self.new = fresh(tracer)
+        self.ns = time.monotonic_ns()
+
+
+def raw_of(since, lport, rport):
     """The recorded STATE records of the socket with these ports, in arrival order."""
-    return tracer.raw(lambda r: r.get("kind") == "state" and r["sport"] == lport
-                      and r["dport"] == rport)
+    return since.tracer.raw(lambda r: r.get("kind") == "state" and r["ts_ns"] >= since.ns
+                            and r["sport"] == lport and r["dport"] == rport)
 
 
-def of(kind, lport, rport):
+def of(since, kind, lport, rport):
     """Findings of this type about the socket with these ports (the ephemeral port alone may
     be reused by other connections meanwhile)."""
-    return lambda r: r["type"] == kind and r["lport"] == lport and r["rport"] == rport
+    return lambda r: r["type"] == kind and r["lport"] == lport and r["rport"] == rport \
+        and since.new(r)
 
 
-def connect_finding(tracer, lport, rport, timeout=10.0):
-    return tracer.wait_for(of("connect", lport, rport), timeout)[0]
+def connect_finding(since, lport, rport, timeout=10.0):
+    return since.tracer.wait_for(of(since, "connect", lport, rport), timeout)[0]
 
 
-def wait_closed(tracer, lport, rport):
+def wait_closed(since, lport, rport):
     """The close finding of this socket. If it never comes, the failure shows what the kernel
     sent for the socket and what the tracer counted lost (as read, from the recording: its
     findings can be further behind), to tell a missed transition from one the tracker did not
     conclude."""
+    tracer = since.tracer
     try:
-        return tracer.wait_for(of("close", lport, rport))
+        return tracer.wait_for(of(since, "close", lport, rport))
     except AssertionError as e:
         lost = tracer.raw(lambda r: r.get("kind") == "lost")
         seen = tracer.matching(lambda r: r["type"] != "lost" and lport in (r["lport"], r["rport"])
                                and rport in (r["lport"], r["rport"]))
-        raise AssertionError(f"{e}; records: {raw_of(tracer, lport, rport)}; findings: {seen}; "
+        raise AssertionError(f"{e}; records: {raw_of(since, lport, rport)}; findings: {seen}; "
                              f"lost: {lost[-5:]}") from None
 
 
 def test_a_short_connection_is_one_record_per_socket(tracer):
     assert HELD(tracer), "no queue maps on this kernel"
+    since = Since(tracer)
     srv, cli, acc = pair()
     cport, port = cli.getsockname()[1], srv.getsockname()[1]
     cli.close()
@@ -111,18 +127,18 @@ def test_a_short_connection_is_one_record_per_socket(tracer):
     acc.close()
     srv.close()
     for lport, rport in ((cport, port), (port, cport)):
-        wait_closed(tracer, lport, rport)
-    client = raw_of(tracer, cport, port)
+        wait_closed(since, lport, rport)
+    client = raw_of(since, cport, port)
     # The record that closes it carries the opening steps too, whether or not a copy of them
     # went out early (the next transition always carries them).
     last = [r for r in client if not r["flags"] & (F_HELD | F_SCAN)]
     assert states(last[-1]) == [(7, 2), (2, 1), (1, 4), (4, 5), (5, 7)], client
-    server = [r for r in raw_of(tracer, port, cport) if not r["flags"] & (F_HELD | F_SCAN)]
+    server = [r for r in raw_of(since, port, cport) if not r["flags"] & (F_HELD | F_SCAN)]
     assert states(server[-1]) == [(10, 3), (3, 1), (1, 8), (8, 9), (9, 7)], server
     # Taken once: one connect, one accept, one close each.
     for kind, lport in (("connect", cport), ("accept", port), ("close", cport), ("close", port)):
         rport = port if lport == cport else cport
-        assert len(tracer.matching(of(kind, lport, rport))) == 1, kind
+        assert len(tracer.matching(of(since, kind, lport, rport))) == 1, kind
 
 
 def _traffic(stop):
@@ -145,31 +161,32 @@ def _traffic(stop):
 @pytest.mark.parametrize("run", range(RUNS))
 def test_a_long_lived_connection_is_reported_while_open_by_a_later_hit(tracer, run):
     assert HELD(tracer), "no queue maps on this kernel"
+    since = Since(tracer)
     srv, cli, acc = pair()
     cport, port = cli.getsockname()[1], srv.getsockname()[1]
     stop = threading.Event()
     t = threading.Thread(target=_traffic, args=(stop,), daemon=True)
     t.start()
     try:
-        conn = connect_finding(tracer, cport, port)
+        conn = connect_finding(since, cport, port)
     finally:
         stop.set()
         t.join(10)
     assert conn["pid"] == os.getpid()
     # It is still open, and its steps came as an early copy sent by a hit in the kernel.
     assert cli.fileno() >= 0
-    early = [r for r in raw_of(tracer, cport, port) if r["flags"] & (F_HELD | F_SCAN)]
+    early = [r for r in raw_of(since, cport, port) if r["flags"] & (F_HELD | F_SCAN)]
     assert any(r["flags"] & F_HELD and states(r) == [(7, 2), (2, 1)] for r in early), early
     cli.close()
     acc.recv(1)
     acc.close()
     srv.close()
-    wait_closed(tracer, cport, port)
+    wait_closed(since, cport, port)
     # The close record carries the opening steps again; they are taken once.
-    assert states([r for r in raw_of(tracer, cport, port) if not r["flags"] & (F_HELD | F_SCAN)][-1]
+    assert states([r for r in raw_of(since, cport, port) if not r["flags"] & (F_HELD | F_SCAN)][-1]
                   )[:2] == [(7, 2), (2, 1)]
-    assert len(tracer.matching(of("connect", cport, port))) == 1
-    opened = tracer.matching(lambda r: of("transition", cport, port)(r)
+    assert len(tracer.matching(of(since, "connect", cport, port))) == 1
+    opened = tracer.matching(lambda r: of(since, "transition", cport, port)(r)
                              and r["newstate"] == "ESTABLISHED")
     assert len(opened) == 1
 
@@ -179,24 +196,26 @@ def test_a_long_lived_connection_on_a_quiet_host_is_reported_while_open(tracer):
     queue. Another process's hits may send it first; either way it is reported while open,
     once."""
     assert HELD(tracer), "no queue maps on this kernel"
+    since = Since(tracer)
     srv, cli, acc = pair()
     cport, port = cli.getsockname()[1], srv.getsockname()[1]
-    conn = connect_finding(tracer, cport, port)
+    conn = connect_finding(since, cport, port)
     assert conn["pid"] == os.getpid() and conn["handshake_ns"] > 0
-    tracer.wait_for(of("accept", port, cport))
+    tracer.wait_for(of(since, "accept", port, cport))
     cli.close()
     acc.recv(1)
     acc.close()
     srv.close()
-    wait_closed(tracer, port, cport)
-    assert len(tracer.matching(of("connect", cport, port))) == 1
-    assert len(tracer.matching(of("accept", port, cport))) == 1
+    wait_closed(since, port, cport)
+    assert len(tracer.matching(of(since, "connect", cport, port))) == 1
+    assert len(tracer.matching(of(since, "accept", port, cport))) == 1
 
 
 def test_a_connection_another_process_closes_keeps_its_connect_owner(tracer):
     """connect() here, close() in a forked child: one record cannot name both, so the held
     opening steps go out on their own, naming this process."""
     assert HELD(tracer), "no queue maps on this kernel"
+    since = Since(tracer)
     srv, cli, acc = pair()
     cport, port = cli.getsockname()[1], srv.getsockname()[1]
     go_r, go_w = os.pipe()
@@ -215,10 +234,10 @@ def test_a_connection_another_process_closes_keeps_its_connect_owner(tracer):
     acc.recv(1)
     acc.close()
     srv.close()
-    wait_closed(tracer, cport, port)
-    conn = connect_finding(tracer, cport, port)
+    wait_closed(since, cport, port)
+    conn = connect_finding(since, cport, port)
     assert conn["pid"] == os.getpid()
-    fin = [r for r in raw_of(tracer, cport, port) if (1, 4) in states(r)]
+    fin = [r for r in raw_of(since, cport, port) if (1, 4) in states(r)]
     assert fin and fin[-1]["pid"] == child and fin[-1]["flags"] & F_OWNER
     assert (7, 2) not in states(fin[-1])      # not carried: it would have named the child
-    assert len(tracer.matching(of("connect", cport, port))) == 1
+    assert len(tracer.matching(of(since, "connect", cport, port))) == 1
