@@ -46,7 +46,7 @@ def _open(active):
             c.pid, c.comm, c.owner_sure = ev.pid, COMM_TEXT[ev.comm], True
         else:           # the listener's owner accepts it
             c.lport = lport
-            owner = tr.table.owner_at[(ev.aux, ev.family, laddr, lport)]
+            owner = table.accepted_by(ev.aux, ev.family, laddr, lport, t0)
             if owner:
                 c.pid, c.comm = owner
         if tr.transitions:

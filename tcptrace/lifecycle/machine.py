@@ -298,7 +298,7 @@ class Tracker:
         elif old == LISTEN:
             c = self.new(ev.skaddr, ev.family, PASSIVE, new, ts)
             self.table.set_tuple(c, laddr, lport, raddr, rport)
-            owner = self.table.owner_at[(ev.aux, ev.family, laddr, lport)]
+            owner = self.table.accepted_by(ev.aux, ev.family, laddr, lport, ts)
             if owner:   # the listener's owner accepts it; the current task is a softirq bystander
                 c.pid, c.comm = owner
         else:
@@ -408,7 +408,8 @@ class Tracker:
         self.gone(c)                # forget(c), without its call: this runs for every socket
         self.table.forget(c)
         if c.role == LISTENER:
-            self.table.unlisten(c.netns, c.family, c.laddr, c.lport, (c.pid, c.comm))
+            self.table.unlisten(c.netns, c.family, c.laddr, c.lport, (c.pid, c.comm),
+                                c.opened_ns, c.closed_ns)
             return
         if c.established_ns is None and c.role == ACTIVE and not c.partial and not c.error \
                 and self.early_errors:

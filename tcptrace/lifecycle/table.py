@@ -12,6 +12,9 @@ from tcptrace.cache import Memo
 from tcptrace.lifecycle.conn import LISTENER, Conn
 from tcptrace.states import owning_listener
 
+# Closed listeners remembered (ConnTable.accepted_by): per namespace, and namespaces
+MAX_CLOSED_LISTENERS, MAX_CLOSED_SPACES = 1024, 256
+
 
 class ConnTable:
     def __init__(self, max_conns):
@@ -28,6 +31,11 @@ class ConnTable:
         # (netns, family, laddr, lport) -> the owner listener_owner() finds there, or None:
         # every accept asks, and a host's answers are few. Emptied when a listener comes or goes.
         self.owner_at = Memo(lambda key: self._owner(*key), limit=4096)
+        # netns -> {(family, laddr, lport): (owner, opened_ns, closed_ns)}: listeners that have
+        # closed, for children whose opening comes after that. A child resting in the kernel
+        # (CLOSE_WAIT, say) reaches user space from a scan, up to an ordering window and a scan
+        # late, or with its close, later still: by then its listener may be gone.
+        self.closed_listeners = {}
         # skaddr -> the newest step taken of a connection dropped to stay within max_conns:
         # its socket's later records may carry those steps again (a held opening, sent early
         # and again with its close), and they must not be taken twice. About 100 bytes each
@@ -130,8 +138,10 @@ class ConnTable:
         self.listeners.setdefault(netns, {})[(family, laddr, lport)] = owner
         self.owner_at.clear()
 
-    def unlisten(self, netns, family, laddr, lport, owner):
-        """That listener closed: forgotten, unless another owner listens there since."""
+    def unlisten(self, netns, family, laddr, lport, owner, opened_ns=None, closed_ns=None):
+        """That listener, open from opened_ns (None: before we started) to closed_ns, closed:
+        forgotten, unless another owner listens there since; remembered as closed, for
+        children that come late (accepted_by)."""
         space = self.listeners.get(netns)
         key = (family, laddr, lport)
         if space is not None and space.get(key) == owner:
@@ -139,6 +149,31 @@ class ConnTable:
             if not space:
                 del self.listeners[netns]
             self.owner_at.clear()
+        if closed_ns is None:
+            return
+        closed = self.closed_listeners.get(netns)
+        if closed is None:
+            if len(self.closed_listeners) >= MAX_CLOSED_SPACES:
+                del self.closed_listeners[next(iter(self.closed_listeners))]
+            closed = self.closed_listeners[netns] = {}
+        closed.pop(key, None)                   # the newest last: the oldest goes first
+        if len(closed) >= MAX_CLOSED_LISTENERS:
+            del closed[next(iter(closed))]
+        closed[key] = (owner, opened_ns, closed_ns)
+
+    def accepted_by(self, netns, family, laddr, lport, ts_ns):
+        """(pid, comm) of the listener that took a connection to laddr:lport in namespace
+        netns at ts_ns: the one listening there now, else one that listened then and has closed
+        since; None if neither."""
+        owner = self.owner_at[(netns, family, laddr, lport)]
+        if owner is None and self.closed_listeners:
+            closed = self.closed_listeners.get(netns)
+            key = owning_listener(family, laddr, lport, closed) if closed else None
+            if key is not None:
+                owner, opened, until = closed[key]
+                if not ((opened is None or opened <= ts_ns) and ts_ns <= until):
+                    owner = None
+        return owner
 
     def listener_owner(self, netns, family, laddr, lport):
         """(pid, comm) of the listener that takes a connection to laddr:lport in namespace

@@ -336,6 +336,34 @@ def test_listener_closed_in_one_namespace_leaves_the_others():
     assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 9090) == (205, "v6")
 
 
+@pytest.mark.parametrize("kernel", ["one step a record", "grouped", "grouped and held"])
+def test_a_child_that_comes_after_its_listener_closed_is_still_the_listeners(kernel):
+    # Seen in tests/data/kernel-tier: an accepted socket rested in CLOSE_WAIT, so its opening
+    # came from a scan ~170 ms later, after its listener had closed and been concluded.
+    t = SEC
+    tr = Tracker()
+    child = passive_open(t + MS, 0xB1, 8080, 40001, netns=111, laddr="10.0.0.5",
+                         raddr="10.9.9.9")
+    # the same address and port, listened on again by another process, whose child comes
+    # after the first listener closed: not the first listener's
+    after = passive_open(t + 3 * MS, 0xB2, 8080, 40002, netns=111, laddr="10.0.0.5",
+                         raddr="10.9.9.9")
+    if kernel != "one step a record":            # "grouped": whole-record (lifecycle/fast.py)
+        hold = 10 * MS if kernel == "grouped and held" else None
+        child, after = grouped(child, hold_ns=hold), grouped(after, hold_ns=hold)
+    for r in (listen(t, 0xC1, 8080, pid=201, comm="web-a", netns=111, laddr="0.0.0.0")
+              + unlisten(t + 2 * MS, 0xC1, 8080, pid=201, comm="web-a", netns=111,
+                         laddr="0.0.0.0")):
+        tr.process(r)
+    tr.tick(t + 2 * MS + tr.grace_ns + 1)            # the listener is concluded
+    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 8080) is None
+    for r in child + after:
+        tr.process(r)
+    tr.finish()
+    owners = {f.rport: (f.pid, f.comm) for f in tr.take() if f.type == "accept"}
+    assert owners == {40001: (201, "web-a"), 40002: (None, None)}
+
+
 def test_eviction_is_bounded_and_counted():
     recs = []
     for i in range(20):
