@@ -7,12 +7,12 @@ What the kernel tells us, and in which order (checked in tests/kernel):
   refused:    tcp_receive_reset, SYN_SENT -> CLOSE, inet_sk_error_report(ECONNREFUSED)
   timeout:    tcp_retransmit_skb(SYN_SENT) x N, SYN_SENT -> CLOSE, error_report(ETIMEDOUT)
   unreachable: error_report(EHOSTUNREACH), SYN_SENT -> CLOSE          (tcp_v4_err, ICMP)
-A SYN_SENT -> CLOSE record carries the socket's errno too, where BTF gives its offset: the
-kernel sets it before the CLOSE, while the error report that follows may come later than the
-grace below (seen at 10.3 ms in an emulated guest).
   linger-0:   ESTABLISHED -> CLOSE, tcp_send_reset                      (tcp_disconnect)
 Facts can follow the CLOSE they explain, so a closed connection waits `grace_ns` before it is
 concluded. The error report carries no socket pointer: it is matched by 4-tuple.
+A SYN_SENT -> CLOSE record carries the socket's errno too, where BTF gives its offset: the
+kernel sets it before the CLOSE, while the error report may come later than the grace (seen
+at 10.3 ms in an emulated guest).
 
 Honesty rules: a connection first seen mid-life is `partial` (its durations are unknown); one alive
 when events were lost is `incomplete` (it may have missed a transition). Detectors that rest on

@@ -138,7 +138,7 @@ class ConnTable:
         self.listeners.setdefault(netns, {})[(family, laddr, lport)] = owner
         self.owner_at.clear()
 
-    def unlisten(self, netns, family, laddr, lport, owner, opened_ns=None, closed_ns=None):
+    def unlisten(self, netns, family, laddr, lport, owner, opened_ns, closed_ns):
         """That listener, open from opened_ns (None: before we started) to closed_ns, closed:
         forgotten, unless another owner listens there since; remembered as closed, for
         children that come late (accepted_by)."""
@@ -149,8 +149,6 @@ class ConnTable:
             if not space:
                 del self.listeners[netns]
             self.owner_at.clear()
-        if closed_ns is None:
-            return
         closed = self.closed_listeners.get(netns)
         if closed is None:
             if len(self.closed_listeners) >= MAX_CLOSED_SPACES:
