@@ -28,8 +28,9 @@ class ConnTable:
         # of what a listener accepts. The namespace is the records' (0 where the kernel side
         # cannot read it): containers all listen on 0.0.0.0:8080.
         self.listeners = {}
-        # (netns, family, laddr, lport) -> the owner listener_owner() finds there, or None:
-        # every accept asks, and a host's answers are few. Emptied when a listener comes or goes.
+        # (netns, family, laddr, lport) -> who listens there now (_owner), or None: every
+        # accept asks (accepted_by), and a host's answers are few. Emptied when a listener
+        # comes or goes.
         self.owner_at = Memo(lambda key: self._owner(*key), limit=4096)
         # netns -> {(family, laddr, lport): (owner, opened_ns, closed_ns)}: listeners that have
         # closed, for children whose opening comes after that. A child resting in the kernel
@@ -172,11 +173,6 @@ class ConnTable:
                 if not ((opened is None or opened <= ts_ns) and ts_ns <= until):
                     owner = None
         return owner
-
-    def listener_owner(self, netns, family, laddr, lport):
-        """(pid, comm) of the listener that takes a connection to laddr:lport in namespace
-        netns, or None."""
-        return self.owner_at[(netns, family, laddr, lport)]
 
     def _owner(self, netns, family, laddr, lport):
         space = self.listeners.get(netns)

@@ -425,7 +425,7 @@ def test_preexisting_close_wait_in_another_namespace(tmp_path):
         t = Tracer(["--stuck-after", "1"], tmp_path)
         try:
             [st] = expect(t, lambda r: r["type"] == "stuck" and r["lport"] == PORT
-                          and r["rport"] == con["lport"], timeout=4)
+                          and r["rport"] == con["lport"], timeout=30)  # due in 1 s
             assert (st["state"], st["pid"], st["fd"]) == ("CLOSE_WAIT", srv.pid, acc["fd"])
         finally:
             t.stop()

@@ -151,7 +151,7 @@ def test_fin_wait2_stuck(tracer, agents):
     assert STUCK_AFTER * 1e9 <= st["age_ns"] < (STUCK_AFTER + 1) * 1e9
     assert ss_users("fin-wait-2", cport) == [(cli.pid, cfd)]
     # The peer is stuck too, in CLOSE_WAIT: its application never closes.
-    [peer] = expect(tracer, where(new, "stuck", lport=port, rport=cport), timeout=2)
+    [peer] = expect(tracer, where(new, "stuck", lport=port, rport=cport), timeout=10)
     assert (peer["state"], peer["pid"], peer["fd"]) == ("CLOSE_WAIT", srv.pid, sfd)
 
 

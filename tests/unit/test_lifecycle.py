@@ -329,11 +329,11 @@ def test_listener_closed_in_one_namespace_leaves_the_others():
             + unlisten(SEC + MS, 0xC2, 8080, pid=202, comm="web-b", netns=222,
                        laddr="0.0.0.0"))
     tr, _ = run(recs, end_ns=3 * SEC)       # past the grace: the closed listener concluded
-    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 8080) == (201, "web-a")
-    assert tr.table.listener_owner(222, S.AF_INET, "10.0.0.6", 8080) is None
+    assert tr.table.accepted_by(111, S.AF_INET, "10.0.0.5", 8080, 3 * SEC) == (201, "web-a")
+    assert tr.table.accepted_by(222, S.AF_INET, "10.0.0.6", 8080, 3 * SEC) is None
     # an IPv6 wildcard listener takes IPv4 (unless IPV6_V6ONLY)
     tr.table.listening(111, S.AF_INET6, "::", 9090, (205, "v6"))
-    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 9090) == (205, "v6")
+    assert tr.table.accepted_by(111, S.AF_INET, "10.0.0.5", 9090, 3 * SEC) == (205, "v6")
 
 
 @pytest.mark.parametrize("kernel", ["one step a record", "grouped", "grouped and held"])
@@ -357,7 +357,8 @@ def test_a_child_that_comes_after_its_listener_closed_is_still_the_listeners(ker
                          laddr="0.0.0.0")):
         tr.process(r)
     tr.tick(t + 2 * MS + tr.grace_ns + 1)            # the listener is concluded
-    assert tr.table.listener_owner(111, S.AF_INET, "10.0.0.5", 8080) is None
+    assert tr.table.accepted_by(111, S.AF_INET, "10.0.0.5", 8080, t + 3 * MS) is None
+    assert tr.table.accepted_by(111, S.AF_INET, "10.0.0.5", 8080, t + MS) == (201, "web-a")
     for r in child + after:
         tr.process(r)
     tr.finish()
