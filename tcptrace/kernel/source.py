@@ -54,6 +54,7 @@ class KernelSource:
                             wakeup_events)
         self.notes += self._drain.notes
         self.hold_ns = hold_ms * 1_000_000 if plan.hold else 0
+        self._not_due = []          # held_q entries popped before they were due (_due_held)
         # Folding needs held openings (a whole life in one record)
         self.fold = bool(fold and self.hold_ns)
         self._agg = Aggregates(self.progs.table("agg").map_fd) if self.fold else None
@@ -125,10 +126,11 @@ class KernelSource:
             out += self._due_held(upto_ns)
         return out
 
-    # How long one scan may spend taking held sockets (three map calls each, about 6 us on
-    # this machine kind): 12,000 openings at once are all taken within a few scans, where a
-    # cap of 256 a scan took 4 s (39 s emulated) and reported some that late. A fifth of the
-    # default scan interval, so that the buffers are still drained in time.
+    # How long one scan may spend popping held sockets (with the read of each, three map calls
+    # a socket, about 6 us on this machine kind): 12,000 openings at once are all taken within
+    # a few scans, where a cap of 256 a scan took 4 s (39 s emulated) and reported some that
+    # late. A fifth of the default scan interval, so that the buffers are still drained in
+    # time.
     HELD_BUDGET_NS = 20_000_000
 
     def _due_held(self, upto_ns):
@@ -138,11 +140,12 @@ class KernelSource:
         transition, which user space skips as already taken). Popped, so read once: never one
         stamped after upto_ns, which the pipeline would not take (a slow drain between the
         clock read and this scan can put the due time past it). As many as HELD_BUDGET_NS
-        allows; the rest wait for the next scan."""
+        allows to pop; the rest wait for the next scan."""
         q, held = self.progs.table("held_q"), self.progs.table("held")
         start = time.monotonic_ns()
         due, stop = min(start - 2 * self.hold_ns, upto_ns), start + self.HELD_BUDGET_NS
-        out = []
+        heads = [h for h in self._not_due if h.ts <= due]
+        self._not_due = [h for h in self._not_due if h.ts > due]
         while True:
             try:
                 if q.peek().ts > due:
@@ -150,16 +153,21 @@ class KernelSource:
                 head = q.pop()
             except KeyError:        # empty, or tt_flush took the head meanwhile
                 break
+            # tt_flush can take the head between the peek and the pop, and the pop then gets
+            # the next, which may not be due: kept for a later scan, since the kernel no
+            # longer has it to send (under a storm that lost openings until their close)
+            (heads if head.ts <= due else self._not_due).append(head)
+            if time.monotonic_ns() >= stop:     # at least one a scan, however slow
+                break
+        out = []
+        for head in heads:
             try:
                 raw = bytes(held[held.Key(head.sk)])
             except KeyError:        # the socket moved on
-                raw = None
-            if raw is not None:
-                ev = build_event(self._st.unpack(raw), self._perm)
-                if ev.ts_ns == head.ts:
-                    out.append(ev._replace(flags=ev.flags | F_SCAN))
-            if time.monotonic_ns() >= stop:     # at least one a scan, however slow
-                break
+                continue
+            ev = build_event(self._st.unpack(raw), self._perm)
+            if ev.ts_ns == head.ts:
+                out.append(ev._replace(flags=ev.flags | F_SCAN))
         return out
 
     def aggregates(self, now_ns):

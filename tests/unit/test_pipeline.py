@@ -114,6 +114,7 @@ def _held_source(ages_ns):
     src.progs = SimpleNamespace(table={"held_q": Queue(), "held": Held(held)}.get)
     src._st, src._perm = decoder_for(S)
     src.hold_ns = 50 * MS
+    src._not_due = []
     return src, now, q
 
 
@@ -148,3 +149,33 @@ def test_a_backlog_of_held_openings_is_taken_as_fast_as_the_scan_budget_allows()
     src.HELD_BUDGET_NS = 60 * SEC
     rest = src._due_held(upto_ns=now)
     assert [e.skaddr for e in first + rest] == [0x1000 + i for i in range(n)]
+
+
+def test_a_held_opening_popped_before_it_is_due_waits_for_a_later_scan():
+    """The kernel's tt_flush can pop the head of held_q between user space's peek and pop; the
+    pop then returns the next entry, which may not be due. It must not come out stamped past
+    the pipeline's window (dropped there, and gone from the kernel's queue: reported only at
+    its close, as under a 100k-connection storm), but at a later scan."""
+    src, now, q = _held_source([900 * MS, 150 * MS])
+    peek = q[0]
+    flusher_took_head = [True]
+
+    class Racing:
+        def peek(self):
+            if not q:
+                raise KeyError
+            return peek
+
+        def pop(self):
+            if flusher_took_head and flusher_took_head.pop():
+                q.popleft()                             # tt_flush sent it meanwhile
+            if not q:
+                raise KeyError
+            return q.popleft()
+    tables = {"held_q": Racing(), "held": src.progs.table("held")}
+    src.progs = type(src.progs)(table=tables.get)
+    # the pipeline's window ends 320 ms ago (as above): the second is not due yet
+    assert src._due_held(upto_ns=now - 320 * MS) == []
+    assert not q                                        # out of the kernel's queue
+    later = src._due_held(upto_ns=now + 200 * MS)
+    assert [e.skaddr for e in later] == [0x1001]
