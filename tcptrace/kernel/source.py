@@ -126,11 +126,11 @@ class KernelSource:
             out += self._due_held(upto_ns)
         return out
 
-    # How long one scan may spend popping held sockets (with the read of each, three map calls
-    # a socket, about 6 us on this machine kind): 12,000 openings at once are all taken within
-    # a few scans, where a cap of 256 a scan took 4 s (39 s emulated) and reported some that
-    # late. A fifth of the default scan interval, so that the buffers are still drained in
-    # time.
+    # How long one scan may spend popping held sockets (a peek and a pop each; the read of each
+    # one taken follows, about 6 us a socket in all on this machine kind): 12,000 openings at
+    # once are all taken within a few scans, where a cap of 256 a scan took 4 s (39 s
+    # emulated) and reported some that late. A fifth of the default scan interval, so that
+    # the buffers are still drained in time.
     HELD_BUDGET_NS = 20_000_000
 
     def _due_held(self, upto_ns):
