@@ -90,7 +90,7 @@ static __always_inline int tt_fold(struct tt_event *e)
         if (!a)
             return 0;               /* the map is full after all: sent as a record */
     }
-    /* Per CPU, but a raw tracepoint twin (rescue.c) may interrupt this program on its CPU and
+    /* Per CPU, but a twin (raw.c) may interrupt this program on its CPU and
      * fold into the same value: adds are atomic so neither is lost. */
     __sync_fetch_and_add(&a->count, 1);
     __sync_fetch_and_add(&a->life_sum, e->step_ts[4] - e->step_ts[0]);

@@ -1,8 +1,7 @@
 /* The facts that explain a failed or broken connection: resets received, error reports, SYN
  * retransmissions. While a socket has steps pending (state.c, hold.c) a reset or a
  * retransmission is counted in that record (`rst_ns`, `retrans`) instead of a record of its own.
- * Part of tcptrace.c; the tracepoint programs calling these are there, the rescue's twins in
- * rescue.c. */
+ * Part of tcptrace.c; the programs calling these are in raw.c, or, without BTF, tcptrace.c. */
 
 #ifdef TT_HOOK_RECV_RESET
 static __always_inline void tt_recv_reset(void *ctx, u64 sk, struct tt_sk *s)

@@ -27,9 +27,9 @@ struct tt_hold {
 };
 BPF_QUEUE(held_q, struct tt_hold, TT_HELD_MAX);
 /* flushbuf: where tt_flush builds its copy (the stack has no room for a second record),
- * overwritten by each. Per CPU; only the tracepoint program uses it, and a hit interrupting
- * that program on its CPU is skipped by the kernel (bpf_prog_active), so it is never used
- * twice at once. */
+ * overwritten by each. Per CPU; only the state hook's first program uses it (not its twin), and
+ * the kernel never runs a program twice at once on a CPU (a regular tracepoint program:
+ * bpf_prog_active; a raw one: its own count of runs), so it is never used twice at once. */
 BPF_PERCPU_ARRAY(flushbuf, struct tt_event, 1);
 #define TT_FLUSH_PER_HIT 2   /* a connection holds two sockets and makes about ten hits */
 /* requeued: per CPU, early copies the transport refused (both buffers full) and that went back

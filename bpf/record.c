@@ -2,7 +2,7 @@
  * tcptrace.c. */
 
 /* The socket fields the tracepoints report, in the record's layout: from the tracepoint record
- * (TT_SK_FROM_ARGS, tcptrace.c), or, in a rescue, read from the socket (rescue.c). */
+ * (TT_SK_FROM_ARGS, tcptrace.c), or read from the socket (raw.c). */
 struct tt_sk {
     u16 family;
     u16 sport;        /* host byte order */

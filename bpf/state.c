@@ -91,7 +91,7 @@ static __always_inline struct tt_event *tt_pending(void *ctx, struct tt_hit *h)
  * may come after the CLOSE (tcp_done_with_error, 6.10 and the stable kernels it went to). User
  * space waits a short grace for facts that follow a CLOSE; an emulated or loaded host can take
  * longer than that between the two, and the attempt would be concluded "cancelled". Read here,
- * the errno travels with the CLOSE itself, at the offset BTF gave the rescue (rescue.c reads it
+ * the errno travels with the CLOSE itself, at the offset BTF gave raw.c (which reads it
  * too); 0 without. */
 static __always_inline s32 tt_close_err(struct tt_hit *h)
 {

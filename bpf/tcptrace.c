@@ -1,15 +1,16 @@
 /* tcptrace kernel side: TCP state transitions and the facts that explain failed connects.
  *
- * Reads only tracepoint fields (BCC lays them out from tracefs, so they are right on any kernel)
- * and opaque pointers used as keys. Nothing dereferences a kernel struct through the headers BCC
- * compiles against, which may belong to another kernel version than the one running; the
- * recursion rescue reads struct sock only at offsets from the running kernel's BTF.
+ * Reads a socket's fields at offsets from the running kernel's BTF (raw.c, the programs of every
+ * kernel with BTF), or, without BTF, from the tracepoints' records (laid out by BCC from
+ * tracefs, so right on any kernel); other pointers are opaque keys. Nothing dereferences a
+ * kernel struct through the headers BCC compiles against, which may belong to another kernel
+ * version than the one running.
  *
  * BCC compiles one source text, and rewrites its map calls (`socks.lookup(&k)`) and tracepoint
  * arguments only in that text, not in the files it #includes. So the loader puts each part
  * below in place of its #include (tcptrace/kernel/loader.py: source), with #line markers that
  * keep compiler messages naming the part's own file and line. Each part comes after the parts
- * it uses; the programs of the tracepoints every plan has come last:
+ * it uses; the programs come last:
  *   config.c     what user space configured: the config and ports maps
  *   record.c     filling a tt_event (tcptrace.h, the wire contract): task, socket fields
  *   transport.c  the events ring or perf buffer, the spill buffer, drop counts
@@ -17,7 +18,7 @@
  *   connect.c    connects that fail before any state change (kprobes or syscall tracepoints)
  *   state.c      the socks map: a socket's transitions grouped into one record
  *   facts.c      resets, error reports, SYN retransmissions
- *   rescue.c     the recursion rescue: marks, and the raw tracepoint twins
+ *   raw.c        the programs on raw tracepoints (with BTF), each with its twin
  *   listen.c     listener facts: SYN-ACK retransmits, accept queues full at the final ACK
  *
  * Compile-time switches (-D). The plan's, chosen by tcptrace/kernel/probes.py (SWITCHES):
@@ -27,10 +28,12 @@
  *   TT_KPROBES=1            the tcp_v{4,6}_connect kprobe pair (the kernel has kprobes)
  *   TT_SYSCALL_CONNECT=1    else syscalls:sys_{enter,exit}_connect
  *   TT_HOLD=1               hold ESTABLISHED sockets' steps (queue maps, 4.20)
- *   TT_RESCUE=1             the recursion rescue, with TT_OFF_* (struct sock and task_struct
- *                           member offsets) and TT_SZ_STACK (THREAD_SIZE) of the running kernel,
- *                           from its BTF (tcptrace/kernel/btf.py); with them, a failed
- *                           connect's CLOSE record carries its sk_err (state.c: tt_close_err)
+ *   TT_RESCUE=1             raw tracepoint programs and their twins (raw.c), with TT_OFF_*
+ *                           (struct sock and task_struct member offsets) and TT_SZ_STACK
+ *                           (THREAD_SIZE) of the running kernel, from its BTF
+ *                           (tcptrace/kernel/btf.py); with them, a failed connect's CLOSE
+ *                           record carries its sk_err (state.c: tt_close_err). Else the
+ *                           tracepoint programs below
  *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
  *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
  *                           and the raw arguments' positions of the running kernel (BTF)
@@ -41,7 +44,7 @@
  *   TT_OWNER_STEP(o,n), TT_OPENING_STEP(o,n), TT_SEND_AT(n)
  *                           which transitions name the owner, start a new socket, send what is
  *                           pending: tcptrace/lifecycle/rules.py, as user space reads them
- * Tests only: TT_RESCUE_ONLY=1 (rescue.c).
+ * Tests only: TT_RESCUE_ONLY=1 (raw.c).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/socket.h>
@@ -72,11 +75,10 @@
 #include "connect.c"
 #include "state.c"
 #include "facts.c"
-#include "rescue.c"
 #include "listen.c"
 
-/* hits: runs of the tallied tracepoint programs (inet_sock_set_state, tcp_retransmit_skb), per
- * kind and CPU, with or without the rescue: incremented first thing on every run, never reset.
+/* hits: runs of the programs of each kind (raw.c's first programs, or the tracepoint programs
+ * below), per CPU: incremented first thing on every run, never reset.
  * With the kernel's recursion misses of the program, what BPF was shown of the hook, which user
  * space sets against a count of the tracepoint's hits that needs no BPF (kernel/tally.py). */
 BPF_PERCPU_ARRAY(hits, u64, TT_KIND_MAX);
@@ -87,32 +89,6 @@ static __always_inline void tt_hit(u32 kind)
     if (n)
         (*n)++;
 }
-
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
-{
-    tt_hit(TT_STATE);
-    TT_STEP_ASIDE();
-    TT_MARK(TT_STATE, TT_ID_STATE(args->skaddr, args->oldstate, args->newstate));
-    if (args->protocol == TT_IPPROTO_TCP) {
-        struct tt_sk s = {};
-        TT_SK_FROM_ARGS(&s, args);
-        tt_state(args, (u64)args->skaddr, args->oldstate, args->newstate, &s);
-        tt_flush(args);
-    }
-    return 0;
-}
-
-#ifdef TT_HOOK_RECV_RESET
-TRACEPOINT_PROBE(tcp, tcp_receive_reset)
-{
-    TT_STEP_ASIDE();
-    TT_MARK(TT_RECV_RESET, (u64)args->skaddr);
-    struct tt_sk s = {};
-    TT_SK_FROM_ARGS(&s, args);
-    tt_recv_reset(args, (u64)args->skaddr, &s);
-    return 0;
-}
-#endif
 
 #ifdef TT_HOOK_SEND_RESET
 /* A raw tracepoint, because the regular one's record differs between kernels in ways BCC cannot
@@ -139,11 +115,38 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
 }
 #endif
 
+#ifdef TT_RESCUE
+#include "raw.c"
+#else
+/* Without BTF: the tracepoints' own records. */
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    tt_hit(TT_STATE);
+    if (args->protocol == TT_IPPROTO_TCP) {
+        struct tt_sk s = {};
+        TT_SK_FROM_ARGS(&s, args);
+        tt_state(args, (u64)args->skaddr, args->oldstate, args->newstate, &s);
+        tt_flush(args);
+    }
+    return 0;
+}
+
+#ifdef TT_HOOK_RECV_RESET
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    tt_hit(TT_RECV_RESET);
+    struct tt_sk s = {};
+    TT_SK_FROM_ARGS(&s, args);
+    tt_recv_reset(args, (u64)args->skaddr, &s);
+    return 0;
+}
+#endif
+
 #ifdef TT_HOOK_SOCK_ERROR
 TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {
-    TT_STEP_ASIDE();
-    TT_MARK(TT_SOCK_ERROR, TT_ID_ERROR(args->family, args->sport, args->dport, args->error));
+    tt_hit(TT_SOCK_ERROR);
     if (args->protocol == TT_IPPROTO_TCP) {
         struct tt_sk s = {};
         TT_SK_FROM_ARGS(&s, args);
@@ -157,8 +160,6 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     tt_hit(TT_RETRANS);
-    TT_STEP_ASIDE();
-    TT_MARK(TT_RETRANS, (u64)args->skaddr);
     if (args->state == TT_SYN_SENT) {
         struct tt_sk s = {};
         TT_SK_FROM_ARGS(&s, args);
@@ -167,3 +168,4 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     return 0;
 }
 #endif
+#endif   /* TT_RESCUE */

@@ -2,8 +2,8 @@
 
 BCC compiles against whatever kernel headers are installed, which may belong to another kernel
 version (on the development machine: 6.1 headers, a 6.18 kernel), so a BPF program must not take
-a struct layout from them. The one place tcptrace reads a kernel struct is the recursion rescue
-(bpf/rescue.c): its offsets come from here and are compiled in as constants.
+a struct layout from them. Where tcptrace reads a kernel struct (bpf/raw.c, bpf/record.c,
+bpf/listen.c), its offsets come from here and are compiled in as constants.
 
 Only what that needs is parsed: the type section is walked once to index named structs, enums
 and typedefs, then the few members, enum values or tracepoint arguments asked for are resolved.

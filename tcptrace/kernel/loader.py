@@ -16,18 +16,17 @@ from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
 
-# The recursion rescue's raw tracepoint twins: (hook in bpf/rescue.c's tt_rescue_<hook> and
-# tt_rescue2_<hook>, raw tracepoint, the tracepoint program they stand in for, the Kind whose
-# `rescued` counter they keep, the plan's hook name or None when always attached).
-STATE_PROG = "tracepoint__sock__inet_sock_set_state"     # BCC's names for them
-RETRANS_PROG = "tracepoint__tcp__tcp_retransmit_skb"
-TWINS = (
-    ("state", "inet_sock_set_state", STATE_PROG, Kind.STATE, None),
+# The hooks whose programs sit on raw tracepoints where BTF gives the socket's offsets (plan.rescue;
+# bpf/raw.c: tt_prog_<hook>, then its twin tt_rescue_<hook>), and on the regular tracepoint, named
+# as BCC names it, otherwise: (hook, raw tracepoint, tracepoint program, the Kind of its `hits`
+# and `rescued` slots, the plan's hook name or None when every plan has it).
+HOOKS = (
+    ("state", "inet_sock_set_state", "tracepoint__sock__inet_sock_set_state", Kind.STATE, None),
     ("recv_reset", "tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset", Kind.RECV_RESET,
      "tcp:tcp_receive_reset"),
     ("sock_error", "inet_sk_error_report", "tracepoint__sock__inet_sk_error_report",
      Kind.SOCK_ERROR, "sock:inet_sk_error_report"),
-    ("retrans", "tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS,
+    ("retrans", "tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb", Kind.RETRANS,
      "tcp:tcp_retransmit_skb"),
 )
 
@@ -84,7 +83,8 @@ def cflags(plan, ringbuf_pages):
         consts.update(values)
     flags += [f"-DTT_{k}={v}" for k, v in sorted(consts.items())]
     if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
-        # Tests only: the twins handle every hit, so their field reads are checked against
+        # Tests only: the first programs step aside and the twins handle every hit, so their
+        # field reads are checked against
         # real sockets (tests/kernel/test_foundation.py).
         flags.append("-DTT_RESCUE_ONLY=1")
     return flags
@@ -133,9 +133,11 @@ def _name(n):
 
 
 class Programs:
-    """bpf/tcptrace.c compiled for a plan, its programs attached: the tracepoint programs by BCC
-    while loading, the rescue's twins after them. `b` is the BCC module (maps by name); `twins`
-    maps each tracepoint program the rescue stands in for to the Kind of its `rescued` slot."""
+    """bpf/tcptrace.c compiled for a plan, its programs attached: BCC attaches the tracepoint
+    programs while loading, the raw tracepoint programs of HOOKS are attached here, each before
+    its twin. `b` is the BCC module (maps by name); `hook_progs` maps each hook's Kind to the
+    program that takes its hits; `twins` maps each of those programs that has a twin to that
+    Kind (its `rescued` slot)."""
 
     def __init__(self, plan, ringbuf_pages):
         try:
@@ -153,40 +155,48 @@ class Programs:
         self.compile_s = time.monotonic() - t0
         self.notes = []
         self.twins = {}
-        self._twin_fds = []
+        self._raw_fds = []
+        hooks = set(plan.tracepoints)
+        mine = [h for h in HOOKS if h[4] is None or h[4] in hooks]
         if plan.rescue:
-            self._attach_twins(plan)
+            self.hook_progs = {kind: f"tt_prog_{hook}" for hook, _r, _t, kind, _p in mine}
+            try:
+                self._attach_raw(mine)
+            except Exception:
+                self.close()
+                raise
+        else:
+            self.hook_progs = {kind: prog for _h, _r, prog, kind, _p in mine}
         release_compiler_memory()
 
-    def _attach_twins(self, plan):
-        """Attach each hook's two twins after its tracepoint program (BCC attached those while
-        loading): a tracepoint calls its probes in the order they were attached, and a twin
-        decides by what ran before it on the same hit."""
+    def _attach_raw(self, hooks):
+        """Attach each hook's raw tracepoint program, then its twin: a tracepoint calls its
+        probes in the order they were attached, and the twin decides by what ran before it on
+        the same hit."""
+        for hook, raw, _tp, kind, _plan_name in hooks:
+            first = f"tt_prog_{hook}"
+            try:
+                self._attach(first, raw)
+            except Exception as e:     # BCC raises bare Exception
+                raise errors.Unavailable(f"attaching {first} to raw tracepoint {raw} failed: {e}")
+            try:
+                self._attach(f"tt_rescue_{hook}", raw)
+            except Exception as e:
+                # The program's misses are then reported as lost, as without a twin.
+                self.notes.append(f"recursion rescue off for {raw}: {e}")
+                continue
+            self.twins[first] = kind
+
+    def _attach(self, name, raw):
         import bcc
         from bcc.libbcc import lib
-        hooks = set(plan.tracepoints)
-        for hook, raw, prog, kind, plan_name in TWINS:
-            if plan_name is not None and plan_name not in hooks:
-                continue
-            fds = []
-            try:
-                for twin in (f"tt_rescue_{hook}", f"tt_rescue2_{hook}"):
-                    with _stdout_to_stderr():
-                        fn = self.b.load_func(twin.encode(), bcc.BPF.RAW_TRACEPOINT)
-                    # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
-                    fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
-                    if fd < 0:
-                        raise OSError(ctypes.get_errno(), f"attaching {twin} failed")
-                    fds.append(fd)
-            except Exception as e:     # BCC raises bare Exception
-                # A hit both twins cannot take is counted as a miss either way; a lone twin
-                # would only make the accounting harder to state.
-                self.notes.append(f"recursion rescue off for {raw}: {e}")
-                for fd in fds:
-                    os.close(fd)
-                continue
-            self._twin_fds += fds
-            self.twins[prog] = kind
+        with _stdout_to_stderr():
+            fn = self.b.load_func(name.encode(), bcc.BPF.RAW_TRACEPOINT)
+        # Not BPF.attach_raw_tracepoint: it keeps one program per tracepoint.
+        fd = lib.bpf_attach_raw_tracepoint(fn.fd, raw.encode())
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"attaching {name} failed")
+        self._raw_fds.append(fd)
 
     def table(self, name):
         """A map of the loaded programs, by its name in bpf/ (BCC takes names as bytes)."""
@@ -218,7 +228,7 @@ class Programs:
 
     def prog_stats(self, twins=True):
         """{program name: (run_cnt, run_time_ns, recursion_misses)} of every loaded program;
-        twins=False: but the rescue's twins (tt_rescue*), which lose nothing when skipped
+        twins=False: but the twins (tt_rescue*), which lose nothing when skipped
         (kernel/losses.py reads the others on every drain)."""
         out = {}
         for name, fn in self.b.funcs.items():
@@ -231,8 +241,8 @@ class Programs:
         return out
 
     def close(self):
-        for fd in self._twin_fds:
+        for fd in self._raw_fds:
             os.close(fd)
-        self._twin_fds = []
+        self._raw_fds = []
         with contextlib.suppress(Exception):
             self.b.cleanup()

@@ -2,9 +2,9 @@
 
   - "bpf:<kind>": outputs the buffer refused, counted by the BPF program itself (exact; perf's
     own loss records count the same drops but arrive late, so they are only a cross-check);
-  - "recursion:<prog>": tracepoint hits the kernel skipped because a BPF program was already
-    running on that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the
-    ones the raw tracepoint twins recovered (the recursion rescue, bpf/rescue.c);
+  - "recursion:<prog>": hits the kernel skipped because a BPF program was already running on
+    that CPU (bpf_prog_info.recursion_misses), which no other tool reports, less the ones the
+    program's twin took (bpf/raw.c);
   - "unseen:<tracepoint>": hits of inet_sock_set_state and tcp_retransmit_skb the kernel made
     without running the BPF program and without counting a miss either, found by counting the
     same tracepoint in a tracefs instance (kernel/tally.py).
@@ -15,7 +15,6 @@ loss that did not happen.
 import ctypes
 
 from tcptrace.kernel.bpfsys import Counters, map_info
-from tcptrace.kernel.loader import RETRANS_PROG, STATE_PROG
 from tcptrace.kernel.tally import Tally
 from tcptrace.wire import Kind, Lost
 
@@ -37,8 +36,9 @@ class Losses:
         self._rescued = _counters(progs, "rescued") if progs.twins else None
         self._hits = _counters(progs, "hits")
         self.tallied = []
-        for event, prog, kind, tag in TALLIED:
-            if progs.fd(prog) is None:
+        for event, kind, tag in TALLIED:
+            prog = progs.hook_progs.get(kind)
+            if prog is None:
                 continue                    # a hook this plan does not attach
             try:
                 tally = Tally(tracefs, event, tag)
@@ -87,8 +87,8 @@ class Losses:
         return out
 
     def _misses(self, now_ns, stats, rescued):
-        # A twin is skipped only when it re-enters itself on a CPU, and then the tracepoint
-        # program was not blocked: nothing is lost (prog_stats leaves the twins out).
+        # A twin is skipped only when it re-enters itself on a CPU, and then its first program
+        # was not: nothing is lost (prog_stats leaves the twins out).
         twins = self.progs.twins
         out = []
         for name, (_cnt, _t, misses) in stats.items():
@@ -109,11 +109,11 @@ class Losses:
         self.tallied = []
 
 
-# The tracepoints counted without BPF: (event, its program, the Kind of its `hits` and `rescued`
+# The tracepoints counted without BPF: (event, the Kind of its program's `hits` and `rescued`
 # slots, the tally instance's tag). Retransmissions, because a SYN retransmission the kernel
 # ran no program for leaves a failed connect's count short with nothing to say so.
-TALLIED = (("sock/inet_sock_set_state", STATE_PROG, Kind.STATE, None),
-           ("tcp/tcp_retransmit_skb", RETRANS_PROG, Kind.RETRANS, "retrans"))
+TALLIED = (("sock/inet_sock_set_state", Kind.STATE, None),
+           ("tcp/tcp_retransmit_skb", Kind.RETRANS, "retrans"))
 
 
 def _counters(progs, name):
@@ -135,8 +135,9 @@ class _Tallied:
 
     def visible_in(self, hits, stats, rescued):
         """Hits BPF was shown, from counts read after the tally: the program's runs, and the
-        hits it was skipped for, which the kernel counts as misses (since 6.7 on this path:
-        earlier kernels skip without counting) and the twins count as rescued. Where both
+        hits it was skipped for, which the kernel counts as misses (a regular tracepoint
+        program's since 6.7: earlier kernels skip it without counting) and the twin counts as
+        rescued. Where both
         count, the rescued are some of the misses; where only the twins do, they are all we
         know of."""
         st = stats.get(self.prog)

@@ -47,9 +47,9 @@ RAW_TRACEPOINTS = (
     ("raw:tcp_send_reset", "tcp/tcp_send_reset", "4.17", False, "tells resets we sent"),
 )
 
-# The kernel struct members the recursion rescue reads (bpf/rescue.c): the struct sock ones as
+# The kernel struct members the raw tracepoint programs read (bpf/raw.c): the struct sock ones as
 # the tracepoints' own TP_fast_assign reads them, then what tells a hit's level (task or
-# interrupt) apart, task_struct.stack and pt_regs.sp: (macro, struct, member path, size).
+# interrupt) apart, task_struct.stack: (macro, struct, member path, size).
 RESCUE_FIELDS = (
     ("OFF_FAMILY", "sock", "__sk_common.skc_family", 2),
     ("OFF_STATE", "sock", "__sk_common.skc_state", 1),
@@ -62,7 +62,6 @@ RESCUE_FIELDS = (
     ("OFF_SPORT", "inet_sock", "inet_sport", 2),
     ("OFF_SADDR", "inet_sock", "inet_saddr", 4),
     ("OFF_TASK_STACK", "task_struct", "stack", 8),
-    ("OFF_REGS_SP", "pt_regs", "sp", 8),
 )
 # What the listener facts (bpf/listen.c) read of a listening socket: which network namespace
 # it is in (its struct net's ns.inum, the inode `ip netns identify` and /proc/<pid>/ns/net
@@ -277,15 +276,17 @@ def rescue_offsets(path=None):
         if b.offset("inet_sock", "sk")[0] != 0:
             raise btf.BTFError("struct inet_sock does not begin with its sock")
         offs = _offsets(b, RESCUE_FIELDS)
-        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/rescue.c: tt_level).
+        # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/raw.c: tt_level).
         # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
         # uses 16 KiB with 4 KiB pages.
         offs["SZ_STACK"] = b.struct_size("irq_stack") or 16384
     except btf.BTFError as e:
-        return Check(name, UNSUPPORTED, f"{e}: tracepoint hits the kernel skips while another "
-                     "BPF program runs on the CPU are reported as lost, not recovered", minver), {}
-    return Check(name, SUPPORTED, "struct offsets from BTF: hits the kernel skips while one "
-                 "of our programs runs on the CPU are handled by raw tracepoint twins", minver), offs
+        return Check(name, UNSUPPORTED, f"{e}: regular tracepoint programs instead of raw ones; "
+                     "hits the kernel skips while another BPF program runs on the CPU are "
+                     "reported as lost, not recovered", minver), {}
+    return Check(name, SUPPORTED, "struct offsets from BTF: programs on raw tracepoints, which "
+                 "no other BPF program blocks, each with a twin for the hits it is skipped for",
+                 minver), offs
 
 
 @functools.lru_cache(maxsize=4)
@@ -436,7 +437,7 @@ class Plan:
     transport: str = "perf"
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
-    rescue: bool = False                                 # bpf/rescue.c (BTF offsets)
+    rescue: bool = False                                 # bpf/raw.c (BTF offsets)
     hold: bool = False                                   # bpf/hold.c (queue maps)
     sock_id: bool = False                                # bpf/listen.c: a listener's namespace
     overflow: bool = False                               # bpf/listen.c: kfree_skb overflows

@@ -352,8 +352,8 @@ def _trim_session_tracers():
 
 @pytest.fixture(scope="session")
 def rescue_tracer(tmp_path_factory):
-    """A tracer whose tracepoint programs step aside, so the recursion rescue's raw twins do
-    all the work: their struct sock reads (offsets from BTF) meet real sockets."""
+    """A tracer whose first programs step aside, so their twins (bpf/raw.c), which take the hits
+    the kernel skips the first programs for, do all the work on real sockets."""
     gen = _session_tracer(tmp_path_factory, {"TCPTRACE_TEST_RESCUE_ONLY": "1"})
     t = next(gen)
     yield t

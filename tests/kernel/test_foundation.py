@@ -56,10 +56,10 @@ def lifecycle(tracer, first, lport, rport, new):
     return out
 
 
-# Each test below runs twice: through the tracepoint programs, and through the recursion
-# rescue's raw twins alone, which read the socket's fields themselves.
+# Each test below runs twice: through the programs (on raw tracepoints, where the kernel has BTF),
+# and through their twins alone (bpf/raw.c), which take the hits the programs are skipped for.
 BOTH_PATHS = pytest.mark.parametrize("path", ["tracer", "rescue_tracer"],
-                                     ids=["tracepoints", "rescue-twins"])
+                                     ids=["programs", "twins"])
 
 
 def tracer_for(request, path):
@@ -241,107 +241,61 @@ while sys.stdin.readline().strip() == "go":          # a round of n connections 
 """
 
 
-def recursion_misses(pid):
-    """The kernel's count of skipped hits, over every BPF program the process holds (for
-    tracepoint programs, only from 6.7 on: older kernels skip them without counting)."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-prog":
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    total += sum(int(l.split()[1]) for l in f if l.startswith("recursion_misses"))
-        except OSError:
-            pass
-    return total
-
-
 class _MapAttr(ctypes.Structure):
     _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                 ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                 ("map_flags", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 108)]
 
 
-class _InfoAttr(ctypes.Structure):         # bpf(BPF_OBJ_GET_INFO_BY_FD)
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64), ("pad", ctypes.c_uint8 * 104)]
 
-
-class _MapInfo(ctypes.Structure):          # the head of struct bpf_map_info
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16)]
-
-
-class _ElemAttr(ctypes.Structure):         # bpf(BPF_MAP_LOOKUP_ELEM)
-    _fields_ = [("map_fd", ctypes.c_uint32), ("pad0", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64),
-                ("pad", ctypes.c_uint8 * 96)]
-
-
-def _possible_cpus():
-    n = 0
-    with open("/sys/devices/system/cpu/possible") as f:
-        for part in f.read().strip().split(","):
-            lo, _, hi = part.partition("-")
-            n += int(hi or lo) - int(lo) + 1
-    return n
-
-
-def rescued_hits(pid):
-    """Hits the recursion rescue's raw tracepoint twins took over in tracer <pid>: the sum of
-    its `rescued` map (bpf/tcptrace.c), read live through a borrowed descriptor (pidfd_getfd,
-    5.6+). It is what the tracer reports at exit ("N hits the kernel skipped ... were
-    recovered"), readable while it runs, and it counts on every kernel, where the kernel's own
-    recursion-miss count for tracepoint programs exists only from 6.7 on."""
-    from tcptrace.kernel.bpfsys import LIBC, bpf
-    pidfd = os.pidfd_open(pid)
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
-                    continue
-            except OSError:
-                continue
-            mine = LIBC.syscall(438, pidfd, int(fd), 0)          # pidfd_getfd
-            if mine < 0:
-                continue
-            try:
-                info = _MapInfo()
-                r, err = bpf(15, _InfoAttr(mine, ctypes.sizeof(info), ctypes.addressof(info)))
-                if r != 0 or info.name != b"rescued":
-                    continue
-                stride, ncpu = (info.value_size + 7) // 8 * 8, _possible_cpus()
-                buf = ctypes.create_string_buffer(stride * ncpu)
-                total = 0
-                for k in range(info.max_entries):
-                    key = ctypes.c_uint32(k)
-                    r, err = bpf(1, _ElemAttr(mine, 0, ctypes.addressof(key),
-                                              ctypes.addressof(buf)))
-                    assert r == 0, os.strerror(err)
-                    total += sum(int.from_bytes(buf.raw[i * stride:i * stride + 8], "little")
-                                 for i in range(ncpu))
-                return total
-            finally:
-                os.close(mine)
-    finally:
-        os.close(pidfd)
-    raise AssertionError(f"process {pid} holds no `rescued` map: no recursion rescue")
+# A regular tracepoint program of the test's own on the hook tcptrace traces: it counts the
+# transitions of connections to ADDR, an IPv4 address as a u32 in network byte order (not the
+# listener's own transitions), so the test knows how many hits
+# the kernel let a regular tracepoint program see.
+TP_COUNTER = r"""
+BPF_ARRAY(seen, u64, 1);
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    u32 s = 0, d = 0, k = 0;
+    if (args->protocol != 6 || args->family != 2)
+        return 0;
+    if ((args->oldstate == 7 && args->newstate == 10) ||
+        (args->oldstate == 10 && args->newstate == 7))
+        return 0;
+    __builtin_memcpy(&s, args->saddr, 4);
+    __builtin_memcpy(&d, args->daddr, 4);
+    if (s != ADDR && d != ADDR)
+        return 0;
+    u64 *v = seen.lookup(&k);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+    return 0;
+}
+"""
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
-def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
-    """Make the kernel skip our tracepoint programs for real, many times, and get every
-    transition anyway. A thread on CPU 0 keeps walking an empty hash map of 4M buckets with
+def test_transitions_in_softirqs_that_blind_tracepoint_programs_are_seen(tracer, pace, netns):
+    """Where the kernel skips every regular tracepoint program, tcptrace still sees every
+    transition. A thread on CPU 0 keeps walking an empty hash map of 4M buckets with
     BPF_MAP_LOOKUP_BATCH: the kernel holds bpf_prog_active for the walk
     (bpf_disable_instrumentation), as it does for tcptrace's own reads of its map. RPS steers the
     namespace's loopback receive work to CPU 0, where it runs in softirq over the walk, while
-    the connections are made from CPU 1. Every tracepoint program hit in that softirq is skipped
-    and counted as a recursion miss; the raw tracepoint twins must take each one, once.
-    The session tracer is the one under test: one of its own would cost a compile (~20 s in
-    the TCG VM) and trace the churn a third time, beside the two session tracers."""
+    the connections are made from CPU 1. trace_call_bpf() skips every tracepoint program hit
+    in that softirq (a counting program of the test's own shows it); tcptrace's programs, on
+    raw tracepoints, are not subject to that check (bpf/raw.c). Without BTF it runs tracepoint
+    programs, and this test does not apply. The session tracer is the one under test: one of
+    its own would cost a compile (~20 s in the TCG VM) and trace the churn a third time."""
+    import bcc
     from tcptrace.kernel.bpfsys import MapScanner
     from tcptrace.kernel.bpfsys import bpf
+    t = tracer
+    if "recursion rescue on" not in t.ready["plan"]:
+        pytest.skip("no BTF offsets: tcptrace runs regular tracepoint programs here")
+    addr = "127.78.0.1"
+    counter = bcc.BPF(text=TP_COUNTER.replace(
+        "ADDR", f"{int.from_bytes(socket.inet_aton(addr), 'little')}U").encode())
+    seen_by_tp = counter[b"seen"]
     subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
                     "echo 1 > /sys/class/net/lo/queues/rx-0/rps_cpus"], check=True)
     fd, err = bpf(0, _MapAttr(1, 8, 8, 1 << 22, 1))        # BPF_MAP_CREATE, hash, no prealloc
@@ -353,14 +307,10 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
         os.sched_setaffinity(0, {0})                      # this thread only
         while not stop.is_set():
             scanner.values()
-    t = tracer
-    assert "recursion rescue on" in t.stderr_path.read_text()
     # A round is as many connections as this machine makes and traces in about 5 s: 1000 on the
     # development host, fewer in emulation, where a thousand take minutes to trace (and every
     # tracer alive traces them).
-    n, addr = pace.conns_for(5.0, lo=200, hi=1000), "127.78.0.1"
-    pid = t.proc.pid
-    rescued0, misses0 = rescued_hits(pid), recursion_misses(pid)
+    n = pace.conns_for(5.0, lo=200, hi=1000)
     lost_before = len(t.matching(delivery_loss))
     walker = threading.Thread(target=walk)
     try:
@@ -368,16 +318,15 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
                               addr, "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         port = int(p.stdout.readline())
         walker.start()
-        # Rounds until the kernel has skipped our programs (the walk and the softirq must meet on
-        # CPU 0, which a busy machine can delay), at most 10. The twins' count shows a skip on
-        # every kernel; the kernel's own miss count only on 6.7+ (before, every round ran).
+        # Rounds until the kernel has skipped the test's tracepoint program (the walk and the
+        # softirq must meet on CPU 0, which a busy machine can delay), at most 10.
         rounds = 0
         while rounds < 10:
             p.stdin.write("go\n")
             p.stdin.flush()
             assert p.stdout.readline().strip() == "done"
             rounds += 1
-            if rescued_hits(pid) > rescued0 or recursion_misses(pid) > misses0:
+            if seen_by_tp[ctypes.c_int(0)].value < 10 * n * rounds:
                 break
         p.stdin.close()
         assert p.wait(60) == 0
@@ -385,11 +334,12 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
         walker.join()
         churned = time.monotonic()
         n *= rounds
+        skipped = 10 * n - seen_by_tp[ctypes.c_int(0)].value
         mine = lambda r: TRANSITION(r) and addr in (r["laddr"], r["raddr"]) and port in (
             r["lport"], r["rport"])
         # The tracer reads its loss counters every 100 ms (tcptrace/kernel/live.py) and stamps a
         # loss with the time of that read: a marker made 0.5 s after the churn comes after the
-        # read that counted its last skip, so once the marker is out, so is every loss of it.
+        # read that would count a loss of it.
         time.sleep(max(0.0, churned + 0.5 - time.monotonic()))
         wait_past_marker(t, timeout=pace.deadline(n))
     finally:
@@ -397,16 +347,10 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
         if walker.is_alive():
             walker.join()
         os.close(fd)
+        counter.cleanup()
     err_text = t.stderr_path.read_text()
-    rescued = rescued_hits(pid) - rescued0
-    assert rescued > 0, err_text                          # the kernel did skip programs
-    # ... and they covered them: nothing else was lost, and misses the twins could not take
-    # (a twin interrupted by a hit of its own hook on the same CPU is skipped by the kernel as
-    # well: 3 of 7,412 in one CI run) stay under 1% of what they took
-    lost_now = t.matching(delivery_loss)[lost_before:]
-    assert [r for r in lost_now if not r["where"].startswith("recursion:")] == [], err_text
-    uncovered = sum(r["count"] for r in lost_now if r["where"].startswith("recursion:"))
-    assert uncovered * 100 <= rescued, (uncovered, rescued, err_text)
+    assert skipped > 0, "the kernel never skipped a tracepoint program: the setup failed"
+    assert t.matching(delivery_loss)[lost_before:] == [], err_text
     # Each socket's transitions, exactly once: a chain from its first state to CLOSE in which
     # every step starts where the last one ended (a lost or doubled step breaks it). Which
     # close path a connection takes varies (both ends close at once, over two CPUs).
@@ -428,20 +372,16 @@ def test_hits_the_kernel_skips_for_recursion_are_recovered(tracer, pace, netns):
         if step[1] == "CLOSE":
             del open_[sk]
             done += 1
-    # Known residue: under thousands of forced skips some sockets show a step missing or told
-    # twice: none in most runs here, 2% of sockets in the worst fresh-clone run. Without the
-    # rescue nearly every socket breaks (each makes about 6 transitions in the steered
-    # softirq), so a bound of 10% (of breaks, each a socket generation's chain cut or a step
-    # after it) still fails a rescue that stopped working.
-    assert len(broken) + len(open_) <= 2 * n // 10, (len(broken), broken[:20])
-    assert done >= 2 * n - 2 * n // 10, (done, err_text)
-    # The missing steps were hits neither our program nor a twin ran for: the tally counts
-    # them (`unseen:`, machine-wide, so other traffic can only add). Every transition of the
-    # churn, 10 per connection, is shown or counted.
+    # Known residue: in about one run in three, 1-2% of the sockets show a step told out of
+    # order or twice, with nothing lost (the same with regular tracepoint programs and their
+    # twins, before raw ones; the cause is not known). Regular tracepoint programs miss most
+    # of these hits (see `skipped`: each socket makes about 6 transitions in the steered
+    # softirq), so nearly every socket would break: a bound of 10% (of breaks, each a socket
+    # generation's chain cut or a step after it) still fails a tracer blinded here.
+    assert len(broken) + len(open_) <= 2 * n // 10, (skipped, len(broken), broken[:20])
+    assert done >= 2 * n - 2 * n // 10, (done, n, skipped, err_text)
     seen = [r for r in t.matching(mine) if (r["oldstate"], r["newstate"]) not in listener]
-    unseen = sum(r["count"] for r in t.matching(lambda r: r["type"] == "lost"
-                                                 and r["where"].startswith("unseen:")))
-    assert len(seen) + unseen >= 10 * n, (len(seen), unseen, n, err_text)
+    assert len(seen) >= 10 * n, (len(seen), n, skipped, err_text)
 
 
 def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):

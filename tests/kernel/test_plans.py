@@ -123,7 +123,7 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
         src = KernelSource(plan, ports=traffic.ports)
         try:
             assert not [n for n in src.notes if "rescue off" in n], src.notes
-            twins = {prog for _h, _raw, prog, _k, hook in loader.TWINS
+            twins = {f"tt_prog_{h}" for h, _raw, _tp, _k, hook in loader.HOOKS
                      if hook is None or hook in plan.tracepoints} if plan.rescue else set()
             assert set(src.progs.twins) == twins
             assert bpf_prog_fds() > progs_before
