@@ -32,6 +32,13 @@ BPF_QUEUE(held_q, struct tt_hold, TT_HELD_MAX);
  * bpf_prog_active; a raw one: its own count of runs), so it is never used twice at once. */
 BPF_PERCPU_ARRAY(flushbuf, struct tt_event, 1);
 #define TT_FLUSH_PER_HIT 2   /* a connection holds two sockets and makes about ten hits */
+/* flush_after: per CPU, a time before which tt_flush need not look at held_q (a helper call and
+ * the queue's lock, shared by the CPUs, on every hit): the due time of the head it last found not
+ * due, as entries behind it were held after it, or, having found the queue empty, a hold time
+ * after that look, as what is held next is due no earlier. Pops elsewhere only make the head
+ * later. Entries pushed within microseconds of each other on two CPUs can sit out of time order
+ * in the queue; such an entry goes out that much late. */
+BPF_PERCPU_ARRAY(flush_after, u64, 1);
 /* requeued: per CPU, early copies the transport refused (both buffers full) and that went back
  * into held_q to be tried again; lost: those the full queue did not take back either, which
  * are then reported only with the socket's next transition. Incremented here, never deleted;
@@ -84,14 +91,24 @@ static __always_inline void tt_flush(void *ctx)
         return;
     int zero = 0;
     struct tt_event *f = flushbuf.lookup(&zero);
-    if (!f)
+    u64 *after = flush_after.lookup(&zero);
+    if (!f || !after)
         return;
     u64 now = bpf_ktime_get_ns();
+    if (now < *after)
+        return;
+    u64 hold_ns = (u64)hold_us * 1000;
 #pragma unroll
     for (int i = 0; i < TT_FLUSH_PER_HIT; i++) {
         struct tt_hold q = {};
-        if (held_q.peek(&q) != 0 || now - q.ts < (u64)hold_us * 1000)
+        if (held_q.peek(&q) != 0) {
+            *after = now + hold_ns;
             return;
+        }
+        if (now - q.ts < hold_ns) {
+            *after = q.ts + hold_ns;
+            return;
+        }
         if (held_q.pop(&q) != 0)
             return;
         struct tt_event *h = held.lookup(&q.sk);

@@ -79,15 +79,21 @@ static __always_inline void tt_mark(void *ctx, u32 kind, u64 id)
 }
 
 /* The twin's test: 1 if the first program took this hit (its mark is consumed), 0 if the twin
- * must do the work (counted as a rescue). */
-static __always_inline int tt_taken(void *ctx, u32 kind, u64 id)
+ * must do the work (counted as a rescue). The twin looks at both levels' marks rather than work
+ * out its own level (two helper calls on every hit): a mark names one hit, and the two slots
+ * never hold the same hit, so whichever matches is this hit's own. A mark left unconsumed (its
+ * twin skipped, which loses nothing) is overwritten by that level's next hit. */
+static __always_inline int tt_taken(u32 kind, u64 id)
 {
     struct tt_mark *m = marks.lookup(&kind);
     if (!m)
         return 1;                   /* cannot tell: never risk a duplicate */
-    u32 lvl = tt_level(ctx) & 1;
-    if (m->took[lvl] == id) {
-        m->took[lvl] = 0;
+    if (m->took[0] == id) {
+        m->took[0] = 0;
+        return 1;
+    }
+    if (m->took[1] == id) {
+        m->took[1] = 0;
         return 1;
     }
     u64 *n = rescued.lookup(&kind);
@@ -97,19 +103,24 @@ static __always_inline int tt_taken(void *ctx, u32 kind, u64 id)
 }
 
 /* What the tracepoints' TP_fast_assign reads: family and ports from sock_common and inet_sock,
- * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. */
+ * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. Each group of members that lie
+ * together (TT_SPAN_*: tcptrace/kernel/probes.py, RESCUE_SPANS) in one probe read. */
+#define TT_COMMON(off) (common + (off) - TT_SPAN_COMMON_LO)
+#define TT_INET(off) (inet + (off) - TT_SPAN_INET_LO)
 static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
 {
-    u16 port = 0;
-    bpf_probe_read_kernel(&s->family, 2, (void *)(sk + TT_OFF_FAMILY));
-    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_SPORT));
+    u8 common[TT_SPAN_COMMON_LEN] = {}, inet[TT_SPAN_INET_LEN] = {};
+    u16 port;
+    bpf_probe_read_kernel(common, TT_SPAN_COMMON_LEN, (void *)(sk + TT_SPAN_COMMON_LO));
+    bpf_probe_read_kernel(inet, TT_SPAN_INET_LEN, (void *)(sk + TT_SPAN_INET_LO));
+    __builtin_memcpy(&s->family, TT_COMMON(TT_OFF_FAMILY), 2);
+    __builtin_memcpy(&port, TT_INET(TT_OFF_SPORT), 2);
     s->sport = ntohs(port);
-    port = 0;
-    bpf_probe_read_kernel(&port, 2, (void *)(sk + TT_OFF_DPORT));
+    __builtin_memcpy(&port, TT_COMMON(TT_OFF_DPORT), 2);
     s->dport = ntohs(port);
     if (s->family == AF_INET) {
-        bpf_probe_read_kernel(s->saddr, 4, (void *)(sk + TT_OFF_SADDR));
-        bpf_probe_read_kernel(s->daddr, 4, (void *)(sk + TT_OFF_DADDR));
+        __builtin_memcpy(s->saddr, TT_INET(TT_OFF_SADDR), 4);
+        __builtin_memcpy(s->daddr, TT_COMMON(TT_OFF_DADDR), 4);
     } else {
         bpf_probe_read_kernel(s->saddr, 16, (void *)(sk + TT_OFF_V6_SADDR));
         bpf_probe_read_kernel(s->daddr, 16, (void *)(sk + TT_OFF_V6_DADDR));
@@ -141,7 +152,7 @@ static __always_inline u16 tt_read_protocol(u64 sk)
     }                                                                               \
     int tt_rescue_##hook(struct bpf_raw_tracepoint_args *ctx)                       \
     {                                                                               \
-        if (!tt_taken(ctx, kind, tt_id_##hook(ctx)))                                \
+        if (!tt_taken(kind, tt_id_##hook(ctx)))                                     \
             tt_do_##hook(ctx);                                                      \
         return 0;                                                                   \
     }

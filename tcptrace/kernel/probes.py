@@ -63,6 +63,12 @@ RESCUE_FIELDS = (
     ("OFF_SADDR", "inet_sock", "inet_saddr", 4),
     ("OFF_TASK_STACK", "task_struct", "stack", 8),
 )
+# The members bpf/raw.c reads with one probe read per group, as the kernel lays each group out
+# close together (sock_common's first 20 bytes; inet_sock's saddr and sport): each probe read
+# costs a helper call on every hit. (macro prefix, members by RESCUE_FIELDS macro)
+RESCUE_SPANS = (("SPAN_COMMON", ("OFF_DADDR", "OFF_DPORT", "OFF_FAMILY")),
+                ("SPAN_INET", ("OFF_SADDR", "OFF_SPORT")))
+SPAN_MAX = 32       # bytes, for a group read into the program's stack
 # What the listener facts (bpf/listen.c) read of a listening socket: which network namespace
 # it is in (its struct net's ns.inum, the inode `ip netns identify` and /proc/<pid>/ns/net
 # show), its family and its local port. The same macro names as the rescue's where the member
@@ -260,6 +266,20 @@ def _offsets(b, fields):
     return offs
 
 
+def _spans(offs, spans):
+    """{PREFIX_LO, PREFIX_LEN} of each group of `spans`: the bytes covering its members at their
+    offsets `offs`; BTFError if they lie more than SPAN_MAX bytes apart."""
+    sizes = {macro: size for macro, _s, _m, size in RESCUE_FIELDS}
+    out = {}
+    for prefix, members in spans:
+        lo = min(offs[m] for m in members)
+        n = max(offs[m] + sizes[m] for m in members) - lo
+        if n > SPAN_MAX:
+            raise btf.BTFError(f"{', '.join(members)} lie {n} bytes apart (expected <= {SPAN_MAX})")
+        out[prefix + "_LO"], out[prefix + "_LEN"] = lo, n
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _vmlinux_btf(path):
     """The kernel's BTF, parsed once for all the checks below (each reads a few types of it; a
@@ -276,6 +296,7 @@ def rescue_offsets(path=None):
         if b.offset("inet_sock", "sk")[0] != 0:
             raise btf.BTFError("struct inet_sock does not begin with its sock")
         offs = _offsets(b, RESCUE_FIELDS)
+        offs.update(_spans(offs, RESCUE_SPANS))
         # THREAD_SIZE, to tell a task's stack from an interrupt stack (bpf/raw.c: tt_level).
         # BTF has no constants; x86_64 sizes its IRQ stacks the same, and arm64 (no such struct)
         # uses 16 KiB with 4 KiB pages.

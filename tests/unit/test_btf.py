@@ -156,8 +156,15 @@ def test_malformed_blobs_are_refused():
 def test_running_kernel_has_every_member_the_rescue_reads():
     check, offs = probes.rescue_offsets()
     assert check.status == probes.SUPPORTED, check.detail
-    assert set(offs) == {m for m, *_ in probes.RESCUE_FIELDS} | {"SZ_STACK"}
+    spans = {f"{p}_{end}" for p, _m in probes.RESCUE_SPANS for end in ("LO", "LEN")}
+    assert set(offs) == {m for m, *_ in probes.RESCUE_FIELDS} | {"SZ_STACK"} | spans
     assert offs["SZ_STACK"] in (16384, 32768, 65536)
+    # each group's one read covers its members, and no more than it must
+    sizes = {m: size for m, _s, _mem, size in probes.RESCUE_FIELDS}
+    for prefix, members in probes.RESCUE_SPANS:
+        lo, n = offs[prefix + "_LO"], offs[prefix + "_LEN"]
+        assert lo == min(offs[m] for m in members)
+        assert lo + n == max(offs[m] + sizes[m] for m in members) <= lo + probes.SPAN_MAX
     # sock_common comes first in struct sock, inet_sock's own members after struct sock
     b = btf.BTF.load()
     sock_size = b.size(b._structs["sock"])
@@ -169,3 +176,13 @@ def test_running_kernel_has_every_member_the_rescue_reads():
     cf = loader.cflags(probes.Plan(rescue=True, consts={"rescue": offs}), 64)
     assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['OFF_PROTOCOL']}" in cf
     assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf
+
+
+def test_members_too_far_apart_for_one_read_turn_the_raw_programs_off():
+    offs = {"OFF_DADDR": 0, "OFF_DPORT": 12, "OFF_FAMILY": 16, "OFF_SADDR": 808,
+            "OFF_SPORT": 814}
+    assert probes._spans(offs, probes.RESCUE_SPANS) == {
+        "SPAN_COMMON_LO": 0, "SPAN_COMMON_LEN": 18, "SPAN_INET_LO": 808, "SPAN_INET_LEN": 8}
+    offs["OFF_SPORT"] = 808 + probes.SPAN_MAX
+    with pytest.raises(btf.BTFError, match="OFF_SADDR, OFF_SPORT lie 34 bytes apart"):
+        probes._spans(offs, probes.RESCUE_SPANS)
