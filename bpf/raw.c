@@ -134,17 +134,18 @@ static __always_inline u16 tt_read_protocol(u64 sk)
     return proto;
 }
 
-/* Each hook: the hit's id (tt_id_<hook>) and its work (tt_do_<hook>), which both programs share.
+/* Each hook: what names a hit (tt_id_state or tt_id_sk) and its work (tt_do_<hook>), which both
+ * programs share.
  * TT_PROGRAMS defines the two, attached by name in this order (tcptrace/kernel/loader.py: HOOKS):
  * tt_prog_<hook>, which counts the hit, marks it and does the work (and, on state hits, sends
  * held opens that are due: hold.c, whose buffer only this program uses, and the kernel never
  * runs it twice at once on a CPU); tt_rescue_<hook>, the twin. */
-#define TT_PROGRAMS(hook, kind)                                                     \
+#define TT_PROGRAMS(hook, kind, id)                                                  \
     int tt_prog_##hook(struct bpf_raw_tracepoint_args *ctx)                         \
     {                                                                               \
         tt_hit(kind);                                                               \
         TT_STEP_ASIDE();                                                            \
-        tt_mark(ctx, kind, tt_id_##hook(ctx));                                      \
+        tt_mark(ctx, kind, id(ctx));                                                \
         tt_do_##hook(ctx);                                                          \
         if (kind == TT_STATE)                                                       \
             tt_flush(ctx);                                                          \
@@ -152,10 +153,17 @@ static __always_inline u16 tt_read_protocol(u64 sk)
     }                                                                               \
     int tt_rescue_##hook(struct bpf_raw_tracepoint_args *ctx)                       \
     {                                                                               \
-        if (!tt_taken(kind, tt_id_##hook(ctx)))                                     \
+        if (!tt_taken(kind, id(ctx)))                                               \
             tt_do_##hook(ctx);                                                      \
         return 0;                                                                   \
     }
+
+/* The other hooks' hits: their socket (marks are per kind, and no hook fires twice for a socket
+ * at once). */
+static __always_inline u64 tt_id_sk(struct bpf_raw_tracepoint_args *ctx)
+{
+    return ctx->args[0];
+}
 
 /* inet_sock_set_state(sk, oldstate, newstate) */
 static __always_inline u64 tt_id_state(struct bpf_raw_tracepoint_args *ctx)
@@ -172,15 +180,10 @@ static __always_inline void tt_do_state(struct bpf_raw_tracepoint_args *ctx)
     tt_read_sk(sk, &s);
     tt_state(ctx, sk, ctx->args[1], ctx->args[2], &s);
 }
-TT_PROGRAMS(state, TT_STATE)
+TT_PROGRAMS(state, TT_STATE, tt_id_state)
 
 #ifdef TT_HOOK_RECV_RESET
 /* tcp_receive_reset(sk) */
-static __always_inline u64 tt_id_recv_reset(struct bpf_raw_tracepoint_args *ctx)
-{
-    return ctx->args[0];
-}
-
 static __always_inline void tt_do_recv_reset(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk = ctx->args[0];
@@ -188,16 +191,11 @@ static __always_inline void tt_do_recv_reset(struct bpf_raw_tracepoint_args *ctx
     tt_read_sk(sk, &s);
     tt_recv_reset(ctx, sk, &s);
 }
-TT_PROGRAMS(recv_reset, TT_RECV_RESET)
+TT_PROGRAMS(recv_reset, TT_RECV_RESET, tt_id_sk)
 #endif
 
 #ifdef TT_HOOK_SOCK_ERROR
 /* inet_sk_error_report(sk): the errno is the socket's sk_err. */
-static __always_inline u64 tt_id_sock_error(struct bpf_raw_tracepoint_args *ctx)
-{
-    return ctx->args[0];
-}
-
 static __always_inline void tt_do_sock_error(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk = ctx->args[0];
@@ -209,16 +207,11 @@ static __always_inline void tt_do_sock_error(struct bpf_raw_tracepoint_args *ctx
     bpf_probe_read_kernel(&err, 4, (void *)(sk + TT_OFF_ERR));
     tt_sock_error(ctx, err, &s);
 }
-TT_PROGRAMS(sock_error, TT_SOCK_ERROR)
+TT_PROGRAMS(sock_error, TT_SOCK_ERROR, tt_id_sk)
 #endif
 
 #ifdef TT_HOOK_RETRANS
 /* tcp_retransmit_skb(sk, skb[, reason]): SYN retransmissions only (facts.c). */
-static __always_inline u64 tt_id_retrans(struct bpf_raw_tracepoint_args *ctx)
-{
-    return ctx->args[0];
-}
-
 static __always_inline void tt_do_retrans(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk = ctx->args[0];
@@ -230,5 +223,5 @@ static __always_inline void tt_do_retrans(struct bpf_raw_tracepoint_args *ctx)
     tt_read_sk(sk, &s);
     tt_retrans(ctx, sk, &s);
 }
-TT_PROGRAMS(retrans, TT_RETRANS)
+TT_PROGRAMS(retrans, TT_RETRANS, tt_id_sk)
 #endif
