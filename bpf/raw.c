@@ -8,11 +8,12 @@
  * taken: by any kprobe or tracepoint BPF program running there (ours or another tool's), and by
  * every bpf(2) map operation (bpf_disable_instrumentation(); tcptrace's own read of `socks`
  * walks all its buckets that way), so a softirq interrupting one of those makes transitions no
- * regular program sees; and perf's own recursion guard drops some hits before BPF is asked.
- * A raw tracepoint program is skipped only when it would re-enter itself on a CPU: a hit in a
- * softirq that interrupts the program. And it costs less: the kernel builds no trace record and
- * no perf context for it (on a host where kernel entry is expensive the workload kept 0.72 of
- * its untraced rate flat out instead of 0.67-0.70; docs/bench.md).
+ * regular program sees. A raw tracepoint program is skipped for that only when it would
+ * re-enter itself on a CPU: a hit in a softirq that interrupts the program. And it costs less:
+ * the kernel builds no trace record and no perf context for it (on a host where kernel entry is
+ * expensive the workload kept 0.71-0.73 of its untraced rate flat out, 0.695 with regular
+ * programs; docs/man/overhead.md). Some hits still get no BPF run of either kind, uncounted by
+ * the kernel: the tally finds them (tcptrace/kernel/losses.py, `unseen:`).
  *
  * Those re-entry skips remain (about 4 in 1,000 connections at 20k/s), so each hook has a second
  * raw program, the twin, attached after the first (tcptrace/kernel/loader.py): it runs on every
