@@ -84,8 +84,7 @@ def cflags(plan, ringbuf_pages):
     flags += [f"-DTT_{k}={v}" for k, v in sorted(consts.items())]
     if plan.rescue and os.environ.get("TCPTRACE_TEST_RESCUE_ONLY") == "1":
         # Tests only: the first programs step aside and the twins handle every hit, so their
-        # field reads are checked against
-        # real sockets (tests/kernel/test_foundation.py).
+        # field reads are checked against real sockets (tests/kernel/test_foundation.py).
         flags.append("-DTT_RESCUE_ONLY=1")
     return flags
 
@@ -221,10 +220,6 @@ class Programs:
         # Armed last, in its own update: the programs emit nothing until every filter is in.
         v.armed = 1
         cfg[ctypes.c_int(0)] = v
-
-    def fd(self, prog):
-        """A loaded program's fd by name, or None."""
-        return next((fn.fd for name, fn in self.b.funcs.items() if _name(name) == prog), None)
 
     def prog_stats(self, twins=True):
         """{program name: (run_cnt, run_time_ns, recursion_misses)} of every loaded program;

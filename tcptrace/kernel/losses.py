@@ -137,9 +137,8 @@ class _Tallied:
         """Hits BPF was shown, from counts read after the tally: the program's runs, and the
         hits it was skipped for, which the kernel counts as misses (a regular tracepoint
         program's since 6.7: earlier kernels skip it without counting) and the twin counts as
-        rescued. Where both
-        count, the rescued are some of the misses; where only the twins do, they are all we
-        know of."""
+        rescued. Where both count, the rescued are some of the misses; where only the twins do,
+        they are all we know of."""
         st = stats.get(self.prog)
         misses = (st[2] or 0) if st else 0
         saved = rescued[self.kind] if self.twinned and rescued is not None else 0
