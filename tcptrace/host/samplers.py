@@ -64,51 +64,54 @@ class Sampler:
 
 
 class Background:
-    """Runs samplers on a thread of their own, so that a dump of tens of thousands of sockets
+    """Runs each sampler on a thread of its own, so that a dump of tens of thousands of sockets
     (0.1 s on the development machine, far more in an emulated guest) never holds up the poll
     loop: the kernel's buffers are still drained, and findings written, on time. With them in
     the poll loop, a stuck finding in the 6.1 guest of CI came too late for its test to see the
-    socket still stuck. A reading is stamped when its dump is done (under the lock that hands
-    it over), and handed over by the first poll that read the clock after that: in time order
-    with the events, never behind what the pipeline has already released."""
+    socket still stuck. One thread per sampler, not one for all: a reading of the TIME_WAIT
+    table after a storm can take seconds there, and the listeners' queues must still be read
+    every second meanwhile (a SYN flood is told by them). A reading is stamped when its dump is
+    done (under the lock that hands it over), and handed over by the first poll that read the
+    clock after that: in time order with the events, never behind what the pipeline has
+    already released."""
 
     def __init__(self, samplers):
         self.samplers = list(samplers)
-        self.error = None             # what stopped the thread, if anything did
+        self.error = None             # what stopped a sampler's thread, if anything did
         self.spent = {}               # sampler name -> [CPU seconds, readings]
         self._ready = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = None
+        self._threads = []
 
     def start(self):
-        if self.samplers and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tcptrace-sampler",
-                                            daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True,
+                                              name=f"tcptrace-sampler-{s.name}")
+                             for s in self.samplers]
+            for t in self._threads:
+                t.start()
 
-    def _run(self):
+    def _run(self, s):
+        spent = self.spent.setdefault(s.name, [0.0, 0])
         try:
             while not self._stop.is_set():
                 now = time.monotonic_ns()
-                for s in self.samplers:
-                    if now >= s.next_ns:
-                        # This thread's CPU: the sampling's own share of the tracer's cost,
-                        # said at exit (bench/run.py reads it). A sampler's helper threads
-                        # (entering a namespace once, to open a socket there) are not counted.
-                        cpu = time.thread_time()
-                        got = s.sample(now)
-                        spent = self.spent.setdefault(s.name, [0.0, 0])
-                        spent[0] += time.thread_time() - cpu
-                        spent[1] += 1
-                        s.next_ns = now + s.period_ns
-                        with self._lock:
-                            done = time.monotonic_ns()
-                            self._ready.extend(r._replace(ts_ns=done) for r in got)
-                wait_ns = min(s.next_ns for s in self.samplers) - time.monotonic_ns()
-                self._stop.wait(max(wait_ns, 1_000_000) / 1e9)
-        except Exception as e:        # said at exit; tracing goes on without samples
-            self.error = f"{type(e).__name__}: {e}"
+                if now >= s.next_ns:
+                    # This thread's CPU: the sampling's own share of the tracer's cost, said at
+                    # exit (bench/run.py reads it). A sampler's helper threads (entering a
+                    # namespace once, to open a socket there) are not counted.
+                    cpu = time.thread_time()
+                    got = s.sample(now)
+                    spent[0] += time.thread_time() - cpu
+                    spent[1] += 1
+                    s.next_ns = now + s.period_ns
+                    with self._lock:
+                        done = time.monotonic_ns()
+                        self._ready.extend(r._replace(ts_ns=done) for r in got)
+                self._stop.wait(max(s.next_ns - time.monotonic_ns(), 1_000_000) / 1e9)
+        except Exception as e:        # said at exit; tracing goes on without its samples
+            self.error = self.error or f"{s.name}: {type(e).__name__}: {e}"
 
     def take(self, now_ns):
         """The readings finished by now_ns (the clock read before this poll's drain): a later
@@ -125,8 +128,8 @@ class Background:
         """Stop the thread once its reading in progress is done; the readings not taken yet
         (the run's last ones: a short run's only one)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for t in self._threads:
+            t.join(10)
         with self._lock:
             ready, self._ready = self._ready, []
         return ready

@@ -102,7 +102,7 @@ def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_the
     assert notes[1] == f"sampler slow: {n} readings, {notes[1].split()[4]} ms CPU" and n >= 2
     assert len(notes) == 2
     assert len(got) >= 2 and got[1].ts_ns - got[0].ts_ns >= 20 * MS     # its dump's time
-    assert slow.threads == {"tcptrace-sampler"}
+    assert slow.threads == {"tcptrace-sampler-slow"}
 
     class Broken(Slow):
         def sample(self, now_ns):
@@ -111,7 +111,41 @@ def test_samplers_run_on_their_own_thread_and_readings_wait_for_a_poll_after_the
     bg.start()
     time.sleep(0.05)
     notes = bg.close()
-    assert notes[0] == "slow: described" and notes[-1] == "sampling stopped: ValueError: boom"
+    assert notes[0] == "slow: described" and notes[-1] == "sampling stopped: slow: ValueError: boom"
+
+
+def test_a_slow_sampler_does_not_hold_up_another():
+    """A TIME_WAIT reading that takes seconds (a storm's table in the emulated guest) must not
+    stop the listeners from being read every period: each sampler has its own thread."""
+    import threading
+    import time
+    from tcptrace.host.samplers import Background, Sampler
+
+    release = threading.Event()
+
+    class Stuck(Sampler):
+        name = "stuck"
+        period_ns = 10 * MS
+
+        def sample(self, now_ns):
+            release.wait(10)
+            return []
+
+    class Quick(Sampler):
+        name = "quick"
+        period_ns = 10 * MS
+
+        def sample(self, now_ns):
+            return [Sample(now_ns, self.name, 1, {})]
+    bg = Background([Stuck(), Quick()])
+    bg.start()
+    got, t0 = [], time.monotonic()
+    while len(got) < 5 and time.monotonic() - t0 < 5:
+        got += bg.take(time.monotonic_ns())
+        time.sleep(0.005)
+    release.set()
+    bg.close()
+    assert len(got) >= 5 and {r.what for r in got} == {"quick"}
 
 
 def test_finish_waits_for_the_reading_in_progress_and_hands_it_over():
