@@ -14,6 +14,11 @@ ends in the namespace, so --sockets sockets, all ESTABLISHED), then times, --rep
   listen+request dumps  and its SYN_RECV dump
   proc         reading /proc/<pid>/net/tcp and tcp6 whole (what owners.py does to seed)
   ss           `ss -tanH state syn-recv` (a process per reading)
+  new listener a reading that walks the namespaces again and looks a listener's owner up
+  new listener, loop busy   the same while another thread runs Python flat out
+               (the tracer's poll loop in a storm), at Python's default switch interval and at
+               the one a live run sets: the reading's many short system calls each give up the
+               GIL and wait for it (tcptrace/kernel/live.py, SWITCH_INTERVAL_S)
 and the same again with no connections open, so the growth is what the sockets cost. The
 sockets live in the sampled namespace: the kernel walks its whole socket hash (every
 namespace's sockets) for a SYN_RECV dump and skips the others', so this is the worst case.
@@ -28,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +42,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 from tcptrace.host import samplers  # noqa: E402
 from tcptrace.host.diag import Diag  # noqa: E402
 from tcptrace.host.samplers import _dumps  # noqa: E402
+from tcptrace.kernel.live import SWITCH_INTERVAL_S  # noqa: E402
+
+DEFAULT_SWITCH_S = 0.005        # Python's
 
 CLONE_NEWNET = 0x40000000
 
@@ -92,6 +101,33 @@ def timed(fn, repeat):
             "median_ms": round(statistics.median(out), 3), "max_ms": round(max(out), 3)}
 
 
+def new_listener(s):
+    """A reading that finds a listener it has not seen (as in a storm's first second): the
+    namespaces walked again and the owner looked up."""
+    s._owners.clear()
+    s.namespaces._at = None
+    s.sample(time.monotonic_ns())
+
+
+def busy(fn, repeat, interval_s):
+    """timed(fn) while another thread keeps the GIL busy, with this switch interval."""
+    stop = threading.Event()
+
+    def burn():
+        while not stop.is_set():
+            sum(range(1000))
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    t = threading.Thread(target=burn, daemon=True)
+    t.start()
+    try:
+        return timed(fn, repeat)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(was)
+
+
 def measure(repeat):
     s = samplers.Listeners()
     s.sample(time.monotonic_ns())          # owners and settings read once, as in a run
@@ -100,6 +136,7 @@ def measure(repeat):
         # a reading a second, as in a run where nothing moves: request socks are counted at
         # every refresh_every-th (10th) reading only, so the mean is what a second costs
         "sampler": lambda: s.sample(time.monotonic_ns()),
+        "new listener": lambda: new_listener(s),
         "listen dump": lambda: _dumps(d, s.families, (), False),
         "listen+request dumps": lambda: _dumps(d, s.families, (), True),
         "proc": lambda: [open(f"/proc/self/net/{n}").read() for n in ("tcp", "tcp6")],
@@ -107,7 +144,13 @@ def measure(repeat):
                                      capture_output=True, check=True),
     }
     try:
-        return {k: timed(fn, repeat) for k, fn in ways.items()}
+        got = {k: timed(fn, repeat) for k, fn in ways.items()}
+        # the tracer's poll loop busy on another thread (a storm), at Python's default switch
+        # interval and at the one a live run sets (tcptrace/kernel/live.py)
+        for iv in (DEFAULT_SWITCH_S, SWITCH_INTERVAL_S):
+            got[f"new listener, loop busy, {iv * 1e3:g} ms switch"] = \
+                busy(lambda: new_listener(s), min(repeat, 5), iv)
+        return got
     finally:
         d.close()
         s.close()

@@ -3,10 +3,11 @@ wants it: the transport drained every tick, the loss counters read every 100 ms,
 the kernel's maps hold read every scan interval.
 
 The perf/ring callbacks only append records; everything time-based runs from here or from the
-pipeline, on the clock read just before each drain. Samplers (host/samplers.py) run on a thread
+pipeline, on the clock read just before each drain. Samplers (host/samplers.py) run on threads
 of their own; their readings join the batch of the next drain.
 """
 import operator
+import sys
 import time
 
 from tcptrace import errors
@@ -17,6 +18,13 @@ from tcptrace.wire import F_SYSCALL, Batch, Kind
 
 countOf = operator.countOf
 _kind = operator.attrgetter("kind")
+
+# How long the poll loop keeps the GIL while another thread waits for it. The samplers' threads
+# (and the metrics server's) make many short system calls, and give the GIL up for each; while
+# the loop is busy (a storm), each waits the whole interval to take it back, and the default
+# 5 ms made a listen reading of 300 file descriptors take 2.6 s instead of 6 ms (0.07 s at
+# 0.5 ms; docs/bench.md). The loop pays for a switch only while another thread is waiting.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def next_tick_ms(opts, records, since_ms, capacity):
@@ -101,6 +109,7 @@ class LiveSource:
         deadline = self.started_ns + int(opts.duration * 1e9) if opts.duration else None
         next_loss = next_scan = next_agg = 0
         scan_every = opts.scan_ms * 1_000_000
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         sampling = self.sampling = Background(self.samplers)
         sampling.start()
         tick, last = opts.tick_ms, None
