@@ -63,16 +63,25 @@ class Recording:
         self.path = tracer.record_path
         self.pos = os.path.getsize(self.path)
 
-    def samples(self, netns):
+    def samples(self, netns=None):
+        """The listen readings of namespace `netns` (None: of every namespace)."""
         out = []
         with open(self.path) as f:
             f.seek(self.pos)
             for line in f:
                 if line.endswith("\n") and '"kind":"sample"' in line:
                     r = json.loads(line)
-                    if r["netns"] == netns and r["what"] == "listen":
+                    if netns in (None, r["netns"]) and r["what"] == "listen":
                         out.append(r)
         return out
+
+    def readings_since(self, t_ns):
+        """What to say of the listen readings around t_ns when one did not come: when the last
+        ones of each namespace were taken, relative to it."""
+        last = {}
+        for s in self.samples():
+            last.setdefault(s["netns"], []).append(f"{(s['ts_ns'] - t_ns) / 1e9:+.1f}")
+        return "; ".join(f"netns {ns}: {' '.join(ts[-4:])} s" for ns, ts in last.items())
 
     def until(self, check, what, timeout=10.0):
         """Until check() is true. The timeout counts in the tracer's own time, as
@@ -81,7 +90,7 @@ class Recording:
         while not check():
             if time.monotonic() >= deadline:
                 over = self.tracer.overdue(deadline)
-                assert over is None, f"{what} ({over})"
+                assert over is None, f"{what() if callable(what) else what} ({over})"
             time.sleep(0.05)        # polling the tracer's own output: the signal itself
 
     def wait_read(self, netns, port):
@@ -296,7 +305,8 @@ def test_a_storm_against_a_healthy_listener_is_no_pressure(tracer, pace):
                        "--rate", "10000", "--duration", str(STORM_S), "--workers", "2"])
             ended = time.monotonic_ns()
             rec.until(lambda: any(s["ts_ns"] > ended for s in rec.samples(ns)),
-                      "no reading of the namespace after the storm")
+                      lambda: f"no reading of netns {ns} after the storm (the last listen "
+                              f"readings, from its end: {rec.readings_since(ended)})")
     finally:
         run(["ip", "netns", "del", name], check=False)
     res = json.loads(out)
