@@ -77,7 +77,7 @@ class Background:
 
     def __init__(self, samplers):
         self.samplers = list(samplers)
-        self.error = None             # what stopped a sampler's thread, if anything did
+        self.errors = {}              # sampler name -> what stopped its thread
         self.spent = {}               # sampler name -> [CPU seconds, readings]
         self._ready = []
         self._lock = threading.Lock()
@@ -110,8 +110,8 @@ class Background:
                         done = time.monotonic_ns()
                         self._ready.extend(r._replace(ts_ns=done) for r in got)
                 self._stop.wait(max(s.next_ns - time.monotonic_ns(), 1_000_000) / 1e9)
-        except Exception as e:        # said at exit; tracing goes on without its samples
-            self.error = self.error or f"{s.name}: {type(e).__name__}: {e}"
+        except Exception as e:        # said at exit; tracing and the other samplers go on
+            self.errors[s.name] = f"{type(e).__name__}: {e}"
 
     def take(self, now_ns):
         """The readings finished by now_ns (the clock read before this poll's drain): a later
@@ -144,8 +144,8 @@ class Background:
                 notes.append(s.describe())
         for name, (cpu, n) in sorted(self.spent.items()):
             notes.append(f"sampler {name}: {n} readings, {cpu * 1000:.0f} ms CPU")
-        if self.error:
-            notes.append(f"sampling stopped: {self.error}")
+        for name, why in sorted(self.errors.items()):
+            notes.append(f"sampler {name} stopped: {why}")
         return notes
 
 
