@@ -21,10 +21,17 @@
  * was skipped and does its work. The twin cannot be skipped with it: it runs after the program
  * at the same level, so it is running only when the program is not. */
 
-/* What identifies a hit to both programs (marks are per kind): the socket, and for a state hit
- * the transition too. Sockets lie more than 256 bytes apart, so the states can share the
- * pointer's word. */
-#define TT_ID_STATE(sk, old, new) ((u64)(sk) ^ (((u64)(old) << 4) | (new)))
+/* A kernel member read. A typed tracepoint program (TT_TYPED: tp_btf, loaded by
+ * tcptrace/kernel/loader.py) gets the socket as a BTF pointer and loads from it directly: the
+ * verifier checks the load against the struct's layout, and a fault is fixed up as a probe read's
+ * would be, without the helper call (about 20 ns a read on a host where calls are dear:
+ * docs/bench.md). A raw tracepoint program's argument is a plain number: a probe read. */
+#ifdef TT_TYPED
+#define TT_READ(type, addr) (*(type *)(addr))
+#else
+#define TT_READ(type, addr)                                                        \
+    ({ type v_ = 0; bpf_probe_read_kernel(&v_, sizeof(v_), (void *)(addr)); v_; })
+#endif
 
 #ifdef TT_RESCUE_ONLY
 /* Tests only: the first program steps aside and the twin handles every hit, so the rescue path
@@ -42,7 +49,10 @@
  * so one slot each is exact, where a ring of recent marks shared by the levels is not
  * (docs/design.md, "Raw tracepoints and the rescue"). */
 struct tt_mark {
-    u64 took[2];
+    u64 sk[2];      /* per level: the hit's socket */
+    u32 pair[2];    /* and for a state hit its transition (old << 4 | new), else 0: kept apart
+                     * from the socket, since a typed tracepoint's socket is a pointer to the
+                     * verifier, which refuses mixing a variable into one (6.1) */
 };
 BPF_PERCPU_ARRAY(marks, struct tt_mark, TT_KIND_MAX);
 /* rescued: per kind, per CPU, hits the twin handled because the first program was skipped;
@@ -66,17 +76,22 @@ static __always_inline u64 tt_addr(void *p)
  * task_struct.stack, TT_SZ_STACK THREAD_SIZE (from BTF). */
 static __always_inline u32 tt_level(void *ctx)
 {
-    u64 stack = 0;
-    bpf_probe_read_kernel(&stack, sizeof(stack),
-                          (void *)(bpf_get_current_task() + TT_OFF_TASK_STACK));
+#ifdef TT_TYPED
+    u64 stack = TT_READ(u64, (u64)bpf_get_current_task_btf() + TT_OFF_TASK_STACK);
+#else
+    u64 stack = TT_READ(u64, bpf_get_current_task() + TT_OFF_TASK_STACK);
+#endif
     return tt_addr(ctx) - stack < TT_SZ_STACK ? 0 : 1;
 }
 
-static __always_inline void tt_mark(void *ctx, u32 kind, u64 id)
+static __always_inline void tt_mark(void *ctx, u32 kind, u64 sk, u32 pair)
 {
     struct tt_mark *m = marks.lookup(&kind);
-    if (m)
-        m->took[tt_level(ctx) & 1] = id;
+    if (m) {
+        u32 level = tt_level(ctx) & 1;
+        m->sk[level] = sk;
+        m->pair[level] = pair;
+    }
 }
 
 /* The twin's test: 1 if the first program took this hit (its mark is consumed), 0 if the twin
@@ -84,17 +99,17 @@ static __always_inline void tt_mark(void *ctx, u32 kind, u64 id)
  * out its own level (two helper calls on every hit): a mark names one hit, and the two slots
  * never hold the same hit, so whichever matches is this hit's own. A mark left unconsumed (its
  * twin skipped, which loses nothing) is overwritten by that level's next hit. */
-static __always_inline int tt_taken(u32 kind, u64 id)
+static __always_inline int tt_taken(u32 kind, u64 sk, u32 pair)
 {
     struct tt_mark *m = marks.lookup(&kind);
     if (!m)
         return 1;                   /* cannot tell: never risk a duplicate */
-    if (m->took[0] == id) {
-        m->took[0] = 0;
+    if (m->sk[0] == sk && m->pair[0] == pair) {
+        m->sk[0] = 0;
         return 1;
     }
-    if (m->took[1] == id) {
-        m->took[1] = 0;
+    if (m->sk[1] == sk && m->pair[1] == pair) {
+        m->sk[1] = 0;
         return 1;
     }
     u64 *n = rescued.lookup(&kind);
@@ -103,17 +118,54 @@ static __always_inline int tt_taken(u32 kind, u64 id)
     return 0;
 }
 
-/* What the tracepoints' TP_fast_assign reads: family and ports from sock_common and inet_sock,
- * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6. Each group of members that lie
- * together (TT_SPAN_*: tcptrace/kernel/probes.py, RESCUE_SPANS) in one probe read. */
-#define TT_COMMON(off) (common + (off) - TT_SPAN_COMMON_LO)
-#define TT_INET(off) (inet + (off) - TT_SPAN_INET_LO)
-static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
+/* The address to read a TCP socket's inet_sock members at (its local address and port), or 0
+ * if the socket is not TCP. Typed: bpf_skc_to_tcp_sock(), which checks the protocol and gives a
+ * pointer the verifier lets reach past struct sock (inet_sock, tcp_sock); raw: the socket itself
+ * once its protocol, read, says TCP. */
+static __always_inline u64 tt_tcp(u64 sk)
 {
-    u8 common[TT_SPAN_COMMON_LEN] = {}, inet[TT_SPAN_INET_LEN] = {};
+#ifdef TT_TYPED
+    return (u64)bpf_skc_to_tcp_sock((void *)sk);
+#else
+    return TT_READ(u16, sk + TT_OFF_PROTOCOL) == TT_IPPROTO_TCP ? sk : 0;
+#endif
+}
+
+/* What the tracepoints' TP_fast_assign reads: family and ports from sock_common and inet_sock,
+ * inet_saddr / skc_daddr for IPv4, the skc_v6 pair for IPv6 (`inet` from tt_tcp). Typed, each
+ * member is loaded on its own; raw, each group of members that lie together (TT_SPAN_*:
+ * tcptrace/kernel/probes.py, RESCUE_SPANS) in one probe read. */
+#ifdef TT_TYPED
+static __always_inline void tt_read_sk(u64 sk, u64 inet, struct tt_sk *s)
+{
+    u32 a;
+    s->family = TT_READ(u16, sk + TT_OFF_FAMILY);
+    s->sport = ntohs(TT_READ(u16, inet + TT_OFF_SPORT));
+    s->dport = ntohs(TT_READ(u16, sk + TT_OFF_DPORT));
+    if (s->family == AF_INET) {
+        a = TT_READ(u32, inet + TT_OFF_SADDR);
+        __builtin_memcpy(s->saddr, &a, 4);
+        a = TT_READ(u32, sk + TT_OFF_DADDR);
+        __builtin_memcpy(s->daddr, &a, 4);
+    } else {
+        u64 w[2];
+        w[0] = TT_READ(u64, sk + TT_OFF_V6_SADDR);
+        w[1] = TT_READ(u64, sk + TT_OFF_V6_SADDR + 8);
+        __builtin_memcpy(s->saddr, w, 16);
+        w[0] = TT_READ(u64, sk + TT_OFF_V6_DADDR);
+        w[1] = TT_READ(u64, sk + TT_OFF_V6_DADDR + 8);
+        __builtin_memcpy(s->daddr, w, 16);
+    }
+}
+#else
+#define TT_COMMON(off) (common + (off) - TT_SPAN_COMMON_LO)
+#define TT_INET(off) (inet_ + (off) - TT_SPAN_INET_LO)
+static __always_inline void tt_read_sk(u64 sk, u64 inet, struct tt_sk *s)
+{
+    u8 common[TT_SPAN_COMMON_LEN] = {}, inet_[TT_SPAN_INET_LEN] = {};
     u16 port;
     bpf_probe_read_kernel(common, TT_SPAN_COMMON_LEN, (void *)(sk + TT_SPAN_COMMON_LO));
-    bpf_probe_read_kernel(inet, TT_SPAN_INET_LEN, (void *)(sk + TT_SPAN_INET_LO));
+    bpf_probe_read_kernel(inet_, TT_SPAN_INET_LEN, (void *)(inet + TT_SPAN_INET_LO));
     __builtin_memcpy(&s->family, TT_COMMON(TT_OFF_FAMILY), 2);
     __builtin_memcpy(&port, TT_INET(TT_OFF_SPORT), 2);
     s->sport = ntohs(port);
@@ -127,26 +179,20 @@ static __always_inline void tt_read_sk(u64 sk, struct tt_sk *s)
         bpf_probe_read_kernel(s->daddr, 16, (void *)(sk + TT_OFF_V6_DADDR));
     }
 }
+#endif
 
-static __always_inline u16 tt_read_protocol(u64 sk)
-{
-    u16 proto = 0;
-    bpf_probe_read_kernel(&proto, 2, (void *)(sk + TT_OFF_PROTOCOL));
-    return proto;
-}
-
-/* Each hook: what names a hit (tt_id_state or tt_id_sk) and its work (tt_do_<hook>), which both
- * programs share.
+/* Each hook: what names a hit besides its socket (tt_pair_state or tt_pair_none) and its work
+ * (tt_do_<hook>), which both programs share.
  * TT_PROGRAMS defines the two, attached by name in this order (tcptrace/kernel/loader.py: HOOKS):
  * tt_prog_<hook>, which counts the hit, marks it and does the work (and, on state hits, sends
  * held opens that are due: hold.c, whose buffer only this program uses, and the kernel never
  * runs it twice at once on a CPU); tt_rescue_<hook>, the twin. */
-#define TT_PROGRAMS(hook, kind, id)                                                  \
+#define TT_PROGRAMS(hook, kind, pair)                                                \
     int tt_prog_##hook(struct bpf_raw_tracepoint_args *ctx)                         \
     {                                                                               \
         tt_hit(kind);                                                               \
         TT_STEP_ASIDE();                                                            \
-        tt_mark(ctx, kind, id(ctx));                                                \
+        tt_mark(ctx, kind, ctx->args[0], pair(ctx));                                \
         tt_do_##hook(ctx);                                                          \
         if (kind == TT_STATE)                                                       \
             tt_flush(ctx);                                                          \
@@ -154,75 +200,73 @@ static __always_inline u16 tt_read_protocol(u64 sk)
     }                                                                               \
     int tt_rescue_##hook(struct bpf_raw_tracepoint_args *ctx)                       \
     {                                                                               \
-        if (!tt_taken(kind, id(ctx)))                                               \
+        if (!tt_taken(kind, ctx->args[0], pair(ctx)))                               \
             tt_do_##hook(ctx);                                                      \
         return 0;                                                                   \
     }
 
-/* The other hooks' hits: their socket (marks are per kind, and no hook fires twice for a socket
- * at once). */
-static __always_inline u64 tt_id_sk(struct bpf_raw_tracepoint_args *ctx)
+/* The other hooks' hits: their socket alone (marks are per kind, and no hook fires twice for a
+ * socket at once). */
+static __always_inline u32 tt_pair_none(struct bpf_raw_tracepoint_args *ctx)
 {
-    return ctx->args[0];
+    return 0;
 }
 
-/* inet_sock_set_state(sk, oldstate, newstate) */
-static __always_inline u64 tt_id_state(struct bpf_raw_tracepoint_args *ctx)
+/* inet_sock_set_state(sk, oldstate, newstate): the socket and its transition */
+static __always_inline u32 tt_pair_state(struct bpf_raw_tracepoint_args *ctx)
 {
-    return TT_ID_STATE(ctx->args[0], (u8)ctx->args[1], (u8)ctx->args[2]);
+    return ((u32)(u8)ctx->args[1] << 4) | (u8)ctx->args[2];
 }
 
 static __always_inline void tt_do_state(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk = ctx->args[0];
-    if (tt_read_protocol(sk) != TT_IPPROTO_TCP)
+    u64 sk = ctx->args[0], inet = tt_tcp(sk);
+    if (!inet)
         return;
     struct tt_sk s = {};
-    tt_read_sk(sk, &s);
+    tt_read_sk(sk, inet, &s);
     tt_state(ctx, sk, ctx->args[1], ctx->args[2], &s);
 }
-TT_PROGRAMS(state, TT_STATE, tt_id_state)
+TT_PROGRAMS(state, TT_STATE, tt_pair_state)
 
 #ifdef TT_HOOK_RECV_RESET
 /* tcp_receive_reset(sk) */
 static __always_inline void tt_do_recv_reset(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk = ctx->args[0];
+    u64 sk = ctx->args[0], inet = tt_tcp(sk);
+    if (!inet)
+        return;
     struct tt_sk s = {};
-    tt_read_sk(sk, &s);
+    tt_read_sk(sk, inet, &s);
     tt_recv_reset(ctx, sk, &s);
 }
-TT_PROGRAMS(recv_reset, TT_RECV_RESET, tt_id_sk)
+TT_PROGRAMS(recv_reset, TT_RECV_RESET, tt_pair_none)
 #endif
 
 #ifdef TT_HOOK_SOCK_ERROR
 /* inet_sk_error_report(sk): the errno is the socket's sk_err. */
 static __always_inline void tt_do_sock_error(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk = ctx->args[0];
-    if (tt_read_protocol(sk) != TT_IPPROTO_TCP)
+    u64 sk = ctx->args[0], inet = tt_tcp(sk);
+    if (!inet)
         return;
     struct tt_sk s = {};
-    int err = 0;
-    tt_read_sk(sk, &s);
-    bpf_probe_read_kernel(&err, 4, (void *)(sk + TT_OFF_ERR));
-    tt_sock_error(ctx, err, &s);
+    tt_read_sk(sk, inet, &s);
+    tt_sock_error(ctx, TT_READ(int, sk + TT_OFF_ERR), &s);
 }
-TT_PROGRAMS(sock_error, TT_SOCK_ERROR, tt_id_sk)
+TT_PROGRAMS(sock_error, TT_SOCK_ERROR, tt_pair_none)
 #endif
 
 #ifdef TT_HOOK_RETRANS
 /* tcp_retransmit_skb(sk, skb[, reason]): SYN retransmissions only (facts.c). */
 static __always_inline void tt_do_retrans(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk = ctx->args[0];
-    u8 state = 0;
-    bpf_probe_read_kernel(&state, 1, (void *)(sk + TT_OFF_STATE));
-    if (state != TT_SYN_SENT)
+    u64 sk = ctx->args[0], inet;
+    if (TT_READ(u8, sk + TT_OFF_STATE) != TT_SYN_SENT || !(inet = tt_tcp(sk)))
         return;
     struct tt_sk s = {};
-    tt_read_sk(sk, &s);
+    tt_read_sk(sk, inet, &s);
     tt_retrans(ctx, sk, &s);
 }
-TT_PROGRAMS(retrans, TT_RETRANS, tt_id_sk)
+TT_PROGRAMS(retrans, TT_RETRANS, tt_pair_none)
 #endif

@@ -34,6 +34,8 @@
  *                           (tcptrace/kernel/btf.py); with them, a failed connect's CLOSE
  *                           record carries its sk_err (state.c: tt_close_err). Else the
  *                           tracepoint programs below
+ *   TT_TYPED=1              with TT_RESCUE: raw.c's programs are loaded as typed tracepoints
+ *                           (tp_btf) and read the socket directly, not by probe reads
  *   TT_SOCK_ID=1            a listener's namespace, family and port, at TT_OFF_* from BTF
  *   TT_LISTEN_OVERFLOW=1    skb:kfree_skb's TCP_LISTEN_OVERFLOW drops, with the reason's number
  *                           and the raw arguments' positions of the running kernel (BTF)

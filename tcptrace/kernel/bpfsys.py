@@ -5,6 +5,7 @@ The attr structs are prefixes of the uapi `union bpf_attr` (stable ABI); the ker
 what a shorter struct leaves out.
 """
 import ctypes
+import os
 import platform
 import struct
 
@@ -12,8 +13,12 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 
 BPF_MAP_CREATE = 0
+BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_RAW_TP = 23
 
 
 def bpf(cmd, attr):
@@ -69,6 +74,57 @@ def possible_cpus():
         lo, _, hi = part.partition("-")
         n = max(n, int(hi or lo) + 1)
     return n
+
+
+class _LoadAttr(ctypes.Structure):
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
+                ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32),
+                ("func_info", ctypes.c_uint64), ("func_info_cnt", ctypes.c_uint32),
+                ("line_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
+                ("line_info_cnt", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32)]
+
+
+def load_typed_tracepoint(insns, name, btf_id):
+    """A BTF-typed tracepoint program (tp_btf: BPF_PROG_TYPE_TRACING attached as
+    BPF_TRACE_RAW_TP) from compiled bytecode (map fds in it) and the vmlinux BTF id of the
+    tracepoint's `btf_trace_<name>` typedef: its fd. OSError if the kernel refuses it, with the
+    verifier's last line."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = _LoadAttr(prog_type=BPF_PROG_TYPE_TRACING, insn_cnt=len(insns) // 8,
+                     insns=ctypes.addressof(buf), license=ctypes.addressof(lic),
+                     prog_name=name.encode()[:15], expected_attach_type=BPF_TRACE_RAW_TP,
+                     attach_btf_id=btf_id)
+    fd, err = bpf(BPF_PROG_LOAD, attr)
+    if fd >= 0:
+        return fd
+    log = ctypes.create_string_buffer(1 << 20)        # again, for what the verifier said
+    attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+    fd2, _ = bpf(BPF_PROG_LOAD, attr)
+    if fd2 >= 0:                                      # a second try passed: keep it
+        return fd2
+    lines = [ln for ln in log.value.decode(errors="replace").splitlines()
+             if ln and not ln.startswith("processed ")]
+    raise OSError(err, f"{os.strerror(err)}: {lines[-1] if lines else 'no verifier log'}")
+
+
+class _RawTpAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32)]
+
+
+def attach_typed_tracepoint(prog_fd):
+    """Attach a program from load_typed_tracepoint() to its tracepoint (named by its BTF id):
+    the link's fd, which detaches it when closed. OSError if refused."""
+    fd, err = bpf(BPF_RAW_TRACEPOINT_OPEN, _RawTpAttr(0, prog_fd))
+    if fd < 0:
+        raise OSError(err, os.strerror(err))
+    return fd
 
 
 class _BatchAttr(ctypes.Structure):

@@ -202,6 +202,11 @@ class BTF:
         at = self._types[tid][4] - 12
         return self._str(struct.unpack_from("<I", self._data, at)[0])
 
+    def tracepoint_id(self, name):
+        """The BTF id of tracepoint `name`'s probe type (`btf_trace_<name>`), which a typed
+        tracepoint program (tp_btf) is loaded against; None if BTF does not describe it."""
+        return self._named[_TYPEDEF].get(f"btf_trace_{name}")
+
     def tracepoint_args(self, name):
         """The arguments of tracepoint `name` as its raw tracepoint programs get them
         (ctx->args[i]), as C type names; None if BTF does not describe it. The kernel declares

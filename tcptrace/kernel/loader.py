@@ -12,6 +12,7 @@ from importlib.resources import files as _res_files
 
 from tcptrace import errors, histogram
 from tcptrace.kernel import probes
+from tcptrace.kernel import bpfsys
 from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
@@ -127,6 +128,10 @@ def release_compiler_memory():
     return advised
 
 
+class _TypedRefused(Exception):
+    """The kernel refused a typed tracepoint program (or BTF lacks its tracepoint's type)."""
+
+
 def _name(n):
     return n.decode() if isinstance(n, bytes) else n
 
@@ -136,55 +141,93 @@ class Programs:
     programs while loading, the raw tracepoint programs of HOOKS are attached here, each before
     its twin. `b` is the BCC module (maps by name); `hook_progs` maps each hook's Kind to the
     program that takes its hits; `twins` maps each of those programs that has a twin to that
-    Kind (its `rescued` slot)."""
+    Kind (its `rescued` slot); `typed` holds the fds of those loaded as typed tracepoints."""
 
     def __init__(self, plan, ringbuf_pages):
-        try:
-            import bcc
-        except ImportError:
-            raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
-        text = source()
-        flags = cflags(plan, ringbuf_pages)
-        t0 = time.monotonic()
-        try:
-            with _stdout_to_stderr():
-                self.b = bcc.BPF(text=text.encode(), cflags=flags)
-        except Exception as e:   # BCC raises bare Exception for compile and attach failures
-            raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
-        self.compile_s = time.monotonic() - t0
         self.notes = []
         self.twins = {}
-        self._raw_fds = []
+        self._raw_fds = []          # attachments (links) to close
+        self.typed = {}             # programs loaded as typed tracepoints (tp_btf): name -> fd
+        t0 = time.monotonic()
+        self.b = self._compile(plan, ringbuf_pages)
         hooks = set(plan.tracepoints)
         mine = [h for h in HOOKS if h[4] is None or h[4] in hooks]
         if plan.rescue:
             self.hook_progs = {kind: f"tt_prog_{hook}" for hook, _r, _t, kind, _p in mine}
             try:
-                self._attach_raw(mine)
+                try:
+                    self._attach_raw(mine, plan)
+                except _TypedRefused as e:
+                    # The verifier has the last word on what BTF promised: raw tracepoint
+                    # programs instead, which need the program compiled without TT_TYPED
+                    self.close()
+                    plan.typed = False
+                    self.notes.append(f"typed tracepoints refused ({e}): raw tracepoint "
+                                      "programs instead, reading the socket by probe reads")
+                    self.twins = {}
+                    self.b = self._compile(plan, ringbuf_pages)
+                    self._attach_raw(mine, plan)
             except Exception:
                 self.close()
                 raise
         else:
             self.hook_progs = {kind: prog for _h, _r, prog, kind, _p in mine}
+        self.compile_s = time.monotonic() - t0
         release_compiler_memory()
 
-    def _attach_raw(self, hooks):
-        """Attach each hook's raw tracepoint program, then its twin: a tracepoint calls its
-        probes in the order they were attached, and the twin decides by what ran before it on
-        the same hit."""
+    @staticmethod
+    def _compile(plan, ringbuf_pages):
+        try:
+            import bcc
+        except ImportError:
+            raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
+        try:
+            with _stdout_to_stderr():
+                return bcc.BPF(text=source().encode(), cflags=cflags(plan, ringbuf_pages))
+        except Exception as e:   # BCC raises bare Exception for compile and attach failures
+            raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
+
+    def _attach_raw(self, hooks, plan):
+        """Attach each hook's program, then its twin: a tracepoint calls its probes in the order
+        they were attached, and the twin decides by what ran before it on the same hit. Typed
+        tracepoint programs (plan.typed) are loaded here, from the bytecode BCC compiled (BCC
+        loads tp_btf programs of no name it knows); _TypedRefused if the kernel refuses the
+        first one, which the caller answers with raw tracepoint programs."""
+        ids = plan.consts.get("typed", {}) if plan.typed else None
         for hook, raw, _tp, kind, _plan_name in hooks:
             first = f"tt_prog_{hook}"
             try:
-                self._attach(first, raw)
+                if ids is None:
+                    self._attach(first, raw)
+                else:
+                    self._attach_typed(first, raw, ids)
+            except _TypedRefused:
+                raise
             except Exception as e:     # BCC raises bare Exception
                 raise errors.Unavailable(f"attaching {first} to raw tracepoint {raw} failed: {e}")
             try:
-                self._attach(f"tt_rescue_{hook}", raw)
+                if ids is None:
+                    self._attach(f"tt_rescue_{hook}", raw)
+                else:
+                    self._attach_typed(f"tt_rescue_{hook}", raw, ids)
+            except _TypedRefused:
+                raise
             except Exception as e:
                 # The program's misses are then reported as lost, as without a twin.
                 self.notes.append(f"recursion rescue off for {raw}: {e}")
                 continue
             self.twins[first] = kind
+
+    def _attach_typed(self, name, raw, ids):
+        btf_id = ids.get(f"TP_{raw.upper()}")
+        if btf_id is None:
+            raise _TypedRefused(f"no btf_trace_{raw} in BTF")
+        try:
+            fd = bpfsys.load_typed_tracepoint(self.b.dump_func(name.encode()), name, btf_id)
+        except OSError as e:
+            raise _TypedRefused(f"{name}: {e.strerror}") from e
+        self.typed[name] = fd
+        self._raw_fds.append(bpfsys.attach_typed_tracepoint(fd))
 
     def _attach(self, name, raw):
         import bcc
@@ -226,18 +269,19 @@ class Programs:
         twins=False: but the twins (tt_rescue*), which lose nothing when skipped
         (kernel/losses.py reads the others on every drain)."""
         out = {}
-        for name, fn in self.b.funcs.items():
-            name = _name(name)
+        fds = {_name(name): fn.fd for name, fn in self.b.funcs.items()} | self.typed
+        for name, fd in fds.items():
             if not twins and name.startswith("tt_rescue"):
                 continue
-            st = prog_stats(fn.fd)
+            st = prog_stats(fd)
             if st is not None:
                 out[name] = st
         return out
 
     def close(self):
-        for fd in self._raw_fds:
+        for fd in self._raw_fds + list(self.typed.values()):
             os.close(fd)
         self._raw_fds = []
+        self.typed = {}
         with contextlib.suppress(Exception):
             self.b.cleanup()

@@ -310,6 +310,32 @@ def rescue_offsets(path=None):
                  minver), offs
 
 
+# The tracepoints bpf/raw.c's programs take hits from (tcptrace/kernel/loader.py: HOOKS).
+RAW_HOOKS = ("inet_sock_set_state", "tcp_receive_reset", "inet_sk_error_report",
+             "tcp_retransmit_skb")
+
+
+@functools.lru_cache(maxsize=4)
+def typed_tracepoints(path=None):
+    """(Check, {macro: BTF id}) for loading bpf/raw.c's programs as typed tracepoints (tp_btf),
+    which read the socket's members directly instead of a probe read (a helper call) each: the
+    id of each hook's `btf_trace_<name>` typedef in the running kernel's BTF, as TP_<NAME>.
+    Needs what the rescue needs (raw.c) and the typedef of inet_sock_set_state; the kernel's
+    verifier has the last word when the loader loads them (it falls back to raw tracepoints)."""
+    name, minver = "typed tracepoints", "5.5"
+    check, _ = rescue_offsets(path)
+    if check.status != SUPPORTED:
+        return Check(name, UNSUPPORTED, f"needs the recursion rescue's BTF offsets ({check.detail})",
+                     minver), {}
+    b = _vmlinux_btf(path or btf.VMLINUX)
+    ids = {f"TP_{tp.upper()}": b.tracepoint_id(tp) for tp in RAW_HOOKS}
+    ids = {k: v for k, v in ids.items() if v is not None}
+    if "TP_INET_SOCK_SET_STATE" not in ids:
+        return Check(name, UNSUPPORTED, "BTF has no btf_trace_inet_sock_set_state", minver), {}
+    return Check(name, SUPPORTED, "the raw tracepoint programs load as tp_btf and read the "
+                 "socket directly (no probe read per member)", minver), ids
+
+
 @functools.lru_cache(maxsize=4)
 def sock_id_offsets(path=None):
     """(Check, {macro: value}): where a socket's network namespace, family and local port are,
@@ -380,8 +406,8 @@ def reset_reasons(path=None):
 
 # What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
 # the loader compiles in as -DTT_<macro>=<value> with the option's switches.
-CONSTS = {"rescue": rescue_offsets, "sock_id": sock_id_offsets, "overflow": overflow_args,
-          "rst_reason": lambda: reset_reasons()[:2]}
+CONSTS = {"rescue": rescue_offsets, "typed": typed_tracepoints, "sock_id": sock_id_offsets,
+          "overflow": overflow_args, "rst_reason": lambda: reset_reasons()[:2]}
 
 
 @dataclass(frozen=True)
@@ -429,6 +455,9 @@ SWITCHES = (
     Switch("rescue", (
         Option(True, "recursion rescue", ("-DTT_RESCUE=1",), consts="rescue"),
         Option(False, note="recursion rescue {status}: {detail}"))),
+    Switch("typed", (
+        Option(True, "typed tracepoints", ("-DTT_TYPED=1",), consts="typed"),
+        Option(False, note="typed tracepoints {status}: {detail}"))),
     Switch("sock_id", (
         Option(True, "socket namespaces", ("-DTT_SOCK_ID=1",), consts="sock_id"),
         Option(False, note="socket namespaces {status}: {detail}"))),
@@ -459,6 +488,7 @@ class Plan:
     tracepoints: list = field(default_factory=list)     # names from TRACEPOINTS / RAW_TRACEPOINTS
     connect_hook: str = "none"                           # kprobe | syscall | none
     rescue: bool = False                                 # bpf/raw.c (BTF offsets)
+    typed: bool = False                                  # bpf/raw.c's programs as tp_btf
     hold: bool = False                                   # bpf/hold.c (queue maps)
     sock_id: bool = False                                # bpf/listen.c: a listener's namespace
     overflow: bool = False                               # bpf/listen.c: kfree_skb overflows
@@ -488,7 +518,8 @@ class Plan:
                 "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
                 "none": "none"}[self.connect_hook]
         return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
-                f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}; "
+                f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}"
+                f"{' (typed tracepoints)' if self.rescue and self.typed else ''}; "
                 f"held opens {'on' if self.hold else 'off'}; listener namespaces "
                 f"{'on' if self.sock_id else 'off'}; listen overflows "
                 f"{'per listener' if self.overflow else 'per namespace'}")
@@ -543,7 +574,8 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out += [CONSTS[name]()[0] for name in ("rescue", "sock_id", "overflow", "rst_reason")]
+    out += [CONSTS[name]()[0] for name in ("rescue", "typed", "sock_id", "overflow",
+                                            "rst_reason")]
     _vmlinux_btf.cache_clear()
     if td is None:
         out.append(Check("transition tally", UNKNOWN,

@@ -126,6 +126,10 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
             twins = {f"tt_prog_{h}" for h, _raw, _tp, _k, hook in loader.HOOKS
                      if hook is None or hook in plan.tracepoints} if plan.rescue else set()
             assert set(src.progs.twins) == twins
+            # typed tracepoints where the plan has them, refused by no verifier here
+            assert not [n for n in src.notes if "typed tracepoints refused" in n], src.notes
+            typed = twins | {p.replace("tt_prog_", "tt_rescue_") for p in twins}
+            assert set(src.progs.typed) == (typed if plan.typed else set())
             assert bpf_prog_fds() > progs_before
             traffic.run()
             evs, seen = collect(src, traffic, expect(row))

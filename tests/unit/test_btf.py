@@ -90,6 +90,19 @@ def test_tracepoint_arguments_and_enum_values_come_from_btf():
     assert b.enum("wide") == {"A": 1 << 40} and b.enum("nope") is None
 
 
+def test_typed_tracepoints_load_against_the_probe_types_btf_id(tmp_path):
+    """A tp_btf program is loaded against the id of its tracepoint's `btf_trace_<name>`
+    typedef, in the running kernel's BTF: none there, no typed programs (nor without the
+    offsets the rescue reads)."""
+    b = tracepoints(with_rx_sk=True)
+    assert b.tracepoint_id("kfree_skb") == 10 and b.tracepoint_id("consume_skb") is None
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b._data)
+    check, ids = probes.typed_tracepoints(str(path))        # no struct sock members in it
+    assert check.status == probes.UNSUPPORTED and ids == {}
+    assert "recursion rescue" in check.detail
+
+
 def test_overflow_check_takes_positions_and_number_from_the_running_kernel(tmp_path):
     """The reason's number and the arguments' positions are the kernel's, not a table's; a
     kernel whose kfree_skb names no socket (6.1) cannot count overflows per listener."""
@@ -175,7 +188,14 @@ def test_running_kernel_has_every_member_the_rescue_reads():
     assert ids["OFF_FAMILY"] == offs["OFF_FAMILY"]      # one member, one macro, one value
     cf = loader.cflags(probes.Plan(rescue=True, consts={"rescue": offs}), 64)
     assert "-DTT_RESCUE=1" in cf and f"-DTT_OFF_PROTOCOL={offs['OFF_PROTOCOL']}" in cf
-    assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf
+    assert f"-DTT_SZ_STACK={offs['SZ_STACK']}" in cf and "-DTT_TYPED=1" not in cf
+    # every hook of raw.c has its probe type, to load its programs as typed tracepoints
+    check, ids = probes.typed_tracepoints()
+    assert check.status == probes.SUPPORTED, check.detail
+    assert ids["TP_INET_SOCK_SET_STATE"] == b.tracepoint_id("inet_sock_set_state")
+    assert b.tracepoint_args("inet_sock_set_state")[0] == "struct sock *"
+    cf = loader.cflags(probes.Plan(rescue=True, typed=True, consts={"rescue": offs}), 64)
+    assert "-DTT_TYPED=1" in cf
 
 
 def test_members_too_far_apart_for_one_read_turn_the_raw_programs_off():
