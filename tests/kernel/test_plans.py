@@ -146,6 +146,47 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
         brief(e) if type(e) is wire.Event else repr(e) for e in evs)
 
 
+def test_a_refused_typed_program_falls_back_to_raw_tracepoints(monkeypatch):
+    """Where the verifier refuses a typed tracepoint program (BTF promised what the kernel does
+    not allow), the loader compiles again without it, attaches raw tracepoint programs, says
+    why, and the transitions still come."""
+    plan = probes.plan("auto")
+    if not (plan.rescue and plan.typed):
+        pytest.skip("no typed tracepoints on this kernel: " + "; ".join(plan.notes))
+    from tcptrace.kernel import bpfsys
+    from tcptrace.kernel.source import KernelSource
+
+    def refuse(insns, name, btf_id):
+        raise OSError(errno.EACCES, "Permission denied: refused for the test")
+    monkeypatch.setattr(bpfsys, "load_typed_tracepoint", refuse)
+    row = probes_row(plan)
+    progs_before = bpf_prog_fds()
+    traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"],
+                      listener=row["tcp:tcp_retransmit_synack"] or row["overflow"])
+    try:
+        src = KernelSource(plan, ports=traffic.ports)
+        try:
+            assert [n for n in src.notes if n.startswith("typed tracepoints refused (tt_prog_state"
+                                                         ": Permission denied")], src.notes
+            assert not plan.typed and src.progs.typed == {}
+            assert set(src.progs.twins) == {f"tt_prog_{h}" for h, _r, _t, _k, hook in
+                                            loader.HOOKS if hook is None or hook in
+                                            plan.tracepoints}
+            traffic.run()
+            evs, seen = collect(src, traffic, expect(row))
+        finally:
+            src.close()
+    finally:
+        traffic.close()
+    assert bpf_prog_fds() == progs_before, "programs still loaded after close()"
+    assert seen == expect(row), "records:\n" + "\n".join(
+        brief(e) if type(e) is wire.Event else repr(e) for e in evs)
+
+
+def probes_row(plan):
+    return {sw.name: plan.choice(sw) for sw in probes.SWITCHES}
+
+
 def expect(row):
     """What each switch's option must show."""
     return {
