@@ -21,9 +21,10 @@ _kind = operator.attrgetter("kind")
 
 # How long the poll loop keeps the GIL while another thread waits for it. The samplers' threads
 # (and the metrics server's) make many short system calls, and give the GIL up for each; while
-# the loop is busy (a storm), each waits the whole interval to take it back, and the default
-# 5 ms made a listen reading of 300 file descriptors take 2.6 s instead of 6 ms (0.07 s at
-# 0.5 ms; docs/bench.md). The loop pays for a switch only while another thread is waiting.
+# the loop is busy (a storm), each waits the whole interval to take it back: with the default
+# 5 ms a listen reading that meets a new listener took 2.0 s instead of 3.2 ms alone (57 ms at
+# 0.5 ms; docs/bench.md, "the GIL convoy"). The loop pays for a switch only while another
+# thread is waiting.
 SWITCH_INTERVAL_S = 0.0005
 
 

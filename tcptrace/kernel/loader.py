@@ -11,8 +11,7 @@ import time
 from importlib.resources import files as _res_files
 
 from tcptrace import errors, histogram
-from tcptrace.kernel import probes
-from tcptrace.kernel import bpfsys
+from tcptrace.kernel import bpfsys, probes
 from tcptrace.kernel.bpfsys import LIBC, prog_stats
 from tcptrace.lifecycle import rules
 from tcptrace.wire import Kind
@@ -148,7 +147,7 @@ class Programs:
         self.twins = {}
         self._raw_fds = []          # attachments (links) to close
         self.typed = {}             # programs loaded as typed tracepoints (tp_btf): name -> fd
-        t0 = time.monotonic()
+        self.compile_s = 0.0
         self.b = self._compile(plan, ringbuf_pages)
         hooks = set(plan.tracepoints)
         mine = [h for h in HOOKS if h[4] is None or h[4] in hooks]
@@ -172,44 +171,44 @@ class Programs:
                 raise
         else:
             self.hook_progs = {kind: prog for _h, _r, prog, kind, _p in mine}
-        self.compile_s = time.monotonic() - t0
         release_compiler_memory()
 
-    @staticmethod
-    def _compile(plan, ringbuf_pages):
+    def _compile(self, plan, ringbuf_pages):
+        """The BCC module of bpf/tcptrace.c for the plan; its time is added to compile_s."""
         try:
             import bcc
         except ImportError:
             raise errors.Unavailable("python3 module 'bcc' missing: apt-get install python3-bpfcc")
+        t0 = time.monotonic()
         try:
             with _stdout_to_stderr():
                 return bcc.BPF(text=source().encode(), cflags=cflags(plan, ringbuf_pages))
         except Exception as e:   # BCC raises bare Exception for compile and attach failures
             raise errors.Unavailable(f"loading the BPF programs failed: {e}") from e
+        finally:
+            self.compile_s += time.monotonic() - t0
 
     def _attach_raw(self, hooks, plan):
         """Attach each hook's program, then its twin: a tracepoint calls its probes in the order
         they were attached, and the twin decides by what ran before it on the same hit. Typed
         tracepoint programs (plan.typed) are loaded here, from the bytecode BCC compiled (BCC
-        loads tp_btf programs of no name it knows); _TypedRefused if the kernel refuses the
-        first one, which the caller answers with raw tracepoint programs."""
-        ids = plan.consts.get("typed", {}) if plan.typed else None
+        loads tp_btf programs of no name it knows); _TypedRefused if the kernel refuses any of
+        them, which the caller answers with raw tracepoint programs."""
+        if plan.typed:
+            ids = plan.consts.get("typed", {})
+            attach = lambda name, raw: self._attach_typed(name, raw, ids)   # noqa: E731
+        else:
+            attach = self._attach
         for hook, raw, _tp, kind, _plan_name in hooks:
             first = f"tt_prog_{hook}"
             try:
-                if ids is None:
-                    self._attach(first, raw)
-                else:
-                    self._attach_typed(first, raw, ids)
+                attach(first, raw)
             except _TypedRefused:
                 raise
             except Exception as e:     # BCC raises bare Exception
                 raise errors.Unavailable(f"attaching {first} to raw tracepoint {raw} failed: {e}")
             try:
-                if ids is None:
-                    self._attach(f"tt_rescue_{hook}", raw)
-                else:
-                    self._attach_typed(f"tt_rescue_{hook}", raw, ids)
+                attach(f"tt_rescue_{hook}", raw)
             except _TypedRefused:
                 raise
             except Exception as e:
@@ -219,6 +218,8 @@ class Programs:
             self.twins[first] = kind
 
     def _attach_typed(self, name, raw, ids):
+        """Load BCC's bytecode of program `name` as a typed tracepoint program of `raw` (its
+        BTF id from `ids`, the plan's consts) and attach it."""
         btf_id = ids.get(f"TP_{raw.upper()}")
         if btf_id is None:
             raise _TypedRefused(f"no btf_trace_{raw} in BTF")
