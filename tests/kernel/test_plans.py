@@ -115,16 +115,14 @@ def bpf_prog_fds():
 def test_plan_compiles_attaches_delivers_and_detaches(row):
     from tcptrace.kernel.source import KernelSource
     plan = probes.plan("auto", checks_for(row))
-    assert {sw.name: plan.choice(sw) for sw in probes.SWITCHES} == row
+    assert probes_row(plan) == row
     progs_before = bpf_prog_fds()
-    traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"],
-                      listener=row["tcp:tcp_retransmit_synack"] or row["overflow"])
+    traffic = traffic_for(row)
     try:
         src = KernelSource(plan, ports=traffic.ports)
         try:
             assert not [n for n in src.notes if "rescue off" in n], src.notes
-            twins = {f"tt_prog_{h}" for h, _raw, _tp, _k, hook in loader.HOOKS
-                     if hook is None or hook in plan.tracepoints} if plan.rescue else set()
+            twins = first_programs(plan) if plan.rescue else set()
             assert set(src.progs.twins) == twins
             # typed tracepoints where the plan has them, refused by no verifier here
             assert not [n for n in src.notes if "typed tracepoints refused" in n], src.notes
@@ -161,17 +159,14 @@ def test_a_refused_typed_program_falls_back_to_raw_tracepoints(monkeypatch):
     monkeypatch.setattr(bpfsys, "load_typed_tracepoint", refuse)
     row = probes_row(plan)
     progs_before = bpf_prog_fds()
-    traffic = Traffic(retrans=row["tcp:tcp_retransmit_skb"],
-                      listener=row["tcp:tcp_retransmit_synack"] or row["overflow"])
+    traffic = traffic_for(row)
     try:
         src = KernelSource(plan, ports=traffic.ports)
         try:
             assert [n for n in src.notes if n.startswith("typed tracepoints refused (tt_prog_state"
                                                          ": Permission denied")], src.notes
             assert not plan.typed and src.progs.typed == {}
-            assert set(src.progs.twins) == {f"tt_prog_{h}" for h, _r, _t, _k, hook in
-                                            loader.HOOKS if hook is None or hook in
-                                            plan.tracepoints}
+            assert set(src.progs.twins) == first_programs(plan)
             traffic.run()
             evs, seen = collect(src, traffic, expect(row))
         finally:
@@ -184,7 +179,20 @@ def test_a_refused_typed_program_falls_back_to_raw_tracepoints(monkeypatch):
 
 
 def probes_row(plan):
+    """The option the plan took of each switch."""
     return {sw.name: plan.choice(sw) for sw in probes.SWITCHES}
+
+
+def traffic_for(row):
+    """The traffic that shows every option of the row."""
+    return Traffic(retrans=row["tcp:tcp_retransmit_skb"],
+                   listener=row["tcp:tcp_retransmit_synack"] or row["overflow"])
+
+
+def first_programs(plan):
+    """The first program of each hook the plan traces on raw.c's programs (each with a twin)."""
+    return {f"tt_prog_{h}" for h, _raw, _tp, _k, hook in loader.HOOKS
+            if hook is None or hook in plan.tracepoints}
 
 
 def expect(row):

@@ -93,3 +93,9 @@ def test_the_plan_reads_only_the_checks_it_is_given():
     cs = [dataclasses.replace(c, status=UNSUPPORTED) if c.name == "kprobes" else c
           for c in machine()]
     assert probes.plan("auto", cs, CONSTS).connect_hook == "syscall"
+
+
+def test_the_typed_check_looks_up_every_hook_the_loader_attaches():
+    """probes.RAW_HOOKS (whose BTF ids the typed tracepoints check reads) and loader.HOOKS
+    (what the loader attaches) name the same tracepoints."""
+    assert set(probes.RAW_HOOKS) == {raw for _h, raw, _tp, _k, _p in loader.HOOKS}
