@@ -114,6 +114,58 @@ int kretprobe__tcp_v6_connect(struct pt_regs *ctx)
 #endif
 
 #ifdef TT_SYSCALL_CONNECT
+#ifdef TT_CONNECT_REGS
+/* connect()'s failures, from its return alone: the call's arguments are in the registers the
+ * kernel saved at entry (bpf_task_pt_regs(), 5.15; TT_OFF_REGS_* from BTF), so no program runs on
+ * sys_enter_connect. That one matters beyond connect(): any program on a syscall's entry
+ * tracepoint sends every system call of every process through the entry slow path, which cost
+ * the loopback storm about 4% of its rate on a host where kernel entry is expensive
+ * (docs/bench.md). Told failures (TT_CONNECT_TOLD: lifecycle/rules.py) return at once; the rest
+ * are rare and carry the socket behind the descriptor, so that user space can tell a failure
+ * the transitions already tell from one before any SYN (detect/failure.py). */
+
+/* The struct sock behind descriptor fd of the current task, or 0: current->files->fdt->fd[fd]
+ * ->private_data->sk. A descriptor that is no socket gives a number no socket has (probe reads
+ * cannot fault); user space drops what is not a TCP socket by its descriptor. */
+static __always_inline u64 tt_fd_sock(u32 fd)
+{
+    u64 files = 0, fdt = 0, fds = 0, file = 0, sock = 0, sk = 0;
+    u32 max = 0;
+    u64 task = bpf_get_current_task();
+    bpf_probe_read_kernel(&files, 8, (void *)(task + TT_OFF_TASK_FILES));
+    if (!files || bpf_probe_read_kernel(&fdt, 8, (void *)(files + TT_OFF_FILES_FDT)) || !fdt)
+        return 0;
+    bpf_probe_read_kernel(&max, 4, (void *)(fdt + TT_OFF_FDT_MAX));
+    if (fd >= max || bpf_probe_read_kernel(&fds, 8, (void *)(fdt + TT_OFF_FDT_FD)) || !fds)
+        return 0;
+    if (bpf_probe_read_kernel(&file, 8, (void *)(fds + 8 * (u64)fd)) || !file)
+        return 0;
+    if (bpf_probe_read_kernel(&sock, 8, (void *)(file + TT_OFF_FILE_DATA)) || !sock)
+        return 0;
+    bpf_probe_read_kernel(&sk, 8, (void *)(sock + TT_OFF_SOCKET_SK));
+    return sk;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    long ret = args->ret;
+    if (ret >= 0 || TT_CONNECT_TOLD(-ret))
+        return 0;
+    u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 fd = 0, uaddr = 0;
+    bpf_probe_read_kernel(&fd, 8, (void *)(regs + TT_OFF_REGS_FD));
+    bpf_probe_read_kernel(&uaddr, 8, (void *)(regs + TT_OFF_REGS_ADDR));
+    struct tt_dest d = {};
+    if (!tt_read_dest(&d, (struct sockaddr *)uaddr, 1))
+        return 0;
+    tt_connect_failed(args, &d, tt_fd_sock((u32)fd), ret, (u32)fd, TT_F_SYSCALL);
+    return 0;
+}
+
+/* No connect() waits to hear of its SYN: user space matches the socket. */
+static __always_inline void tt_connect_syn_sent(u64 id, u64 sk) {}
+#else
+/* Without BTF to find the call's arguments at its return: kept from its entry. */
 /* connecting: per thread, from sys_enter_connect to sys_exit_connect. Inserted on enter for
  * inet sockaddrs, deleted on exit; skaddr is set by the CLOSE->SYN_SENT transition in between
  * (tt_connect_syn_sent), which marks "the kernel got as far as sending a SYN". LRU so a thread
@@ -163,6 +215,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     connecting.delete(&tid);
     return 0;
 }
+#endif   /* TT_CONNECT_REGS */
 #else
 /* Without the syscall hook no connect() waits to hear of its SYN. */
 static __always_inline void tt_connect_syn_sent(u64 id, u64 sk) {}

@@ -23,19 +23,14 @@ from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.findings import Finding
 from tcptrace.lifecycle.conn import ACTIVE, path_names
+from tcptrace.lifecycle.rules import CONNECT_TOLD
 from tcptrace.wire import COMM_TEXT, F_KPROBE, F_SYSCALL, Kind, addr_str
 
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 # Errors seen from connect() before the kernel sent a SYN, and what to call them.
 PRE_SYN_REASONS = {errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable",
                    errno.EACCES: "denied", errno.EPERM: "denied",
-                   errno.EADDRNOTAVAIL: "no_local_address", errno.ECONNREFUSED: "refused"}
-# What connect() answers when called again on a socket whose attempt is under way or over (event
-# loops do this to learn a non-blocking connect's outcome; __inet_stream_connect answers before
-# any new SYN): EALREADY, success as EISCONN, or the earlier attempt's error. The last four come
-# only from the network, so they always mean such a re-report; the transitions already tell it.
-NOT_AN_ATTEMPT = {errno.EALREADY, errno.EISCONN, errno.EINPROGRESS, errno.ECONNREFUSED,
-                  errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
+                   errno.EADDRNOTAVAIL: "no_local_address"}
 REREPORT_NS = 10_000_000_000
 NO_PORT_PATH = S.SYN_SENT << 4 | S.CLOSE
 CALL_NS = 1_000_000_000     # a connect() whose SYN_SENT -> CLOSE came this long before it returned
@@ -44,14 +39,15 @@ CALL_NS = 1_000_000_000     # a connect() whose SYN_SENT -> CLOSE came this long
 class FailedConnects(Detector):
     def __init__(self, tracker):
         super().__init__(tracker)
-        # (pid, family, raddr, rport) -> ts of an attempt that died in SYN_SENT: an unreachable
-        # error connect() may still re-report, told from a route failure before a SYN
+        # (pid, family, raddr, rport) -> (ts, socket) of an attempt that died in SYN_SENT: an
+        # unreachable error connect() may still re-report, told from a route failure before a
+        # SYN, and the syscall's own return, which may come after the attempt was concluded
         self.failed_syn = collections.OrderedDict()
 
     def closing(self, c, ts, old):
         if old == S.SYN_SENT:
             key = (c.pid, c.family, c.raddr, c.rport)
-            self.failed_syn[key] = ts
+            self.failed_syn[key] = (ts, c.skaddr)
             self.failed_syn.move_to_end(key)
             if len(self.failed_syn) > 4096:
                 self.failed_syn.popitem(last=False)
@@ -96,25 +92,30 @@ class FailedConnects(Detector):
             return
         err = -ev.err if ev.err < 0 else ev.err
         daddr = addr_str(ev.family, ev.daddr)
-        if err in NOT_AN_ATTEMPT:
+        if err in CONNECT_TOLD:
             return
         c = self.tr.table.get(ev.skaddr) if ev.skaddr else None
         if c is not None and c.role == ACTIVE and c.closed_ns is not None \
                 and c.path & 0xFF == NO_PORT_PATH and 0 <= ev.ts_ns - c.closed_ns < CALL_NS:
-            # connect() failed after its CLOSE -> SYN_SENT (the kprobe plan reports every
-            # failure of tcp_v{4,6}_connect(), the syscall plan EADDRNOTAVAIL after SYN_SENT):
+            # connect() failed after its CLOSE -> SYN_SENT (the kprobes report every failure of
+            # tcp_v{4,6}_connect(), the syscall hook every one it does not know told):
             # the transitions told this attempt, and this is its errno
             if not c.error:
                 c.error = err
             return
-        if ev.skaddr and ev.flags & F_SYSCALL:
-            return        # SYN_SENT was seen in this call: its transitions tell the attempt
-        died = self.failed_syn.pop((ev.pid, ev.family, daddr, ev.dport), None)
-        if died is not None and err in UNREACHABLE and ev.ts_ns - died < REREPORT_NS:
+        if c is not None and c.role == ACTIVE and ev.flags & F_SYSCALL:
+            # the syscall's return, for a socket whose attempt is under way or has just ended
+            # (kept in the table): that attempt's transitions tell it
+            return
+        key = (ev.pid, ev.family, daddr, ev.dport)
+        died = self.failed_syn.get(key)
+        if died is not None and ev.skaddr == died[1] and 0 <= ev.ts_ns - died[0] < CALL_NS:
+            return      # the return of an attempt its transitions told and which is concluded
+        died = self.failed_syn.pop(key, None)
+        if died is not None and err in UNREACHABLE and ev.ts_ns - died[0] < REREPORT_NS:
             return
         reason = PRE_SYN_REASONS.get(err, "error")
-        kind = "refused" if reason == "refused" else "failed"
-        self.tr.emit(Finding(kind, ev.ts_ns, ev.pid, COMM_TEXT[ev.comm], ev.family, None, None,
+        self.tr.emit(Finding("failed", ev.ts_ns, ev.pid, COMM_TEXT[ev.comm], ev.family, None, None,
                              daddr, ev.dport, reason=reason, errno=S.errno_name(err),
                              syn_retransmits=0, before_syn=True,
                              source="kprobe" if ev.flags & F_KPROBE else "syscall"))

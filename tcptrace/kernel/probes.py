@@ -79,6 +79,20 @@ SOCK_ID_FIELDS = (
     ("OFF_FAMILY", "sock", "__sk_common.skc_family", 2),
     ("OFF_NUM", "sock", "__sk_common.skc_num", 2),
 )
+# What the syscall hook reads at connect()'s return (bpf/connect.c, TT_CONNECT_REGS): the call's
+# descriptor and sockaddr from the user registers saved at entry (x86_64 names: another
+# architecture's BTF lacks them, and the hook keeps its entry program there), and the socket
+# behind the descriptor, current->files->fdt->fd[fd]->private_data->sk.
+CONNECT_REGS_FIELDS = (
+    ("OFF_REGS_FD", "pt_regs", "di", 8),
+    ("OFF_REGS_ADDR", "pt_regs", "si", 8),
+    ("OFF_TASK_FILES", "task_struct", "files", 8),
+    ("OFF_FILES_FDT", "files_struct", "fdt", 8),
+    ("OFF_FDT_MAX", "fdtable", "max_fds", 4),
+    ("OFF_FDT_FD", "fdtable", "fd", 8),
+    ("OFF_FILE_DATA", "file", "private_data", 8),
+    ("OFF_SOCKET_SK", "socket", "sk", 8),
+)
 # The drop reason that names an accept queue full at the final ACK, as the running kernel's
 # enum spells it (its number differs between kernels: read it, never copy it).
 LISTEN_OVERFLOW = "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"
@@ -352,6 +366,24 @@ def sock_id_offsets(path=None):
 
 
 @functools.lru_cache(maxsize=4)
+def connect_regs(path=None):
+    """(Check, {macro: value}): where connect()'s arguments and socket are at its return, from
+    the running kernel's BTF, and whether it has bpf_task_pt_regs() to find the registers."""
+    name, minver = "connect() at its return", "5.15"
+    try:
+        b = _vmlinux_btf(path or btf.VMLINUX)
+        if "BPF_FUNC_task_pt_regs" not in (b.enum("bpf_func_id") or {}):
+            raise btf.BTFError("no bpf_task_pt_regs() helper")
+        offs = _offsets(b, CONNECT_REGS_FIELDS)
+    except btf.BTFError as e:
+        return Check(name, UNSUPPORTED, f"{e}: the syscall hook keeps connect()'s arguments "
+                     "from a program on its entry, which slows every system call", minver), {}
+    return Check(name, SUPPORTED, "connect()'s arguments and socket read at its return (BTF "
+                 "offsets): the syscall hook needs no program on sys_enter_connect, which "
+                 "would slow every system call", minver), offs
+
+
+@functools.lru_cache(maxsize=4)
 def overflow_args(path=None):
     """(Check, {macro: value}): which raw argument of skb:kfree_skb is the drop reason and which
     the receiving socket (rx_sk), and the running kernel's number for TCP_LISTEN_OVERFLOW."""
@@ -407,7 +439,7 @@ def reset_reasons(path=None):
 # What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
 # the loader compiles in as -DTT_<macro>=<value> with the option's switches.
 CONSTS = {"rescue": rescue_offsets, "typed": typed_tracepoints, "sock_id": sock_id_offsets,
-          "overflow": overflow_args, "rst_reason": lambda: reset_reasons()[:2]}
+          "connect_regs": connect_regs, "overflow": overflow_args, "rst_reason": lambda: reset_reasons()[:2]}
 
 
 @dataclass(frozen=True)
@@ -478,6 +510,10 @@ SWITCHES = (
                "syscalls:sys_exit_connect instead of tcp_v{{4,6}}_connect"),
         Option("none", note="no kprobes and no syscall tracepoints: connects that fail before "
                             "the SYN are not seen"))),
+    # Only the syscall hook reads this: the kprobes see the arguments at tcp_v{4,6}_connect.
+    Switch("connect_regs", (
+        Option(True, "connect() at its return", ("-DTT_CONNECT_REGS=1",), consts="connect_regs"),
+        Option(False, note="connect() at its return {status}: {detail}"))),
 )
 
 
@@ -493,6 +529,7 @@ class Plan:
     sock_id: bool = False                                # bpf/listen.c: a listener's namespace
     overflow: bool = False                               # bpf/listen.c: kfree_skb overflows
     rst_reason: bool = False                             # tcp_send_reset's reason
+    connect_regs: bool = False                           # bpf/connect.c: no sys_enter program
     # switch name -> {macro: value} read from the running kernel for the option it took
     # (Option.consts): compiled in as -DTT_<macro>=<value>
     consts: dict = field(default_factory=dict)
@@ -515,7 +552,9 @@ class Plan:
 
     def describe(self):
         hook = {"kprobe": "kprobes on tcp_v4_connect/tcp_v6_connect",
-                "syscall": "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
+                "syscall": "syscalls:sys_exit_connect (kprobes unavailable)"
+                if self.connect_regs else
+                "syscalls:sys_{enter,exit}_connect (kprobes unavailable)",
                 "none": "none"}[self.connect_hook]
         return (f"transport {self.transport}; tracepoints {', '.join(self.tracepoints)}; "
                 f"connect errors via {hook}; recursion rescue {'on' if self.rescue else 'off'}"
@@ -574,8 +613,8 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out += [CONSTS[name]()[0] for name in ("rescue", "typed", "sock_id", "overflow",
-                                            "rst_reason")]
+    out += [CONSTS[name]()[0] for name in ("rescue", "typed", "sock_id", "connect_regs",
+                                            "overflow", "rst_reason")]
     _vmlinux_btf.cache_clear()
     if td is None:
         out.append(Check("transition tally", UNKNOWN,

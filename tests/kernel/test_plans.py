@@ -128,6 +128,13 @@ def test_plan_compiles_attaches_delivers_and_detaches(row):
             assert not [n for n in src.notes if "typed tracepoints refused" in n], src.notes
             typed = twins | {p.replace("tt_prog_", "tt_rescue_") for p in twins}
             assert set(src.progs.typed) == (typed if plan.typed else set())
+            # connect()'s entry is traced only where its return cannot find the arguments: a
+            # program there sends every system call through the slow path
+            syscalls = {tp.decode() for tp in src.progs.b.tracepoint_fds
+                        if tp.startswith(b"syscalls:")}
+            assert syscalls == ({"syscalls:sys_exit_connect"} | (
+                set() if plan.connect_regs else {"syscalls:sys_enter_connect"})
+                if plan.connect_hook == "syscall" else set())
             assert bpf_prog_fds() > progs_before
             traffic.run()
             evs, seen = collect(src, traffic, expect(row))

@@ -191,15 +191,23 @@ def test_a_connect_that_found_no_local_port_names_its_destination():
     _, out = feed(recs + [ret])
     assert [(f["reason"], f["errno"], "errno_inferred" in f) for f in of(out, "failed")] == \
         [("no_local_port", "EADDRNOTAVAIL", False)]
-    # the syscall plan sends connect()'s EADDRNOTAVAIL with the socket when SYN_SENT was seen
+    # the syscall hook sends connect()'s failures with the socket behind its descriptor: the
+    # same, when its return comes while the attempt is still in the table
     ret = ev(Kind.CONNECT_RET, SEC + 25_000, CLI, raddr="10.0.0.2", rport=80, err=-99,
              flags=F_SYSCALL, aux=5)
     _, out = feed(recs + [ret])
     assert [(f["reason"], "errno_inferred" in f) for f in of(out, "failed")] == \
         [("no_local_port", False)]
-    # and one whose connection the tracker no longer has makes no finding of its own
+    # and when it comes after the attempt was concluded (a loaded host), no second finding
+    late = ev(Kind.CONNECT_RET, SEC + 600_000_000, CLI, raddr="10.0.0.2", rport=80, err=-99,
+              flags=F_SYSCALL, aux=5)
+    _, out = feed(recs + [late])
+    assert [(f["reason"], f["errno_inferred"]) for f in of(out, "failed")] == \
+        [("no_local_port", True)]
+    # while on a socket that made no attempt it is a failure before any SYN
     _, out = feed([ret])
-    assert of(out, "failed") == []
+    assert [(f["reason"], f["before_syn"]) for f in of(out, "failed")] == \
+        [("no_local_address", True)]
     # with a local port it is an application's close in SYN_SENT, as before
     recs[1] = state(SEC + 20_000, CLI, S.SYN_SENT, S.CLOSE, lport=40001, raddr="10.0.0.2",
                     rport=80)
