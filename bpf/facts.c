@@ -23,11 +23,15 @@ static __always_inline void tt_recv_reset(void *ctx, u64 sk, struct tt_sk *s)
 #endif
 
 #ifdef TT_HOOK_SOCK_ERROR
-/* TCP only (the caller checked). The tracepoint carries no sock pointer: user space matches the
- * report by its addresses and ports. */
-static __always_inline void tt_sock_error(void *ctx, int err, struct tt_sk *s)
+/* TCP only (the caller checked). The record names no socket (the regular tracepoint has no sock
+ * pointer; `sk` is 0 there): user space matches the report by its addresses and ports. Not
+ * sent: reports of no error (tcp_disconnect() reports one as a failed connect() tears its socket
+ * down, one a connection), and a refused or failed connect's report of the errno its CLOSE
+ * record carried (state.c: `told`): user space learns nothing from either, and a refused connect
+ * would cost three records instead of one. */
+static __always_inline void tt_sock_error(void *ctx, u64 sk, int err, struct tt_sk *s)
 {
-    if (!tt_wanted(s->family, s->sport, s->dport))
+    if (!err || tt_told_before(sk, err) || !tt_wanted(s->family, s->sport, s->dport))
         return;
     struct tt_event ev = {};
     tt_fact(&ev, TT_SOCK_ERROR, 0, s);

@@ -252,7 +252,7 @@ static __always_inline void tt_do_sock_error(struct bpf_raw_tracepoint_args *ctx
         return;
     struct tt_sk s = {};
     tt_read_sk(sk, inet, &s);
-    tt_sock_error(ctx, TT_READ(int, sk + TT_OFF_ERR), &s);
+    tt_sock_error(ctx, sk, TT_READ(int, sk + TT_OFF_ERR), &s);
 }
 TT_PROGRAMS(sock_error, TT_SOCK_ERROR, tt_pair_none)
 #endif

@@ -86,6 +86,17 @@ static __always_inline struct tt_event *tt_pending(void *ctx, struct tt_hit *h)
     return e ? e : tt_carry(ctx, h);
 }
 
+/* told: per CPU, the socket whose SYN_SENT -> CLOSE record carried an errno last, and that
+ * errno. A connect the peer refuses or the kernel gives up on ends in tcp_done_with_error(): the
+ * CLOSE (which carries the errno, tt_close_err) and then, on the same CPU, the error report
+ * saying the same (facts.c: tt_sock_error skips it). One slot: the report follows its CLOSE
+ * directly; a report that comes first (an ICMP error's) finds another socket there. */
+struct tt_told {
+    u64 sk;
+    s32 err;
+};
+BPF_PERCPU_ARRAY(told, struct tt_told, 1);
+
 /* The errno an attempt died of, at its SYN_SENT -> CLOSE: the kernel sets sk_err before it
  * closes the socket (tcp_write_err, tcp_reset, tcp_v4_err, tcp_abort), but its error report
  * may come after the CLOSE (tcp_done_with_error, 6.10 and the stable kernels it went to). User
@@ -97,10 +108,25 @@ static __always_inline s32 tt_close_err(struct tt_hit *h)
 {
     s32 err = 0;
 #ifdef TT_RESCUE
-    if (h->old == TT_SYN_SENT && h->new == TT_CLOSE)
+    if (h->old == TT_SYN_SENT && h->new == TT_CLOSE) {
         bpf_probe_read_kernel(&err, sizeof(err), (void *)(h->sk + TT_OFF_ERR));
+        int zero = 0;
+        struct tt_told *t = told.lookup(&zero);
+        if (t && err) {
+            t->sk = h->sk;
+            t->err = err;
+        }
+    }
 #endif
     return err;
+}
+
+/* Did this socket's CLOSE record carry this errno already (see `told`)? */
+static __always_inline int tt_told_before(u64 sk, s32 err)
+{
+    int zero = 0;
+    struct tt_told *t = told.lookup(&zero);
+    return t && sk && t->sk == sk && t->err == err;
 }
 
 /* A new record for this step, waiting in `socks` for the socket's next steps (the entry

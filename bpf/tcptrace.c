@@ -152,7 +152,7 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
     if (args->protocol == TT_IPPROTO_TCP) {
         struct tt_sk s = {};
         TT_SK_FROM_ARGS(&s, args);
-        tt_sock_error(args, args->error, &s);
+        tt_sock_error(args, 0, args->error, &s);
     }
     return 0;
 }

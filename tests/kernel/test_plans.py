@@ -267,8 +267,11 @@ def show(evs, t):
         "hold": any(carried(e) for e in client if not e.flags & EARLY),
         "tcp:tcp_receive_reset": any(e.rst_ns for e in refused)
         or (Kind.RECV_RESET, t.closed) in kinds,
-        "sock:inet_sk_error_report": any(e.kind == Kind.SOCK_ERROR and e.dport == t.closed
-                                         and e.err == errno.ECONNREFUSED for e in evs),
+        # the linger-0 close's peer learns of the reset (a refused connect's report is not sent
+        # where its CLOSE record carries the errno: bpf/facts.c)
+        "sock:inet_sk_error_report": any(e.kind == Kind.SOCK_ERROR and e.err == errno.ECONNRESET
+                                         and (e.sport, e.dport) == (t.port, t.linger)
+                                         for e in evs),
         "raw:tcp_send_reset": any(e.kind == Kind.SEND_RESET and e.skaddr in linger for e in evs),
         "tcp:tcp_retransmit_skb": t.waiting is not None
         and any(e.retrans for e in of(t.waiting, t.full_port)),
