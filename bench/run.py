@@ -288,7 +288,7 @@ def main(argv=None):
     result = {"started": started.isoformat(timespec="seconds"),
               "args": {"rates": rates, "repeat": a.repeat, "duration": a.duration, "mix": a.mix,
                        "tools": tools, "bpf_stats": a.bpf_stats},
-              "machine": {"ncpu": tracers.NCPU, "kernel": os.uname().release},
+              "machine": tracers.machine(),
               "tcptrace_commit": commit,
               "medians": rows, "ratios": ratios, "runs": runs}
     out = a.out or os.path.join(HERE, "results",

@@ -33,6 +33,31 @@ RESCUED_RE = re.compile(r"(\d+) hits the kernel skipped \(BPF recursion\) were r
 SAMPLER_RE = re.compile(r"sampler (\S+): (\d+) readings, (\d+) ms CPU")
 
 
+def machine():
+    """What a figure measured here depends on: the CPU, its count, the kernel, and the
+    mitigations in force (kernel entry costs five times more on some hosts of one kind)."""
+    model = None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    vdir = "/sys/devices/system/cpu/vulnerabilities"
+    vulns = {}
+    for name in sorted(os.listdir(vdir)) if os.path.isdir(vdir) else []:
+        with open(os.path.join(vdir, name)) as f:
+            vulns[name] = f.read().strip()
+    return {"cpu": model, "ncpu": NCPU, "kernel": os.uname().release,
+            "vulnerabilities": {k: v for k, v in vulns.items() if v != "Not affected"}}
+
+
+def tracefs():
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    raise SystemExit("tracefs is not mounted")
+
+
 def clean_env():
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)
