@@ -439,7 +439,8 @@ def reset_reasons(path=None):
 # What an Option's `consts` names: (Check, {macro: value}) read from the running kernel, which
 # the loader compiles in as -DTT_<macro>=<value> with the option's switches.
 CONSTS = {"rescue": rescue_offsets, "typed": typed_tracepoints, "sock_id": sock_id_offsets,
-          "connect_regs": connect_regs, "overflow": overflow_args, "rst_reason": lambda: reset_reasons()[:2]}
+          "connect_regs": connect_regs, "overflow": overflow_args,
+          "rst_reason": lambda: reset_reasons()[:2]}
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ SEND_AT = (S.ESTABLISHED, S.CLOSE, S.LISTEN)
 # kernel's ERESTART* codes, which its syscall exit shows before signal handling), or the outcome
 # of the attempt's SYN, which only the network gives and the transitions tell (the rest). Event
 # loops call connect() again to learn a non-blocking connect's outcome and get these.
+ERESTART = (512, 513, 514, 516)     # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND,
+                                    # ERESTART_RESTARTBLOCK (include/linux/errno.h)
 CONNECT_TOLD = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EISCONN, errno.EINTR,
-                          512, 513, 514, 516, errno.ECONNREFUSED, errno.ETIMEDOUT,
-                          errno.ECONNRESET, errno.ECONNABORTED})
+                          *ERESTART, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.ECONNRESET,
+                          errno.ECONNABORTED})
 
 # The same as matrix cells (old << 4 | new), for the lifecycle's per-step lookups.
 OWNER_CELLS = frozenset(o << 4 | n for o, n in OWNER_STEPS)

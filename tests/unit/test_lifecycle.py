@@ -5,7 +5,7 @@ import errno
 import pytest
 
 from tcptrace import states as S
-from tcptrace.wire import Kind, F_KPROBE
+from tcptrace.wire import Kind, F_KPROBE, F_SYSCALL
 from tcptrace.lifecycle import Tracker
 from streams import (MS, SEC, active_close, active_open, ev, grouped, listen, lost,
                      passive_close, passive_open, state, unlisten)
@@ -382,6 +382,30 @@ def test_connect_failing_before_any_state_change():
     assert (f.reason, f.errno, f.before_syn, f.source) == ("unreachable", "ENETUNREACH", True,
                                                            "kprobe")
     assert (f.pid, f.raddr, f.rport) == (77, "203.0.113.9", 443)
+
+
+def test_syscall_returns_that_are_no_failed_attempt_make_no_finding():
+    """The syscall hook sends connect()'s failures with the socket behind the descriptor. A
+    connect() interrupted or restarted while it waits (EINTR, ERESTARTSYS), asked again about a
+    connect under way (EALREADY) or done (EISCONN), or returning its SYN's outcome
+    (ECONNREFUSED) failed no attempt of its own; a return for a socket whose attempt is in the
+    table is that attempt's; a fresh socket's failure is one before any SYN."""
+    errs = (errno.EINTR, 512, errno.EALREADY, errno.EISCONN, errno.ECONNREFUSED)
+    rets = [ev(Kind.CONNECT_RET, SEC + i, sk=0xD1, err=-e, raddr="203.0.113.9", rport=443,
+               pid=77, comm="curl", flags=F_SYSCALL, aux=3) for i, e in enumerate(errs)]
+    _, out = run(rets)
+    assert [f for f in out if f.type in ("failed", "refused")] == []
+    # a socket under way (SYN_SENT) whose connect() returns an errno of its own: its attempt's
+    opening = state(SEC, 0xD2, S.CLOSE, S.SYN_SENT, raddr="203.0.113.9", rport=443, pid=77)
+    again = ev(Kind.CONNECT_RET, SEC + MS, sk=0xD2, err=-errno.EHOSTUNREACH,
+               raddr="203.0.113.9", rport=443, pid=77, comm="curl", flags=F_SYSCALL, aux=3)
+    _, out = run([opening, again])
+    assert [f for f in out if f.type in ("failed", "refused")] == []
+    fresh = again._replace(skaddr=0xD3)
+    _, out = run([opening, fresh])
+    f = only(out, "failed")
+    assert (f.reason, f.errno, f.before_syn, f.source) == ("unreachable", "EHOSTUNREACH", True,
+                                                           "syscall")
 
 
 def test_transitions_mode_emits_every_state_change():
