@@ -38,6 +38,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import tracers  # noqa: E402
 
 from tcptrace.host import samplers  # noqa: E402
 from tcptrace.host.diag import Diag  # noqa: E402
@@ -166,7 +169,7 @@ def main():
         sys.exit("sampler.py needs root (a network namespace, sock_diag of every namespace)")
     fresh_netns()
     res = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "sockets": a.sockets, "repeat": a.repeat, "cpu": _cpu()}
+           "sockets": a.sockets, "repeat": a.repeat, "cpu": tracers.machine()}
     lsn = socket.socket()       # the listener the sampler reads this namespace for
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(128)
@@ -192,17 +195,6 @@ def main():
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {out}", file=sys.stderr)
-
-
-def _cpu():
-    with open("/proc/cpuinfo") as f:
-        model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-    vuln = {}
-    d = "/sys/devices/system/cpu/vulnerabilities"
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else ():
-        with open(os.path.join(d, name)) as f:
-            vuln[name] = f.read().strip()
-    return {"model": model, "count": os.cpu_count(), "vulnerabilities": vuln}
 
 
 if __name__ == "__main__":

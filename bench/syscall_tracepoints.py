@@ -15,22 +15,22 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import run  # noqa: E402
 import tracers  # noqa: E402
+from tcptrace.kernel.probes import tracefs_dir  # noqa: E402
 
 MODES = {"none": (), "enter": ("sys_enter_connect",), "exit": ("sys_exit_connect",),
          "both": ("sys_enter_connect", "sys_exit_connect")}
 
 
 def storm(duration):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "storm.py"), "--rate", "0",
-                        "--duration", str(duration)], capture_output=True, text=True,
-                       env=tracers.clean_env(), check=True)
-    d = json.loads(p.stdout)
+    """The untraced storm flat out, with run.py's default mix: (conn/s, its CPU us a connection)."""
+    d = run.run_storm(0, duration, "ok=8,refused=1,half=1", None)
     return d["achieved_rate"], 1e6 * d["cpu_s"] / d["connections"]
 
 
@@ -46,7 +46,10 @@ def main():
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    inst = os.path.join(tracers.tracefs(), "instances", f"tcptrace-bench-{os.getpid()}")
+    td = tracefs_dir()
+    if td is None:
+        raise SystemExit("tracefs is not mounted")
+    inst = os.path.join(td, "instances", f"tcptrace-bench-{os.getpid()}")
     os.mkdir(inst)
     runs = []
     order = list(MODES)

@@ -20,7 +20,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "kernel"))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
+import tracers  # noqa: E402
 from lab import SERVER4, Lab, netns_inode, ss_count  # noqa: E402
 from tcptrace.host import netns  # noqa: E402
 from tcptrace.host.diag import Diag  # noqa: E402
@@ -53,8 +55,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     a = ap.parse_args()
     out = {"sockets": a.sockets, "kernel": platform.release()}
-    with open("/proc/cpuinfo") as f:
-        out["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    out["cpu"] = tracers.machine()["cpu"]
     with Lab() as lab:
         srv, cli = lab.agent(lab.server), lab.agent(lab.client)
         half = a.sockets // 2

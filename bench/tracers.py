@@ -51,13 +51,6 @@ def machine():
             "vulnerabilities": {k: v for k, v in vulns.items() if v != "Not affected"}}
 
 
-def tracefs():
-    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
-        if os.path.isdir(os.path.join(d, "events")):
-            return d
-    raise SystemExit("tracefs is not mounted")
-
-
 def clean_env():
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)
