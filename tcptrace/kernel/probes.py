@@ -614,8 +614,7 @@ def checks():
             st, detail = UNSUPPORTED, f"missing: {why} is lost"
         out.append(Check(name, st, detail, minver, required))
     out.append(_kprobes())
-    out += [CONSTS[name]()[0] for name in ("rescue", "typed", "sock_id", "connect_regs",
-                                            "overflow", "rst_reason")]
+    out += [consts()[0] for consts in CONSTS.values()]
     _vmlinux_btf.cache_clear()
     if td is None:
         out.append(Check("transition tally", UNKNOWN,
