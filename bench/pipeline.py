@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What the pipeline after the kernel costs, alone: order -> lifecycle -> detectors -> JSON
-sink, fed from a recording parsed beforehand, output to /dev/null. No root, no BCC.
+"""What the pipeline after the kernel costs, alone: order -> lifecycle -> detectors -> sink
+(JSON Lines or text), fed from a recording parsed beforehand, output to /dev/null. No root, no BCC.
 
 Live CPU figures (bench/run.py) on a shared 2-core host move 10-20% between rounds of the same
 run; an instruction count does not. So two trees are compared by the instructions one pass
@@ -44,7 +44,7 @@ def _new_api(mode, path):
             return iter(batches)
 
     def one():
-        opts = Options(json=True, transitions=mode == "transitions")
+        opts = Options(json=mode != "text", transitions=mode == "transitions")
         with open(os.devnull, "w") as out:
             pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns))
             run(Replayed(), pipe)
@@ -84,7 +84,7 @@ def _old_api(mode, path):
         ops.append(("feed", batch, newest))
 
     def one():
-        opts = session.Options(json=True, transitions=mode == "transitions")
+        opts = session.Options(json=mode != "text", transitions=mode == "transitions")
         with open(os.devnull, "w") as out:
             pipe = session.Pipeline(opts, out, wall)
             for op in ops:
@@ -148,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", required=True)
     ap.add_argument("--mode", default="json,transitions",
-                    help="json (watch --json), transitions (watch --json --transitions)")
+                    help="json (watch --json), transitions (watch --json --transitions), text (watch)")
     ap.add_argument("--recording", default=os.path.join(os.path.dirname(os.path.dirname(HERE)),
                                                         "tests", "data", "storm-20k.jsonl.xz"))
     ap.add_argument("--passes", type=int, default=5)

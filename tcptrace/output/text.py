@@ -46,8 +46,12 @@ def _plural(n, word):
 
 
 def _waited(f):
-    """The local listener a connect's SYNs waited on (detect/listen.py), as a suffix."""
-    lst = getattr(f, "listener", None)
+    """The local listener a connect's SYNs waited on (detect/listen.py), as a suffix. Only a
+    plain Finding names one (detect/connect.py); a Conclusion is not asked, since asking one
+    for a member it lacks builds its `extra` and raises to say so."""
+    if isinstance(f, Conclusion):
+        return ""
+    lst = f.extra.get("listener")
     if not lst:
         return ""
     owner = f" ({lst['comm']} {lst['pid']})" if lst.get("pid") else ""
