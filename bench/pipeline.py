@@ -44,7 +44,7 @@ def _new_api(mode, path):
             return iter(batches)
 
     def one():
-        opts = Options(json=mode != "text", transitions=mode == "transitions")
+        opts = Options(json=not mode.startswith("text"), transitions=mode.endswith("transitions"))
         with open(os.devnull, "w") as out:
             pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns))
             run(Replayed(), pipe)
@@ -84,7 +84,8 @@ def _old_api(mode, path):
         ops.append(("feed", batch, newest))
 
     def one():
-        opts = session.Options(json=mode != "text", transitions=mode == "transitions")
+        opts = session.Options(json=not mode.startswith("text"),
+                               transitions=mode.endswith("transitions"))
         with open(os.devnull, "w") as out:
             pipe = session.Pipeline(opts, out, wall)
             for op in ops:
@@ -148,7 +149,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", required=True)
     ap.add_argument("--mode", default="json,transitions",
-                    help="json (watch --json), transitions (watch --json --transitions), text (watch)")
+                    help="json (watch --json), transitions (watch --json --transitions), text (watch), "
+                         "text-transitions (watch --transitions)")
     ap.add_argument("--recording", default=os.path.join(os.path.dirname(os.path.dirname(HERE)),
                                                         "tests", "data", "storm-20k.jsonl.xz"))
     ap.add_argument("--passes", type=int, default=5)

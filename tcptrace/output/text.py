@@ -9,7 +9,7 @@ text, a transition's endpoints, the clock's second) is formatted once and looked
 import textwrap
 
 from tcptrace.cache import Memo
-from tcptrace.findings import Conclusion, Transition, rfc3339
+from tcptrace.findings import Conclusion, InferredTransition, Transition, rfc3339
 from tcptrace.output import Sink
 from tcptrace import states
 
@@ -66,18 +66,21 @@ def _connect(f):
         f", {_plural(r, 'SYN retransmit')}" if r else "") + _waited(f)
 
 
+# refused, failed and reset are plain Findings: their optional members are read from `extra`,
+# since getattr() with a default finds a missing one by an exception.
 def _refused(f):
-    return "refused" if getattr(f, "before_syn", False) else "refused (RST to our SYN)"
+    return "refused" if f.extra.get("before_syn") else "refused (RST to our SYN)"
 
 
 def _failed(f):
-    reason, err = f.reason, getattr(f, "errno", None)
+    x = f.extra
+    reason, err = x["reason"], x.get("errno")
     if reason == "timeout":
-        return (f"timed out after {getattr(f, 'syn_retransmits', 0)} SYN retransmits ({err})"
+        return (f"timed out after {x.get('syn_retransmits', 0)} SYN retransmits ({err})"
                 + _waited(f))
     if reason == "cancelled":
         return "cancelled: closed by the application in SYN_SENT" + _waited(f)
-    if getattr(f, "before_syn", False):
+    if x.get("before_syn"):
         return f"{reason} before any SYN ({err})"
     return f"{reason} ({err})" + _waited(f)
 
@@ -184,7 +187,7 @@ DESCRIBE = {
     "accept": lambda f: "",           # the EVENT column says it all
     "refused": _refused,
     "failed": _failed,
-    "reset": lambda f: f"reset by {f.reset_by} after {ns_text(getattr(f, 'duration_ns', None))}",
+    "reset": lambda f: f"reset by {f.reset_by} after {ns_text(f.extra.get('duration_ns'))}",
     "close": _close,
     "stuck": _stuck,
     "unstuck": lambda f: f"left {f.state} after {ns_text(f.duration_ns)}",
@@ -259,9 +262,9 @@ class TextSink(Sink):
             sec, ns = divmod(f.ts_ns + w, 1_000_000_000)
             tm = sec_memo[1] if sec_memo[0] == sec else self._second(sec)
             cls = type(f)
-            if cls is Transition:
+            if cls is Transition or cls is InferredTransition:
                 line = f"{tm}.{ns // 1_000_000:03d}{ends[f.ends]}"
-                sep, detail = "  ", PAIR[f.pair]
+                sep, detail = "  ", PAIR[f.pair] if cls is Transition else _transition(f)
             else:
                 t = f.type
                 if t in NO_ENDS:
