@@ -6,8 +6,9 @@ import os
 import pytest
 
 from tcptrace import states as S
-from tcptrace.findings import Accept, Close, Connect, Finding, Transition
+from tcptrace.findings import Accept, Close, Conclusion, Connect, Finding, Transition
 from tcptrace.output import Closed
+from tcptrace.output.jsonl import JsonSink
 from tcptrace.output.text import HEADER, TextSink
 
 from test_findings import CASES
@@ -76,3 +77,18 @@ def test_closed_pipe_is_reported_as_closed():
 
     with pytest.raises(Closed):
         TextSink(Gone(), WALL).emit_many(EXTRA[:1])
+
+
+def test_conclusions_are_formatted_without_their_extra(monkeypatch):
+    """connect, accept and close come from every connection: a sink that builds their `extra`
+    dict, or asks one for a member it lacks (Finding.__getattr__ builds it to find out), pays
+    for that on every line. Both sinks format them from their slots alone."""
+    def built(self):
+        raise RuntimeError(f"{self.type}: extra built")     # not AttributeError: getattr()
+    monkeypatch.setattr(Conclusion, "extra", property(built))   # with a default would hide it
+    conclusions = [f for f in EXTRA if isinstance(f, Conclusion)]
+    assert {f.type for f in conclusions} == {"connect", "accept", "close"}
+    for sink in (TextSink, JsonSink):
+        out = io.StringIO()
+        sink(out, WALL).emit_many(conclusions)
+        assert len(out.getvalue().splitlines()) >= len(conclusions)
