@@ -211,17 +211,12 @@ FLAGS = Memo(lambda k: "".join(text for on, text in zip(k, (" [partial]", " [inc
 
 
 def flags(f):
-    """The marks a connection finding may carry, as the detail's suffix."""
+    """The marks a connection finding may carry, as the detail's suffix (transitions carry
+    none: they take a line of their own in TextSink.format)."""
     if isinstance(f, Conclusion):
         return FLAGS[(f.partial, f.incomplete, f.evicted)]
-    if isinstance(f, Transition):
-        return ""
     x = f.extra
     return FLAGS[(x.get("partial", False), x.get("incomplete", False), x.get("evicted", False))]
-
-
-def describe(f):
-    return DESCRIBE.get(f.type, _type)(f) + flags(f)
 
 
 def _type(f):
