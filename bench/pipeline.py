@@ -24,6 +24,11 @@ import sys
 import tempfile
 
 HERE = os.path.abspath(__file__)
+# --mode -> the watch options it stands for
+MODES = {"json": dict(json=True, transitions=False),             # watch --json
+         "transitions": dict(json=True, transitions=True),       # watch --json --transitions
+         "text": dict(json=False, transitions=False),            # watch
+         "text-transitions": dict(json=False, transitions=True)}  # watch --transitions
 
 
 def _open(path):
@@ -44,7 +49,7 @@ def _new_api(mode, path):
             return iter(batches)
 
     def one():
-        opts = Options(json=not mode.startswith("text"), transitions=mode.endswith("transitions"))
+        opts = Options(**MODES[mode])
         with open(os.devnull, "w") as out:
             pipe = Pipeline(opts, make_sink(opts, out, src.wall_offset_ns))
             run(Replayed(), pipe)
@@ -84,8 +89,7 @@ def _old_api(mode, path):
         ops.append(("feed", batch, newest))
 
     def one():
-        opts = session.Options(json=not mode.startswith("text"),
-                               transitions=mode.endswith("transitions"))
+        opts = session.Options(**MODES[mode])
         with open(os.devnull, "w") as out:
             pipe = session.Pipeline(opts, out, wall)
             for op in ops:
@@ -149,8 +153,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", required=True)
     ap.add_argument("--mode", default="json,transitions",
-                    help="json (watch --json), transitions (watch --json --transitions), text (watch), "
-                         "text-transitions (watch --transitions)")
+                    help="comma separated: " + ", ".join(MODES))
     ap.add_argument("--recording", default=os.path.join(os.path.dirname(os.path.dirname(HERE)),
                                                         "tests", "data", "storm-20k.jsonl.xz"))
     ap.add_argument("--passes", type=int, default=5)
@@ -158,6 +161,9 @@ def main():
                     help="count instructions too (about a minute a tree and mode)")
     ap.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    unknown = [m for m in a.mode.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"unknown --mode {', '.join(unknown)}: one of {', '.join(MODES)}")
     if a.here:          # one tree, one mode, in this process (what --valgrind measures)
         print(json.dumps(passes_here(a.tree[0], a.mode, a.recording, a.passes)))
         return

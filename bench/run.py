@@ -45,6 +45,10 @@ def cpu_busy():
     return sum(v) - idle, sum(v)
 
 
+# the storm's default mix of connection kinds (bench/storm.py)
+MIX = "ok=8,refused=1,half=1"
+
+
 def run_storm(rate, duration, mix, workers):
     argv = [sys.executable, os.path.join(HERE, "storm.py"), "--rate", str(rate),
             "--duration", str(duration), "--mix", mix]
@@ -227,7 +231,7 @@ def main(argv=None):
                     help="comma separated: untraced, tcptrace, tcptrace-findings, tcptrace-text, "
                          "tcptrace-report, tcpstates, "
                          "tcplife; tcptrace@DIR runs the tcptrace source tree at DIR")
-    ap.add_argument("--mix", default="ok=8,refused=1,half=1")
+    ap.add_argument("--mix", default=MIX)
     ap.add_argument("--workers", type=int, default=0, help="storm workers (default: one per CPU)")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="enable kernel.bpf_stats_enabled during the runs (adds BPF ns/conn; "

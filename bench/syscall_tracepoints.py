@@ -30,7 +30,7 @@ MODES = {"none": (), "enter": ("sys_enter_connect",), "exit": ("sys_exit_connect
 
 def storm(duration):
     """The untraced storm flat out, with run.py's default mix: (conn/s, its CPU us a connection)."""
-    d = run.run_storm(0, duration, "ok=8,refused=1,half=1", None)
+    d = run.run_storm(0, duration, run.MIX, None)
     return d["achieved_rate"], 1e6 * d["cpu_s"] / d["connections"]
 
 

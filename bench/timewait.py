@@ -11,7 +11,6 @@ The sockets live 60 s: everything is measured within 50 s of the last close (che
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,8 +53,7 @@ def main():
     ap.add_argument("--sockets", type=int, default=30000)
     ap.add_argument("--rounds", type=int, default=10)
     a = ap.parse_args()
-    out = {"sockets": a.sockets, "kernel": platform.release()}
-    out["cpu"] = tracers.machine()["cpu"]
+    out = {"sockets": a.sockets, "machine": tracers.machine()}   # CPU, kernel, mitigations
     with Lab() as lab:
         srv, cli = lab.agent(lab.server), lab.agent(lab.client)
         half = a.sockets // 2
