@@ -109,7 +109,6 @@ def _old_api(mode, path):
 
 def passes_here(tree, mode, path, passes):
     """Run in this process (the tree's tcptrace first on the path): [seconds per pass], lines."""
-    import gc
     import time
     sys.path.insert(0, os.path.abspath(tree))
     if os.path.exists(os.path.join(tree, "tcptrace", "recording.py")):
@@ -124,9 +123,8 @@ def passes_here(tree, mode, path, passes):
             os.unlink(tmp)
     else:
         one = _old_api(mode, path)
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)     # as the tracer runs (session._tune_gc)
+    from tcptrace import session
+    session._tune_gc()                   # the collector as the tree's tracer runs it
     times, lines = [], 0
     for _ in range(passes):
         t0 = time.thread_time()

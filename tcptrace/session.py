@@ -187,12 +187,19 @@ def _tune_gc():
     """Make Python's cyclic collector run less often. The tracer allocates a few container
     objects per record (tuples, records, findings), almost none in cycles, so the young
     generation filled every 700 allocations and its collections, walking what survived, cost
-    13-15% of the tracer's CPU at 5k-20k connections/s (docs/bench.md). What exists after
-    start-up (BCC's objects included) is frozen out of every collection."""
+    13-15% of the tracer's CPU at 5k-20k connections/s (docs/bench.md). A collection walks the
+    young objects still alive, and findings live for the output window (a third of a second,
+    Pipeline._held): under --transitions at 10k connections/s some 35k of them, so at every
+    20k allocations a collection walked nearly each one. Every 100k, most have been written
+    and freed by then. What exists after start-up (BCC's objects included) is frozen out of
+    every collection."""
     import gc
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(GC_YOUNG, 20, 20)
+
+
+GC_YOUNG = 100_000      # allocations between collections of the young generation
 
 
 class ReadyFile:

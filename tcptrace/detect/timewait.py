@@ -21,7 +21,7 @@ import collections
 from tcptrace import states as S
 from tcptrace.detect.base import Detector
 from tcptrace.detect.transitions import ends_of
-from tcptrace.findings import Finding, InferredTransition
+from tcptrace.findings import Ends, Finding, InferredTransition
 from tcptrace.host.timewait import TimeWaitSampler
 
 TIME_WAIT_NS = 60_000_000_000      # TCP_TIMEWAIT_LEN (include/net/tcp.h): not tunable
@@ -87,8 +87,11 @@ class TimeWaits(Detector):
         self.follow = follow
         # how the sampler reads (sample_options; None: following, every second)
         self.sampler_options = {"follow": follow, **(sampling or {})}
-        # (laddr, lport, raddr, rport) -> [Ends, entered_ns, seen in a dump]: timewait socks
-        # whose exit is still to be told, oldest first
+        # (laddr, lport, raddr, rport) -> (entered_ns, seen in a dump, *the Ends' fields):
+        # timewait socks whose exit is still to be told, oldest first. Tuples of plain values,
+        # not the Ends: Python's collector stops walking such a tuple once it has seen it, and
+        # up to MAX_WAITING of them live a minute (as objects they were a tenth of the
+        # tracer's CPU under --transitions at 10k connections/s, walked at each collection)
         self.waiting = collections.OrderedDict()
         self.sampled = False        # a TIME_WAIT sampler runs (else the 60 s rule alone)
         # 4-tuples the latest samples showed entering TIME_WAIT -> that sample's time: a dump
@@ -121,7 +124,8 @@ class TimeWaits(Detector):
         waiting = self.waiting
         if key in waiting:
             del waiting[key]
-        waiting[key] = [ends, ts, key in self.recent]
+        waiting[key] = (ts, key in self.recent, ends.pid, ends.comm, ends.family, ends.laddr,
+                        ends.lport, ends.raddr, ends.rport, ends.sk)
         if len(waiting) > MAX_WAITING:
             waiting.popitem(last=False)
         return False
@@ -132,7 +136,7 @@ class TimeWaits(Detector):
             return
         self.tr.stats.mx[TW_CELL] += 1
         if self.tr.transitions:
-            self.tr.emit(InferredTransition(ts, w[0], S.TIME_WAIT << 8 | S.CLOSE, by))
+            self.tr.emit(InferredTransition(ts, Ends(*w[2:]), S.TIME_WAIT << 8 | S.CLOSE, by))
 
     def clock(self, now_ns):
         """The 60 s rule, for timewait socks no dump has shown: they are let out when their
@@ -140,14 +144,14 @@ class TimeWaits(Detector):
         FIN_WAIT2 timewait sock restarts its 60 s at the peer's FIN)."""
         w = self.waiting
         while w:
-            key, (ends, entered, seen) = next(iter(w.items()))
-            due = entered + TIME_WAIT_NS
+            key, entry = next(iter(w.items()))
+            due = entry[0] + TIME_WAIT_NS
             if due > now_ns:
                 break
-            if seen and self.sampled:
+            if entry[1] and self.sampled:
                 # A dump showed it: the dump that no longer shows it will tell. Asked again
                 # 60 s later, and then let out by the rule (its namespace may be gone).
-                w[key] = [ends, due, False]
+                w[key] = (due, False) + entry[2:]
                 w.move_to_end(key)
                 continue
             self._leave(key, due, "rule")
@@ -169,7 +173,7 @@ class TimeWaits(Detector):
             key = (t[0], t[1], t[2], t[3])
             w = self.waiting.get(key)
             if w is not None:
-                w[2] = True
+                self.waiting[key] = (w[0], True) + w[2:]     # (in place: keeps its turn)
             else:
                 recent[key] = rec.ts_ns
         for t in d.get("left", ()):

@@ -1,6 +1,7 @@
 """TIME_WAIT: the inferred step into it on close findings and --transitions, the step out of it
 from the sampler's dumps (or the 60 s rule), the namespace view, port pressure, overflow, and
 connects that found no local port. Hand-built streams and samples; no root, no BCC."""
+import gc
 import io
 import socket
 
@@ -116,6 +117,25 @@ def test_without_following_the_closed_hook_is_off_and_findings_are_the_same():
     assert quiet_out == out and of(out, "close")
     assert followed.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 1
     assert quiet.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 0
+
+
+def test_a_followed_timewait_sock_is_kept_as_plain_values_the_collector_skips():
+    # Up to MAX_WAITING of them live a minute: held as objects (a list and the Ends), each
+    # collection of the young generation walked them. A tuple of plain values is walked once.
+    tr = Tracker(transitions=True)
+    for r in conn():
+        tr.process(r)
+    tr.tick(SEC + 2 * SEC)
+    waiting = tr.detector(TimeWaits).waiting
+    assert list(waiting) == [tuple(TUPLE)]
+    gc.collect()
+    assert not any(gc.is_tracked(w) for w in waiting.values())
+    # and the step out still names the connection's owner and socket
+    tr.tick(SEC + TIME_WAIT_NS + 2 * SEC)
+    out = [t.to_record(0) for t in tr.take() if t.type == "transition" and t.pair & 0xff
+           == S.CLOSE and t.pair >> 8 == S.TIME_WAIT]
+    assert [(t["pid"], t["comm"], t["lport"], t["skaddr"], t["by"]) for t in out] == \
+        [(100, "client", 40000, f"{CLI:x}", "rule")]
 
 
 def test_a_timewait_sock_no_dump_showed_leaves_by_the_60_s_rule():
