@@ -86,6 +86,7 @@ static __always_inline struct tt_event *tt_pending(void *ctx, struct tt_hit *h)
     return e ? e : tt_carry(ctx, h);
 }
 
+#ifdef TT_RESCUE
 /* told: per CPU, the socket whose SYN_SENT -> CLOSE record carried an errno last, and that
  * errno. A connect the peer refuses or the kernel gives up on ends in tcp_done_with_error(): the
  * CLOSE (which carries the errno, tt_close_err) and then, on the same CPU, the error report
@@ -96,6 +97,7 @@ struct tt_told {
     s32 err;
 };
 BPF_PERCPU_ARRAY(told, struct tt_told, 1);
+#endif
 
 /* The errno an attempt died of, at its SYN_SENT -> CLOSE: the kernel sets sk_err before it
  * closes the socket (tcp_write_err, tcp_reset, tcp_v4_err, tcp_abort), but its error report
@@ -121,12 +123,17 @@ static __always_inline s32 tt_close_err(struct tt_hit *h)
     return err;
 }
 
-/* Did this socket's CLOSE record carry this errno already (see `told`)? */
+/* Did this socket's CLOSE record carry this errno already (see `told`)? Without the rescue's
+ * offsets no CLOSE record carries one. */
 static __always_inline int tt_told_before(u64 sk, s32 err)
 {
+#ifdef TT_RESCUE
     int zero = 0;
     struct tt_told *t = told.lookup(&zero);
     return t && sk && t->sk == sk && t->err == err;
+#else
+    return 0;
+#endif
 }
 
 /* A new record for this step, waiting in `socks` for the socket's next steps (the entry
