@@ -293,7 +293,9 @@ def main(argv=None):
               "args": {"rates": rates, "repeat": a.repeat, "duration": a.duration, "mix": a.mix,
                        "tools": tools, "bpf_stats": a.bpf_stats},
               "machine": tracers.machine(),
-              "tcptrace_commit": commit,
+              "tcptrace_commit": commit,      # of the tools without @DIR
+              "trees": {t.partition("@")[2]: tracers.tree_id(t.partition("@")[2])
+                        for t in tools if t.partition("@")[2]},
               "medians": rows, "ratios": ratios, "runs": runs}
     out = a.out or os.path.join(HERE, "results",
                                 started.strftime("%Y%m%dT%H%M%SZ") + ".json")

@@ -14,6 +14,7 @@ Shared by bench/run.py and bench/memory.py. Each tracer:
     fds (run_cnt, run_time_ns, recursion_misses: the kernel's own counters, bpf_prog_info),
     read before SIGINT because the programs go away with the process.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -425,6 +426,27 @@ def git_describe():
     """The checkout's commit, "-dirty" with local edits."""
     return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                           capture_output=True, text=True).stdout.strip() or None
+
+
+def tree_id(path):
+    """What a tcptrace@DIR tool ran: DIR's commit when it is a checkout, and in any case a
+    digest of its tcptrace/ and bpf/ sources (a tree made by `git archive` has no commit; the
+    digest tells two such trees apart, and matches the same sources extracted again)."""
+    h = hashlib.sha256()
+    for sub in ("tcptrace", "bpf"):
+        for d, dirs, files in sorted(os.walk(os.path.join(path, sub))):
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+            for name in sorted(files):
+                if name.endswith((".py", ".c", ".h")):
+                    full = os.path.join(d, name)
+                    h.update(os.path.relpath(full, path).encode() + b"\0")
+                    with open(full, "rb") as f:
+                        h.update(f.read())
+    out = {"dir": os.path.abspath(path), "sources_sha256": h.hexdigest()[:16]}
+    if os.path.exists(os.path.join(path, ".git")):
+        out["commit"] = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
+                                       capture_output=True, text=True).stdout.strip() or None
+    return out
 
 
 def export_commit(rev):
