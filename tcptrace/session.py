@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from tcptrace import errors
+from tcptrace.detect import timewait
 from tcptrace.detect.timewait import sample_options
 from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer, by_ts
@@ -106,6 +107,9 @@ class Pipeline:
         if st.folded:
             parts.append(f"{st.folded} healthy sockets folded in the kernel (counted, not "
                          "listed)")
+        if st.unfollowed:
+            parts.append(f"{st.unfollowed} timewait socks not followed to their exit (over "
+                         f"{timewait.MAX_WAITING:,} at once)")
         evicted = self.tracker.table.evicted
         if evicted:
             parts.append(f"{evicted} connections evicted (cap {self.tracker.max_conns})")

@@ -30,7 +30,7 @@ TIME_WAIT_NS = 60_000_000_000      # TCP_TIMEWAIT_LEN (include/net/tcp.h): not t
 # and FIN_WAIT1 -> CLOSE on the paths that skip the FIN_WAIT2 transition.
 INTO_TIME_WAIT = frozenset((S.FIN_WAIT2, S.CLOSING, S.FIN_WAIT1))
 TW_CELL = S.TIME_WAIT << 4 | S.CLOSE
-MAX_WAITING = 65_536        # timewait socks followed for their exit; the oldest go first
+MAX_WAITING = 65_536        # timewait socks followed for their exit at once
 RECENT_NS = 1_000_000_000   # how long a dump's new TIME_WAIT 4-tuples wait for their close
 # How often the sampler reads a namespace. A TIME_WAIT count changes slowly by nature: each
 # timewait sock lives 60 s, so in 5 s a pile-up grows by at most 5/60 of its steady height,
@@ -119,15 +119,17 @@ class TimeWaits(Detector):
         if tr.transitions:
             tr.out.append(InferredTransition(ts, ends, old << 8 | S.TIME_WAIT, "close"))
         key = (c.laddr, c.lport, c.raddr, c.rport)
-        # A tuple still waiting was taken over (tcp_tw_reuse): the new one replaces it, and
-        # beyond MAX_WAITING the oldest goes untold (the matrix's TW -> CLOSE counts less)
         waiting = self.waiting
         if key in waiting:
-            del waiting[key]
+            del waiting[key]        # taken over (tcp_tw_reuse): the new one replaces it
+        elif len(waiting) >= MAX_WAITING:
+            # Full: this one's exit goes untold (counted; the matrix's TW -> CLOSE counts
+            # less). Not the oldest dropped for it: above MAX_WAITING entries a minute, each
+            # would be dropped before its 60 s were over, and no exit told at all.
+            tr.stats.unfollowed += 1
+            return False
         waiting[key] = (ts, key in self.recent, ends.pid, ends.comm, ends.family, ends.laddr,
                         ends.lport, ends.raddr, ends.rport, ends.sk)
-        if len(waiting) > MAX_WAITING:
-            waiting.popitem(last=False)
         return False
 
     def _leave(self, key, ts, by):

@@ -51,6 +51,7 @@ class Stats:
         self.gaps = 0                               # transitions whose old state we did not expect
         self.unmatched_errors = 0
         self.folded = 0                             # sockets the kernel folded (detect/folded.py)
+        self.unfollowed = 0                         # timewait socks not followed (timewait.py)
 
     @property
     def matrix(self):

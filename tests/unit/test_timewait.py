@@ -6,13 +6,17 @@ import io
 import socket
 
 from tcptrace import states as S
+from tcptrace.detect import timewait
 from tcptrace.detect.timewait import TIME_WAIT_NS, TimeWaits
 from tcptrace.host.diag import _MSG, STATES, DiagSock
 from tcptrace.host.timewait import aggregate, tuples_text
 from tcptrace.lifecycle import Tracker
+from tcptrace.options import Options
+from tcptrace.output.jsonl import JsonSink
 from tcptrace.output.report import Report
 from tcptrace.output.text import TextSink
-from tcptrace.wire import F_KPROBE, F_SYSCALL, Kind, Sample
+from tcptrace.session import Pipeline
+from tcptrace.wire import F_KPROBE, F_SYSCALL, Batch, Kind, Sample
 from streams import MS, SEC, active_close, active_open, ev, passive_close, passive_open, state
 
 CLI, SRV = 0xC0, 0x50
@@ -136,6 +140,32 @@ def test_a_followed_timewait_sock_is_kept_as_plain_values_the_collector_skips():
            == S.CLOSE and t.pair >> 8 == S.TIME_WAIT]
     assert [(t["pid"], t["comm"], t["lport"], t["skaddr"], t["by"]) for t in out] == \
         [(100, "client", 40000, f"{CLI:x}", "rule")]
+
+
+def test_when_full_the_newest_timewait_socks_are_not_followed_and_the_followed_leave(
+        monkeypatch):
+    # More timewait socks a minute than the follower keeps: dropping the oldest for each new
+    # one would drop every one before its 60 s, and tell no exit at all
+    monkeypatch.setattr(timewait, "MAX_WAITING", 3)
+    recs = []
+    for i in range(5):
+        port = 40000 + i
+        t0 = SEC + i * MS
+        recs += active_open(t0, CLI + i, port, 8080) + \
+            active_close(t0 + 100_000, CLI + i, port, 8080)
+    tr, out = feed(recs, transitions=True, ticks=[SEC + TIME_WAIT_NS + SEC])
+    left = [t["lport"] for t in of(out, "transition") if t.get("by") == "rule"]
+    assert left == [40000, 40001, 40002]
+    assert tr.stats.unfollowed == 2
+    # the step into TIME_WAIT is shown and counted for each of them all the same
+    assert len([t for t in of(out, "transition") if t.get("by") == "close"]) == 5
+    assert tr.stats.matrix[(S.FIN_WAIT2, S.TIME_WAIT)] == 5
+    assert tr.stats.matrix[(S.TIME_WAIT, S.CLOSE)] == 3
+    # and the run's closing summary says how many went unfollowed
+    pipe = Pipeline(Options(json=True, transitions=True), JsonSink(io.StringIO(), 0))
+    pipe.feed(Batch(sorted(recs, key=lambda r: r.ts_ns), SEC + SEC))
+    pipe.finish()
+    assert "2 timewait socks not followed to their exit (over 3 at once)" in pipe.summary_line()
 
 
 def test_a_timewait_sock_no_dump_showed_leaves_by_the_60_s_rule():
