@@ -80,8 +80,9 @@ class Finding(Endpoints):
 
 class Conclusion(Finding):
     """connect, accept and close: the findings every connection yields. Their members are slots,
-    named in OWN, then the flags every connection finding carries: partial, incomplete and
-    evicted (only when true) and role. `extra` builds them into a new dict on each read."""
+    named in OWN (each with the type its values always have: the JSON sink writes them by it),
+    then the flags every connection finding carries: partial, incomplete and evicted (only when
+    true) and role. `extra` builds them into a new dict on each read."""
     __slots__ = ("partial", "incomplete", "evicted", "role")
     TYPE = None
     OWN = ()
@@ -121,6 +122,8 @@ class Connect(Conclusion):
     __slots__ = ("handshake_ns", "syn_retransmits")
     TYPE = "connect"
     OWN = __slots__
+    handshake_ns: int
+    syn_retransmits: int
 
 
 class Accept(Conclusion):
@@ -135,6 +138,11 @@ class Close(Conclusion):
     __slots__ = ("duration_ns", "closed_by", "path", "time_wait", "time_wait_ns")
     TYPE = "close"
     OWN = __slots__
+    duration_ns: int | None
+    closed_by: str | None
+    path: list
+    time_wait: bool
+    time_wait_ns: int | None
 
 
 class Ends(Endpoints):

@@ -6,6 +6,7 @@ and the string, boolean and None members (names and flags: few distinct) are eac
 only times, ports and numbers are formatted per finding.
 """
 import json
+import typing
 
 from tcptrace import SCHEMA_VERSION, states
 from tcptrace.cache import Memo, ObjectMemo
@@ -54,17 +55,30 @@ def member(k, v):
     return KEY[k] + _encode(v)
 
 
+def _value(v, kind):
+    """The expression that writes member value `v` as member() would, given the type its
+    class declares for it (findings.py): a number or None as is, a name (few distinct) from
+    SCALAR, a path list from LIST; a member declared otherwise asks its value's type (a fifth of
+    a close line's cost went to asking each of its five)."""
+    if kind in (int, int | None):
+        return f'"null" if {v} is None else {v}'
+    if kind in (str, bool, str | None, bool | None):
+        return f"SCALAR[{v}]"
+    if kind is list:
+        return f"LIST.of({v})"
+    return (f"{v} if type({v}) is int else SCALAR[{v}] if type({v}) is str or type({v}) is bool "
+            f"or {v} is None else LIST.of({v}) if type({v}) is list else _encode({v})")
+
+
 def _compile(cls):
     """The whole line of a Conclusion type, as one function generated from its OWN (as
     dataclasses generate their methods): the common head, its members, then its flags. Written
     out per type because a loop over members, with a call per member, cost a fifth of a line;
     each member's value is written as member() would, inline."""
     own = "".join(f"    v{i} = f.{name}\n" for i, name in enumerate(cls.OWN))
-    members = "".join(
-        f"{{K{i}}}{{v{i} if type(v{i}) is int else SCALAR[v{i}] if type(v{i}) is str "
-        f"or type(v{i}) is bool or v{i} is None else LIST.of(v{i}) if type(v{i}) is list "
-        f"else _encode(v{i})}}"
-        for i in range(len(cls.OWN)))
+    kinds = typing.get_type_hints(cls)
+    members = "".join(f"{{K{i}}}{{{_value(f'v{i}', kinds.get(name))}}}"
+                      for i, name in enumerate(cls.OWN))
     src = ("def line(f, w):\n"
            "    sec, ns = divmod(f.ts_ns + w, 1_000_000_000)\n"
            f"    lport, rport = f.lport, f.rport\n{own}"

@@ -80,3 +80,49 @@ def test_connection_findings_are_the_generic_ones():
         assert encode(typed, 0) == encode(generic, 0)
         assert list(typed.extra.items()) == list(generic.extra.items())
         assert typed.role == generic.role and typed.type == generic.type
+
+
+def test_every_conclusion_member_has_the_type_it_declares(tmp_path):
+    """The JSON sink writes a Conclusion's members by the types its class declares (an int
+    member as is, without asking its value's type): every value the tracker makes, in every
+    recording of tests/golden.py, is of its declared type."""
+    import os
+    import sys
+    import typing
+    from tcptrace.findings import Conclusion
+    from tcptrace.options import Options
+    from tcptrace.recording import RecordingSource
+    from tcptrace.session import Pipeline, run
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import golden
+
+    class Keep:
+        ordered = False
+
+        def __init__(self):
+            self.got = []
+
+        def bind(self, tracker):
+            pass
+
+        def emit_many(self, found):
+            self.got += found
+
+        def advance(self, ns):
+            pass
+
+        def close(self, ns):
+            pass
+
+    seen = {cls: 0 for cls in Conclusion.__subclasses__()}
+    for name in golden.RECORDINGS:
+        keep = Keep()
+        run(RecordingSource(golden.recording_path(name, str(tmp_path))),
+            Pipeline(Options(json=True), keep))
+        for f in keep.got:
+            if isinstance(f, Conclusion):
+                seen[type(f)] += 1
+                for member, kind in typing.get_type_hints(type(f)).items():
+                    assert isinstance(getattr(f, member), kind), (type(f).__name__, member)
+    assert all(seen.values()), seen
+    assert all(set(cls.OWN) == set(typing.get_type_hints(cls)) for cls in seen)
