@@ -1,9 +1,11 @@
 """Hand-built kernel event streams for the pure tiers, shaped like the real ones
 (tests/data/*.jsonl are recorded from the real kernel)."""
+import io
 import json
 
 from tcptrace import recording, wire, states as S
 from tcptrace.lifecycle import rules
+from tcptrace.output import Sink
 from tcptrace.wire import Event, Kind, Lost
 
 MS = 1_000_000
@@ -165,3 +167,16 @@ def grouped(recs, max_steps=wire.MAX_STEPS, scan_at=(), hold_ns=None):
     out.extend(send(p) for p in pending.values())
     out.extend(send(p, wire.F_HELD, ts=p["steps"][-1][0]) for p in held.values())
     return out
+
+
+class Collect(Sink):
+    """A sink that keeps every finding it is given, as the tracker hands them over (unordered:
+    the pipeline does not hold them back for time order)."""
+    ordered = False
+
+    def __init__(self):
+        super().__init__(io.StringIO(), 0)
+        self.got = []
+
+    def emit_many(self, findings):
+        self.got += findings

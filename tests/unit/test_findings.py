@@ -93,30 +93,13 @@ def test_every_conclusion_member_has_the_type_it_declares(tmp_path):
     from tcptrace.options import Options
     from tcptrace.recording import RecordingSource
     from tcptrace.session import Pipeline, run
+    from streams import Collect
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import golden
 
-    class Keep:
-        ordered = False
-
-        def __init__(self):
-            self.got = []
-
-        def bind(self, tracker):
-            pass
-
-        def emit_many(self, found):
-            self.got += found
-
-        def advance(self, ns):
-            pass
-
-        def close(self, ns):
-            pass
-
     seen = {cls: 0 for cls in Conclusion.__subclasses__()}
     for name in golden.RECORDINGS:
-        keep = Keep()
+        keep = Collect()
         run(RecordingSource(golden.recording_path(name, str(tmp_path))),
             Pipeline(Options(json=True), keep))
         for f in keep.got:
