@@ -422,9 +422,9 @@ class Tcplife(BccTool):
     path = "/usr/sbin/tcplife-bpfcc"
 
 
-def git_describe():
-    """The checkout's commit, "-dirty" with local edits."""
-    return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+def git_describe(path=ROOT):
+    """The commit of the checkout at path (this one by default), "-dirty" with local edits."""
+    return subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
                           capture_output=True, text=True).stdout.strip() or None
 
 
@@ -444,8 +444,7 @@ def tree_id(path):
                         h.update(f.read())
     out = {"dir": os.path.abspath(path), "sources_sha256": h.hexdigest()[:16]}
     if os.path.exists(os.path.join(path, ".git")):
-        out["commit"] = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
-                                       capture_output=True, text=True).stdout.strip() or None
+        out["commit"] = git_describe(path)
     return out
 
 

@@ -17,7 +17,6 @@ import tempfile
 
 from tcptrace import errors
 from tcptrace.detect import timewait
-from tcptrace.detect.timewait import sample_options
 from tcptrace.lifecycle import Tracker
 from tcptrace.order import Reorderer, by_ts
 from tcptrace.output import Closed, make_sink
@@ -37,9 +36,9 @@ class Pipeline:
                                confirm=confirm, resolve_owner=resolve_owner,
                                port_pressure=opts.port_pressure,
                                follow_time_wait=opts.report or opts.transitions,
-                               time_wait_sampling=sample_options(opts.report, opts.interval,
-                                                                 opts.port_pressure,
-                                                                 opts.transitions))
+                               time_wait_sampling=timewait.sample_options(
+                                   opts.report, opts.interval, opts.port_pressure,
+                                   opts.transitions))
         self.emitted = 0
         sink.bind(self.tracker)
         # Findings wait here until nothing earlier can still be concluded (a closed connection
@@ -187,6 +186,9 @@ def _protect_stdout():
     return os.fdopen(fd, "w", buffering=1 << 16, encoding="utf-8", errors="replace")
 
 
+GC_YOUNG = 100_000      # allocations between collections of the young generation (_tune_gc)
+
+
 def _tune_gc():
     """Make Python's cyclic collector run less often. The tracer allocates a few container
     objects per record (tuples, records, findings), almost none in cycles, so the young
@@ -201,9 +203,6 @@ def _tune_gc():
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG, 20, 20)
-
-
-GC_YOUNG = 100_000      # allocations between collections of the young generation
 
 
 class ReadyFile:
