@@ -16,6 +16,7 @@ import pytest
 pytestmark = pytest.mark.kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PORTS = [20000, 20001, 20002, 20010, 20011, 20012]      # bench/storm.py's, 2 workers x 3 dests
+FEW = 20       # connections to a destination below which its median is one connection's time
 
 
 def start(tmp_path, name, args):
@@ -106,7 +107,8 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     # step's two programs can be as far apart the other way: in a VM the host can stop the
     # vCPU between them (seen in the TCG guest: 456 us for the folding tracer, 1,184 us for
     # the other). A tail value is one connection's when a destination has few, so it gets
-    # that allowance either way.
+    # that allowance either way; so does the median of a destination with few connections
+    # (seen in the TCG guest: 450 us folding, 707 us the other, for a destination with 7).
     rows = {(r["raddr"], r["rport"], r["comm"]): r for r in b["connects"]}
     assert len(a["connects"]) == len(rows)
     hist = {h["low"]: h["count"] for h in b["handshake_histogram_us"]}
@@ -114,8 +116,10 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     for r in a["connects"]:
         e = rows[(r["raddr"], r["rport"], r["comm"])]
         assert r["count"] == e["count"]
-        assert e["p50_ns"] / 1.5 <= r["p50_ns"] <= e["p50_ns"] * 1.5, (r, e)
-        for p in ("p90_ns", "p99_ns", "max_ns"):
+        few = ("p50_ns",) if r["count"] < FEW else ()
+        if not few:
+            assert e["p50_ns"] / 1.5 <= r["p50_ns"] <= e["p50_ns"] * 1.5, (r, e)
+        for p in few + ("p90_ns", "p99_ns", "max_ns"):
             assert e[p] / 1.5 - slice_ns <= r[p] <= e[p] * 1.5 + slice_ns, (p, r, e)
     assert sum(h["count"] for h in a["handshake_histogram_us"]) == sum(hist.values())
     # watch --only: exactly the refused connects, folding the rest
