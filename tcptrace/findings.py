@@ -210,7 +210,9 @@ class InferredTransition(Transition):
     __slots__ = ("by",)
 
     def __init__(self, ts_ns, ends, pair, by):
-        super().__init__(ts_ns, ends, pair)
+        self.ts_ns = ts_ns
+        self.ends = ends
+        self.pair = pair
         self.by = by
 
     @property

@@ -9,7 +9,7 @@ text, a transition's endpoints, the clock's second) is formatted once and looked
 import textwrap
 
 from tcptrace.cache import Memo
-from tcptrace.findings import Conclusion, InferredTransition, Transition, rfc3339
+from tcptrace.findings import Close, Conclusion, Connect, InferredTransition, Transition, rfc3339
 from tcptrace.output import Sink
 from tcptrace import states
 
@@ -60,10 +60,14 @@ def _waited(f):
         f": {cause}" if cause else "")
 
 
+RETRANSMITS = Memo(lambda r: f", {_plural(r, 'SYN retransmit')}" if r else "")
+
+
 def _connect(f):
-    r = getattr(f, "syn_retransmits", 0)
-    return f"handshake {ns_text(f.handshake_ns)}" + (
-        f", {_plural(r, 'SYN retransmit')}" if r else "") + _waited(f)
+    if type(f) is Connect:      # the common case: its members are slots, and it waited on none
+        return f"handshake {ns_text(f.handshake_ns)}{RETRANSMITS[f.syn_retransmits]}"
+    return (f"handshake {ns_text(f.handshake_ns)}"
+            f"{RETRANSMITS[f.extra.get('syn_retransmits', 0)]}{_waited(f)}")
 
 
 # refused, failed and reset are plain Findings: their optional members are read from `extra`,
@@ -85,11 +89,17 @@ def _failed(f):
     return f"{reason} ({err})" + _waited(f)
 
 
+CLOSED_BY = Memo(lambda by: f", {by} closed first" if by else "")
+TIME_WAIT_TEXT = Memo(lambda ns: f", TIME_WAIT {ns_text(ns)}")
+
+
 def _close(f):
-    by = getattr(f, "closed_by", None)
-    return f"closed after {ns_text(getattr(f, 'duration_ns', None))}" + (
-        f", {by} closed first" if by else "") + (
-        f", TIME_WAIT {ns_text(f.time_wait_ns)}" if getattr(f, "time_wait", False) else "")
+    if type(f) is Close:        # as the tracker makes them: members in slots
+        return (f"closed after {ns_text(f.duration_ns)}{CLOSED_BY[f.closed_by]}"
+                f"{TIME_WAIT_TEXT[f.time_wait_ns] if f.time_wait else ''}")
+    x = f.extra
+    return (f"closed after {ns_text(x.get('duration_ns'))}{CLOSED_BY[x.get('closed_by')]}"
+            f"{TIME_WAIT_TEXT[x.get('time_wait_ns')] if x.get('time_wait') else ''}")
 
 
 def _transition(f):
@@ -211,10 +221,8 @@ FLAGS = Memo(lambda k: "".join(text for on, text in zip(k, (" [partial]", " [inc
 
 
 def flags(f):
-    """The marks a connection finding may carry, as the detail's suffix (transitions carry
-    none: they take a line of their own in TextSink.format)."""
-    if isinstance(f, Conclusion):
-        return FLAGS[(f.partial, f.incomplete, f.evicted)]
+    """The marks a plain finding may carry, as the detail's suffix (a Conclusion's are slots,
+    read by TextSink.format; transitions carry none)."""
     x = f.extra
     return FLAGS[(x.get("partial", False), x.get("incomplete", False), x.get("evicted", False))]
 
@@ -278,9 +286,11 @@ class TextSink(Sink):
                         conn = f"{ADDR[la]}{lp} > {ADDR[ra]}{rp}"
                     line = f"{tm}.{ns // 1_000_000:03d}{cols[(f.pid, f.comm, t)]}{conn}"
                     sep = "  "
-                detail = DESCRIBE.get(t, _type)(f) + (
-                    FLAGS[(f.partial, f.incomplete, f.evicted)] if isinstance(f, Conclusion)
-                    else flags(f))
+                detail = DESCRIBE.get(t, _type)(f)
+                if not isinstance(f, Conclusion):
+                    detail += flags(f)
+                elif f.partial or f.incomplete or f.evicted:
+                    detail += FLAGS[(f.partial, f.incomplete, f.evicted)]
             # the detail on the line when it fits in 80 columns (or --wide), else indented below
             if not detail:
                 append(line.rstrip())
