@@ -111,6 +111,7 @@ def test_folded_report_equals_the_full_stream_and_the_kernels_counts(tmp_path, p
     # (seen in the TCG guest: 450 us folding, 707 us the other, for a destination with 7).
     rows = {(r["raddr"], r["rport"], r["comm"]): r for r in b["connects"]}
     assert len(a["connects"]) == len(rows)
+    assert any(r["count"] >= FEW for r in a["connects"])    # some medians are checked strictly
     hist = {h["low"]: h["count"] for h in b["handshake_histogram_us"]}
     slice_ns = 5_000_000
     for r in a["connects"]:
