@@ -210,9 +210,7 @@ class InferredTransition(Transition):
     __slots__ = ("by",)
 
     def __init__(self, ts_ns, ends, pair, by):
-        self.ts_ns = ts_ns
-        self.ends = ends
-        self.pair = pair
+        super().__init__(ts_ns, ends, pair)
         self.by = by
 
     @property

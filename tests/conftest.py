@@ -6,7 +6,7 @@ import sys
 import pytest
 
 # tests/streams.py is shared by the unit and CLI tiers, tests/pairwise.py by the unit and kernel
-# tiers.
+# tiers, tests/golden.py by the unit tier and its own command line.
 sys.path.insert(0, os.path.dirname(__file__))
 
 # One test that waits forever (a record that never comes, a tracer that never exits) must cost

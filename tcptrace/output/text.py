@@ -65,9 +65,10 @@ RETRANSMITS = Memo(lambda r: f", {_plural(r, 'SYN retransmit')}" if r else "")
 
 def _connect(f):
     if type(f) is Connect:      # the common case: its members are slots, and it waited on none
-        return f"handshake {ns_text(f.handshake_ns)}{RETRANSMITS[f.syn_retransmits]}"
-    return (f"handshake {ns_text(f.handshake_ns)}"
-            f"{RETRANSMITS[f.extra.get('syn_retransmits', 0)]}{_waited(f)}")
+        r, waited = f.syn_retransmits, ""
+    else:
+        r, waited = f.extra.get("syn_retransmits", 0), _waited(f)
+    return f"handshake {ns_text(f.handshake_ns)}{RETRANSMITS[r]}{waited}"
 
 
 # refused, failed and reset are plain Findings: their optional members are read from `extra`,
@@ -95,11 +96,12 @@ TIME_WAIT_TEXT = Memo(lambda ns: f", TIME_WAIT {ns_text(ns)}")
 
 def _close(f):
     if type(f) is Close:        # as the tracker makes them: members in slots
-        return (f"closed after {ns_text(f.duration_ns)}{CLOSED_BY[f.closed_by]}"
-                f"{TIME_WAIT_TEXT[f.time_wait_ns] if f.time_wait else ''}")
-    x = f.extra
-    return (f"closed after {ns_text(x.get('duration_ns'))}{CLOSED_BY[x.get('closed_by')]}"
-            f"{TIME_WAIT_TEXT[x.get('time_wait_ns')] if x.get('time_wait') else ''}")
+        ns, by, tw, tw_ns = f.duration_ns, f.closed_by, f.time_wait, f.time_wait_ns
+    else:
+        x = f.extra
+        ns, by, tw, tw_ns = (x.get("duration_ns"), x.get("closed_by"), x.get("time_wait"),
+                             x.get("time_wait_ns"))
+    return f"closed after {ns_text(ns)}{CLOSED_BY[by]}{TIME_WAIT_TEXT[tw_ns] if tw else ''}"
 
 
 def _transition(f):

@@ -86,16 +86,13 @@ def test_every_conclusion_member_has_the_type_it_declares(tmp_path):
     """The JSON sink writes a Conclusion's members by the types its class declares (an int
     member as is, without asking its value's type): every value the tracker makes, in every
     recording of tests/golden.py, is of its declared type."""
-    import os
-    import sys
     import typing
     from tcptrace.findings import Conclusion
     from tcptrace.options import Options
     from tcptrace.recording import RecordingSource
     from tcptrace.session import Pipeline, run
     from streams import Collect
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    import golden
+    import golden           # tests/, on the path by tests/conftest.py
 
     seen = {cls: 0 for cls in Conclusion.__subclasses__()}
     for name in golden.RECORDINGS:

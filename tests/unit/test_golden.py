@@ -2,13 +2,9 @@
 kernel (a loopback run, the whole kernel tier's session tracer, a 20k conn/s storm), each in
 every output mode. A change of layout must not change a byte; an intended change of output is
 re-pinned with `python tests/golden.py write` after reviewing `golden.py diff --against`."""
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-import golden  # noqa: E402
+import golden           # tests/, on the path by tests/conftest.py
 
 
 @pytest.fixture(scope="module")
