@@ -19,11 +19,14 @@
  * between those states: in a handshake, in a close, or resting half-closed. User space reads it
  * on a timer (tcptrace/kernel/source.py: KernelSource.scan) and never writes it. A plain hash,
  * not LRU: an eviction would lose steps silently, while a full map only makes a transition go
- * out on its own. Not preallocated: it is usually small. Sized for 65,536 sockets in between at
- * once, not more: reading it walks every bucket, full or empty (190 us per read at 262,144
- * entries, 10 reads a second). An entry whose CLOSE was never seen (a recursion miss) stays
- * until its address is reused by a new socket. */
-BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, BPF_F_NO_PREALLOC);
+ * out on its own. Preallocated (about 18 MB of kernel memory for its 65,536 entries, taken at
+ * load): a connection's two sockets each insert and delete an entry twice (opening, close), and
+ * the non-preallocated allocator's frees were the costliest part of that traffic; flat out under
+ * `metrics` the workload kept 5-14% more of its rate on an Intel Xeon host (docs/bench.md).
+ * Sized for 65,536 sockets in between at once, not more: reading it walks every bucket, full or
+ * empty (190 us per read at 262,144 entries, 10 reads a second). An entry whose CLOSE was never
+ * seen (a recursion miss) stays until its address is reused by a new socket. */
+BPF_F_TABLE("hash", u64, struct tt_event, socks, TT_SOCKS_MAX, 0);
 
 /* One transition, and what the rules say of it. */
 struct tt_hit {
