@@ -14,10 +14,10 @@ import time
 import pytest
 
 from lab import fresh
+from tcptrace.wire import EARLY, F_HELD, F_OWNER
 
 pytestmark = pytest.mark.kernel
 
-F_OWNER, F_HELD, F_SCAN = 0x04, 0x08, 0x80
 HELD = lambda tracer: "held opens on" in tracer.stderr_path.read_text()
 STRESS = os.environ.get("TCPTRACE_STRESS") == "1"
 # TCPTRACE_STRESS=1: the long-lived connection's test 50 times in a row, under load (`load`)
@@ -131,9 +131,9 @@ def test_a_short_connection_is_one_record_per_socket(tracer):
     client = raw_of(since, cport, port)
     # The record that closes it carries the opening steps too, whether or not a copy of them
     # went out early (the next transition always carries them).
-    last = [r for r in client if not r["flags"] & (F_HELD | F_SCAN)]
+    last = [r for r in client if not r["flags"] & EARLY]
     assert states(last[-1]) == [(7, 2), (2, 1), (1, 4), (4, 5), (5, 7)], client
-    server = [r for r in raw_of(since, port, cport) if not r["flags"] & (F_HELD | F_SCAN)]
+    server = [r for r in raw_of(since, port, cport) if not r["flags"] & EARLY]
     assert states(server[-1]) == [(10, 3), (3, 1), (1, 8), (8, 9), (9, 7)], server
     # Taken once: one connect, one accept, one close each.
     for kind, lport in (("connect", cport), ("accept", port), ("close", cport), ("close", port)):
@@ -175,7 +175,7 @@ def test_a_long_lived_connection_is_reported_while_open_by_a_later_hit(tracer, r
     assert conn["pid"] == os.getpid()
     # It is still open, and its steps came as an early copy sent by a hit in the kernel.
     assert cli.fileno() >= 0
-    early = [r for r in raw_of(since, cport, port) if r["flags"] & (F_HELD | F_SCAN)]
+    early = [r for r in raw_of(since, cport, port) if r["flags"] & EARLY]
     assert any(r["flags"] & F_HELD and states(r) == [(7, 2), (2, 1)] for r in early), early
     cli.close()
     acc.recv(1)
@@ -183,7 +183,7 @@ def test_a_long_lived_connection_is_reported_while_open_by_a_later_hit(tracer, r
     srv.close()
     wait_closed(since, cport, port)
     # The close record carries the opening steps again; they are taken once.
-    assert states([r for r in raw_of(since, cport, port) if not r["flags"] & (F_HELD | F_SCAN)][-1]
+    assert states([r for r in raw_of(since, cport, port) if not r["flags"] & EARLY][-1]
                   )[:2] == [(7, 2), (2, 1)]
     assert len(tracer.matching(of(since, "connect", cport, port))) == 1
     opened = tracer.matching(lambda r: of(since, "transition", cport, port)(r)
