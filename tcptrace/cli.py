@@ -65,6 +65,16 @@ def _ready_file(ctx, param, path):
     return path
 
 
+def _record_file(ctx, param, path):
+    """Where --record writes: a new file, an empty one, or a device or pipe. A regular file that
+    holds something is the user's (an earlier recording, often), and is never overwritten.
+    Checked before anything is compiled."""
+    if path is not None and os.path.isfile(path) and os.path.getsize(path) > 0:
+        raise click.BadParameter(f"{path} exists and is not empty: tcptrace does not overwrite "
+                                 "it (remove it, or name another file)", ctx, param)
+    return path
+
+
 def _only(ctx, param, values):
     """--only connect,refused --only stuck -> the set of finding types; unknown ones refused."""
     from tcptrace.findings import TYPES
@@ -125,8 +135,9 @@ LIVE_OPTIONS = (
     (("--ready-file",), dict(callback=_ready_file, metavar="PATH",
                              help="Write this file (JSON: pid, plan) once the probes are "
                                   "attached; removed at exit.")),
-    (("--record",), dict(type=click.Path(dir_okay=False), metavar="FILE",
-                         help="Also write the raw event stream to FILE, for `tcptrace replay`.")),
+    (("--record",), dict(type=click.Path(dir_okay=False), callback=_record_file, metavar="FILE",
+                         help="Also write the raw event stream to FILE, for `tcptrace replay` "
+                              "(a new or empty file: one with content is not overwritten).")),
     (("--transport",), dict(type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
                             show_default=True,
                             help="How events reach user space: the BPF ring buffer where the "

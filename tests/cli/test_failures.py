@@ -223,7 +223,22 @@ def test_the_comm_limit_is_the_kernels():
     assert r.exit_code == 0
 
 
-# -- item 3: --ready-file never replaces what is not ours ----------------------------------
+# -- item 3: --ready-file and --record never replace what is not ours ---------------------
+
+def test_record_into_a_file_with_content_is_refused_before_anything_runs(tmp_path):
+    path = tmp_path / "incident.jsonl"
+    path.write_text("an earlier recording\n")
+    before = os.stat(path)
+    runner = CliRunner(**({"mix_stderr": False} if "mix_stderr" in
+                          CliRunner.__init__.__code__.co_varnames else {}))
+    r = runner.invoke(main, ["watch", "--record", str(path), "--duration", "0.5"])
+    assert r.exit_code == errors.EXIT_USAGE, r.stderr
+    assert "--record" in r.stderr and "not empty" in r.stderr and "Traceback" not in r.stderr
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert path.read_text() == "an earlier recording\n"
+
 
 @pytest.mark.parametrize("path", ["/dev/full", "/tmp", "/nonexistent-dir/ready"])
 def test_ready_file_that_cannot_be_ours_is_refused_before_anything_runs(path):
